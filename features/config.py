@@ -1,0 +1,215 @@
+"""The run config: one TOML file drives a whole run (generator, contract, features, ...).
+
+Validated at load time with pydantic: an unknown key, a wrong type or a missing required
+value is reported by its dotted name (``features.sparse[2].dim``), never as a traceback.
+Models and pipeline read their sections from here; ``serving`` never imports this module
+(the exported bundle carries a plain-JSON copy of the spec it needs).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_CONFIG = Path("configs/demo.toml")
+# Point-in-time metrics kept per aggregate key and window (see FeaturesConfig.dense_names).
+AGGREGATE_METRICS = ("imps", "clicks", "convs", "ctr", "cvr")
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the file and the key."""
+
+
+class _Section(BaseModel):
+    # strict: "16" is not an int, 1 is not a float-free bool; extra keys are typos.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class GenerateConfig(_Section):
+    """Synthetic raw logs (``funnelrank generate``); CLI flags override these."""
+
+    start_date: dt.date = dt.date(2026, 11, 1)
+    days: int = Field(14, ge=1)
+    users: int = Field(20_000, ge=10)
+    items: int = Field(5_000, ge=10)
+    impressions_per_day: int = Field(100_000, ge=100)
+    task_correlation: float = Field(0.5, ge=-1.0, le=1.0)
+    categories: int = Field(40, ge=2)
+    brands: int = Field(300, ge=2)
+    shops: int = Field(600, ge=2)
+    cities: int = Field(60, ge=2)
+    slots: int = Field(10, ge=1)
+    latent_dim: int = Field(8, ge=1)
+    user_activity_exponent: float = Field(1.1, gt=0.0, description="Zipf exponent of user activity")
+    item_popularity_exponent: float = Field(1.05, gt=0.0, description="Zipf exponent of item popularity")
+    daily_drift: float = Field(0.03, ge=0.0, description="per-day random-walk step of the latent factors")
+    target_ctr: float = Field(0.04, gt=0.0, lt=1.0)
+    target_cvr: float = Field(0.10, gt=0.0, lt=1.0, description="conversion rate given click")
+    noise: float = Field(0.3, ge=0.0, description="std of the per-impression logit noise (unobservable)")
+
+
+class ContractConfig(_Section):
+    """Raw data contract v1: label windows."""
+
+    click_window_minutes: int = Field(30, ge=1)
+    attribution_window_hours: int = Field(24, ge=1)
+
+    @property
+    def maturity_lag_days(self) -> int:
+        """Days after which a day's labels are final.
+
+        The nightly run for D builds day D - lag. The click window is included because a
+        conversion's attribution clock starts at the click, which may itself be late.
+        """
+        total = dt.timedelta(minutes=self.click_window_minutes, hours=self.attribution_window_hours)
+        return math.ceil(total / dt.timedelta(days=1))
+
+
+class ValidateConfig(_Section):
+    max_bad_row_share: float = Field(0.01, ge=0.0, le=1.0)
+
+
+class SparseFeature(_Section):
+    """One sparse feature: a raw column encoded through an append-only vocabulary.
+
+    Mirrors torchrec's ``EmbeddingBagConfig``: every knob has a name.
+    """
+
+    name: str
+    table: Literal["impressions", "users", "items"]
+    column: str
+    kind: Literal["id", "list"] = "id"
+    dim: int = Field(16, ge=1)
+    capacity: int = Field(100_000, ge=1, description="max in-vocabulary ids (excl. padding and OOV)")
+    min_count: int = Field(1, ge=1, description="ids seen fewer times go to OOV buckets")
+    oov_buckets: int = Field(8, ge=1)
+    pooling: Literal["sum", "mean"] = "sum"
+
+    @property
+    def num_embeddings(self) -> int:
+        """Rows of the embedding table: padding (0) + capacity + OOV buckets."""
+        return 1 + self.capacity + self.oov_buckets
+
+
+class NumericFeature(_Section):
+    """A raw numeric column used as a dense feature."""
+
+    name: str
+    table: Literal["impressions", "users", "items"]
+    column: str
+    transform: Literal["none", "log1p"] = "none"
+
+
+class AggregateKey(_Section):
+    """Point-in-time counters are kept per value of these columns (e.g. user x category)."""
+
+    name: str
+    columns: list[str] = Field(min_length=1)
+
+
+class FeaturesConfig(_Section):
+    windows_days: list[int] = Field(default_factory=lambda: [1, 7, 28], min_length=1)
+    prior_strength: float = Field(20.0, ge=0.0, description="pseudo-impressions behind smoothed rates")
+    aggregate_keys: list[AggregateKey] = Field(default_factory=list)
+    sparse: list[SparseFeature] = Field(min_length=1)
+    numeric: list[NumericFeature] = Field(default_factory=list)
+
+    @field_validator("windows_days")
+    @classmethod
+    def _positive_sorted_windows(cls, v: list[int]) -> list[int]:
+        if any(w < 1 for w in v) or sorted(set(v)) != v:
+            raise ValueError("must be distinct positive day counts in increasing order")
+        return v
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> FeaturesConfig:
+        names = [f.name for f in self.sparse] + [f.name for f in self.numeric] + [k.name for k in self.aggregate_keys]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"feature names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+    def dense_names(self) -> list[str]:
+        """Names of the dense columns of the training table, in model input order.
+
+        Per aggregate key and window: impressions, clicks, conversions (log1p counts) and
+        the smoothed click-through and conversion rates; then the numeric features.
+        """
+        rolled = [
+            f"{key.name}_{metric}_{w}d"
+            for key in self.aggregate_keys
+            for w in self.windows_days
+            for metric in AGGREGATE_METRICS
+        ]
+        return rolled + [f.name for f in self.numeric]
+
+    def columns_of(self, table: str) -> list[str]:
+        """Raw columns of ``table`` that the spec reads (the contract's extra required columns)."""
+        cols = [f.column for f in (*self.sparse, *self.numeric) if f.table == table]
+        return list(dict.fromkeys(cols))
+
+
+class FunnelConfig(_Section):
+    seed: int = 0
+    warehouse: Path = Path("state/warehouse")
+    state_dir: Path = Path("state")
+    generate: GenerateConfig = GenerateConfig()
+    contract: ContractConfig = ContractConfig()
+    validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    features: FeaturesConfig
+
+    # TOML has no path type: paths arrive as strings (the one lax coercion allowed).
+    @field_validator("warehouse", "state_dir", mode="before")
+    @classmethod
+    def _path(cls, v: object) -> object:
+        return Path(v) if isinstance(v, str) else v
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"]).lstrip(".") or "<root>"
+        key = key.replace("validate_", "validate")
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        elif e["type"] == "missing":
+            lines.append(f"  {key}: required value missing")
+        else:
+            got = e.get("input")
+            shown = "" if isinstance(got, dict | list) else f" (got {got!r})"
+            lines.append(f"  {key}: {e['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict, source: str = "<dict>") -> FunnelConfig:
+    """Validate a config mapping; raise ConfigError naming every bad key."""
+    try:
+        return FunnelConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"invalid config {source}:\n{_format_errors(err)}") from None
+
+
+def load_config(path: str | Path = DEFAULT_CONFIG, overrides: dict | None = None) -> FunnelConfig:
+    """Read and validate a TOML config. ``overrides`` is a nested dict merged on top."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read config {path}: {err.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config {path} is not valid TOML: {err}") from None
+    return parse_config(_merge(data, overrides or {}), str(path))
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out.get(k, {}), v) if isinstance(v, dict) else v
+    return out

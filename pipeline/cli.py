@@ -1,0 +1,109 @@
+"""``funnelrank``: one command, a subcommand per stage.
+
+Every stage takes ``--config`` (TOML, default configs/demo.toml) and ``--warehouse``
+(the data root; default from the config). Heavy libraries are imported inside the
+commands, so ``--help`` answers at once.
+
+Exit codes: 0 ok, 2 bad usage or config, 3 a stage failed, 4 raw data broke the contract.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from features.config import DEFAULT_CONFIG, ConfigError, FunnelConfig, load_config
+from features.errors import StageError
+
+
+def _date(text: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}") from None
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="run config (TOML), default %(default)s")
+    p.add_argument("--warehouse", type=Path, default=None, help="data root; default: the config's `warehouse`")
+
+
+def _load(args: argparse.Namespace, overrides: dict | None = None) -> tuple[FunnelConfig, Path]:
+    cfg = load_config(args.config, overrides)
+    return cfg, args.warehouse or cfg.warehouse
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from features.synthetic import generate_logs
+
+    flags = {
+        "days": args.days, "users": args.users, "items": args.items,
+        "impressions_per_day": args.impressions_per_day, "task_correlation": args.task_correlation,
+        "start_date": args.start_date,
+    }
+    overrides: dict = {"generate": {k: v for k, v in flags.items() if v is not None}}
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    cfg, warehouse = _load(args, overrides)
+    summary = generate_logs(cfg, warehouse, progress=not args.quiet)
+    print(summary.describe())
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from features.validate import validate_day
+
+    cfg, warehouse = _load(args)
+    report = validate_day(cfg, warehouse, args.date)
+    print(report.describe())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="funnelrank",
+        description="Multi-objective (click -> conversion) ranking pipeline. "
+        "Nightly stages: validate -> features -> examples -> train -> evaluate -> export -> promote.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        _common(p)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("generate", cmd_generate, "Write synthetic raw logs (contract v1) and the true probabilities beside them.")
+    p.add_argument("--days", type=int, help="number of days to generate")
+    p.add_argument("--seed", type=int, help="random seed (default: the config's `seed`)")
+    p.add_argument("--users", type=int, help="number of users")
+    p.add_argument("--items", type=int, help="number of items")
+    p.add_argument("--impressions-per-day", type=int, help="impressions per day")
+    p.add_argument("--task-correlation", type=float, help="correlation of the click / conversion tasks, -1..1")
+    p.add_argument("--start-date", type=_date, help="first day, YYYY-MM-DD")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = add("validate", cmd_validate, "Check a day's raw partitions against the contract; quarantine bad rows.")
+    p.add_argument("--date", type=_date, required=True, help="the day to validate, YYYY-MM-DD")
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"funnelrank: {err}", file=sys.stderr)
+        return 2
+    except StageError as err:
+        print(f"funnelrank {args.command}: {err}", file=sys.stderr)
+        return err.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
