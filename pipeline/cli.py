@@ -1,8 +1,8 @@
 """``funnelrank``: one command, a subcommand per stage.
 
 Every stage takes ``--config`` (TOML, default configs/demo.toml) and ``--warehouse``
-(the data root; default from the config). Heavy libraries are imported inside the
-commands, so ``--help`` answers at once.
+(the data root; default from the config). Each command validates the config first and
+imports its heavy libraries after, so ``--help`` and config errors answer at once.
 
 Exit codes: 0 ok, 2 bad usage or config, 3 a stage failed, 4 raw data broke the contract.
 """
@@ -37,8 +37,6 @@ def _load(args: argparse.Namespace, overrides: dict | None = None) -> tuple[Funn
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from features.synthetic import generate_logs
-
     flags = {
         "days": args.days, "users": args.users, "items": args.items,
         "impressions_per_day": args.impressions_per_day, "task_correlation": args.task_correlation,
@@ -48,15 +46,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.seed is not None:
         overrides["seed"] = args.seed
     cfg, warehouse = _load(args, overrides)
+    from features.synthetic import generate_logs
+
     summary = generate_logs(cfg, warehouse, progress=not args.quiet)
     print(summary.describe())
     return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    cfg, warehouse = _load(args)
     from features.validate import validate_day
 
-    cfg, warehouse = _load(args)
     report = validate_day(cfg, warehouse, args.date)
     print(report.describe())
     return 0

@@ -1,0 +1,112 @@
+"""Id encoding shared by training (features/vocab.py) and the scorer: one code path, so
+offline and online encodings cannot differ.
+
+Only numpy and pyarrow are imported here (the scorer runs without torch or polars).
+
+Layout of an embedding table with ``capacity`` and ``oov_buckets``::
+
+    0                                  padding (null values)
+    1 .. capacity                      in-vocabulary ids (the vocabulary's indices)
+    capacity+1 .. capacity+oov_buckets unknown, rare or overflow ids, by stable_hash
+
+Values are keyed as strings: integer columns are cast to their decimal text first, so a
+slot 3 and a slot "3" are the same key in training and in serving.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+# Polynomial hash over the UTF-8 bytes, then the splitmix64 finaliser so that the low bits
+# (used by ``% oov_buckets``) depend on every byte. All arithmetic is modulo 2**64.
+HASH_BASE = np.uint64(0x100000001B3)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+_LEN_SALT = np.uint64(0x9E3779B97F4A7C15)
+
+
+def as_strings(values: pa.Array | pa.ChunkedArray) -> pa.LargeStringArray:
+    """The keys of ``values`` as one large_string array (ints as decimal text)."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    t = values.type
+    if pa.types.is_dictionary(t):
+        values = values.cast(t.value_type)
+        t = values.type
+    if not (pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)):
+        raise TypeError(f"ids must be strings or integers, got Arrow type {t}")
+    return values.cast(pa.large_string())
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    z = z ^ (z >> np.uint64(30))
+    z = z * _MIX1
+    z = z ^ (z >> np.uint64(27))
+    z = z * _MIX2
+    return z ^ (z >> np.uint64(31))
+
+
+def stable_hash(strings: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A 64-bit hash per string, identical on every machine and in every process.
+
+    h = mix64((sum_i (byte_i + 1) * BASE**(i+1)) XOR (len * SALT)), computed over the Arrow
+    offsets and data buffers with a cumulative sum (no per-row Python). Nulls hash as "".
+    """
+    arr = as_strings(strings)
+    n = len(arr)
+    if n == 0:
+        return np.zeros(0, dtype=np.uint64)
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset : arr.offset + n + 1]
+    data_buf = arr.buffers()[2]
+    data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
+    data = data[offsets[0] : offsets[-1]]
+    starts = offsets[:-1] - offsets[0]
+    lengths = np.diff(offsets)
+    if arr.null_count:
+        lengths = np.where(arr.is_null().to_numpy(zero_copy_only=False), 0, lengths)
+    max_len = int(lengths.max()) if n else 0
+    # powers[k] = BASE**(k+1); np.cumprod wraps modulo 2**64 like the arithmetic wants.
+    powers = np.cumprod(np.full(max(max_len, 1), HASH_BASE, dtype=np.uint64))
+    row_of_byte = np.repeat(np.arange(n), np.diff(offsets))
+    pos_in_row = np.arange(len(data), dtype=np.int64) - starts[row_of_byte]
+    contrib = (data.astype(np.uint64) + np.uint64(1)) * powers[pos_in_row]
+    csum = np.concatenate([np.zeros(1, np.uint64), np.cumsum(contrib, dtype=np.uint64)])
+    poly = csum[starts + lengths] - csum[starts]
+    return _mix64(poly ^ (lengths.astype(np.uint64) * _LEN_SALT))
+
+
+def oov_index(hashes: np.ndarray, capacity: int, oov_buckets: int) -> np.ndarray:
+    """The OOV row of each hash: capacity+1 .. capacity+oov_buckets."""
+    return (hashes % np.uint64(oov_buckets)).astype(np.int64) + (capacity + 1)
+
+
+def encode_ids(values: pa.Array | pa.ChunkedArray, keys: pa.Array, indices: np.ndarray, capacity: int, oov_buckets: int) -> np.ndarray:
+    """Embedding rows (int64) of ``values``: ``indices[j]`` where the value equals
+    ``keys[j]``, an OOV bucket by stable_hash otherwise, 0 for null."""
+    vals = as_strings(values)
+    pos = pc.index_in(vals, value_set=as_strings(keys))
+    out = np.zeros(len(vals), dtype=np.int64)
+    found = pos.is_valid().to_numpy(zero_copy_only=False)
+    if found.any():
+        out[found] = np.asarray(indices, dtype=np.int64)[pos.drop_null().to_numpy()]
+    unknown = ~found & vals.is_valid().to_numpy(zero_copy_only=False)
+    if unknown.any():
+        missed = vals.filter(pa.array(unknown))
+        out[unknown] = oov_index(stable_hash(missed), capacity, oov_buckets)
+    return out
+
+
+def encode_list_ids(values: pa.Array | pa.ChunkedArray, keys: pa.Array, indices: np.ndarray, capacity: int, oov_buckets: int) -> pa.LargeListArray:
+    """encode_ids applied to the elements of a list column, keeping its offsets.
+
+    A null list becomes an empty list; a null element becomes 0 (padding)."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    if not (pa.types.is_list(values.type) or pa.types.is_large_list(values.type) or pa.types.is_list_view(values.type)):
+        raise TypeError(f"expected a list column, got Arrow type {values.type}")
+    lengths = pc.fill_null(pc.list_value_length(values), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    offsets = np.concatenate([np.zeros(1, np.int64), np.cumsum(lengths)])
+    flat = encode_ids(values.flatten(), keys, indices, capacity, oov_buckets)
+    return pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), pa.array(flat, pa.int64()))

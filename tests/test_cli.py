@@ -1,0 +1,48 @@
+"""Every subcommand answers --help, takes --config/--warehouse, and bad config exits 2."""
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import build_parser, main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def subcommands() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def test_console_script_help():
+    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0
+    for name in subcommands():
+        assert name in res.stdout
+
+
+@pytest.mark.parametrize("name", sorted(subcommands()))
+def test_every_stage_has_help_and_common_flags(name, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([name, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "--config" in out and "--warehouse" in out
+
+
+def test_bad_config_exits_2_naming_the_key(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text((ROOT / "configs" / "demo.toml").read_text().replace("[validate]", "[validate]\nmax_bad_rows = 3"))
+    assert main(["validate", "--config", str(bad), "--date", "2026-11-01"]) == 2
+    assert "validate.max_bad_rows: unknown key" in capsys.readouterr().err
+
+
+def test_bad_date_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["validate", "--date", "yesterday"])
+    assert exit_.value.code == 2
+    assert "not a date" in capsys.readouterr().err
