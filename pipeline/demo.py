@@ -17,6 +17,8 @@ from features.errors import StageError
 
 
 def run_demo(config_path: Path, warehouse: Path | None = None) -> int:
+    from features.aggregates import build_daily_aggregates
+    from features.examples import build_training_table
     from features.synthetic import generate_logs
     from features.validate import validate_day
 
@@ -27,9 +29,15 @@ def run_demo(config_path: Path, warehouse: Path | None = None) -> int:
     print(generate_logs(cfg, warehouse, progress=True).describe())
 
     days = [cfg.generate.start_date + dt.timedelta(days=i) for i in range(cfg.generate.days)]
+    lag = dt.timedelta(days=cfg.contract.maturity_lag_days)
     for day in days:
         report = validate_day(cfg, warehouse, day)
         print(f"{day}  validate  {report.describe()}")
+        aggregates = build_daily_aggregates(cfg, warehouse, day)
+        print(f"{day}  features  {sum(aggregates['rows'].values()):,} key rows")
+        if day - lag >= days[0]:
+            manifest = build_training_table(cfg, warehouse, day)
+            print(f"{day}  examples  {manifest['rows']['rows_out']:,} rows for mature day {manifest['date']}")
     print(f"demo finished in {time.perf_counter() - t0:.1f} s; data under {warehouse}")
     return 0
 

@@ -84,7 +84,16 @@ def oov_index(hashes: np.ndarray, capacity: int, oov_buckets: int) -> np.ndarray
 
 def encode_ids(values: pa.Array | pa.ChunkedArray, keys: pa.Array, indices: np.ndarray, capacity: int, oov_buckets: int) -> np.ndarray:
     """Embedding rows (int64) of ``values``: ``indices[j]`` where the value equals
-    ``keys[j]``, an OOV bucket by stable_hash otherwise, 0 for null."""
+    ``keys[j]``, an OOV bucket by stable_hash otherwise, 0 for null.
+
+    A dictionary-encoded column is encoded once per distinct value, then gathered."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    if pa.types.is_dictionary(values.type):
+        per_value = encode_ids(values.dictionary, keys, indices, capacity, oov_buckets)
+        codes = pc.fill_null(values.indices, 0).to_numpy(zero_copy_only=False)
+        valid = values.is_valid().to_numpy(zero_copy_only=False)
+        return np.where(valid, per_value[codes] if len(per_value) else 0, 0).astype(np.int64)
     vals = as_strings(values)
     pos = pc.index_in(vals, value_set=as_strings(keys))
     out = np.zeros(len(vals), dtype=np.int64)

@@ -1,0 +1,270 @@
+"""The training table (the ``examples`` stage): one row per valid impression of a mature day.
+
+The nightly run for D builds day L = D - ``contract.maturity_lag_days``: validated
+impressions of L joined (left, in impression order) with the users / items snapshots
+accepted on L, the labels of L (features.labels) and, per aggregate key, the rolling
+point-in-time features as of the start of L (features.aggregates). Which raw column
+feeds which feature comes from ``cfg.features`` only.
+
+Columns of ``<warehouse>/training/date=L/part-0.parquet``, in this order:
+
+* ``impression_id`` string, ``ts`` timestamp[us, UTC], ``raw_user_id`` string (the raw
+  user id, for per-user GAUC; it is not called ``user_id`` because a sparse feature may
+  carry that name);
+* labels: ``click``, ``conversion`` Int8, ``conversion_value`` Float64;
+* sparse features, named as in the spec: Int64 embedding rows (kind=id) or
+  List(Int64) (kind=list), encoded with the vocabularies after applying day L's ids;
+* dense features, Float32, in ``cfg.features.dense_names()`` order.
+
+Null handling: a null id encodes to 0 (padding), a null list to an empty list; a key with
+no history gets ``rolling_defaults`` (log1p(0) = 0 counts, the global smoothed rates);
+a numeric feature that is null or NaN (e.g. an item missing from the snapshot) becomes
+0.0 after its transform (``log1p`` clips negatives to 0 first).
+
+Rerun safety: ``manifest.json`` (written inside the same atomic folder as the data) holds
+the sha256 of every input partition and of the spec; a rerun with the same inputs is
+skipped. Vocabularies apply each day once, so a rerun after a kill encodes with the same
+vocabulary versions and writes the same bytes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from features.aggregates import attach_rolling_features, daily_dir, rolling_defaults, rolling_features
+from features.config import FunnelConfig, SparseFeature
+from features.contract import SNAPSHOT_TABLES, day_str, report_path, scan_validated, validated_dir
+from features.errors import DataContractError, StageError
+from features.io import atomic_dir, sha256_dir, sha256_file
+from features.labels import build_labels, click_lag_days
+from features.vocab import update_vocabulary
+from serving.encoding import as_strings
+
+ID_COLUMNS = ("impression_id", "ts", "raw_user_id")
+LABEL_COLUMNS = ("click", "conversion", "conversion_value")
+DATA_FILE = "part-0.parquet"
+# A row group is the loader's unit of reading and shuffling: 128k rows x ~60 columns is
+# ~30 MB decoded, large enough for efficient zstd column chunks and few seeks, small
+# enough that a loader holds a handful in memory and shuffles across them.
+ROW_GROUP_ROWS = 131_072
+SNAPSHOT_JOIN_KEY = {"users": "user_id", "items": "item_id"}
+
+
+def training_dir(warehouse: Path, day: dt.date) -> Path:
+    return Path(warehouse) / "training" / f"date={day_str(day)}"
+
+
+def mature_day(cfg: FunnelConfig, run_date: dt.date) -> dt.date:
+    """The day whose labels are final on the nightly run for ``run_date``."""
+    return run_date - dt.timedelta(days=cfg.contract.maturity_lag_days)
+
+
+def spec_sha256(cfg: FunnelConfig) -> str:
+    """Hash of the config sections that decide the table's content."""
+    spec = {"features": cfg.features.model_dump(mode="json"), "contract": cfg.contract.model_dump(mode="json")}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def input_partitions(cfg: FunnelConfig, warehouse: Path, day: dt.date) -> list[Path]:
+    """Every partition the table of ``day`` reads (those that exist)."""
+    warehouse = Path(warehouse)
+    lag = cfg.contract.maturity_lag_days
+    paths = [validated_dir(warehouse, t, day) for t in ("impressions", *SNAPSHOT_TABLES)]
+    paths += [validated_dir(warehouse, "clicks", day + dt.timedelta(days=n)) for n in range(click_lag_days(cfg.contract) + 1)]
+    paths += [validated_dir(warehouse, "conversions", day + dt.timedelta(days=n)) for n in range(lag + 1)]
+    history = [day - dt.timedelta(days=n) for n in range(1, max(cfg.features.windows_days) + 1)]
+    paths += [daily_dir(warehouse, key.name, d) for key in cfg.features.aggregate_keys for d in history]
+    return [p for p in paths if any(p.glob("*.parquet"))]
+
+
+def input_hashes(cfg: FunnelConfig, warehouse: Path, day: dt.date) -> dict[str, str]:
+    """sha256 per input partition (path relative to the warehouse) and of the spec."""
+    hashes = {p.relative_to(warehouse).as_posix(): sha256_dir(p) for p in input_partitions(cfg, warehouse, day)}
+    return {"spec": spec_sha256(cfg), **hashes}
+
+
+def validate_counts(warehouse: Path, day: dt.date) -> dict | None:
+    """The impressions counts of ``day``'s validate report (None when there is no report)."""
+    path = report_path(warehouse, "validate", day)
+    if not path.exists():
+        return None
+    try:
+        table = json.loads(path.read_text())["tables"]["impressions"]
+        return {"input_rows": int(table["input_rows"]), "valid_rows": int(table["valid_rows"]), "quarantined_rows": int(table["quarantined_rows"])}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise StageError(f"validate report {path} has no readable impressions counts: {err!r}") from None
+
+
+def _snapshot_columns(cfg: FunnelConfig, schemas: dict[str, pl.Schema]) -> dict[str, list[str]]:
+    """Which columns to take from each table: the spec's own columns from their declared
+    table; aggregate-key columns from the first of impressions, users, items holding them."""
+    spec = cfg.features
+    wanted: dict[str, list[str]] = {t: spec.columns_of(t) for t in schemas}
+    for key in spec.aggregate_keys:
+        for col in key.columns:
+            if not any(col in cols for cols in wanted.values()):
+                table = next((t for t in schemas if col in schemas[t]), None)
+                if table is None:
+                    raise DataContractError(f"aggregate key {key.name!r}: column {col!r} is in none of the validated {', '.join(schemas)}")
+                wanted[table].append(col)
+    seen: dict[str, str] = {}
+    for table, cols in wanted.items():
+        for col in cols:
+            if col in seen and col != SNAPSHOT_JOIN_KEY.get(table):
+                raise StageError(f"column {col!r} is read from both {seen[col]} and {table}: rename one in the feature spec's source data")
+            seen.setdefault(col, table)
+            if col not in schemas[table]:
+                raise DataContractError(f"validated {table} has no column {col!r} (named by the feature spec)")
+    return wanted
+
+
+def joined_rows(cfg: FunnelConfig, warehouse: Path, day: dt.date) -> pl.LazyFrame:
+    """Validated impressions of ``day`` with snapshot attributes, labels and rolled features."""
+    frames = {t: scan_validated(warehouse, t, day) for t in ("impressions", *SNAPSHOT_TABLES)}
+    wanted = _snapshot_columns(cfg, {t: f.collect_schema() for t, f in frames.items()})
+    base = ["impression_id", "ts", "user_id", "item_id"]
+    rows = frames["impressions"].select(*dict.fromkeys(base + wanted["impressions"]))
+    for table in SNAPSHOT_TABLES:
+        on = SNAPSHOT_JOIN_KEY[table]
+        extra = [c for c in wanted[table] if c != on]
+        if extra:
+            rows = rows.join(frames[table].select(on, *extra), on=on, how="left", maintain_order="left")
+    rows = rows.join(build_labels(cfg, warehouse, day), on="impression_id", how="left", maintain_order="left")
+    return attach_rolling_features(rows, cfg, rolling_features(cfg, warehouse, day), rolling_defaults(cfg, warehouse, day))
+
+
+def _numeric_expr(column: str, transform: str) -> pl.Expr:
+    value = pl.col(column).cast(pl.Float64)
+    if transform == "log1p":
+        value = value.clip(lower_bound=0.0).log1p()
+    return value.fill_nan(None).fill_null(0.0).cast(pl.Float32)
+
+
+def _encode_sparse(warehouse: Path, feature: SparseFeature, day: dt.date, values: pa.ChunkedArray) -> tuple[pa.Array, int]:
+    """Apply the day's ids to the feature's vocabulary, then encode them with it."""
+    if feature.kind == "list":
+        vocab = update_vocabulary(warehouse, feature, day, values)
+        return vocab.encode_list(values), vocab.version
+    # One hash pass: the dictionary gives both the day's counts and the distinct values to look up.
+    distinct = pc.dictionary_encode(as_strings(values))
+    vocab = update_vocabulary(warehouse, feature, day, distinct)
+    return pa.array(vocab.encode(distinct), pa.int64()), vocab.version
+
+
+def training_schema(cfg: FunnelConfig) -> pa.Schema:
+    """The schema every training table of this spec has."""
+    spec = cfg.features
+    fields = [
+        pa.field("impression_id", pa.large_string()),
+        pa.field("ts", pa.timestamp("us", tz="UTC")),
+        pa.field("raw_user_id", pa.large_string()),
+        pa.field("click", pa.int8()),
+        pa.field("conversion", pa.int8()),
+        pa.field("conversion_value", pa.float64()),
+    ]
+    fields += [pa.field(f.name, pa.large_list(pa.int64()) if f.kind == "list" else pa.int64()) for f in spec.sparse]
+    fields += [pa.field(name, pa.float32()) for name in spec.dense_names()]
+    return pa.schema(fields)
+
+
+def _read_manifest(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def build_training_table(cfg: FunnelConfig, warehouse: Path, run_date: dt.date) -> dict:
+    """Write the training table of the mature day of ``run_date``; return its manifest
+    (with ``skipped: True`` when an identical table from the same inputs is already there)."""
+    started = time.perf_counter()
+    warehouse = Path(warehouse)
+    day = mature_day(cfg, run_date)
+    target = training_dir(warehouse, day)
+    timings: dict[str, float] = {}
+    inputs = input_hashes(cfg, warehouse, day)
+    timings["hash_inputs"] = time.perf_counter() - started
+
+    previous = _read_manifest(target / "manifest.json")
+    if previous and previous.get("inputs") == inputs and (target / DATA_FILE).exists() and sha256_file(target / DATA_FILE) == previous.get("content_sha256"):
+        return previous | {"skipped": True}
+
+    t = time.perf_counter()
+    rows = joined_rows(cfg, warehouse, day).collect(engine="streaming")
+    timings["join"] = time.perf_counter() - t
+    if rows["click"].null_count():
+        raise StageError(f"labels of {day_str(day)} miss {rows['click'].null_count()} impressions of {validated_dir(warehouse, 'impressions', day)}")
+
+    t = time.perf_counter()
+    spec = cfg.features
+    columns: dict[str, pa.Array | pa.ChunkedArray] = {}
+    ids = rows.select("impression_id", "ts", pl.col("user_id").alias("raw_user_id"), *LABEL_COLUMNS).to_arrow()
+    columns.update(zip(ids.column_names, ids.columns, strict=True))
+    vocab_versions: dict[str, int] = {}
+    for feature in spec.sparse:
+        columns[feature.name], vocab_versions[feature.name] = _encode_sparse(warehouse, feature, day, rows[feature.column].to_arrow())
+    timings["vocab_encode"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    numeric = {f.name: _numeric_expr(f.column, f.transform).alias(f.name) for f in spec.numeric}
+    dense = rows.select(numeric.get(name, pl.col(name)) for name in spec.dense_names()).to_arrow()
+    columns.update(zip(dense.column_names, dense.columns, strict=True))
+    schema = training_schema(cfg)
+    table = pa.table([columns[f.name] for f in schema], schema=schema)
+    del rows, columns, dense, ids
+
+    with atomic_dir(target) as tmp:
+        # polars writes the columns in parallel: ~2x faster than pyarrow's writer here.
+        pl.from_arrow(table).write_parquet(tmp / DATA_FILE, compression="zstd", compression_level=1, row_group_size=ROW_GROUP_ROWS)
+        content_sha = sha256_file(tmp / DATA_FILE)
+        timings["write"] = time.perf_counter() - t
+        manifest = {
+            "stage": "examples",
+            "run_date": day_str(run_date),
+            "date": day_str(day),
+            "file": DATA_FILE,
+            "rows": _reconcile(warehouse, day, table.num_rows),
+            "row_group_rows": ROW_GROUP_ROWS,
+            "schema": {f.name: str(f.type) for f in schema},
+            "columns": {
+                "ids": list(ID_COLUMNS),
+                "labels": list(LABEL_COLUMNS),
+                "sparse": [f.name for f in spec.sparse],
+                "dense": spec.dense_names(),
+            },
+            "content_sha256": content_sha,
+            "inputs": inputs,
+            "vocab_versions": vocab_versions,
+            "timings_s": {k: round(v, 4) for k, v in timings.items()} | {"total": round(time.perf_counter() - started, 4)},
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest | {"skipped": False}
+
+
+def _reconcile(warehouse: Path, day: dt.date, rows_out: int) -> dict:
+    """Row counts: impressions in = rows out + quarantined (from the validate report)."""
+    n_valid = scan_validated(warehouse, "impressions", day).select(pl.len()).collect().item()
+    if rows_out != n_valid:
+        raise StageError(f"training table of {day_str(day)} has {rows_out} rows for {n_valid} validated impressions in {validated_dir(warehouse, 'impressions', day)}")
+    report = validate_counts(warehouse, day)
+    if report is None:
+        return {"impressions_in": n_valid, "rows_out": rows_out, "quarantined": None, "validate_report": None}
+    if report["input_rows"] != rows_out + report["quarantined_rows"]:
+        raise StageError(
+            f"counts do not reconcile for {day_str(day)}: validate report {report_path(warehouse, 'validate', day)} has "
+            f"{report['input_rows']} impressions in and {report['quarantined_rows']} quarantined, training table has {rows_out} rows"
+        )
+    return {
+        "impressions_in": report["input_rows"],
+        "rows_out": rows_out,
+        "quarantined": report["quarantined_rows"],
+        "validate_report": report_path(warehouse, "validate", day).relative_to(warehouse).as_posix(),
+    }

@@ -1,0 +1,117 @@
+"""Labels derived from the validated logs: click, conversion and its value per impression.
+
+``click`` = a click for the impression within ``click_window`` after it (both ends
+included); ``conversion`` = a conversion within ``attribution_window`` after the
+impression's FIRST qualifying click. Late events live in later days' partitions, so a
+day's labels read the clicks of ``day .. day + ceil(click_window / 1 day)`` and the
+conversions of ``day .. day + maturity_lag_days``. The two join helpers here are shared
+with the point-in-time aggregates, so features and labels count the same events.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from pathlib import Path
+
+import polars as pl
+
+from features.config import ContractConfig, FunnelConfig
+from features.contract import day_str, scan_validated, validated_dir
+from features.errors import DataContractError
+
+ONE_DAY = dt.timedelta(days=1)
+
+
+def click_window(contract: ContractConfig) -> dt.timedelta:
+    return dt.timedelta(minutes=contract.click_window_minutes)
+
+
+def attribution_window(contract: ContractConfig) -> dt.timedelta:
+    return dt.timedelta(hours=contract.attribution_window_hours)
+
+
+def click_lag_days(contract: ContractConfig) -> int:
+    """Days after an impression's day that can still hold its clicks."""
+    return math.ceil(click_window(contract) / ONE_DAY)
+
+
+def has_partition(warehouse: Path, table: str, day: dt.date) -> bool:
+    return any(validated_dir(warehouse, table, day).glob("*.parquet"))
+
+
+def scan_events(warehouse: Path, table: str, day: dt.date) -> pl.LazyFrame:
+    """A day's validated clicks or conversions as (impression_id, ts, value).
+
+    ``value`` is optional in the contract: conversions without it are worth 0.
+    """
+    frame = scan_validated(warehouse, table, day)
+    value = pl.col("value") if "value" in frame.collect_schema() else pl.lit(0.0)
+    return frame.select("impression_id", "ts", value.cast(pl.Float64).fill_null(0.0).alias("value"))
+
+
+def first_clicks(impressions: pl.LazyFrame, clicks: pl.LazyFrame, window: dt.timedelta) -> pl.LazyFrame:
+    """One row per impression with a click in [ts, ts + window]: its columns + ``first_click``.
+
+    ``impressions`` holds impression_id, ts and any columns to carry along (e.g. key columns).
+    """
+    qualifying = impressions.join(
+        clicks.select("impression_id", pl.col("ts").alias("click_ts")), on="impression_id"
+    ).filter(pl.col("click_ts").is_between(pl.col("ts"), pl.col("ts") + window, closed="both"))
+    return qualifying.group_by("impression_id").agg(
+        pl.col("click_ts").min().alias("first_click"), pl.exclude("impression_id", "click_ts").first()
+    )
+
+
+def attributed_conversions(clicked: pl.LazyFrame, conversions: pl.LazyFrame, window: dt.timedelta) -> pl.LazyFrame:
+    """Conversion events in [first_click, first_click + window], with the clicked rows' columns."""
+    return conversions.select("impression_id", pl.col("ts").alias("conv_ts"), "value").join(
+        clicked, on="impression_id"
+    ).filter(pl.col("conv_ts").is_between(pl.col("first_click"), pl.col("first_click") + window, closed="both"))
+
+
+def _scan_label_events(
+    warehouse: Path, table: str, day: dt.date, lag_days: int, allow_immature: bool
+) -> pl.LazyFrame:
+    """Events of ``day .. day + lag_days``; a missing later day means immature labels."""
+    frames = [scan_events(warehouse, table, day)]
+    for ahead in range(1, lag_days + 1):
+        later = day + dt.timedelta(days=ahead)
+        if has_partition(warehouse, table, later):
+            frames.append(scan_events(warehouse, table, later))
+        elif not allow_immature:
+            raise DataContractError(
+                f"labels of {day_str(day)} are not mature: validated {table} for {day_str(later)} missing "
+                f"in {validated_dir(warehouse, table, later)} (validate that day first, or pass allow_immature=True)"
+            )
+    return pl.concat(frames, how="vertical")
+
+
+def build_labels(cfg: FunnelConfig, warehouse: Path, day: dt.date, allow_immature: bool = False) -> pl.LazyFrame:
+    """impression_id, click (Int8), conversion (Int8), conversion_value (Float64) for every
+    validated impression of ``day``, in the impressions' order.
+
+    Raises DataContractError naming the missing table/day when a later partition that can
+    still hold this day's clicks or conversions is absent, unless ``allow_immature``.
+    """
+    contract = cfg.contract
+    impressions = scan_validated(warehouse, "impressions", day).select("impression_id", "ts")
+    clicks = _scan_label_events(warehouse, "clicks", day, click_lag_days(contract), allow_immature)
+    conversions = _scan_label_events(warehouse, "conversions", day, contract.maturity_lag_days, allow_immature)
+
+    clicked = first_clicks(impressions, clicks, click_window(contract)).select("impression_id", "first_click")
+    converted = (
+        attributed_conversions(clicked, conversions, attribution_window(contract))
+        .group_by("impression_id")
+        .agg(pl.col("value").sum().alias("conversion_value"))
+    )
+    return (
+        impressions.join(clicked, on="impression_id", how="left", maintain_order="left")
+        .join(converted, on="impression_id", how="left", maintain_order="left")
+        .select(
+            "impression_id",
+            pl.col("first_click").is_not_null().cast(pl.Int8).alias("click"),
+            pl.col("conversion_value").is_not_null().cast(pl.Int8).alias("conversion"),
+            pl.col("conversion_value").fill_null(0.0).cast(pl.Float64),
+        )
+    )
