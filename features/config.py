@@ -154,6 +154,64 @@ class FeaturesConfig(_Section):
         return list(dict.fromkeys(cols))
 
 
+class ModelConfig(_Section):
+    """The multi-task network (models/nets.py): backbone, conversion head, loss weighting."""
+
+    backbone: Literal["single_task", "shared_bottom", "soft_sharing", "mmoe"] = "mmoe"
+    conversion_head: Literal["direct", "esmm"] = Field(
+        "esmm", description="direct: pCVR on clicked rows; esmm: pCTCVR = pCTR x pCVR on all impressions"
+    )
+    loss_weighting: Literal["fixed", "uncertainty"] = "fixed"
+    click_loss_weight: float = Field(1.0, ge=0.0, description="fixed weighting only")
+    conversion_loss_weight: float = Field(1.0, ge=0.0, description="fixed weighting only")
+    expert_dims: list[int] = Field(
+        default_factory=lambda: [128, 64], min_length=1,
+        description="hidden sizes of each expert (mmoe), the shared bottom, or each task's network",
+    )
+    tower_dims: list[int] = Field(default_factory=lambda: [32], description="hidden sizes of each task's tower")
+    n_experts: int = Field(4, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    soft_sharing_strength: float = Field(1e-3, ge=0.0, description="L2 pull between the task networks' weights")
+
+    @field_validator("expert_dims", "tower_dims")
+    @classmethod
+    def _positive_dims(cls, v: list[int]) -> list[int]:
+        if any(d < 1 for d in v):
+            raise ValueError("layer sizes must be positive")
+        return v
+
+
+class TrainConfig(_Section):
+    """Training (models/train.py): the window of mature days, optimisers, early stopping."""
+
+    window_days: int = Field(7, ge=2, description="mature days used; the newest is the validation day")
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(4096, ge=1)
+    sparse_optimizer: Literal["rowwise_adagrad", "adam"] = Field(
+        "rowwise_adagrad", description="fused into the embedding backward; adam needs a CUDA device"
+    )
+    sparse_lr: float = Field(0.05, gt=0.0)
+    dense_lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(1e-5, ge=0.0, description="AdamW, dense parameters only")
+    early_stopping_metric: Literal[
+        "click_auc", "click_gauc", "cvr_auc", "ctcvr_auc", "click_logloss", "ctcvr_logloss"
+    ] = "click_auc"
+    patience: int = Field(2, ge=1, description="stop after this many epochs without improvement")
+    shuffle_buffer_rows: int = Field(262_144, ge=1)
+    threads: int = Field(0, ge=0, description="torch CPU threads; 0 = all cores")
+    log_every_steps: int = Field(50, ge=1)
+
+
+class ScoringConfig(_Section):
+    """The blended ranking score of the exported model and the scorer:
+    score = p_click ** click_exponent * p_ctcvr ** conversion_exponent."""
+
+    click_exponent: float = Field(1.0, ge=0.0)
+    conversion_exponent: float = Field(1.0, ge=0.0)
+    max_candidates: int = Field(1000, ge=1, description="HTTP: candidates per request at most")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="HTTP: request body size limit")
+
+
 class FunnelConfig(_Section):
     seed: int = 0
     warehouse: Path = Path("state/warehouse")
@@ -162,6 +220,9 @@ class FunnelConfig(_Section):
     contract: ContractConfig = ContractConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
     features: FeaturesConfig
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    scoring: ScoringConfig = ScoringConfig()
 
     # TOML has no path type: paths arrive as strings (the one lax coercion allowed).
     @field_validator("warehouse", "state_dir", mode="before")

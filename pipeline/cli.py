@@ -62,6 +62,41 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_features(args: argparse.Namespace) -> int:
+    from features.aggregates import build_daily_aggregates
+
+    cfg, warehouse = _load(args)
+    manifest = build_daily_aggregates(cfg, warehouse, args.date)
+    for name, rows in manifest["rows"].items():
+        print(f"{name}: {rows} rows -> {manifest['outputs'][name]}")
+    return 0
+
+
+def cmd_examples(args: argparse.Namespace) -> int:
+    from features.examples import build_training_table
+
+    cfg, warehouse = _load(args)
+    manifest = build_training_table(cfg, warehouse, args.date)
+    rows = manifest["rows"]
+    state = "skipped (inputs unchanged)" if manifest["skipped"] else f"written in {manifest['timings_s']['total']:.2f}s"
+    print(f"training table {manifest['date']}: {rows['rows_out']:,} rows of {rows['impressions_in']:,} impressions "
+          f"({rows['quarantined'] if rows['quarantined'] is not None else 'no report'} quarantined), {state}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg, warehouse = _load(args)
+    from models.train import train_model
+
+    result = train_model(cfg, warehouse, args.date, progress=not args.quiet)
+    metric = cfg.train.early_stopping_metric
+    print(f"train {result.run_key}: {result.epochs_run} epochs, best epoch {result.best_epoch} "
+          f"({metric} {result.best_metric:.4f}); checkpoints in {result.checkpoint_dir}; MLflow run {result.mlflow_run_id}")
+    for name in ("click_auc", "click_gauc", "cvr_auc", "ctcvr_auc", "click_logloss", "ctcvr_logloss"):
+        print(f"  val {name:14s} {result.val_metrics[name]:.4f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="funnelrank",
@@ -88,6 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("validate", cmd_validate, "Check a day's raw partitions against the contract; quarantine bad rows.")
     p.add_argument("--date", type=_date, required=True, help="the day to validate, YYYY-MM-DD")
+
+    p = add("features", cmd_features, "Count a day's impressions, clicks and conversions per aggregate key (by event time).")
+    p.add_argument("--date", type=_date, required=True, help="the day to aggregate, YYYY-MM-DD")
+
+    p = add("examples", cmd_examples, "Write the training table of the mature day (--date minus the maturity lag) and update the vocabularies.")
+    p.add_argument("--date", type=_date, required=True, help="the nightly run date, YYYY-MM-DD")
+
+    p = add("train", cmd_train, "Train the multi-task model on the window of mature days (resumes a killed run); log it to MLflow.")
+    p.add_argument("--date", type=_date, required=True, help="the nightly run date, YYYY-MM-DD")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     return parser
 

@@ -1,0 +1,501 @@
+"""Training-table loader: Parquet -> dense tensor + KeyedJaggedTensor + labels.
+
+The training table (written by ``features.examples``) has one column per sparse feature
+(Int64 ids for kind="id", List(Int64) for kind="list"), the float dense columns of
+``FeaturesConfig.dense_names()``, the labels ``click``/``conversion`` and the raw user id
+``raw_user_id`` (features.examples cannot call it ``user_id``: a sparse feature may).
+
+Batches are built from Arrow buffers with numpy only, never row by row:
+- a block of row groups is turned into numpy arrays once: the dense columns as one
+  row-major float32 matrix, the single-id features as one row-major int64 matrix,
+  each list feature as (offsets, values) straight from the ListArray;
+- a batch is a gather of rows from that block (an index array when shuffling, a slice
+  otherwise); list rows are gathered by computing their value positions from the offsets;
+- the KeyedJaggedTensor gets all keys in one go in torchrec's key-major layout.
+
+Shuffling is two-level, both seeded by (seed, epoch): the order of row groups, then a
+permutation of an in-memory buffer of at least ``shuffle_buffer_rows`` rows. Rows that do
+not fill a last batch of one buffer start the next batch, so every row is yielded exactly
+once per epoch and only the epoch's final batch can be short.
+
+A single-id feature always has length 1, also for the padding index 0: row 0 of an
+embedding table is a real (padding) row, so the pooled output keeps the same meaning for
+every example. An empty list has length 0.
+
+``Batch.user`` is a per-loader integer code of the raw user id (column ``raw_user_id``) for
+GAUC: its rank among the sorted distinct user ids of all the loader's files (the same for
+every rank of a sharded run and every epoch); -1 for a null id or when the table has no
+such column.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from features.config import SparseFeature
+from features.errors import StageError
+
+LABELS = ("click", "conversion")
+USER_COLUMN = "raw_user_id"  # the raw user id (a sparse feature may be named user_id)
+
+
+@dataclass
+class Batch:
+    dense: torch.Tensor  # float32 [B, n_dense]
+    sparse: KeyedJaggedTensor  # keys = sparse feature names in spec order
+    click: torch.Tensor  # float32 [B]
+    conversion: torch.Tensor  # float32 [B]
+    user: torch.Tensor  # int64 [B], per-loader code of raw_user_id; -1 if absent
+
+    def __len__(self) -> int:
+        return self.dense.shape[0]
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        return Batch(
+            dense=self.dense.to(device, non_blocking=non_blocking),
+            sparse=self.sparse.to(torch.device(device), non_blocking=non_blocking),
+            click=self.click.to(device, non_blocking=non_blocking),
+            conversion=self.conversion.to(device, non_blocking=non_blocking),
+            user=self.user.to(device, non_blocking=non_blocking),
+        )
+
+    def pin_memory(self) -> Batch:
+        return Batch(
+            dense=self.dense.pin_memory(),
+            sparse=self.sparse.pin_memory(),
+            click=self.click.pin_memory(),
+            conversion=self.conversion.pin_memory(),
+            user=self.user.pin_memory(),
+        )
+
+
+def parquet_files(directory: Path) -> list[Path]:
+    """The Parquet parts of one training-table day folder, sorted by name."""
+    files = sorted(Path(directory).glob("*.parquet"))
+    if not files:
+        raise StageError(f"no *.parquet files in training table folder {directory}")
+    return files
+
+
+def rows_in(files: Sequence[Path]) -> int:
+    """Total rows of ``files`` from their Parquet footers (no data read)."""
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+
+
+@dataclass(frozen=True)
+class _RowGroup:
+    file: Path
+    index: int
+    rows: int
+
+
+@dataclass
+class _Block:
+    """Rows of the training table as numpy arrays (see the module docstring)."""
+
+    dense: np.ndarray  # float32 [N, n_dense], row-major
+    ids: np.ndarray  # int64 [N, n_id_features], row-major
+    list_offsets: list[np.ndarray]  # per list feature: int64 [N + 1], positions into list_values
+    list_values: list[np.ndarray]  # per list feature: int64
+    click: np.ndarray  # float32 [N]
+    conversion: np.ndarray  # float32 [N]
+    user: np.ndarray  # int64 [N]
+
+    def __len__(self) -> int:
+        return len(self.click)
+
+
+def _check_schema(path: Path, schema: pa.Schema, sparse: Sequence[SparseFeature], dense_names: Sequence[str]) -> None:
+    """Raise StageError naming the file and column for a missing or mistyped column."""
+
+    def column_type(name: str, wanted: str) -> pa.DataType:
+        if name not in schema.names:
+            raise StageError(f"training table {path}: missing column '{name}' ({wanted})")
+        return schema.field(name).type
+
+    def bad(name: str, wanted: str, got: pa.DataType) -> StageError:
+        return StageError(f"training table {path}: column '{name}' has type {got}, expected {wanted}")
+
+    for feature in sparse:
+        if feature.kind == "id":
+            t = column_type(feature.name, "integer ids")
+            if not pa.types.is_integer(t):
+                raise bad(feature.name, "integer ids", t)
+        else:
+            t = column_type(feature.name, "list of integer ids")
+            if not (pa.types.is_list(t) or pa.types.is_large_list(t)) or not pa.types.is_integer(t.value_type):
+                raise bad(feature.name, "list of integer ids", t)
+    for name in dense_names:
+        t = column_type(name, "float")
+        if not pa.types.is_floating(t):
+            raise bad(name, "float", t)
+    for name in LABELS:
+        t = column_type(name, "0/1 label")
+        if not (pa.types.is_integer(t) or pa.types.is_boolean(t)):
+            raise bad(name, "0/1 label (integer or bool)", t)
+    if USER_COLUMN in schema.names:
+        t = schema.field(USER_COLUMN).type
+        if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
+            raise bad(USER_COLUMN, "string", t)
+
+
+def _numpy(column: pa.ChunkedArray, dtype: type) -> np.ndarray:
+    """One column as a numpy array of ``dtype`` (zero-copy for a single chunk of that type)."""
+    if column.num_chunks == 1:
+        array = column.chunk(0).to_numpy(zero_copy_only=False)
+    else:
+        array = column.to_numpy()
+    return array.astype(dtype, copy=False)
+
+
+def _fill_columns(out: np.ndarray, columns: Sequence[np.ndarray], rows_per_step: int = 16_384) -> None:
+    """Write 1-D ``columns`` side by side into the row-major matrix ``out``.
+
+    Done a few thousand rows at a time so the strided writes stay in cache: ~6x faster
+    than writing one whole column after the other.
+    """
+    for start in range(0, out.shape[0], rows_per_step):
+        stop = start + rows_per_step
+        for j, column in enumerate(columns):
+            out[start:stop, j] = column[start:stop]
+
+
+def _gather_list(offsets: np.ndarray, values: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows ``rows`` of a list column as new (offsets from 0, values), vectorised."""
+    starts = offsets[rows]
+    lengths = offsets[rows + 1] - starts
+    new_offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=new_offsets[1:])
+    # position of each output value: its row's start in the source + its rank within the row
+    positions = np.arange(new_offsets[-1], dtype=np.int64) + np.repeat(starts - new_offsets[:-1], lengths)
+    return new_offsets, np.take(values, positions)
+
+
+def _rows(order: np.ndarray | None, start: int, stop: int) -> np.ndarray | slice:
+    """Rows start..stop of a block read in ``order`` (None: file order)."""
+    return slice(start, stop) if order is None else order[start:stop]
+
+
+def _take(block: _Block, rows: np.ndarray | slice) -> _Block:
+    """A sub-block: a slice gives views (no copy), an index array gathers (np.take: about
+    2.5x faster than fancy indexing for row gathers)."""
+    if isinstance(rows, slice):
+        offsets = [o[rows.start : rows.stop + 1] for o in block.list_offsets]
+        values = block.list_values
+    else:
+        gathered = [_gather_list(o, v, rows) for o, v in zip(block.list_offsets, block.list_values)]
+        offsets = [o for o, _ in gathered]
+        values = [v for _, v in gathered]
+
+    def pick(array: np.ndarray) -> np.ndarray:
+        return array[rows] if isinstance(rows, slice) else np.take(array, rows, axis=0)
+
+    return _Block(
+        dense=pick(block.dense),
+        ids=pick(block.ids),
+        list_offsets=offsets,
+        list_values=values,
+        click=pick(block.click),
+        conversion=pick(block.conversion),
+        user=pick(block.user),
+    )
+
+
+def _list_parts(block: _Block) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per list feature: (lengths, values) of exactly the block's rows."""
+    return [(np.diff(o), v[o[0] : o[-1]]) for o, v in zip(block.list_offsets, block.list_values)]
+
+
+def _list_parts_of(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """(lengths, values) of an Arrow list column, from its offsets (no per-row work)."""
+    array = column.combine_chunks()
+    offsets = array.offsets.to_numpy()
+    return np.diff(offsets), array.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]]
+
+
+def _concat_lists(parts: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Several (lengths, values) pieces as one (offsets from 0, int64 values)."""
+    lengths = np.concatenate([p[0] for p in parts])
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return offsets, np.concatenate([p[1] for p in parts], dtype=np.int64)
+
+
+def _concat(blocks: Sequence[_Block]) -> _Block:
+    parts_per_block = [_list_parts(b) for b in blocks]
+    lists = [_concat_lists([parts[k] for parts in parts_per_block]) for k in range(len(blocks[0].list_offsets))]
+    return _Block(
+        dense=np.concatenate([b.dense for b in blocks]),
+        ids=np.concatenate([b.ids for b in blocks]),
+        list_offsets=[offsets for offsets, _ in lists],
+        list_values=[values for _, values in lists],
+        click=np.concatenate([b.click for b in blocks]),
+        conversion=np.concatenate([b.conversion for b in blocks]),
+        user=np.concatenate([b.user for b in blocks]),
+    )
+
+
+class TrainingTableLoader:
+    """Iterable over :class:`Batch` es of a training table (see the module docstring).
+
+    ``shard=(rank, world)`` keeps every ``world``-th row group starting at ``rank`` (row
+    groups in file order), so the ranks' shards are disjoint and together cover the table;
+    balance therefore depends on having many row groups. Batches are built in a background
+    thread, ``prefetch`` ahead (0: build them in the caller's thread). Iterating twice
+    gives the same batches; call :meth:`set_epoch` for a new shuffle.
+    """
+
+    def __init__(
+        self,
+        files: Sequence[Path],
+        sparse: Sequence[SparseFeature],
+        dense_names: Sequence[str],
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        epoch: int = 0,
+        shuffle_buffer_rows: int = 1 << 20,
+        prefetch: int = 4,
+        drop_last: bool = False,
+        shard: tuple[int, int] = (0, 1),
+        pin_memory: bool = False,
+    ) -> None:
+        rank, world = shard
+        if not 0 <= rank < world:
+            raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard}")
+        if batch_size < 1 or prefetch < 0:
+            raise ValueError(f"batch_size must be >= 1 and prefetch >= 0, got {batch_size}, {prefetch}")
+        if not files:
+            raise StageError("training table loader got no files")
+        self.files = [Path(f) for f in files]
+        self.sparse = list(sparse)
+        self.dense_names = list(dense_names)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = epoch
+        self.shuffle_buffer_rows = shuffle_buffer_rows
+        self.prefetch = prefetch
+        self.drop_last = drop_last
+        self.pin_memory = pin_memory
+        self.keys = [f.name for f in self.sparse]
+        self._id_features = [f.name for f in self.sparse if f.kind == "id"]
+        self._list_features = [f.name for f in self.sparse if f.kind == "list"]
+
+        row_groups: list[_RowGroup] = []
+        self._has_user = True
+        for path in self.files:
+            try:
+                parquet = pq.ParquetFile(path)
+            except (OSError, pa.ArrowInvalid) as err:
+                raise StageError(f"cannot read training table file {path}: {err}") from None
+            _check_schema(path, parquet.schema_arrow, self.sparse, self.dense_names)
+            self._has_user &= USER_COLUMN in parquet.schema_arrow.names
+            meta = parquet.metadata
+            row_groups += [
+                _RowGroup(path, i, meta.row_group(i).num_rows)
+                for i in range(meta.num_row_groups)
+                if meta.row_group(i).num_rows > 0
+            ]
+        self._row_groups = row_groups[rank::world]
+        self._columns = self.keys + self.dense_names + list(LABELS) + ([USER_COLUMN] if self._has_user else [])
+        self._user_dictionary: pa.Array | None = None
+        self._user_lock = threading.Lock()
+
+    @property
+    def rows(self) -> int:
+        """Rows of this loader's shard (from Parquet metadata)."""
+        return sum(g.rows for g in self._row_groups)
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        full, rest = divmod(self.rows, self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self.prefetch == 0:
+            yield from self._batches()
+            return
+        yield from _prefetched(self._batches, self.prefetch)
+
+    # -- reading -------------------------------------------------------------------------
+
+    def _user_codes_dictionary(self) -> pa.Array:
+        """Sorted distinct user ids of all files (built once, on first use)."""
+        with self._user_lock:
+            if self._user_dictionary is None:
+                distinct = [pc.unique(pq.read_table(f, columns=[USER_COLUMN]).column(0).combine_chunks()) for f in self.files]
+                merged = pc.unique(pa.chunked_array(distinct).combine_chunks().drop_null())
+                self._user_dictionary = pc.take(merged, pc.sort_indices(merged))
+            return self._user_dictionary
+
+    def _read_table(self, group: _RowGroup, parquet: pq.ParquetFile) -> pa.Table:
+        table = parquet.read_row_group(group.index, columns=self._columns)
+        for name in self.keys + self.dense_names + list(LABELS):
+            if table.column(name).null_count:
+                raise StageError(
+                    f"training table {group.file}: column '{name}' has {table.column(name).null_count} "
+                    f"null values in row group {group.index}"
+                )
+        return table
+
+    def _block(self, tables: list[pa.Table]) -> _Block:
+        """Numpy arrays of several row groups' tables: one copy into the batch-friendly
+        layout, filled table by table so Arrow's buffers are read zero-copy."""
+        n = sum(t.num_rows for t in tables)
+        dense = np.empty((n, len(self.dense_names)), dtype=np.float32)
+        ids = np.empty((n, len(self._id_features)), dtype=np.int64)
+        start = 0
+        for table in tables:
+            stop = start + table.num_rows
+            _fill_columns(dense[start:stop], [_numpy(table.column(name), np.float32) for name in self.dense_names])
+            _fill_columns(ids[start:stop], [_numpy(table.column(name), np.int64) for name in self._id_features])
+            start = stop
+        lists = [_concat_lists([_list_parts_of(t.column(name)) for t in tables]) for name in self._list_features]
+        if self._has_user:
+            dictionary = self._user_codes_dictionary()
+            codes = [pc.fill_null(pc.index_in(t.column(USER_COLUMN), value_set=dictionary), -1) for t in tables]
+            user = np.concatenate([_numpy(c, np.int64) for c in codes])
+        else:
+            user = np.full(n, -1, dtype=np.int64)
+        return _Block(
+            dense=dense,
+            ids=ids,
+            list_offsets=[offsets for offsets, _ in lists],
+            list_values=[values for _, values in lists],
+            click=np.concatenate([_numpy(t.column("click"), np.float32) for t in tables]),
+            conversion=np.concatenate([_numpy(t.column("conversion"), np.float32) for t in tables]),
+            user=user,
+        )
+
+    def _blocks(self, rng: np.random.Generator) -> Iterator[_Block]:
+        """Blocks of whole row groups, each of >= shuffle_buffer_rows rows (except the last)
+        when shuffling, one row group each otherwise."""
+        order = rng.permutation(len(self._row_groups)) if self.shuffle else range(len(self._row_groups))
+        min_rows = self.shuffle_buffer_rows if self.shuffle else 1
+        open_files: dict[Path, pq.ParquetFile] = {}
+        pending: list[pa.Table] = []
+        pending_rows = 0
+        for position, i in enumerate(order):
+            group = self._row_groups[i]
+            if group.file not in open_files:
+                open_files[group.file] = pq.ParquetFile(group.file)
+            pending.append(self._read_table(group, open_files[group.file]))
+            pending_rows += group.rows
+            if pending_rows >= min_rows or position == len(order) - 1:
+                block = self._block(pending)
+                # hold neither the decoded tables while the block is used, nor the block
+                # while the next tables are read
+                pending.clear()
+                pending_rows = 0
+                yield block
+                del block
+
+    def _batches(self) -> Iterator[Batch]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        size = self.batch_size
+        carry: _Block | None = None  # rows of the previous block that did not fill a batch
+        for block in self._blocks(rng):
+            n = len(block)
+            order = rng.permutation(n) if self.shuffle else None
+            pos = 0
+            if carry is not None:
+                pos = min(size - len(carry), n)
+                carry = _concat([carry, _take(block, _rows(order, 0, pos))])
+                if len(carry) == size:
+                    yield self._batch(carry)
+                    carry = None
+            while n - pos >= size:
+                yield self._batch(_take(block, _rows(order, pos, pos + size)))
+                pos += size
+            if pos < n:
+                carry = _take(block, _rows(order, pos, n))
+            del block, order  # free this buffer before the next one is read
+        if carry is not None and not self.drop_last:
+            yield self._batch(carry)
+
+    def _batch(self, block: _Block) -> Batch:
+        lists = dict(zip(self._list_features, _list_parts(block)))
+        ids = dict(zip(self._id_features, block.ids.T))  # key-major rows
+        n = len(block)
+        ones = np.ones(n, dtype=np.int64)
+        values = [ids[k] if k in ids else lists[k][1] for k in self.keys]
+        lengths = [ones if k in ids else lists[k][0] for k in self.keys]
+        sparse = KeyedJaggedTensor(
+            keys=self.keys,
+            values=torch.from_numpy(np.concatenate(values)),
+            lengths=torch.from_numpy(np.concatenate(lengths)),
+            stride=n,
+        )
+        batch = Batch(
+            dense=torch.from_numpy(np.ascontiguousarray(block.dense)),
+            sparse=sparse,
+            click=torch.from_numpy(np.ascontiguousarray(block.click)),
+            conversion=torch.from_numpy(np.ascontiguousarray(block.conversion)),
+            user=torch.from_numpy(np.ascontiguousarray(block.user)),
+        )
+        return batch.pin_memory() if self.pin_memory else batch
+
+
+class _WorkerError:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+_END = object()
+
+
+def _prefetched(produce, depth: int) -> Iterator[Batch]:
+    """Run the generator function ``produce`` in a thread, ``depth`` items ahead.
+
+    An exception in the thread is re-raised in the consumer; when the consumer stops early
+    (break, exception, garbage collection) the thread is told to stop and joined.
+    """
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for item in produce():
+                if not put(item):
+                    return
+            put(_END)
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer, which re-raises
+            put(_WorkerError(err))
+
+    worker = threading.Thread(target=work, name="TrainingTableLoader-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = items.get()
+            if item is _END:
+                return
+            if isinstance(item, _WorkerError):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        worker.join()

@@ -1,0 +1,197 @@
+"""Ranking and calibration metrics shared by train and evaluate.
+
+Pure numpy and vectorised (no torch), so evaluate can score onnxruntime outputs with the
+same code. Every metric returns ``nan`` when it is undefined (no rows, one class only)
+rather than raising, so a tiny or degenerate day still produces a full metrics dict.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+LOGLOSS_EPS = 1e-7
+METRIC_NAMES = ("auc", "gauc", "logloss", "calibration", "ece")
+TASKS = ("click", "cvr", "ctcvr")
+
+
+def _as_labels(labels: np.ndarray) -> np.ndarray:
+    return np.asarray(labels, dtype=np.float64).ravel()
+
+
+def _average_ranks_sorted(sorted_keys: tuple[np.ndarray, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """For rows already sorted by ``sorted_keys``: the 0-based average position of each
+    row's tie run (rows equal in every key) and the start position of each run.
+
+    Average positions give tied scores the mean of the ranks they span, which is what makes
+    the rank-sum AUC count a tied positive/negative pair as one half.
+    """
+    n = len(sorted_keys[0])
+    new_run = np.zeros(n, dtype=bool)
+    if n:
+        new_run[0] = True
+    for key in sorted_keys:
+        new_run[1:] |= key[1:] != key[:-1]
+    run_starts = np.flatnonzero(new_run)
+    run_ends = np.append(run_starts[1:], n)
+    run_id = np.cumsum(new_run) - 1
+    average_position = (run_starts + run_ends - 1) / 2.0
+    return average_position[run_id], run_starts
+
+
+def auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC by the rank-sum (Mann-Whitney) formula; ties get average ranks.
+
+    ``nan`` when either class is absent.
+    """
+    y = _as_labels(labels)
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    n_pos = float(y.sum())
+    n_neg = float(len(y) - n_pos)
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(s, kind="stable")
+    position, _ = _average_ranks_sorted((s[order],))
+    rank_sum_pos = float(((position + 1.0) * y[order]).sum())
+    return (rank_sum_pos - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+
+
+def gauc(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> float:
+    """Group AUC: per-group AUC averaged with weights = group size (impressions).
+
+    Groups with one class only are skipped (their AUC is undefined); ``nan`` when no group
+    has both classes. Vectorised: one sort by (group, score), then per-group rank sums.
+    """
+    y = _as_labels(labels)
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    g = np.asarray(groups).ravel()
+    if len(y) == 0:
+        return float("nan")
+    order = np.lexsort((s, g))  # last key is the primary one: group, then score
+    y, s, g = y[order], s[order], g[order]
+    position, _ = _average_ranks_sorted((g, s))
+    group_start_flags = np.ones(len(g), dtype=bool)
+    group_start_flags[1:] = g[1:] != g[:-1]
+    group_starts = np.flatnonzero(group_start_flags)
+    group_id = np.cumsum(group_start_flags) - 1
+    rank_in_group = position - group_starts[group_id] + 1.0
+
+    size = np.diff(np.append(group_starts, len(g))).astype(np.float64)
+    n_pos = np.bincount(group_id, weights=y)
+    n_neg = size - n_pos
+    rank_sum_pos = np.bincount(group_id, weights=rank_in_group * y)
+    valid = (n_pos > 0) & (n_neg > 0)
+    if not valid.any():
+        return float("nan")
+    group_auc = (rank_sum_pos[valid] - n_pos[valid] * (n_pos[valid] + 1) / 2.0) / (n_pos[valid] * n_neg[valid])
+    return float(np.average(group_auc, weights=size[valid]))
+
+
+def logloss(labels: np.ndarray, probs: np.ndarray, eps: float = LOGLOSS_EPS) -> float:
+    """Mean binary cross-entropy; probabilities are clipped to [eps, 1 - eps]."""
+    y = _as_labels(labels)
+    if len(y) == 0:
+        return float("nan")
+    p = np.clip(np.asarray(probs, dtype=np.float64).ravel(), eps, 1.0 - eps)
+    return float(-np.mean(y * np.log(p) + (1.0 - y) * np.log1p(-p)))
+
+
+def calibration(labels: np.ndarray, probs: np.ndarray) -> float:
+    """Mean predicted probability / observed positive rate (1.0 = calibrated on average)."""
+    y = _as_labels(labels)
+    if len(y) == 0 or y.sum() == 0:
+        return float("nan")
+    return float(np.mean(np.asarray(probs, dtype=np.float64)) / y.mean())
+
+
+def _bin_stats(labels: np.ndarray, probs: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per equal-width bin on [0, 1]: row count, sum of predictions, sum of labels."""
+    y = _as_labels(labels)
+    p = np.asarray(probs, dtype=np.float64).ravel()
+    index = np.clip((p * bins).astype(np.int64), 0, bins - 1)
+    count = np.bincount(index, minlength=bins).astype(np.float64)
+    return count, np.bincount(index, weights=p, minlength=bins), np.bincount(index, weights=y, minlength=bins)
+
+
+def ece(labels: np.ndarray, probs: np.ndarray, bins: int = 15) -> float:
+    """Expected calibration error: sum over equal-width bins of
+    (bin share of rows) * |mean prediction - observed rate|."""
+    count, sum_p, sum_y = _bin_stats(labels, probs, bins)
+    n = count.sum()
+    if n == 0:
+        return float("nan")
+    return float(np.abs(sum_p - sum_y).sum() / n)
+
+
+def reliability_curve(
+    labels: np.ndarray, probs: np.ndarray, bins: int = 15
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per equal-width bin: (mean prediction, observed rate, row count); ``nan`` for empty
+    bins (matplotlib leaves those points out)."""
+    count, sum_p, sum_y = _bin_stats(labels, probs, bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return sum_p / count, sum_y / count, count.astype(np.int64)
+
+
+def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(false positive rate, true positive rate, threshold) at each distinct score,
+    descending, starting at (0, 0) with threshold +inf. Rates are ``nan`` when a class is
+    absent. The trapezoid area under (fpr, tpr) equals :func:`auc`."""
+    y = _as_labels(labels)
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    order = np.argsort(-s, kind="stable")
+    s, y = s[order], y[order]
+    last_of_run = np.append(s[1:] != s[:-1], True) if len(s) else np.zeros(0, dtype=bool)
+    true_pos = np.cumsum(y)[last_of_run]
+    false_pos = np.cumsum(1.0 - y)[last_of_run]
+    true_pos = np.concatenate([[0.0], true_pos])
+    false_pos = np.concatenate([[0.0], false_pos])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tpr = true_pos / true_pos[-1]
+        fpr = false_pos / false_pos[-1]
+    return fpr, tpr, np.concatenate([[np.inf], s[last_of_run]])
+
+
+def _task(labels: np.ndarray, probs: np.ndarray | None, groups: np.ndarray | None) -> dict[str, float]:
+    nan = float("nan")
+    if probs is None:
+        return dict.fromkeys(METRIC_NAMES, nan)
+    return {
+        "auc": auc(labels, probs),
+        "gauc": gauc(labels, probs, groups) if groups is not None else nan,
+        "logloss": logloss(labels, probs),
+        "calibration": calibration(labels, probs),
+        "ece": ece(labels, probs),
+    }
+
+
+def task_metrics(
+    click: np.ndarray,
+    conversion: np.ndarray,
+    p_click: np.ndarray | None,
+    p_cvr: np.ndarray | None,
+    p_ctcvr: np.ndarray | None,
+    groups: np.ndarray | None,
+) -> dict[str, float]:
+    """All metrics of the funnel, keyed ``{task}_{metric}``.
+
+    tasks: ``click`` (label click, score p_click, all impressions); ``cvr`` (label
+    conversion, score p_cvr, clicked impressions only: conversion given click);
+    ``ctcvr`` (label conversion, score p_ctcvr, all impressions). metrics: auc, gauc
+    (grouped by ``groups``, e.g. user codes), logloss, calibration, ece. A score passed as
+    ``None`` (a model without that head) or ``groups=None`` gives ``nan`` for its keys, so
+    the key set is always the same 15 names.
+    """
+    click = _as_labels(click)
+    conversion = _as_labels(conversion)
+    groups_all = None if groups is None else np.asarray(groups).ravel()
+    clicked = click > 0
+    per_task = {
+        "click": _task(click, p_click, groups_all),
+        "cvr": _task(
+            conversion[clicked],
+            None if p_cvr is None else np.asarray(p_cvr).ravel()[clicked],
+            None if groups_all is None else groups_all[clicked],
+        ),
+        "ctcvr": _task(conversion, p_ctcvr, groups_all),
+    }
+    return {f"{task}_{name}": value for task, values in per_task.items() for name, value in values.items()}

@@ -1,0 +1,111 @@
+"""models.metrics against brute-force definitions and hand-computed cases."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from models.metrics import auc, calibration, ece, gauc, logloss, reliability_curve, roc_curve, task_metrics
+
+
+def _pairwise_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """O(n^2) definition: P(score_pos > score_neg) + 0.5 P(tie)."""
+    pos = scores[labels == 1]
+    neg = scores[labels == 0]
+    greater = (pos[:, None] > neg[None, :]).sum()
+    ties = (pos[:, None] == neg[None, :]).sum()
+    return (greater + 0.5 * ties) / (len(pos) * len(neg))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_auc_matches_pairwise_count_with_ties(seed: int):
+    rng = np.random.default_rng(seed)
+    labels = (rng.random(300) < 0.3).astype(np.int8)
+    scores = rng.integers(0, 12, 300) / 11.0  # few distinct values: many ties
+    assert auc(labels, scores) == pytest.approx(_pairwise_auc(labels, scores), abs=1e-12)
+
+
+def test_auc_edge_cases():
+    assert auc([0, 0, 1, 1], [0.1, 0.2, 0.3, 0.4]) == 1.0
+    assert auc([0, 0, 1, 1], [0.4, 0.3, 0.2, 0.1]) == 0.0
+    assert auc([0, 1], [0.5, 0.5]) == 0.5
+    assert math.isnan(auc([1, 1, 1], [0.1, 0.2, 0.3]))
+    assert math.isnan(auc([], []))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_gauc_matches_per_group_loop(seed: int):
+    rng = np.random.default_rng(seed)
+    n = 2000
+    groups = rng.integers(0, 60, n)
+    labels = (rng.random(n) < 0.2).astype(np.int8)
+    scores = np.round(rng.random(n) + 0.3 * labels, 1)  # ties within groups
+    total = weight = 0.0
+    for g in np.unique(groups):
+        mask = groups == g
+        y, s = labels[mask], scores[mask]
+        if 0 < y.sum() < len(y):
+            total += mask.sum() * _pairwise_auc(y, s)
+            weight += mask.sum()
+    assert gauc(labels, scores, groups) == pytest.approx(total / weight, abs=1e-12)
+
+
+def test_gauc_skips_single_class_groups_and_handles_string_groups():
+    labels = np.array([1, 0, 0, 1, 1, 1, 0])
+    scores = np.array([0.9, 0.1, 0.8, 0.2, 0.5, 0.6, 0.7])
+    groups = np.array(["a", "a", "b", "b", "c", "c", "a"])
+    # a: pos 0.9 vs neg 0.1, 0.7 -> 1.0 (3 rows); b: pos 0.2 vs neg 0.8 -> 0.0 (2 rows); c skipped
+    assert gauc(labels, scores, groups) == pytest.approx((3 * 1.0 + 2 * 0.0) / 5)
+    assert math.isnan(gauc([1, 0], [0.3, 0.2], [1, 2]))
+
+
+def test_logloss_calibration_ece_hand_cases():
+    assert logloss([1, 0], [0.8, 0.4]) == pytest.approx(-(math.log(0.8) + math.log(0.6)) / 2)
+    assert logloss([1], [0.0]) == pytest.approx(-math.log(1e-7))  # clipped, finite
+    assert calibration([1, 0, 0, 0], [0.5, 0.5, 0.25, 0.25]) == pytest.approx(0.375 / 0.25)
+    assert math.isnan(calibration([0, 0], [0.1, 0.2]))
+    # bins of width 0.5: {0.2, 0.3} -> |0.25 - 0.5| ; {0.9} -> |0.9 - 1|
+    assert ece([1, 0, 1], [0.2, 0.3, 0.9], bins=2) == pytest.approx((2 * 0.25 + 1 * 0.1) / 3)
+    assert ece([0, 1], [0.3, 0.3], bins=10) == pytest.approx(0.2)
+    assert ece([1], [1.0], bins=4) == pytest.approx(0.0)  # p = 1 falls into the last bin
+
+
+def test_curves():
+    rng = np.random.default_rng(0)
+    labels = (rng.random(500) < 0.3).astype(np.int8)
+    scores = np.round(rng.random(500) + 0.2 * labels, 2)
+    fpr, tpr, thresholds = roc_curve(labels, scores)
+    assert fpr[0] == tpr[0] == 0.0 and fpr[-1] == tpr[-1] == 1.0
+    assert np.isinf(thresholds[0]) and (np.diff(thresholds) < 0).all()
+    area = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+    assert area == pytest.approx(auc(labels, scores), abs=1e-12)
+
+    mean_pred, observed, count = reliability_curve([0, 1, 1], [0.1, 0.15, 0.9], bins=4)
+    assert count.tolist() == [2, 0, 0, 1]
+    assert mean_pred[0] == pytest.approx(0.125) and observed[0] == pytest.approx(0.5)
+    assert math.isnan(mean_pred[1]) and observed[3] == 1.0
+
+
+def test_task_metrics_names_and_cvr_on_clicked_rows_only():
+    click = np.array([1, 1, 1, 1, 0, 0, 0, 0])
+    conversion = np.array([1, 0, 1, 0, 0, 0, 0, 0])
+    p_click = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2])
+    # on clicked rows p_cvr ranks conversions perfectly; unclicked rows would ruin it if used
+    p_cvr = np.array([0.9, 0.1, 0.8, 0.2, 0.99, 0.99, 0.99, 0.99])
+    p_ctcvr = p_click * p_cvr
+    groups = np.array([0, 0, 1, 1, 0, 0, 1, 1])
+    metrics = task_metrics(click, conversion, p_click, p_cvr, p_ctcvr, groups)
+    names = [f"{t}_{m}" for t in ("click", "cvr", "ctcvr") for m in ("auc", "gauc", "logloss", "calibration", "ece")]
+    assert list(metrics) == names
+    assert metrics["click_auc"] == 1.0
+    assert metrics["cvr_auc"] == 1.0 and metrics["cvr_gauc"] == 1.0
+    assert metrics["cvr_calibration"] == pytest.approx(np.mean(p_cvr[:4]) / 0.5)
+    assert metrics["ctcvr_auc"] == pytest.approx(auc(conversion, p_ctcvr))
+    assert metrics["ctcvr_logloss"] == pytest.approx(logloss(conversion, p_ctcvr))
+
+    without_heads = task_metrics(click, conversion, p_click, None, None, None)
+    assert list(without_heads) == names
+    assert math.isnan(without_heads["cvr_auc"]) and math.isnan(without_heads["click_gauc"])
+    assert without_heads["click_auc"] == 1.0

@@ -1,0 +1,179 @@
+"""The multi-task network and its losses: shapes, gradients of every loss term, gates."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from torchrec import KeyedJaggedTensor
+
+from features.config import ModelConfig, parse_config
+from models.losses import LossWeighting, task_losses, training_loss
+from models.nets import BACKBONES, MultiTaskNet, dense_stats
+
+SPEC = parse_config(
+    {
+        "features": {
+            "sparse": [
+                {"name": "a", "table": "impressions", "column": "a", "dim": 4, "capacity": 50},
+                {"name": "b", "table": "items", "column": "b", "dim": 3, "capacity": 20},
+                {"name": "tags", "table": "users", "column": "tags", "kind": "list", "dim": 4, "capacity": 30, "pooling": "mean"},
+            ],
+            "numeric": [
+                {"name": "x1", "table": "impressions", "column": "x1"},
+                {"name": "x2", "table": "items", "column": "x2"},
+            ],
+        }
+    }
+).features
+B = 32
+
+
+def make_batch(seed: int = 0) -> tuple[torch.Tensor, KeyedJaggedTensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    tag_lengths = torch.randint(0, 4, (B,), generator=g)
+    values = torch.cat([
+        torch.randint(0, 50, (B,), generator=g),
+        torch.randint(0, 20, (B,), generator=g),
+        torch.randint(1, 30, (int(tag_lengths.sum()),), generator=g),
+    ])
+    lengths = torch.cat([torch.ones(2 * B, dtype=torch.long), tag_lengths])
+    kjt = KeyedJaggedTensor(keys=["a", "b", "tags"], values=values, lengths=lengths)
+    dense = torch.randn(B, 2, generator=g) * 3 + 1
+    click = (torch.rand(B, generator=g) < 0.5).float()
+    conversion = click * (torch.rand(B, generator=g) < 0.5).float()
+    return dense, kjt, click, conversion
+
+
+def make_model(**model_kwargs) -> MultiTaskNet:
+    torch.manual_seed(0)
+    cfg = ModelConfig(expert_dims=[16, 8], tower_dims=[4], n_experts=3, **model_kwargs)
+    return MultiTaskNet(SPEC, cfg, np.array([1.0, 1.0], np.float32), np.array([3.0, 3.0], np.float32))
+
+
+@pytest.mark.parametrize("head", ["direct", "esmm"])
+@pytest.mark.parametrize("backbone", sorted(BACKBONES))
+def test_forward_shapes_every_backbone_and_head(backbone: str, head: str) -> None:
+    model = make_model(backbone=backbone, conversion_head=head)
+    dense, kjt, click, conversion = make_batch()
+    out = model(dense, kjt)
+    for t in (out.click_logit, out.cvr_logit, out.p_click, out.p_cvr, out.p_ctcvr):
+        assert t.shape == (B,)
+        assert torch.isfinite(t).all()
+    assert ((out.p_click > 0) & (out.p_click < 1)).all()
+    torch.testing.assert_close(out.p_ctcvr, out.p_click * out.p_cvr)
+    assert out.features.shape == (B, 4 + 3 + 4 + 2)
+    assert (out.gates is not None) == (backbone == "mmoe")
+    losses = task_losses(out, click, conversion, head)
+    assert set(losses) == {"click", "conversion"} and all(torch.isfinite(v) for v in losses.values())
+
+
+def test_mmoe_gates_are_distributions_per_task() -> None:
+    model = make_model(backbone="mmoe")
+    out = model(*make_batch()[:2])
+    assert set(out.gates) == {"click", "conversion"}
+    for w in out.gates.values():
+        assert w.shape == (B, 3)
+        assert (w >= 0).all()
+        torch.testing.assert_close(w.sum(-1), torch.ones(B))
+    # the two gates are different functions of the input
+    assert not torch.allclose(out.gates["click"], out.gates["conversion"])
+
+
+def test_esmm_both_loss_terms_have_gradients() -> None:
+    model = make_model(backbone="shared_bottom", conversion_head="esmm")
+    dense, kjt, click, conversion = make_batch()
+    out = model(dense, kjt)
+    losses = task_losses(out, click, conversion, "esmm")
+    click_w, cvr_w = model.heads["click"].bias, model.heads["conversion"].bias
+    g_click = torch.autograd.grad(losses["click"], [click_w, cvr_w], retain_graph=True, allow_unused=True)
+    g_conv = torch.autograd.grad(losses["conversion"], [click_w, cvr_w], retain_graph=True)
+    assert g_click[0].abs().sum() > 0 and g_click[1] is None  # CTR loss: click head only
+    assert g_conv[0].abs().sum() > 0 and g_conv[1].abs().sum() > 0  # CTCVR loss: through pCTR and pCVR
+    total, parts = training_loss(out, click, conversion, "esmm", LossWeighting(ModelConfig()), torch.zeros(()), 0.0)
+    torch.testing.assert_close(total, losses["click"] + losses["conversion"])
+    # the total's gradient on the click head is the sum of both terms' (neither dropped)
+    (g_total,) = torch.autograd.grad(total, [click_w])
+    torch.testing.assert_close(g_total, g_click[0] + g_conv[0])
+
+
+def test_esmm_conversion_loss_is_bce_of_ctcvr_on_all_rows() -> None:
+    model = make_model(conversion_head="esmm")
+    dense, kjt, click, conversion = make_batch()
+    out = model(dense, kjt)
+    expected = torch.nn.functional.binary_cross_entropy(out.p_ctcvr, conversion)
+    torch.testing.assert_close(task_losses(out, click, conversion, "esmm")["conversion"], expected)
+
+
+def test_direct_conversion_loss_uses_clicked_rows_only() -> None:
+    model = make_model(conversion_head="direct")
+    dense, kjt, click, conversion = make_batch()
+    out = model(dense, kjt)
+    loss = task_losses(out, click, conversion, "direct")["conversion"]
+    clicked = click > 0
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(out.cvr_logit[clicked], conversion[clicked])
+    torch.testing.assert_close(loss, expected)
+    # no clicks in the batch: zero loss, not NaN
+    zero = task_losses(out, torch.zeros(B), torch.zeros(B), "direct")["conversion"]
+    assert zero.item() == 0.0
+
+
+def test_uncertainty_weighting_parameters_get_gradients() -> None:
+    weighting = LossWeighting(ModelConfig(loss_weighting="uncertainty"))
+    losses = {"click": torch.tensor(0.7), "conversion": torch.tensor(0.1)}
+    total = weighting(losses)
+    torch.testing.assert_close(total, torch.tensor(0.8))  # s = 0 at start: plain sum
+    total.backward()
+    # d/ds (exp(-s) L + s) = 1 - L at s = 0
+    torch.testing.assert_close(weighting.log_vars.grad, torch.tensor([0.3, 0.9]))
+    assert LossWeighting(ModelConfig()).log_vars is None
+
+
+def test_fixed_weights_from_config() -> None:
+    weighting = LossWeighting(ModelConfig(click_loss_weight=2.0, conversion_loss_weight=0.5))
+    torch.testing.assert_close(weighting({"click": torch.tensor(1.0), "conversion": torch.tensor(4.0)}), torch.tensor(4.0))
+
+
+def test_soft_sharing_penalty_pulls_task_networks_together() -> None:
+    model = make_model(backbone="soft_sharing")
+    before = model.backbone.penalty()
+    assert before.item() > 0
+    opt = torch.optim.SGD(model.backbone.parameters(), lr=0.1)
+    for _ in range(5):
+        opt.zero_grad()
+        model.backbone.penalty().backward()
+        opt.step()
+    assert model.backbone.penalty().item() < 0.5 * before.item()
+    # and it enters the training loss with its strength
+    dense, kjt, click, conversion = make_batch()
+    out = model(dense, kjt)
+    w = LossWeighting(ModelConfig())
+    with_pen, _ = training_loss(out, click, conversion, "esmm", w, model.backbone.penalty(), 0.5)
+    without, _ = training_loss(out, click, conversion, "esmm", w, model.backbone.penalty(), 0.0)
+    torch.testing.assert_close(with_pen - without, 0.5 * model.backbone.penalty())
+    assert make_model(backbone="mmoe").backbone.penalty().item() == 0.0
+
+
+def test_shared_parameters_per_backbone() -> None:
+    assert make_model(backbone="single_task").backbone.shared_parameters() == []
+    assert make_model(backbone="soft_sharing").backbone.shared_parameters() == []
+    assert len(make_model(backbone="shared_bottom").backbone.shared_parameters()) == 4
+    assert len(make_model(backbone="mmoe").backbone.shared_parameters()) == 3 * 4
+
+
+def test_dense_stats_and_normalizer(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    x1 = rng.normal(5, 2, 1000).astype(np.float32)
+    x2 = np.full(1000, 7.0, np.float32)  # constant: std 1, not 0
+    for i, part in enumerate((slice(0, 400), slice(400, 1000))):
+        pq.write_table(pa.table({"x1": x1[part], "x2": x2[part]}), tmp_path / f"part-{i}.parquet")
+    mean, std = dense_stats(sorted(tmp_path.glob("*.parquet")), ["x1", "x2"])
+    np.testing.assert_allclose(mean, [x1.mean(), 7.0], rtol=1e-5)
+    np.testing.assert_allclose(std, [x1.std(), 1.0], rtol=1e-4)
+    model = MultiTaskNet(SPEC, ModelConfig(), mean, std)
+    z = model.normalizer(torch.from_numpy(np.column_stack([x1, x2])))
+    assert abs(z[:, 0].mean().item()) < 1e-4 and abs(z[:, 0].std().item() - 1) < 1e-2
+    assert z[:, 1].abs().max().item() == 0.0
+    assert set(model.state_dict()) >= {"normalizer.mean", "normalizer.std"}

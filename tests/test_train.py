@@ -1,0 +1,160 @@
+"""The training stage end to end on small learnable tables: learning, resume after a
+kill, reproducibility, and what lands in MLflow."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from benchmarks.bench_train import write_synthetic_day
+from features.config import FunnelConfig, parse_config
+from features.errors import StageError
+from features.examples import training_dir
+from models.metrics import auc
+from models.tracking import tracking_uri
+from models.train import train_model, training_window
+
+RUN_DATE = dt.date(2026, 11, 10)
+ROWS_PER_DAY = 4000
+
+
+def make_cfg(tmp_path, model: dict | None = None, train: dict | None = None) -> FunnelConfig:
+    return parse_config({
+        "seed": 3,
+        "warehouse": str(tmp_path / "warehouse"),
+        "state_dir": str(tmp_path / "state"),
+        "features": {
+            "sparse": [
+                {"name": "item", "table": "items", "column": "item", "dim": 8, "capacity": 300},
+                {"name": "shop", "table": "items", "column": "shop", "dim": 4, "capacity": 50},
+                {"name": "tags", "table": "users", "column": "tags", "kind": "list", "dim": 4, "capacity": 60, "pooling": "mean"},
+            ],
+            "numeric": [{"name": "x1", "table": "impressions", "column": "x1"},
+                        {"name": "x2", "table": "impressions", "column": "x2"}],
+        },
+        "model": {"expert_dims": [32, 16], "tower_dims": [8], "n_experts": 3, **(model or {})},
+        "train": {"window_days": 3, "epochs": 2, "batch_size": 256, "dense_lr": 0.005, "sparse_lr": 0.1,
+                  "patience": 5, "shuffle_buffer_rows": 2000, "threads": 2, "log_every_steps": 5, **(train or {})},
+    })
+
+
+@pytest.fixture(scope="module")
+def warehouse(tmp_path_factory):
+    """Three mature days of a learnable table, each with an examples-style manifest."""
+    root = tmp_path_factory.mktemp("wh")
+    cfg = make_cfg(root)
+    train_days, val_day = training_window(cfg, RUN_DATE)
+    for i, day in enumerate([*train_days, val_day]):
+        folder = training_dir(root / "warehouse", day)
+        write_synthetic_day(cfg.features, folder, ROWS_PER_DAY, seed=i, row_group_rows=1000)
+        (folder / "manifest.json").write_text(json.dumps({"content_sha256": f"hash{i}", "vocab_versions": {"item": i + 1}}))
+    return root / "warehouse"
+
+
+def same(a: object, b: object) -> bool:
+    """Exact equality that treats NaN as equal to NaN (metrics of absent classes)."""
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def final_weights(result) -> dict[str, torch.Tensor]:
+    return result.model.state_dict()
+
+
+def test_training_beats_constant_predictor_and_logs_to_mlflow(tmp_path, warehouse) -> None:
+    cfg = make_cfg(tmp_path)
+    result = train_model(cfg, warehouse, RUN_DATE, progress=False)
+    assert result.epochs_run == 2 and len(result.history) == 2
+    # a constant predictor has AUC 0.5; the labels depend on item, tags and x1
+    assert result.val_metrics["click_auc"] > 0.62, result.val_metrics
+    assert result.val_metrics["ctcvr_auc"] > 0.6, result.val_metrics
+    assert -1.0 <= result.history[-1]["train/grad_cosine"] <= 1.0
+    assert sum(result.history[-1][f"val/gate_click_expert{e}"] for e in range(3)) == pytest.approx(1.0, abs=1e-5)
+
+    client = MlflowClient(tracking_uri(cfg.state_dir))
+    assert tracking_uri(cfg.state_dir).startswith("sqlite:///")
+    run = client.get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.backbone"] == "mmoe"
+    assert run.data.params["train.batch_size"] == "256"
+    assert run.data.tags["val_day"] == "2026-11-08" and run.data.tags["data.2026-11-06.sha256"] == "hash0"
+    for name in ("val/click_auc", "val/cvr_auc", "val/ctcvr_logloss", "train/loss_click", "train/loss_conversion",
+                 "train/grad_cosine", "train/step_loss_total", "best/click_auc"):
+        assert name in run.data.metrics, name
+    assert len(client.get_metric_history(run.info.run_id, "val/click_auc")) == 2
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    artifacts |= {a.path for folder in ("plots", "checkpoint") for a in client.list_artifacts(run.info.run_id, folder)}
+    assert {"config.toml", "vocab_versions.json", "plots/loss_curves.png", "plots/roc.png", "plots/reliability.png",
+            "plots/gate_usage.png", "checkpoint/best.pt"} <= artifacts
+    assert (cfg.state_dir / "mlartifacts").is_dir()
+
+    # the returned plain model scores like the validation metrics say
+    import numpy as np
+    from models.loader import TrainingTableLoader
+    from models.train import predict
+    val = TrainingTableLoader([training_dir(warehouse, dt.date(2026, 11, 8)) / "part-0.parquet"], cfg.features.sparse,
+                              cfg.features.dense_names(), 512, shuffle=False, seed=0)
+    pred = predict(result.model, val, torch.device("cpu"))
+    assert auc(pred["click"], pred["p_click"]) == pytest.approx(result.val_metrics["click_auc"], abs=1e-6)
+    assert np.isfinite(pred["p_ctcvr"]).all()
+
+
+def test_resume_after_kill_matches_uninterrupted_run_and_reruns_reproduce(tmp_path, warehouse) -> None:
+    whole = train_model(make_cfg(tmp_path / "a"), warehouse, RUN_DATE, progress=False)
+
+    cfg_b = make_cfg(tmp_path / "b")
+    killed = train_model(cfg_b, warehouse, RUN_DATE, max_epochs=1, progress=False)
+    assert killed.epochs_run == 1
+    run = MlflowClient(tracking_uri(cfg_b.state_dir)).get_run(killed.mlflow_run_id)
+    assert run.info.status == "KILLED"
+    resumed = train_model(cfg_b, warehouse, RUN_DATE, progress=False)
+    assert resumed.epochs_run == 2 and resumed.mlflow_run_id == killed.mlflow_run_id
+    assert MlflowClient(tracking_uri(cfg_b.state_dir)).get_run(resumed.mlflow_run_id).info.status == "FINISHED"
+
+    again = train_model(make_cfg(tmp_path / "c"), warehouse, RUN_DATE, progress=False)
+    for other in (resumed, again):
+        a, b = final_weights(whole), final_weights(other)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+        assert same(other.val_metrics, whole.val_metrics)
+        drop = {"train/samples_per_s"}
+        assert same([{k: v for k, v in h.items() if k not in drop} for h in other.history],
+                    [{k: v for k, v in h.items() if k not in drop} for h in whole.history])
+
+    # a finished run is not trained again
+    rerun = train_model(cfg_b, warehouse, RUN_DATE, progress=False)
+    assert rerun.epochs_run == 2 and torch.equal(final_weights(rerun)["heads.click.weight"], final_weights(whole)["heads.click.weight"])
+
+
+@pytest.mark.parametrize(("backbone", "head", "weighting"), [
+    ("single_task", "direct", "uncertainty"),
+    ("soft_sharing", "esmm", "fixed"),
+    ("shared_bottom", "direct", "fixed"),
+])
+def test_other_backbones_heads_and_weightings_train(tmp_path, warehouse, backbone, head, weighting) -> None:
+    cfg = make_cfg(tmp_path, model={"backbone": backbone, "conversion_head": head, "loss_weighting": weighting},
+                   train={"epochs": 1})
+    result = train_model(cfg, warehouse, RUN_DATE, progress=False)
+    h = result.history[0]
+    assert result.val_metrics["click_auc"] > 0.55, result.val_metrics
+    learned = h["train/task_weight_click"] != 1.0 and h["train/task_weight_conversion"] != 1.0
+    assert learned == (weighting == "uncertainty")
+    assert -1.0 <= h["train/grad_cosine"] <= 1.0
+    assert (h["train/loss_penalty"] > 0) == (backbone == "soft_sharing")
+    assert "val/gate_click_expert0" not in h
+
+
+def test_missing_training_day_names_the_folder(tmp_path, warehouse) -> None:
+    cfg = make_cfg(tmp_path, train={"window_days": 5})
+    with pytest.raises(StageError, match="training/date=2026-11-04"):
+        train_model(cfg, warehouse, RUN_DATE, progress=False)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="adam is supported on CUDA")
+def test_fused_adam_on_cpu_is_refused_with_the_key(tmp_path, warehouse) -> None:
+    with pytest.raises(StageError, match="train.sparse_optimizer"):
+        train_model(make_cfg(tmp_path, train={"sparse_optimizer": "adam"}), warehouse, RUN_DATE, progress=False)
