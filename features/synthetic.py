@@ -349,8 +349,12 @@ def _logits_without_intercept(
     logits += np.asarray(DEVICE_EFFECT).T[device]
     logits += np.asarray(PRICE_SENSITIVITY).T[age] * price_z[:, None]
     logits += world.item_effect[item] + world.user_propensity[user]
-    logits += rng.standard_normal((n, 2)) * world.noise_std
     return logits
+
+
+def _noisy(logits: np.ndarray, world: World, rng: np.random.Generator) -> np.ndarray:
+    """Add the per-impression noise that no model can see (it decides the labels)."""
+    return logits + rng.standard_normal(logits.shape) * world.noise_std
 
 
 def _bisect_intercept(rate_at: Callable[[float], float], target: float) -> float:
@@ -365,7 +369,7 @@ def _bisect_intercept(rate_at: Callable[[float], float], target: float) -> float
 def _calibrate(world: World, g: GenerateConfig, seed: int) -> np.ndarray:
     """Intercepts hitting the target CTR and conversion-after-click rate on a seeded sample."""
     rng = _stream(seed, CALIBRATION_STREAM)
-    z = _logits_without_intercept(world, rng, *_draw_impressions(world, rng, CALIBRATION_SAMPLE))
+    z = _noisy(_logits_without_intercept(world, rng, *_draw_impressions(world, rng, CALIBRATION_SAMPLE)), world, rng)
     b_click = _bisect_intercept(lambda b: _sigmoid(b + z[:, 0]).mean(), g.target_ctr)
     p_click = _sigmoid(b_click + z[:, 0])
     b_conversion = _bisect_intercept(lambda b: np.average(_sigmoid(b + z[:, 1]), weights=p_click), g.target_cvr)
@@ -397,7 +401,16 @@ IMPRESSIONS_SCHEMA = pa.schema([
     ("impression_id", pa.string()), ("ts", TS), ("user_id", pa.string()), ("item_id", pa.string()),
     ("device", pa.string()), ("slot", pa.int64()),
 ])  # fmt: skip
-TRUTH_SCHEMA = pa.schema([("impression_id", pa.string()), ("p_click", pa.float64()), ("p_conversion_given_click", pa.float64())])
+# p_*: the probabilities the labels were drawn with (they include the unobservable
+# noise). *_logit_observable: the same logits without that noise, i.e. what a perfect
+# model that sees every feature can rank by; use them for the oracle AUC.
+TRUTH_SCHEMA = pa.schema([
+    ("impression_id", pa.string()),
+    ("p_click", pa.float64()),
+    ("p_conversion_given_click", pa.float64()),
+    ("click_logit_observable", pa.float64()),
+    ("conversion_logit_observable", pa.float64()),
+])
 CLICKS_SCHEMA = pa.schema([("impression_id", pa.string()), ("ts", TS)])
 CONVERSIONS_SCHEMA = pa.schema([("impression_id", pa.string()), ("ts", TS), ("value", pa.float64())])
 
@@ -507,7 +520,8 @@ def _generate_chunk(
     n = len(ts)
     rows = np.arange(first_row, first_row + n, dtype=np.int64)
     user, item, device, slot = _draw_impressions(world, rng, n)
-    p = _sigmoid(_logits_without_intercept(world, rng, user, item, device, slot) + world.intercepts)
+    observable = _logits_without_intercept(world, rng, user, item, device, slot) + world.intercepts
+    p = _sigmoid(_noisy(observable, world, rng))
 
     clicked = np.flatnonzero(rng.random(n) < p[:, 0])
     click_ts = ts[clicked] + _truncated_exponential_us(
@@ -530,7 +544,13 @@ def _generate_chunk(
         "device": names.devices.take(pa.array(device)),
         "slot": pa.array(slot, pa.int64()),
     }, schema=IMPRESSIONS_SCHEMA)  # fmt: skip
-    truth = pa.table({"impression_id": ids, "p_click": p[:, 0], "p_conversion_given_click": p[:, 1]}, schema=TRUTH_SCHEMA)
+    truth = pa.table({
+        "impression_id": ids,
+        "p_click": p[:, 0],
+        "p_conversion_given_click": p[:, 1],
+        "click_logit_observable": observable[:, 0],
+        "conversion_logit_observable": observable[:, 1],
+    }, schema=TRUTH_SCHEMA)  # fmt: skip
     clicks = _Events(day_index, rows[clicked], click_ts)
     conversions = _Events(day_index, rows[clicked[converted]], conversion_ts, value)
     late = int((conversion_ts // US_PER_DAY > click_ts[converted] // US_PER_DAY).sum())

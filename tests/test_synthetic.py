@@ -93,7 +93,9 @@ def test_tables_follow_the_contract(generated) -> None:
     truth = pl.concat([read(truth_dir(warehouse, START + dt.timedelta(days=d))) for d in range(cfg.generate.days)])
     assert not any("truth" in p.as_posix() for p in (warehouse / "raw").rglob("*"))
     assert not any("p_click" in pq.read_schema(p).names for p in (warehouse / "raw").rglob("*.parquet"))
-    assert truth.columns == ["impression_id", "p_click", "p_conversion_given_click"]
+    assert truth.columns == [
+        "impression_id", "p_click", "p_conversion_given_click", "click_logit_observable", "conversion_logit_observable",
+    ]
     assert truth["impression_id"].sort().equals(impressions["impression_id"].sort())
     assert truth["p_click"].is_between(0.0, 1.0, closed="none").all()
 
@@ -153,6 +155,10 @@ def test_oracle_auc_is_informative_but_not_perfect(generated) -> None:
     joined = impressions.join(truth, on="impression_id").with_columns(click=pl.col("impression_id").is_in(clicked))
     auc = rank_auc(joined["click"].to_numpy(), joined["p_click"].to_numpy())
     assert 0.65 < auc < 0.95
+    # Without the unobservable noise the ranking is worse than with it, but still informative:
+    # that is the ceiling for a model that sees every feature.
+    observable = rank_auc(joined["click"].to_numpy(), joined["click_logit_observable"].to_numpy())
+    assert 0.6 < observable < auc
 
 
 def test_task_correlation_knob_moves_the_logits_correlation(tmp_path: Path) -> None:
