@@ -84,7 +84,8 @@ class SparseFeature(_Section):
     table: Literal["impressions", "users", "items"]
     column: str
     kind: Literal["id", "list"] = "id"
-    dim: int = Field(16, ge=1)
+    # FBGEMM's table-batched kernels need embedding dims in multiples of 4.
+    dim: int = Field(16, ge=4, multiple_of=4)
     capacity: int = Field(100_000, ge=1, description="max in-vocabulary ids (excl. padding and OOV)")
     min_count: int = Field(1, ge=1, description="ids seen fewer times go to OOV buckets")
     oov_buckets: int = Field(8, ge=1)

@@ -34,6 +34,7 @@ def test_demo_config_loads():
         (lambda d: d["features"]["sparse"][2].update(dim="16"), "features.sparse[2].dim: Input should be a valid integer"),
         (lambda d: d["features"]["sparse"][0].pop("column"), "features.sparse[0].column: required value missing"),
         (lambda d: d["validate"].update(max_bad_row_share=2), "validate.max_bad_row_share"),
+        (lambda d: d["features"]["sparse"][3].update(dim=6), "features.sparse[3].dim: Input should be a multiple of 4"),
         (lambda d: d["features"]["sparse"][1].update(table="orders"), "features.sparse[1].table"),
         (lambda d: d["features"].update(windows_days=[7, 1]), "features.windows_days"),
         (lambda d: d["features"]["sparse"][1].update(name="user_id"), "repeated: user_id"),
