@@ -128,9 +128,12 @@ def _stage_features(cfg: FunnelConfig, warehouse: Path, days: list[dt.date], out
     from features.aggregates import build_daily_aggregates
 
     started = time.perf_counter()
+    phases: dict[str, float] = {}
     for day in days:
-        build_daily_aggregates(cfg, warehouse, day)
-    out.put((time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, None))
+        for phase, secs in build_daily_aggregates(cfg, warehouse, day)["timings_s"].items():
+            phases[phase] = phases.get(phase, 0.0) + secs
+    seconds = time.perf_counter() - started
+    out.put((seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, {k: round(v, 2) for k, v in phases.items()}))
 
 
 def _stage_examples(cfg: FunnelConfig, warehouse: Path, run_date: dt.date, out: mp.Queue) -> None:
@@ -170,9 +173,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {args.history_days + 1} days x {args.impressions:,} impressions in {time.perf_counter() - t:.1f} s")
 
         history = [START + dt.timedelta(days=d) for d in range(args.history_days)]
-        secs, rss, _ = _in_child(_stage_features, cfg, warehouse, history)
+        secs, rss, phases = _in_child(_stage_features, cfg, warehouse, history)
         n_hist = args.impressions * len(history)
         print(f"features: {n_hist:,} impressions ({len(history)} days) in {secs:.2f} s = {n_hist / secs:,.0f} impressions/s, peak RSS {rss:,.0f} MiB")
+        print(f"features phases over all days (s): {phases}")
 
         secs, rss, timings = _in_child(_stage_examples, cfg, warehouse, day_l + dt.timedelta(days=lag))
         print(f"examples: {args.impressions:,} impressions in {secs:.2f} s = {args.impressions / secs:,.0f} impressions/s, peak RSS {rss:,.0f} MiB")

@@ -39,7 +39,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from features.aggregates import attach_rolling_features, daily_dir, rolling_defaults, rolling_features
+from features.aggregates import attach_rolling_features, daily_dir, rolled_features
 from features.config import FunnelConfig, SparseFeature
 from features.contract import SNAPSHOT_TABLES, day_str, report_path, scan_validated, validated_dir
 from features.errors import DataContractError, StageError
@@ -137,8 +137,11 @@ def joined_rows(cfg: FunnelConfig, warehouse: Path, day: dt.date) -> pl.LazyFram
         extra = [c for c in wanted[table] if c != on]
         if extra:
             rows = rows.join(frames[table].select(on, *extra), on=on, how="left", maintain_order="left")
+    # Collected once: it feeds both the key filter of the rolled features and the table.
+    rows = rows.collect().lazy()
+    rolled, defaults = rolled_features(cfg, warehouse, day, only_keys=rows)
     rows = rows.join(build_labels(cfg, warehouse, day), on="impression_id", how="left", maintain_order="left")
-    return attach_rolling_features(rows, cfg, rolling_features(cfg, warehouse, day), rolling_defaults(cfg, warehouse, day))
+    return attach_rolling_features(rows, cfg, rolled, defaults)
 
 
 def _numeric_expr(column: str, transform: str) -> pl.Expr:

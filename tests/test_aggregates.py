@@ -15,7 +15,9 @@ from test_labels import CFG, ROOT, at, impression, write_validated_days
 from features.aggregates import (
     attach_rolling_features,
     build_daily_aggregates,
+    counters_by_key,
     daily_dir,
+    rolled_features,
     rolling_defaults,
     rolling_features,
 )
@@ -229,3 +231,40 @@ def test_features_cli_writes_partitions(tmp_path, capsys):
     for key in CFG.features.aggregate_keys:
         assert (daily_dir(tmp_path, key.name, D1) / "part-0.parquet").is_file()
     assert main([*argv[:-1], "2026-12-01"]) == 4  # no validated data for that day
+
+
+@pytest.mark.parametrize("columns", [["user_id"], ["user_id", "category_id"], ["slot"], ["category_id", "slot"]])
+def test_counters_by_key_equal_group_by_then_sort(columns):
+    # The rank-based fast path against the straightforward definition, with null keys,
+    # integer keys and wide key ranges (both of its renumbering branches).
+    rng = np.random.default_rng(7)
+    n = 20_000
+    events = pl.DataFrame({
+        "user_id": [f"u{x}" for x in rng.integers(0, 3_000, n)],
+        "category_id": pl.Series([None if x == 0 else f"c{x}" for x in rng.integers(0, 9, n)], dtype=pl.String),
+        "slot": rng.integers(-5, 10**9, n) // 10**6,
+        "imps": rng.integers(0, 2, n), "clicks": rng.integers(0, 2, n), "convs": rng.integers(0, 2, n),
+        "conv_value": rng.random(n),
+    })  # fmt: skip
+    expected = (
+        events.group_by(columns)
+        .agg(pl.col("imps", "clicks", "convs").sum(), pl.col("conv_value").sum())
+        .sort(columns, nulls_last=True)
+    )
+    got = counters_by_key(events, columns)
+    assert got.schema == expected.schema
+    assert got.drop("conv_value").equals(expected.drop("conv_value"))
+    assert np.allclose(got["conv_value"].to_numpy(), expected["conv_value"].to_numpy(), rtol=1e-12)
+    assert counters_by_key(events.head(0), columns).height == 0
+
+
+def test_rolled_features_for_some_keys_equal_the_full_features(tmp_path):
+    build_world(tmp_path, *base_events())
+    some_keys = pl.LazyFrame({"user_id": ["u1", "u9"], "item_id": ["i2", "i1"], "category_id": ["cat-i2", "cat-i1"]})
+    frames, defaults = rolled_features(CFG, tmp_path, X, only_keys=some_keys)
+    assert defaults == rolling_defaults(CFG, tmp_path, X)
+    full = rolling_features(CFG, tmp_path, X)
+    for key in CFG.features.aggregate_keys:
+        expected = full[key.name].join(some_keys.select(key.columns), on=key.columns, how="semi").sort(key.columns)
+        got = frames[key.name].sort(key.columns).collect()
+        assert got.height > 0 and got.equals(expected.collect()), key.name
