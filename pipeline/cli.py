@@ -53,6 +53,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_adapt_aliccp(args: argparse.Namespace) -> int:
+    overrides = {"generate": {"start_date": args.start_date}} if args.start_date else None
+    cfg, warehouse = _load(args, overrides)
+    from features.adapters import aliccp_sample_days, aliccp_to_raw, describe_aliccp_summary
+
+    days = aliccp_sample_days(args.data_dir, cfg.generate.start_date)
+    print(describe_aliccp_summary(aliccp_to_raw(days, warehouse, cfg.contract, cfg.seed)))
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     cfg, warehouse = _load(args)
     from features.validate import validate_day
@@ -97,6 +107,30 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    from serving.bundle import BundleError, load_bundle
+    from serving.scorer import Scorer, score_parquet
+
+    try:
+        scorer = Scorer(load_bundle(args.bundle), intra_op_threads=args.threads)
+        rows = score_parquet(scorer, args.input, args.output)
+    except (BundleError, ValueError, OSError) as err:
+        raise StageError(str(err)) from None
+    print(f"scored {rows:,} rows with bundle {scorer.version} -> {args.output}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from serving.bundle import BundleError
+    from serving.http import serve
+
+    try:
+        return serve(args.bundle, host=args.host, port=args.port, threads=args.threads,
+                     max_candidates=args.max_candidates, max_body_bytes=args.max_body_bytes)
+    except BundleError as err:
+        raise StageError(str(err)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="funnelrank",
@@ -121,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start-date", type=_date, help="first day, YYYY-MM-DD")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    p = add("adapt-aliccp", cmd_adapt_aliccp, "Write the Ali-CCP train/val/test samples as raw logs (contract v1) on three consecutive days from generate.start_date.")
+    p.add_argument("--data-dir", type=Path, default=Path("../shared/data/ali-ccp"), help="folder of the ali_ccp_*_sample.csv files (default %(default)s)")
+    p.add_argument("--start-date", type=_date, help="first day, YYYY-MM-DD (default: the config's generate.start_date)")
+
     p = add("validate", cmd_validate, "Check a day's raw partitions against the contract; quarantine bad rows.")
     p.add_argument("--date", type=_date, required=True, help="the day to validate, YYYY-MM-DD")
 
@@ -133,6 +171,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("train", cmd_train, "Train the multi-task model on the window of mature days (resumes a killed run); log it to MLflow.")
     p.add_argument("--date", type=_date, required=True, help="the nightly run date, YYYY-MM-DD")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = add("score", cmd_score, "Batch-score a Parquet file of (user_id, item_id, context) rows with an exported bundle (no torch needed).")
+    p.add_argument("--bundle", type=Path, required=True, help="exported bundle folder")
+    p.add_argument("--input", type=Path, required=True, help="Parquet file with user_id, item_id and context columns")
+    p.add_argument("--output", type=Path, required=True, help="Parquet file to write (atomically): input + p_click, p_conversion, score")
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default %(default)s)")
+
+    p = add("serve", cmd_serve, "Serve an exported bundle over HTTP: POST /v1/rank, GET /healthz /readyz /metrics; SIGHUP reloads.")
+    p.add_argument("--bundle", type=Path, required=True, help="exported bundle folder (reloaded from the same path)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default %(default)s: loopback only)")
+    p.add_argument("--port", type=int, default=8080, help="port (default %(default)s; 0 picks a free one)")
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads per request (default %(default)s)")
+    p.add_argument("--max-candidates", type=int, default=None, help="candidates per request at most (default: the bundle's scoring.max_candidates)")
+    p.add_argument("--max-body-bytes", type=int, default=None, help="request body limit (default: the bundle's scoring.max_body_bytes)")
 
     return parser
 

@@ -119,3 +119,74 @@ def encode_list_ids(values: pa.Array | pa.ChunkedArray, keys: pa.Array, indices:
     offsets = np.concatenate([np.zeros(1, np.int64), np.cumsum(lengths)])
     flat = encode_ids(values.flatten(), keys, indices, capacity, oov_buckets)
     return pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), pa.array(flat, pa.int64()))
+
+
+def join_key_columns(columns: list[pa.Array | pa.ChunkedArray]) -> pa.LargeStringArray:
+    """One string key per row of several key columns (an aggregate key like user x category):
+    their texts joined by the unit separator; null when any part is null."""
+    parts = [as_strings(c) for c in columns]
+    if len(parts) == 1:
+        return parts[0]
+    return pc.binary_join_element_wise(*parts, pa.scalar("\x1f", pa.large_string()))
+
+
+def pad_jagged(lengths: np.ndarray, values: np.ndarray, pad: int = -1) -> np.ndarray:
+    """A jagged int64 column (lengths, flat values) as a [rows, max(1, longest)] matrix
+    filled with ``pad`` after each row's values (the ONNX model's list-feature input)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    width = max(1, int(lengths.max()) if len(lengths) else 1)
+    out = np.full((len(lengths), width), pad, dtype=np.int64)
+    starts = np.concatenate([np.zeros(1, np.int64), np.cumsum(lengths)[:-1]])
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    cols = np.arange(len(values), dtype=np.int64) - np.repeat(starts, lengths)
+    out[rows, cols] = values
+    return out
+
+
+class KeyIndex:
+    """A reusable hash index over string keys: ``positions(values)`` finds each value's
+    row among ``keys`` (-1 when absent), vectorised, without rebuilding a hash table per
+    call (``pc.index_in`` would hash the whole key set on every request).
+
+    Sorted stable_hash values are searched, then the keys are compared, so a hash
+    collision can never return a wrong row. Keys whose hashes collide (practically never
+    with 64 bits) make it fall back to ``pc.index_in``.
+    """
+
+    def __init__(self, keys: pa.Array | pa.ChunkedArray) -> None:
+        self.keys = as_strings(keys)
+        hashes = stable_hash(self.keys)
+        self._order = np.argsort(hashes, kind="stable")
+        self._sorted = hashes[self._order]
+        self._collisions = bool(len(self._sorted) > 1 and (np.diff(self._sorted) == 0).any())
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def positions(self, values: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        vals = as_strings(values)
+        if self._collisions or len(self.keys) == 0:
+            found = pc.index_in(vals, value_set=self.keys)
+            return pc.fill_null(found, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+        at = np.minimum(np.searchsorted(self._sorted, stable_hash(vals)), len(self._sorted) - 1)
+        rows = self._order[at]
+        same = pc.equal(self.keys.take(pa.array(rows)), vals)
+        hit = pc.fill_null(same, False).to_numpy(zero_copy_only=False)
+        return np.where(hit, rows, -1).astype(np.int64)
+
+
+def vocab_encoder(keys: pa.Array, indices: np.ndarray, capacity: int, oov_buckets: int):
+    """``encode_ids`` with the key set indexed once: a function values -> embedding rows."""
+    index = KeyIndex(keys)
+    rows = np.asarray(indices, dtype=np.int64)
+
+    def encode(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        vals = as_strings(values)
+        pos = index.positions(vals)
+        out = np.where(pos >= 0, rows[np.maximum(pos, 0)] if len(rows) else 0, 0).astype(np.int64)
+        unknown = (pos < 0) & vals.is_valid().to_numpy(zero_copy_only=False)
+        if unknown.any():
+            out[unknown] = oov_index(stable_hash(vals.filter(pa.array(unknown))), capacity, oov_buckets)
+        return out
+
+    return encode

@@ -18,7 +18,7 @@ SPEC = parse_config(
         "features": {
             "sparse": [
                 {"name": "a", "table": "impressions", "column": "a", "dim": 4, "capacity": 50},
-                {"name": "b", "table": "items", "column": "b", "dim": 3, "capacity": 20},
+                {"name": "b", "table": "items", "column": "b", "dim": 8, "capacity": 20},
                 {"name": "tags", "table": "users", "column": "tags", "kind": "list", "dim": 4, "capacity": 30, "pooling": "mean"},
             ],
             "numeric": [
@@ -64,7 +64,7 @@ def test_forward_shapes_every_backbone_and_head(backbone: str, head: str) -> Non
         assert torch.isfinite(t).all()
     assert ((out.p_click > 0) & (out.p_click < 1)).all()
     torch.testing.assert_close(out.p_ctcvr, out.p_click * out.p_cvr)
-    assert out.features.shape == (B, 4 + 3 + 4 + 2)
+    assert out.features.shape == (B, 4 + 8 + 4 + 2)
     assert (out.gates is not None) == (backbone == "mmoe")
     losses = task_losses(out, click, conversion, head)
     assert set(losses) == {"click", "conversion"} and all(torch.isfinite(v) for v in losses.values())

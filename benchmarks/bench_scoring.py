@@ -1,0 +1,209 @@
+"""Scoring speed of the exported bundle, beside PyTorch eager on the same model and features.
+
+    .venv/bin/python benchmarks/bench_scoring.py [--requests 2000] [--http-requests 10000]
+
+Builds a small synthetic warehouse (demo spec and model sizes, 4 days) in a temporary
+folder, a demo-sized MMoE with random weights, and its bundle; then measures
+1. in-process: 1 user x 200 candidates per request (features + model), p50/p99;
+   targets p99 <= 3 ms;
+2. batch: rows/s through ``Scorer.score_table`` (target >= 300,000 rows/s);
+3. HTTP: ``funnelrank serve`` in one process, a load generator in another (loopback),
+   20 concurrent keep-alive clients, p50/p99 and errors (target p99 <= 20 ms, 0 errors).
+PyTorch eager gets the scorer's feature arrays (so only the model differs) for 1 and 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _percentiles(ms: list[float]) -> str:
+    a = np.asarray(ms)
+    return f"p50 {np.percentile(a, 50):.3f} ms, p99 {np.percentile(a, 99):.3f} ms"
+
+
+def http_client(port: int, requests: int, clients: int, payload_file: str) -> None:
+    """The load generator (runs in its own process): prints a JSON summary."""
+    payloads = json.loads(Path(payload_file).read_text())
+    latencies: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+    per_client = requests // clients
+
+    def run(k: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        mine = []
+        for i in range(per_client):
+            body = payloads[(k * per_client + i) % len(payloads)].encode()
+            t = time.perf_counter()
+            try:
+                conn.request("POST", "/v1/rank", body=body, headers={"Content-Type": "application/json"})
+                response = conn.getresponse()
+                response.read()
+                ok = response.status == 200
+            except OSError:
+                ok = False
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            mine.append((time.perf_counter() - t) * 1000)
+            if not ok:
+                with lock:
+                    errors[0] += 1
+        with lock:
+            latencies.extend(mine)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    print(json.dumps({"requests": len(latencies), "errors": errors[0], "wall_s": wall,
+                      "p50_ms": float(np.percentile(latencies, 50)), "p99_ms": float(np.percentile(latencies, 99))}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--candidates", type=int, default=200)
+    parser.add_argument("--http-requests", type=int, default=10_000)
+    parser.add_argument("--http-clients", type=int, default=20)
+    parser.add_argument("--http-client", nargs=2, metavar=("PORT", "PAYLOADS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.http_client:
+        http_client(int(args.http_client[0]), args.http_requests, args.http_clients, args.http_client[1])
+        return
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+    from torchrec import KeyedJaggedTensor
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from bundle_fixture import build_warehouse, small_model
+
+    from features.config import load_config
+    from models.export import export_bundle
+    from serving.bundle import load_bundle
+    from serving.scorer import Scorer
+
+    torch.set_num_threads(1)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-scoring-"))
+    cfg = load_config(ROOT / "configs" / "demo.toml", {
+        "generate": {"days": 4, "impressions_per_day": 50_000}, "contract": {"attribution_window_hours": 1},
+    })
+    cfg = cfg.model_copy(update={"warehouse": tmp / "warehouse", "state_dir": tmp / "state"})
+    t = time.perf_counter()
+    files = build_warehouse(cfg)
+    model = small_model(cfg, files)
+    bundle_path = export_bundle(cfg, cfg.warehouse, model, tmp / "bundle", files)
+    print(f"setup (warehouse + export): {time.perf_counter() - t:.1f} s; model {cfg.model.backbone} {cfg.model.expert_dims} x{cfg.model.n_experts}")
+    scorer = Scorer(load_bundle(bundle_path), intra_op_threads=1)
+    users = pq.read_table(cfg.warehouse / "raw" / "users").column("user_id").to_pylist()
+    items = pq.read_table(cfg.warehouse / "raw" / "items").column("item_id").to_pylist()
+    rng = np.random.default_rng(0)
+
+    def request(k: int) -> dict:
+        picked = rng.choice(len(items), args.candidates, replace=False)
+        return {"user_id": users[k % len(users)], "context": {"device": "ios", "slot": int(k % 10)},
+                "candidates": [{"item_id": items[i]} for i in picked]}
+
+    def torch_score(feeds: dict[str, np.ndarray]) -> np.ndarray:
+        values, lengths = [], []
+        for f in cfg.features.sparse:
+            ids = feeds[f.name]
+            if f.kind == "list":
+                keep = ids >= 0
+                values.append(ids[keep])
+                lengths.append(keep.sum(1))
+            else:
+                values.append(ids)
+                lengths.append(np.ones(len(ids), np.int64))
+        kjt = KeyedJaggedTensor(keys=model.sparse_names, values=torch.from_numpy(np.concatenate(values)),
+                                lengths=torch.from_numpy(np.concatenate(lengths)))
+        with torch.no_grad():
+            out = model(torch.from_numpy(feeds["dense"]), kjt)
+        return (out.p_click * out.p_ctcvr).numpy()
+
+    requests = [request(k) for k in range(args.requests)]
+    for r in requests[:50]:  # warm up both
+        scorer.score(r)
+        torch_score(scorer.feeds(scorer.request_table(r)))
+    onnx_ms, torch_ms = [], []
+    for r in requests:
+        t = time.perf_counter()
+        scorer.score(r)
+        onnx_ms.append((time.perf_counter() - t) * 1000)
+        t = time.perf_counter()
+        torch_score(scorer.feeds(scorer.request_table(r)))
+        torch_ms.append((time.perf_counter() - t) * 1000)
+    print(f"in-process 1 user x {args.candidates} candidates, {len(requests)} requests, 1 thread:")
+    print(f"  onnxruntime scorer  {_percentiles(onnx_ms)}   (target p99 <= 3 ms)")
+    print(f"  PyTorch eager       {_percentiles(torch_ms)}   ratio p50 torch/onnx {np.median(torch_ms) / np.median(onnx_ms):.2f}x")
+
+    # batch: a day of impressions as the input table
+    rows = pq.read_table(cfg.warehouse / "validated" / "impressions").select(["user_id", "item_id", "device", "slot"])
+    rows = pa.concat_tables([rows] * 4)
+    scorer.score_table(rows.slice(0, 1000))
+    t = time.perf_counter()
+    scorer.score_table(rows)
+    onnx_s = time.perf_counter() - t
+    feeds = scorer.feeds(rows)
+    t = time.perf_counter()
+    scorer.feeds(rows)
+    feature_s = time.perf_counter() - t
+    t = time.perf_counter()
+    torch_score(feeds)
+    torch_s = time.perf_counter() - t + feature_s
+    print(f"batch score_table, {rows.num_rows:,} rows, 1 thread: {rows.num_rows / onnx_s:,.0f} rows/s (target >= 300,000); "
+          f"PyTorch eager on the same features {rows.num_rows / torch_s:,.0f} rows/s; ratio {torch_s / onnx_s:.2f}x")
+
+    # HTTP: server process + load-generator process
+    payloads = tmp / "payloads.json"
+    payloads.write_text(json.dumps([json.dumps(request(k)) for k in range(500)]))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--bundle", str(bundle_path), "--port", str(port)],
+                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+                conn.request("GET", "/healthz")
+                if conn.getresponse().status == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise SystemExit(f"server did not start: {server.stderr.read().decode()}")
+            time.sleep(0.05)
+        client = subprocess.run([sys.executable, __file__, "--http-requests", str(args.http_requests), "--http-clients", str(args.http_clients),
+                                 "--http-client", str(port), str(payloads)], capture_output=True, text=True, check=True)
+        result = json.loads(client.stdout.strip().splitlines()[-1])
+        print(f"HTTP loopback, {args.http_clients} concurrent clients, {result['requests']:,} requests of {args.candidates} candidates: "
+              f"p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms, {result['requests'] / result['wall_s']:,.0f} req/s, "
+              f"errors {result['errors']} (target p99 <= 20 ms, 0 errors)")
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    print(f"load average during the run: {os.getloadavg()}; cores: {os.cpu_count()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Loading an exported bundle (models/export.py writes it) with its checksums verified.
+
+``manifest.json`` lists the sha256 of every other file of the bundle. A bundle is refused
+(BundleError naming the file) when a listed file is missing or differs, or when a file
+that the manifest does not list is present: nothing unverified gets served.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+SUPPORTED_FORMAT = 1
+
+
+class BundleError(RuntimeError):
+    """A bundle that cannot be served; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Bundle:
+    path: Path
+    manifest: dict
+    spec: dict
+    sha256: str  # of manifest.json: identifies this bundle (and so every file in it)
+
+    def file(self, relative: str) -> Path:
+        return self.path / relative
+
+    @property
+    def version(self) -> str:
+        """Short id shown by /metrics and logs."""
+        return self.sha256[:12]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BundleError(f"bundle file missing: {path}") from None
+    except (OSError, ValueError) as err:
+        raise BundleError(f"bundle file {path} is unreadable: {err}") from None
+
+
+def load_bundle(path: str | Path) -> Bundle:
+    """Verify every file of the bundle at ``path`` against its manifest and return it."""
+    root = Path(path)
+    if not root.is_dir():
+        raise BundleError(f"bundle folder not found: {root}")
+    manifest_path = root / MANIFEST
+    manifest = _read_json(manifest_path)
+    if manifest.get("format") != SUPPORTED_FORMAT or not isinstance(manifest.get("files"), dict):
+        raise BundleError(f"{manifest_path}: not a format-{SUPPORTED_FORMAT} bundle manifest")
+    listed: dict[str, str] = manifest["files"]
+    present = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()} - {MANIFEST}
+    extra = sorted(present - set(listed))
+    if extra:
+        raise BundleError(f"bundle {root}: file {root / extra[0]} is not listed in {MANIFEST}")
+    for name, digest in sorted(listed.items()):
+        file = root / name
+        if not file.is_file():
+            raise BundleError(f"bundle {root}: file {file} listed in {MANIFEST} is missing")
+        if _sha256(file) != digest:
+            raise BundleError(f"bundle {root}: checksum mismatch for {file} (expected sha256 {digest})")
+    if "spec.json" not in listed or "model.onnx" not in listed:
+        raise BundleError(f"bundle {root}: {MANIFEST} lists no spec.json or model.onnx")
+    return Bundle(root, manifest, _read_json(root / "spec.json"), _sha256(manifest_path))
+
+
+def load_bundle_from_mlflow(uri: str, dst: str | Path | None = None) -> Bundle:
+    """Download a bundle logged to MLflow (e.g. ``models:/funnelrank@champion``) and load it.
+
+    The bundle is the artifact folder at ``uri`` itself, or its one sub-folder holding a
+    manifest.json. mlflow is imported here only, so serving runs without it otherwise.
+    """
+    import mlflow  # noqa: PLC0415 - optional dependency of this one function
+
+    target = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix="funnelrank-bundle-"))
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target)))
+    if (local / MANIFEST).is_file():
+        return load_bundle(local)
+    found = sorted(p.parent for p in local.rglob(MANIFEST))
+    if len(found) != 1:
+        raise BundleError(f"MLflow artifacts of {uri} hold {len(found)} bundle manifests, expected 1")
+    return load_bundle(found[0])

@@ -1,0 +1,174 @@
+"""The torch-free scorer: bundle verification, features equal to training's, predictions
+equal to PyTorch's, OOV and defaults, score == score_table, the CLI, no heavy imports."""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import torch
+from bundle_fixture import START, build_warehouse, small_model, tiny_config, users_and_items
+from import_blocker import run_blocked
+
+from features.contract import validated_dir
+from models.export import export_bundle
+from models.loader import TrainingTableLoader
+from pipeline.cli import main
+from serving.bundle import BundleError, load_bundle
+from serving.scorer import Scorer
+
+TRAIN_DAY = START + dt.timedelta(days=2)  # the newest training table (maturity lag 1)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("scorer")
+    cfg = tiny_config(tmp)
+    files = build_warehouse(cfg)
+    model = small_model(cfg, files)
+    bundle = export_bundle(cfg, cfg.warehouse, model, tmp / "bundle", files)
+    # Features as of the training day: serving must then rebuild that day's training rows.
+    as_of_train = export_bundle(cfg, cfg.warehouse, model, tmp / "bundle_train_day", files, as_of=TRAIN_DAY)
+    return cfg, model, files, bundle, as_of_train, tmp
+
+
+def _request_rows(cfg, day) -> pa.Table:
+    imps = pq.read_table(validated_dir(cfg.warehouse, "impressions", day))
+    return imps.select(["impression_id", "user_id", "item_id", "device", "slot"])
+
+
+def test_serving_rebuilds_the_training_rows_and_predictions(setup):
+    cfg, model, files, _, bundle_path, _ = setup
+    scorer = Scorer(load_bundle(bundle_path))
+    training = pq.read_table(files[0])
+    rows = _request_rows(cfg, TRAIN_DAY)
+    rows = rows.take(pc.index_in(training.column("impression_id"), rows.column("impression_id")))
+    feeds = scorer.feeds(rows)
+    for f in cfg.features.sparse:
+        if f.kind == "id":
+            np.testing.assert_array_equal(feeds[f.name], training.column(f.name).to_numpy(), err_msg=f.name)
+        else:
+            want = training.column(f.name).to_pylist()
+            got = [[int(v) for v in row if v >= 0] for row in feeds[f.name]]
+            assert got == want, f.name
+    dense = np.column_stack([training.column(n).to_numpy() for n in cfg.features.dense_names()])
+    np.testing.assert_allclose(feeds["dense"], dense, rtol=0, atol=1e-6)
+
+    # End to end: the scorer's probabilities equal the PyTorch model's on the training rows.
+    scored = scorer.score_table(rows)
+    loader = TrainingTableLoader(files, cfg.features.sparse, cfg.features.dense_names(), batch_size=100_000, shuffle=False, seed=0, prefetch=0)
+    (batch,) = list(loader)
+    with torch.no_grad():
+        out = model(batch.dense, batch.sparse)
+    np.testing.assert_allclose(scored.column("p_click").to_numpy(), out.p_click.numpy(), atol=1e-5)
+    np.testing.assert_allclose(scored.column("p_conversion").to_numpy(), out.p_ctcvr.numpy(), atol=1e-5)
+    assert scored.column("p_click").to_numpy().std() > 1e-3
+
+
+def test_unknown_user_and_item_get_oov_ids_and_default_features(setup):
+    cfg, _, _, bundle_path, _, _ = setup
+    scorer = Scorer(load_bundle(bundle_path))
+    spec = {f.name: f for f in cfg.features.sparse}
+    _, items = users_and_items(cfg)
+    rows = pa.table({"user_id": ["nobody-1", "nobody-1"], "item_id": ["no-such-item", items[0]]})
+    feeds = scorer.feeds(rows)
+    for name, value in (("user_id", feeds["user_id"][0]), ("item_id", feeds["item_id"][0])):
+        assert spec[name].capacity < value <= spec[name].capacity + spec[name].oov_buckets
+    assert 0 < feeds["item_id"][1] <= spec["item_id"].capacity  # a known item keeps its row
+    for name in ("category_id", "brand_id", "shop_id"):  # item not in the snapshot: padding
+        assert feeds[name][0] == 0 and feeds[name][1] > 0
+    assert feeds["age_bucket"].tolist() == [0, 0] and (feeds["interests"] == -1).all()
+    assert feeds["device"].tolist() == [0, 0] and feeds["slot"].tolist() == [0, 0]  # absent context: padding
+    names = cfg.features.dense_names()
+    defaults = load_bundle(bundle_path).spec["defaults"]
+    for key in ("user", "item", "user_category"):  # row 0: no history for any key
+        for name, value in defaults[key].items():
+            assert feeds["dense"][0, names.index(name)] == np.float32(value), name
+    assert feeds["dense"][0, names.index("price")] == 0.0 and feeds["dense"][1, names.index("price")] > 0.0
+    result = scorer.score({"user_id": "nobody-1", "candidates": [{"item_id": "no-such-item"}]})
+    assert len(result) == 1 and 0.0 < result[0]["p_click"] < 1.0
+
+
+def test_score_is_sorted_and_equals_score_table(setup):
+    cfg, _, _, bundle_path, _, _ = setup
+    scorer = Scorer(load_bundle(bundle_path))
+    users, items = users_and_items(cfg)
+    candidates = [str(i) for i in items[:50]] + ["unseen-item"]
+    request = {"user_id": str(users[3]), "context": {"device": "ios", "slot": 2}, "candidates": [{"item_id": i} for i in candidates]}
+    ranked = scorer.score(request)
+    assert sorted(r["item_id"] for r in ranked) == sorted(candidates)
+    scores = [r["score"] for r in ranked]
+    assert scores == sorted(scores, reverse=True) and len(set(scores)) > 10
+    table = scorer.score_table(pa.table({"user_id": [str(users[3])] * len(candidates), "item_id": candidates,
+                                         "device": ["ios"] * len(candidates), "slot": [2] * len(candidates)}))
+    by_item = {r["item_id"]: r for r in ranked}
+    for item, p_click, p_conv, score in zip(*(table.column(c).to_pylist() for c in ("item_id", "p_click", "p_conversion", "score"))):
+        assert (by_item[item]["p_click"], by_item[item]["p_conversion"], by_item[item]["score"]) == (p_click, p_conv, score)
+        assert score == pytest.approx(p_click * p_conv, rel=1e-5)  # exponents 1, 1
+    # the context matters: another slot changes the scores
+    other = scorer.score(request | {"context": {"device": "ios", "slot": 7}})
+    assert {r["item_id"]: r["score"] for r in other} != {r["item_id"]: r["score"] for r in ranked}
+
+
+def test_tampered_missing_and_extra_files_are_refused(setup, tmp_path):
+    bundle_path = setup[3]
+    for case in ("tampered", "missing", "extra"):
+        copy = tmp_path / case
+        shutil.copytree(bundle_path, copy)
+        if case == "tampered":
+            data = bytearray((copy / "features" / "users.parquet").read_bytes())
+            data[len(data) // 2] ^= 0x01
+            (copy / "features" / "users.parquet").write_bytes(bytes(data))
+            match = r"checksum mismatch for .*features/users.parquet"
+        elif case == "missing":
+            (copy / "vocab" / "item_id.parquet").unlink()
+            match = r"vocab/item_id.parquet listed in manifest.json is missing"
+        else:
+            (copy / "model2.onnx").write_bytes(b"x")
+            match = r"model2.onnx is not listed in manifest.json"
+        with pytest.raises(BundleError, match=match):
+            load_bundle(copy)
+    with pytest.raises(BundleError, match="bundle folder not found"):
+        load_bundle(tmp_path / "nowhere")
+
+
+def test_cli_score_writes_parquet(setup, tmp_path, capsys):
+    cfg, _, _, bundle_path, _, _ = setup
+    rows = _request_rows(cfg, START + dt.timedelta(days=3)).drop_columns(["impression_id"])
+    pq.write_table(rows, tmp_path / "candidates.parquet")
+    out = tmp_path / "out" / "scores.parquet"
+    assert main(["score", "--bundle", str(bundle_path), "--input", str(tmp_path / "candidates.parquet"), "--output", str(out)]) == 0
+    scored = pq.read_table(out)
+    assert scored.num_rows == rows.num_rows
+    assert scored.column_names == [*rows.column_names, "p_click", "p_conversion", "score"]
+    expected = Scorer(load_bundle(bundle_path)).score_table(rows)
+    assert scored.column("score").equals(expected.column("score"))
+    assert not list(out.parent.glob(".tmp-*"))
+    # a bad input names the missing column; a bad bundle names the file
+    pq.write_table(rows.drop_columns(["item_id"]), tmp_path / "bad.parquet")
+    assert main(["score", "--bundle", str(bundle_path), "--input", str(tmp_path / "bad.parquet"), "--output", str(out)]) == 3
+    assert "no column 'item_id'" in capsys.readouterr().err
+
+
+def test_scoring_runs_without_torch_polars_or_mlflow(setup):
+    cfg, _, _, bundle_path, _, _ = setup
+    users, items = users_and_items(cfg)
+    code = f"""
+    from serving.bundle import load_bundle
+    from serving.scorer import Scorer
+    scorer = Scorer(load_bundle({str(bundle_path)!r}))
+    ranked = scorer.score({{"user_id": {str(users[0])!r}, "context": {{"device": "ios"}}, "candidates": [{{"item_id": i}} for i in {[str(i) for i in items[:20]]!r}]}})
+    assert len(ranked) == 20, ranked
+    assert not leaked_modules(), leaked_modules()
+    print("scored", ranked[0]["score"])
+    """
+    res = run_blocked(code)
+    assert res.returncode == 0, res.stderr
+    expected = Scorer(load_bundle(bundle_path)).score({"user_id": str(users[0]), "context": {"device": "ios"},
+                                                       "candidates": [{"item_id": str(i)} for i in items[:20]]})
+    assert res.stdout.strip() == f"scored {expected[0]['score']}"
