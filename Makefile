@@ -14,7 +14,7 @@ PIP    := $(BIN)/pip install -q --disable-pip-version-check -c constraints.txt
 # this machine's pip config lists local wheel folders, some absent: drop that noise
 QUIET  := 2>&1 | { grep -v 'is ignored: it is neither' || true; }
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test clean
 
 venv: $(VENV)/.installed
 
@@ -30,13 +30,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt third_party/fbgemm-gpu-placeh
 	touch $@
 
 demo: venv
-	$(BIN)/python -m pipeline.demo --config $(CONFIG)
+	$(BIN)/funnelrank demo --config $(CONFIG)
 
 test: venv
 	$(BIN)/python -m pytest -q
-
-bench: venv
-	$(BIN)/python -m benchmarks.run_all
 
 clean:
 	rm -rf $(VENV) state

@@ -131,6 +131,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise StageError(str(err)) from None
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    cfg, warehouse = _load(args)
+    from pipeline.demo import run_demo
+
+    run_demo(cfg, warehouse)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="funnelrank",
@@ -144,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
         _common(p)
         p.set_defaults(func=func)
         return p
+
+    add("demo", cmd_demo, "Generate synthetic logs and run every stage on them end to end (what `make demo` runs).")
 
     p = add("generate", cmd_generate, "Write synthetic raw logs (contract v1) and the true probabilities beside them.")
     p.add_argument("--days", type=int, help="number of days to generate")

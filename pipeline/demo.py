@@ -1,6 +1,6 @@
 """The README demo: synthetic logs through every stage that exists, end to end.
 
-`make demo` runs this: it generates the config's days of synthetic logs, runs
+`make demo` runs this as `funnelrank demo`: it generates the config's days of synthetic logs, runs
 validate -> features -> examples for each day in order (one line per stage), trains
 the multi-task model on the newest window of mature days, and compares its validation
 click AUC with the oracle AUC that the generator's true probabilities reach.
@@ -8,14 +8,11 @@ click AUC with the oracle AUC that the generator's true probabilities reach.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
-import sys
 import time
 from pathlib import Path
 
-from features.config import DEFAULT_CONFIG, ConfigError, FunnelConfig, load_config
-from features.errors import StageError
+from features.config import FunnelConfig
 
 
 def oracle_click_auc(warehouse: Path, day: dt.date) -> float:
@@ -66,25 +63,3 @@ def run_demo(cfg: FunnelConfig, warehouse: Path) -> None:
           f"  CVR AUC {m['cvr_auc']:.4f}  CTCVR AUC {m['ctcvr_auc']:.4f}")
     print(f"demo finished in {time.perf_counter() - t0:.1f} s")
     print(f"data under {warehouse}; runs in MLflow: mlflow ui --backend-store-uri {tracking_uri(cfg.state_dir)}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="run config (TOML), default %(default)s")
-    parser.add_argument("--warehouse", type=Path, default=None, help="data root; default: the config's `warehouse`")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config)
-        run_demo(cfg, args.warehouse or cfg.warehouse)
-    except ConfigError as err:
-        print(f"demo: {err}", file=sys.stderr)
-        return 2
-    except StageError as err:
-        print(f"demo: {err}", file=sys.stderr)
-        return err.exit_code
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

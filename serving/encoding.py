@@ -32,6 +32,8 @@ def as_strings(values: pa.Array | pa.ChunkedArray) -> pa.LargeStringArray:
     if isinstance(values, pa.ChunkedArray):
         values = values.combine_chunks()
     t = values.type
+    if t == pa.large_string():  # already keys: skip the cast (called many times per request)
+        return values
     if pa.types.is_dictionary(t):
         values = values.cast(t.value_type)
         t = values.type
@@ -143,6 +145,13 @@ def pad_jagged(lengths: np.ndarray, values: np.ndarray, pad: int = -1) -> np.nda
     return out
 
 
+def per_distinct(fn, values: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """``fn(values)`` evaluated once per distinct value (null included) and gathered back per
+    row: a request repeats its user and context 200 times, a batch repeats users and items."""
+    encoded = pc.dictionary_encode(as_strings(values), null_encoding="encode")
+    return fn(encoded.dictionary)[encoded.indices.to_numpy(zero_copy_only=False)]
+
+
 class KeyIndex:
     """A reusable hash index over string keys: ``positions(values)`` finds each value's
     row among ``keys`` (-1 when absent), vectorised, without rebuilding a hash table per
@@ -164,29 +173,33 @@ class KeyIndex:
         return len(self.keys)
 
     def positions(self, values: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        return per_distinct(self.distinct_positions, values)
+
+    def distinct_positions(self, values: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        """``positions`` without first reducing ``values`` to their distinct values."""
         vals = as_strings(values)
         if self._collisions or len(self.keys) == 0:
             found = pc.index_in(vals, value_set=self.keys)
             return pc.fill_null(found, -1).to_numpy(zero_copy_only=False).astype(np.int64)
         at = np.minimum(np.searchsorted(self._sorted, stable_hash(vals)), len(self._sorted) - 1)
         rows = self._order[at]
-        same = pc.equal(self.keys.take(pa.array(rows)), vals)
+        same = pc.equal(self.keys.take(rows), vals)
         hit = pc.fill_null(same, False).to_numpy(zero_copy_only=False)
         return np.where(hit, rows, -1).astype(np.int64)
 
 
 def vocab_encoder(keys: pa.Array, indices: np.ndarray, capacity: int, oov_buckets: int):
-    """``encode_ids`` with the key set indexed once: a function values -> embedding rows."""
+    """``encode_ids`` with the key set indexed once: a function values -> embedding rows,
+    evaluated once per distinct value."""
     index = KeyIndex(keys)
     rows = np.asarray(indices, dtype=np.int64)
 
-    def encode(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
-        vals = as_strings(values)
-        pos = index.positions(vals)
+    def encode_distinct(vals: pa.Array) -> np.ndarray:
+        pos = index.distinct_positions(vals)
         out = np.where(pos >= 0, rows[np.maximum(pos, 0)] if len(rows) else 0, 0).astype(np.int64)
         unknown = (pos < 0) & vals.is_valid().to_numpy(zero_copy_only=False)
         if unknown.any():
             out[unknown] = oov_index(stable_hash(vals.filter(pa.array(unknown))), capacity, oov_buckets)
         return out
 
-    return encode
+    return lambda values: per_distinct(encode_distinct, values)

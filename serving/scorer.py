@@ -35,6 +35,9 @@ from serving.encoding import KeyIndex, join_key_columns, pad_jagged, vocab_encod
 
 REQUIRED_COLUMNS = ("user_id", "item_id")
 RESULT_COLUMNS = ("p_click", "p_conversion", "score")
+# The model runs on slices of this many rows: a few MB of activations stay in cache
+# (measured on 2 cores: 4096-row slices ~1.7x the rows/s of one 200k-row run).
+ONNX_CHUNK_ROWS = 4096
 
 
 def _numeric(values: pa.Array | pa.ChunkedArray, transform: str) -> np.ndarray:
@@ -45,6 +48,20 @@ def _numeric(values: pa.Array | pa.ChunkedArray, transform: str) -> np.ndarray:
     if transform == "log1p":
         x = np.log1p(np.maximum(x, 0.0))
     return x.astype(np.float32)
+
+
+def _per_snapshot_row(rows: np.ndarray, at_load: np.ndarray, values: pa.Array, lookup) -> np.ndarray:
+    """``at_load[rows]`` (a value precomputed per snapshot row), with ``lookup(values)`` for
+    the rows whose key is not in the snapshot (row ``len(at_load)``: unknown or null key)."""
+    n = len(at_load)
+    miss = rows >= n
+    if not miss.any():
+        return at_load[rows]
+    if n == 0:
+        return lookup(values)
+    out = at_load[np.minimum(rows, n - 1)]
+    out[miss] = lookup(values.filter(pa.array(miss)))
+    return out
 
 
 class _Snapshot:
@@ -125,11 +142,24 @@ class Scorer:
             names = [d["name"] for d in spec["dense"] if d["source"] == "aggregate" and d["key"] == key["name"]]
             table = pq.read_table(bundle.file(key["file"]))
             self.aggregates.append((key, _Aggregate(table, names, spec["defaults"][key["name"]]), [dense_names.index(n) for n in names]))
+        # A request column that is a snapshot's key (user_id, item_id) is looked up once, in
+        # that snapshot; its vocabulary ids and its single-column aggregates are precomputed
+        # per snapshot row here, so only keys missing from the snapshot are looked up again.
+        self.key_snapshot = {s["key"]: t for t, s in spec["snapshots"].items()}
+        self.encoded_at_load = {name: self.encoders[name](self.snapshots[self.key_snapshot[column]].index.keys)
+                                for name, column in ((f["name"], f["column"]) for f in spec["sparse"] if f["table"] == "impressions")
+                                if column in self.key_snapshot}
+        self.aggregate_at_load = {key["name"]: aggregate.features(self.snapshots[self.key_snapshot[key["columns"][0]]].index.keys)
+                                  for key, aggregate, _ in self.aggregates if self._keyed_by_snapshot(key)}
         # Request columns besides user_id/item_id: context features and aggregate-key parts.
         context = [f["column"] for f in spec["sparse"] if f["table"] == "impressions"]
         context += [d["column"] for d in spec["dense"] if d["source"] == "impressions"]
         context += [c for k in spec["aggregate_keys"] for c, src in k["sources"].items() if src == "request"]
         self.context_columns = [c for c in dict.fromkeys(context) if c not in REQUIRED_COLUMNS]
+
+    def _keyed_by_snapshot(self, key: dict) -> bool:
+        columns = key["columns"]
+        return len(columns) == 1 and key["sources"][columns[0]] == "request" and columns[0] in self.key_snapshot
 
     @property
     def version(self) -> str:
@@ -145,12 +175,15 @@ class Scorer:
     def feeds(self, table: pa.Table) -> dict[str, np.ndarray]:
         """The ONNX inputs of ``table``'s rows."""
         n = table.num_rows
-        rows = {t: snap.rows(self._column(table, snap_spec["key"])) for (t, snap), snap_spec in
-                zip(self.snapshots.items(), self.spec["snapshots"].values())}
+        keys = {column: self._column(table, column) for column in self.key_snapshot}
+        rows = {t: self.snapshots[t].rows(keys[column]) for column, t in self.key_snapshot.items()}
         feeds: dict[str, np.ndarray] = {}
         for f in self.spec["sparse"]:
             name, source = f["name"], f["table"]
-            if source == "impressions":
+            if name in self.encoded_at_load:
+                column = f["column"]
+                feeds[name] = _per_snapshot_row(rows[self.key_snapshot[column]], self.encoded_at_load[name], keys[column], self.encoders[name])
+            elif source == "impressions":
                 feeds[name] = self.encoders[name](self._column(table, f["column"]))
             elif f["kind"] == "list":
                 feeds[name] = self.snapshots[source].list_ids(name, rows[source])
@@ -163,6 +196,11 @@ class Scorer:
             elif d["source"] in self.snapshots:
                 dense[:, j] = self.snapshots[d["source"]].dense[d["name"]][rows[d["source"]]]
         for key, aggregate, positions in self.aggregates:
+            if key["name"] in self.aggregate_at_load:
+                column = key["columns"][0]
+                dense[:, positions] = _per_snapshot_row(rows[self.key_snapshot[column]], self.aggregate_at_load[key["name"]],
+                                                        keys[column], aggregate.features)
+                continue
             parts = [self._column(table, c) if src == "request" else self.snapshots[src].raw_values(c, rows[src])
                      for c, src in ((c, key["sources"][c]) for c in key["columns"])]
             dense[:, positions] = aggregate.features(join_key_columns(parts))
@@ -174,7 +212,10 @@ class Scorer:
         if table.num_rows == 0:
             return table.append_column("p_click", pa.array([], pa.float32())).append_column(
                 "p_conversion", pa.array([], pa.float32())).append_column("score", pa.array([], pa.float32()))
-        p_click, p_ctcvr, score = self.session.run(["p_click", "p_ctcvr", "score"], self.feeds(table))
+        feeds = self.feeds(table)
+        slices = [self.session.run(["p_click", "p_ctcvr", "score"], {k: v[a : a + ONNX_CHUNK_ROWS] for k, v in feeds.items()})
+                  for a in range(0, table.num_rows, ONNX_CHUNK_ROWS)]
+        p_click, p_ctcvr, score = (np.concatenate(parts) for parts in zip(*slices))
         for name, values in zip(RESULT_COLUMNS, (p_click, p_ctcvr, score)):
             table = table.append_column(name, pa.array(values, pa.float32()))
         return table
