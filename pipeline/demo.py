@@ -1,7 +1,7 @@
 """The README demo: synthetic logs through every stage that exists, end to end.
 
-`make demo` runs this as `funnelrank demo`: it generates the config's days of synthetic logs, runs
-validate -> features -> examples for each day in order (one line per stage), trains
+`make demo` runs this as `funnelrank demo`: it generates the config's days of
+synthetic logs, runs validate -> features -> examples for each day in order, trains
 the multi-task model on the newest window of mature days, and compares its validation
 click AUC with the oracle AUC that the generator's true probabilities reach.
 """
