@@ -64,7 +64,6 @@ from features.config import ContractConfig
 from features.contract import TS, day_str, raw_dir
 from features.errors import DataContractError
 from features.io import write_parquet_dir
-from features.labels import attribution_window, click_window
 
 ALICCP_SAMPLES = ("ali_ccp_train_sample.csv", "ali_ccp_val_sample.csv", "ali_ccp_test_sample.csv")
 ALICCP_LABELS = ("click", "purchase")
@@ -120,8 +119,8 @@ def _day_events(frame: pl.DataFrame, day: dt.date, contract: ContractConfig, see
     """Add impression_id and the impression / click / conversion timestamps of ``day``."""
     rng = np.random.default_rng([seed, day.toordinal()])  # per day: a day's rows do not depend on the others
     n = frame.height
-    longest_click = min(click_window(contract), MAX_CLICK_DELAY).total_seconds()
-    longest_conversion = min(attribution_window(contract), MAX_CONVERSION_DELAY).total_seconds()
+    longest_click = min(contract.click_window, MAX_CLICK_DELAY).total_seconds()
+    longest_conversion = min(contract.attribution_window, MAX_CONVERSION_DELAY).total_seconds()
     seconds = {
         "_imp_s": rng.integers(0, int(IMPRESSION_SPREAD.total_seconds()), n),
         "_click_s": rng.integers(1, int(longest_click) + 1, n),

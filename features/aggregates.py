@@ -29,10 +29,10 @@ import polars as pl
 import pyarrow.compute as pc
 
 from features.config import AGGREGATE_METRICS, AggregateKey, FunnelConfig
-from features.contract import SNAPSHOT_TABLES, day_str, scan_validated, validated_dir
+from features.contract import SNAPSHOT_TABLES, day_start, day_str, in_day, scan_validated, validated_dir
 from features.errors import DataContractError
 from features.io import write_parquet_dir
-from features.labels import attributed_conversions, attribution_window, click_window, first_clicks, scan_events
+from features.labels import attributed_conversions, first_clicks, scan_events
 
 COUNTS = ("imps", "clicks", "convs")
 SNAPSHOT_JOIN_KEY = {"users": "user_id", "items": "item_id"}
@@ -77,14 +77,6 @@ def days_since_history_start(existing: set[dt.date], wanted: list[dt.date], what
     return days
 
 
-def _day_start(day: dt.date) -> dt.datetime:
-    return dt.datetime.combine(day, dt.time(), tzinfo=dt.UTC)
-
-
-def _in_day(col: pl.Expr, day: dt.date) -> pl.Expr:
-    return col.is_between(_day_start(day), _day_start(day + dt.timedelta(days=1)), closed="left")
-
-
 def _key_column_sources(cfg: FunnelConfig, warehouse: Path, day: dt.date) -> dict[str, str]:
     """Where each aggregate-key column comes from: "impressions", "users" or "items"."""
     schemas = {"impressions": scan_validated(warehouse, "impressions", day).collect_schema()}
@@ -120,7 +112,7 @@ def daily_events(cfg: FunnelConfig, warehouse: Path, day: dt.date) -> tuple[pl.L
 
     # Only earlier impressions late enough to have a click or an attributed conversion on
     # ``day`` matter: that skips most of the earlier days before the join.
-    earliest = _day_start(day) - click_window(cfg.contract) - attribution_window(cfg.contract)
+    earliest = day_start(day) - cfg.contract.click_window - cfg.contract.attribution_window
     impressions = pl.concat(
         [scan_validated(warehouse, "impressions", d).select("impression_id", "ts", *carried) for d in days]
     ).filter(pl.col("ts") >= earliest)
@@ -128,15 +120,15 @@ def daily_events(cfg: FunnelConfig, warehouse: Path, day: dt.date) -> tuple[pl.L
     conversions = pl.concat([scan_events(warehouse, "conversions", d) for d in days])
     inputs = [str(validated_dir(warehouse, t, d)) for d in days for t in ("impressions", "clicks", "conversions")]
 
-    clicked = first_clicks(impressions, clicks, click_window(cfg.contract))
+    clicked = first_clicks(impressions, clicks, cfg.contract.click_window)
     conv_ts = pl.col("conv_ts")
     converted = (
-        attributed_conversions(clicked, conversions, attribution_window(cfg.contract))
+        attributed_conversions(clicked, conversions, cfg.contract.attribution_window)
         .group_by("impression_id")
         .agg(
-            _in_day(conv_ts.min(), day).cast(pl.Int64).alias("convs"),
-            pl.col("value").filter(_in_day(conv_ts, day)).sum().alias("conv_value"),
-            _in_day(conv_ts, day).any().alias("active"),
+            in_day(conv_ts.min(), day).cast(pl.Int64).alias("convs"),
+            pl.col("value").filter(in_day(conv_ts, day)).sum().alias("conv_value"),
+            in_day(conv_ts, day).any().alias("active"),
             *[pl.col(c).first() for c in carried],
         )
         .filter("active")
@@ -144,8 +136,8 @@ def daily_events(cfg: FunnelConfig, warehouse: Path, day: dt.date) -> tuple[pl.L
     )
     events = pl.concat(
         [
-            impressions.filter(_in_day(pl.col("ts"), day)).select(*carried, pl.lit(1, pl.Int64).alias("imps")),
-            clicked.filter(_in_day(pl.col("first_click"), day)).select(*carried, pl.lit(1, pl.Int64).alias("clicks")),
+            impressions.filter(in_day(pl.col("ts"), day)).select(*carried, pl.lit(1, pl.Int64).alias("imps")),
+            clicked.filter(in_day(pl.col("first_click"), day)).select(*carried, pl.lit(1, pl.Int64).alias("clicks")),
             converted.select(*carried, "convs", "conv_value"),
         ],
         how="diagonal",

@@ -60,14 +60,26 @@ class ContractConfig(_Section):
     attribution_window_hours: int = Field(24, ge=1)
 
     @property
+    def click_window(self) -> dt.timedelta:
+        return dt.timedelta(minutes=self.click_window_minutes)
+
+    @property
+    def attribution_window(self) -> dt.timedelta:
+        return dt.timedelta(hours=self.attribution_window_hours)
+
+    @property
+    def click_lag_days(self) -> int:
+        """Days after an impression's day that can still hold its clicks."""
+        return math.ceil(self.click_window / dt.timedelta(days=1))
+
+    @property
     def maturity_lag_days(self) -> int:
         """Days after which a day's labels are final.
 
         The nightly run for D builds day D - lag. The click window is included because a
         conversion's attribution clock starts at the click, which may itself be late.
         """
-        total = dt.timedelta(minutes=self.click_window_minutes, hours=self.attribution_window_hours)
-        return math.ceil(total / dt.timedelta(days=1))
+        return math.ceil((self.click_window + self.attribution_window) / dt.timedelta(days=1))
 
 
 class ValidateConfig(_Section):

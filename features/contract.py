@@ -51,6 +51,15 @@ def day_str(day: dt.date) -> str:
     return day.isoformat()
 
 
+def day_start(day: dt.date) -> dt.datetime:
+    return dt.datetime.combine(day, dt.time(), tzinfo=dt.UTC)
+
+
+def in_day(col, day: dt.date):
+    """Polars predicate: ``col`` (a UTC timestamp) falls in ``day``'s partition [00:00, next 00:00)."""
+    return col.is_between(day_start(day), day_start(day + dt.timedelta(days=1)), closed="left")
+
+
 def raw_dir(warehouse: Path, table: str, day: dt.date | None = None) -> Path:
     """The folder of a raw table (a day's partition for daily tables)."""
     if table in DAILY_TABLES:

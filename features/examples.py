@@ -44,7 +44,7 @@ from features.config import FunnelConfig, SparseFeature
 from features.contract import SNAPSHOT_TABLES, day_str, report_path, scan_validated, validated_dir
 from features.errors import DataContractError, StageError
 from features.io import atomic_dir, sha256_dir, sha256_file
-from features.labels import build_labels, click_lag_days
+from features.labels import build_labels
 from features.vocab import update_vocabulary
 from serving.encoding import as_strings
 
@@ -78,7 +78,7 @@ def input_partitions(cfg: FunnelConfig, warehouse: Path, day: dt.date) -> list[P
     warehouse = Path(warehouse)
     lag = cfg.contract.maturity_lag_days
     paths = [validated_dir(warehouse, t, day) for t in ("impressions", *SNAPSHOT_TABLES)]
-    paths += [validated_dir(warehouse, "clicks", day + dt.timedelta(days=n)) for n in range(click_lag_days(cfg.contract) + 1)]
+    paths += [validated_dir(warehouse, "clicks", day + dt.timedelta(days=n)) for n in range(cfg.contract.click_lag_days + 1)]
     paths += [validated_dir(warehouse, "conversions", day + dt.timedelta(days=n)) for n in range(lag + 1)]
     history = [day - dt.timedelta(days=n) for n in range(1, max(cfg.features.windows_days) + 1)]
     paths += [daily_dir(warehouse, key.name, d) for key in cfg.features.aggregate_keys for d in history]
@@ -144,7 +144,7 @@ def joined_rows(cfg: FunnelConfig, warehouse: Path, day: dt.date) -> pl.LazyFram
     return attach_rolling_features(rows, cfg, rolled, defaults)
 
 
-def _numeric_expr(column: str, transform: str) -> pl.Expr:
+def numeric_feature_expr(column: str, transform: str) -> pl.Expr:
     value = pl.col(column).cast(pl.Float64)
     if transform == "log1p":
         value = value.clip(lower_bound=0.0).log1p()
@@ -217,7 +217,7 @@ def build_training_table(cfg: FunnelConfig, warehouse: Path, run_date: dt.date) 
     timings["vocab_encode"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    numeric = {f.name: _numeric_expr(f.column, f.transform).alias(f.name) for f in spec.numeric}
+    numeric = {f.name: numeric_feature_expr(f.column, f.transform).alias(f.name) for f in spec.numeric}
     dense = rows.select(numeric.get(name, pl.col(name)) for name in spec.dense_names()).to_arrow()
     columns.update(zip(dense.column_names, dense.columns, strict=True))
     schema = training_schema(cfg)

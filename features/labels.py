@@ -11,30 +11,13 @@ with the point-in-time aggregates, so features and labels count the same events.
 from __future__ import annotations
 
 import datetime as dt
-import math
 from pathlib import Path
 
 import polars as pl
 
-from features.config import ContractConfig, FunnelConfig
+from features.config import FunnelConfig
 from features.contract import day_str, scan_validated, validated_dir
 from features.errors import DataContractError
-
-ONE_DAY = dt.timedelta(days=1)
-
-
-def click_window(contract: ContractConfig) -> dt.timedelta:
-    return dt.timedelta(minutes=contract.click_window_minutes)
-
-
-def attribution_window(contract: ContractConfig) -> dt.timedelta:
-    return dt.timedelta(hours=contract.attribution_window_hours)
-
-
-def click_lag_days(contract: ContractConfig) -> int:
-    """Days after an impression's day that can still hold its clicks."""
-    return math.ceil(click_window(contract) / ONE_DAY)
-
 
 def has_partition(warehouse: Path, table: str, day: dt.date) -> bool:
     return any(validated_dir(warehouse, table, day).glob("*.parquet"))
@@ -96,12 +79,12 @@ def build_labels(cfg: FunnelConfig, warehouse: Path, day: dt.date, allow_immatur
     """
     contract = cfg.contract
     impressions = scan_validated(warehouse, "impressions", day).select("impression_id", "ts")
-    clicks = _scan_label_events(warehouse, "clicks", day, click_lag_days(contract), allow_immature)
+    clicks = _scan_label_events(warehouse, "clicks", day, contract.click_lag_days, allow_immature)
     conversions = _scan_label_events(warehouse, "conversions", day, contract.maturity_lag_days, allow_immature)
 
-    clicked = first_clicks(impressions, clicks, click_window(contract)).select("impression_id", "first_click")
+    clicked = first_clicks(impressions, clicks, contract.click_window).select("impression_id", "first_click")
     converted = (
-        attributed_conversions(clicked, conversions, attribution_window(contract))
+        attributed_conversions(clicked, conversions, contract.attribution_window)
         .group_by("impression_id")
         .agg(pl.col("value").sum().alias("conversion_value"))
     )

@@ -25,7 +25,6 @@ partitions that do not exist are the start of history, not an error.
 from __future__ import annotations
 
 import datetime as dt
-import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ from features.contract import (
     SNAPSHOT_TABLES,
     TS,
     day_str,
+    in_day,
     quarantine_dir,
     raw_dir,
     report_path,
@@ -151,7 +151,7 @@ def validate_day(cfg: FunnelConfig, warehouse: Path, day: dt.date) -> Validation
         "max_bad_row_share": cfg.validate_.max_bad_row_share,
         "click_window_minutes": cfg.contract.click_window_minutes,
         "attribution_window_hours": cfg.contract.attribution_window_hours,
-        "click_lookback_days": math.ceil(dt.timedelta(minutes=cfg.contract.click_window_minutes) / dt.timedelta(days=1)),
+        "click_lookback_days": cfg.contract.click_lag_days,
         "conversion_lookback_days": cfg.contract.maturity_lag_days,
     }
     lookback = {"clicks": thresholds["click_lookback_days"], "conversions": thresholds["conversion_lookback_days"]}
@@ -325,9 +325,7 @@ def _find_faults(frame: pl.DataFrame, table: str, day: dt.date, keys: _ValidKeys
     key = KEYS[table]
     faults: list[tuple[pl.Expr, str]] = [(pl.col(key).is_null(), "null_key")]
     if table in DAILY_TABLES:
-        start = dt.datetime.combine(day, dt.time(), tzinfo=dt.UTC)
-        in_day = pl.col("ts").is_between(pl.lit(start), pl.lit(start + dt.timedelta(days=1)), closed="left")
-        faults += [(pl.col("ts").is_null(), "null_ts"), (~in_day, "ts_outside_partition")]
+        faults += [(pl.col("ts").is_null(), "null_ts"), (~in_day(pl.col("ts"), day), "ts_outside_partition")]
     faults += [(pl.col(c).is_null(), f"null_{c}") for c in REQUIRED[table] if c not in (key, "ts")]
     reason = pl.lit(None, dtype=pl.String)
     for condition, code in reversed(faults):

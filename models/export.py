@@ -37,7 +37,7 @@ from features.aggregates import daily_root, partition_days, rolling_defaults, ro
 from features.config import AGGREGATE_METRICS, FeaturesConfig, FunnelConfig, ScoringConfig
 from features.contract import SNAPSHOT_TABLES, day_str, scan_validated
 from features.errors import StageError
-from features.examples import _numeric_expr
+from features.examples import numeric_feature_expr
 from features.io import atomic_dir, sha256_file
 from features.vocab import load_vocabulary
 from models.loader import Batch, TrainingTableLoader
@@ -202,7 +202,7 @@ def _encode_snapshot(cfg: FunnelConfig, warehouse: Path, table: str, day: dt.dat
         columns[f"sparse:{f.name}"] = vocab.encode_list(values) if f.kind == "list" else pa.array(vocab.encode(values), pa.int64())
     for f in spec.numeric:
         if f.table == table:
-            columns[f"dense:{f.name}"] = frame.select(_numeric_expr(f.column, f.transform)).to_series().to_arrow()
+            columns[f"dense:{f.name}"] = frame.select(numeric_feature_expr(f.column, f.transform)).to_series().to_arrow()
     for col in sorted(key_columns):
         if col != key:
             columns[f"raw:{col}"] = frame[col].to_arrow()

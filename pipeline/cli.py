@@ -73,9 +73,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_features(args: argparse.Namespace) -> int:
+    cfg, warehouse = _load(args)
     from features.aggregates import build_daily_aggregates
 
-    cfg, warehouse = _load(args)
     manifest = build_daily_aggregates(cfg, warehouse, args.date)
     for name, rows in manifest["rows"].items():
         print(f"{name}: {rows} rows -> {manifest['outputs'][name]}")
@@ -83,9 +83,9 @@ def cmd_features(args: argparse.Namespace) -> int:
 
 
 def cmd_examples(args: argparse.Namespace) -> int:
+    cfg, warehouse = _load(args)
     from features.examples import build_training_table
 
-    cfg, warehouse = _load(args)
     manifest = build_training_table(cfg, warehouse, args.date)
     rows = manifest["rows"]
     state = "skipped (inputs unchanged)" if manifest["skipped"] else f"written in {manifest['timings_s']['total']:.2f}s"
