@@ -1,6 +1,6 @@
 """A tiny real warehouse (synthetic logs -> validate -> features -> examples) and a
-bundle exported from a small untrained MultiTaskNet: shared by the export, scorer and
-HTTP tests. Random weights are fine: these tests check plumbing and parity, not quality."""
+small untrained MultiTaskNet, shared by the export, scorer and HTTP tests (the
+warehouse is built once per session by tests/conftest.py). Random weights are fine: these tests check plumbing and parity, not quality."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from features.config import FunnelConfig, load_config
 from features.examples import build_training_table, mature_day, training_dir
 from features.synthetic import generate_logs
 from features.validate import validate_day
-from models.export import export_bundle
 from models.loader import parquet_files
 from models.nets import MultiTaskNet, dense_stats
 
@@ -64,14 +63,6 @@ def small_model(cfg: FunnelConfig, files: list[Path]) -> MultiTaskNet:
         for bag in model.ebc.embedding_bags.values():
             bag.weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(cfg.seed))
     return model
-
-
-def build_bundle(tmp: Path, backbone: str = "mmoe") -> tuple[FunnelConfig, MultiTaskNet, list[Path], Path]:
-    cfg = tiny_config(tmp, backbone)
-    files = build_warehouse(cfg)
-    model = small_model(cfg, files)
-    bundle = export_bundle(cfg, cfg.warehouse, model, tmp / "bundle", files)
-    return cfg, model, files, bundle
 
 
 def users_and_items(cfg: FunnelConfig) -> tuple[np.ndarray, np.ndarray]:

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from bundle_fixture import build_warehouse, small_model, tiny_config
+from bundle_fixture import small_model
 
 from features.errors import StageError
 from features.io import sha256_file
@@ -21,11 +21,9 @@ from models.nets import BACKBONES
 
 
 @pytest.fixture(scope="module")
-def warehouse(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("export")
-    cfg = tiny_config(tmp)
-    files = build_warehouse(cfg)
-    return cfg, files, tmp
+def warehouse(tiny_warehouse, tmp_path_factory):
+    cfg, files = tiny_warehouse
+    return cfg, files, tmp_path_factory.mktemp("export")
 
 
 @pytest.fixture(scope="module")

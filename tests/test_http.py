@@ -16,17 +16,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from bundle_fixture import ROOT, START, build_warehouse, small_model, tiny_config, users_and_items
+from bundle_fixture import ROOT, START, small_model, users_and_items
 
 from models.export import export_bundle
 from serving.bundle import load_bundle
 
 
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory):
+def bundles(tiny_warehouse, tmp_path_factory):
+    cfg, files = tiny_warehouse
     tmp = tmp_path_factory.mktemp("http")
-    cfg = tiny_config(tmp)
-    files = build_warehouse(cfg)
     model = small_model(cfg, files)
     a = export_bundle(cfg, cfg.warehouse, model, tmp / "a", files)
     b = export_bundle(cfg, cfg.warehouse, model, tmp / "b", files, as_of=START + dt.timedelta(days=2))

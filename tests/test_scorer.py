@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
-from bundle_fixture import START, build_warehouse, small_model, tiny_config, users_and_items
+from bundle_fixture import START, small_model, users_and_items
 from import_blocker import run_blocked
 
 from features.contract import validated_dir
@@ -26,10 +26,9 @@ TRAIN_DAY = START + dt.timedelta(days=2)  # the newest training table (maturity 
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tiny_warehouse, tmp_path_factory):
+    cfg, files = tiny_warehouse
     tmp = tmp_path_factory.mktemp("scorer")
-    cfg = tiny_config(tmp)
-    files = build_warehouse(cfg)
     model = small_model(cfg, files)
     bundle = export_bundle(cfg, cfg.warehouse, model, tmp / "bundle", files)
     # Features as of the training day: serving must then rebuild that day's training rows.
