@@ -5,24 +5,29 @@
 Builds a small synthetic warehouse (demo spec and model sizes, 4 days) in a temporary
 folder, a demo-sized MMoE with random weights, and its bundle; then measures
 1. in-process: 1 user x 200 candidates per request (features + model), p50/p99;
-   targets p99 <= 3 ms;
-2. batch: rows/s through ``Scorer.score_table`` (target >= 300,000 rows/s);
+   targets p99 <= 3 ms; and where one HTTP request's time goes, phase by phase (parse
+   JSON + validate, encode features, onnxruntime, rank + serialise JSON);
+2. batch: rows/s through ``Scorer.score_table`` with one onnxruntime thread per core
+   (target >= 300,000 rows/s);
 3. HTTP: ``funnelrank serve`` in one process, a load generator in another (loopback),
-   20 concurrent keep-alive clients, p50/p99 and errors (target p99 <= 20 ms, 0 errors).
+   20 concurrent keep-alive clients, p50/p99 and errors (target p99 <= 20 ms, 0 errors),
+   and the server's own mean time per request (from /metrics). The load generator is
+   asyncio over raw sockets with prebuilt requests, so it takes little of the 2 cores.
 PyTorch eager gets the scorer's feature arrays (so only the model differs) for 1 and 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import http.client
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -38,42 +43,58 @@ def _percentiles(ms: list[float]) -> str:
 
 def http_client(port: int, requests: int, clients: int, payload_file: str) -> None:
     """The load generator (runs in its own process): prints a JSON summary."""
-    payloads = json.loads(Path(payload_file).read_text())
+    payloads = [p.encode() for p in json.loads(Path(payload_file).read_text())]
+    per_client = requests // clients
     latencies: list[float] = []
     errors = [0]
-    lock = threading.Lock()
-    per_client = requests // clients
+    length_re = re.compile(rb"(?i)\r\ncontent-length: *(\d+)")
 
-    def run(k: int) -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        mine = []
+    async def one(reader, writer, body: bytes) -> bool:
+        writer.write(b"POST /v1/rank HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        head = await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(int(length_re.search(head).group(1)))
+        return head.startswith(b"HTTP/1.1 200 ")
+
+    async def client(k: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        await one(reader, writer, payloads[k % len(payloads)])  # warm the connection up
         for i in range(per_client):
-            body = payloads[(k * per_client + i) % len(payloads)].encode()
             t = time.perf_counter()
             try:
-                conn.request("POST", "/v1/rank", body=body, headers={"Content-Type": "application/json"})
-                response = conn.getresponse()
-                response.read()
-                ok = response.status == 200
-            except OSError:
+                ok = await one(reader, writer, payloads[(k * per_client + i) % len(payloads)])
+            except (OSError, asyncio.IncompleteReadError):
                 ok = False
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-            mine.append((time.perf_counter() - t) * 1000)
-            if not ok:
-                with lock:
-                    errors[0] += 1
-        with lock:
-            latencies.extend(mine)
+                writer.close()
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            latencies.append((time.perf_counter() - t) * 1000)
+            errors[0] += not ok
+        writer.close()
 
-    started = time.perf_counter()
-    threads = [threading.Thread(target=run, args=(k,)) for k in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - started
-    print(json.dumps({"requests": len(latencies), "errors": errors[0], "wall_s": wall,
+    async def run_all() -> float:
+        started = time.perf_counter()
+        await asyncio.gather(*(client(k) for k in range(clients)))
+        return time.perf_counter() - started
+
+    cpu = time.process_time()
+    wall = asyncio.run(run_all())
+    print(json.dumps({"requests": len(latencies), "errors": errors[0], "wall_s": wall, "cpu_s": time.process_time() - cpu,
                       "p50_ms": float(np.percentile(latencies, 50)), "p99_ms": float(np.percentile(latencies, 99))}))
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a running process (Linux /proc; all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _server_mean_ms(port: int) -> float:
+    """Mean time the server spent per /v1/rank request (its own histogram in /metrics)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    value = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+             if line.startswith("funnelrank_request_duration_seconds_") and 'route="/v1/rank"' in line and "_bucket" not in line}
+    return 1000 * value["funnelrank_request_duration_seconds_sum"] / max(value["funnelrank_request_duration_seconds_count"], 1)
 
 
 def main() -> None:
@@ -99,6 +120,7 @@ def main() -> None:
     from features.config import load_config
     from models.export import export_bundle
     from serving.bundle import load_bundle
+    from serving.http import parse_rank_request, rank_response
     from serving.scorer import Scorer
 
     torch.set_num_threads(1)
@@ -143,25 +165,46 @@ def main() -> None:
     for r in requests[:50]:  # warm up both
         scorer.score(r)
         torch_score(scorer.feeds(scorer.request_table(r)))
-    onnx_ms, torch_ms = [], []
+    onnx_ms, torch_ms, onnx_cpu_ms = [], [], []
     for r in requests:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.thread_time()
         scorer.score(r)
         onnx_ms.append((time.perf_counter() - t) * 1000)
+        onnx_cpu_ms.append((time.thread_time() - c) * 1000)
         t = time.perf_counter()
         torch_score(scorer.feeds(scorer.request_table(r)))
         torch_ms.append((time.perf_counter() - t) * 1000)
     print(f"in-process 1 user x {args.candidates} candidates, {len(requests)} requests, 1 thread:")
-    print(f"  onnxruntime scorer  {_percentiles(onnx_ms)}   (target p99 <= 3 ms)")
+    print(f"  onnxruntime scorer  {_percentiles(onnx_ms)}   (target p99 <= 3 ms); CPU time per request: {_percentiles(onnx_cpu_ms)}")
     print(f"  PyTorch eager       {_percentiles(torch_ms)}   ratio p50 torch/onnx {np.median(torch_ms) / np.median(onnx_ms):.2f}x")
+    phases: dict[str, list[float]] = {"parse JSON + validate": [], "encode features": [], "onnxruntime": [], "rank + serialise JSON": []}
+    for r in requests:
+        body = json.dumps(r).encode()
+        t0 = time.thread_time()
+        parsed = parse_rank_request(body, 1000)
+        t1 = time.thread_time()
+        item_ids, feeds = scorer.request_feeds(parsed)
+        t2 = time.thread_time()
+        outputs = scorer.run(feeds, len(item_ids))
+        t3 = time.thread_time()
+        rank_response(scorer.version, item_ids, *outputs)
+        t4 = time.thread_time()
+        for name, a, b in zip(phases, (t0, t1, t2, t3), (t1, t2, t3, t4)):
+            phases[name].append((b - a) * 1000)
+    # CPU time (not wall time): what each phase costs, whatever else shares the cores.
+    print("  CPU time per phase of one HTTP request's work (in-process, p50): "
+          + ", ".join(f"{name} {np.median(ms):.3f} ms" for name, ms in phases.items()))
 
     # batch: a day of impressions as the input table
     rows = pq.read_table(cfg.warehouse / "validated" / "impressions").select(["user_id", "item_id", "device", "slot"])
     rows = pa.concat_tables([rows] * 4)
+    cores = os.cpu_count() or 1
+    scorer = Scorer(load_bundle(bundle_path), intra_op_threads=cores)
+    torch.set_num_threads(cores)
     scorer.score_table(rows.slice(0, 1000))
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     scorer.score_table(rows)
-    onnx_s = time.perf_counter() - t
+    onnx_s, onnx_cpu_s = time.perf_counter() - t, time.process_time() - c
     feeds = scorer.feeds(rows)
     t = time.perf_counter()
     scorer.feeds(rows)
@@ -169,8 +212,9 @@ def main() -> None:
     t = time.perf_counter()
     torch_score(feeds)
     torch_s = time.perf_counter() - t + feature_s
-    print(f"batch score_table, {rows.num_rows:,} rows, 1 thread: {rows.num_rows / onnx_s:,.0f} rows/s (target >= 300,000); "
-          f"PyTorch eager on the same features {rows.num_rows / torch_s:,.0f} rows/s; ratio {torch_s / onnx_s:.2f}x")
+    print(f"batch score_table, {rows.num_rows:,} rows, {cores} threads: {rows.num_rows / onnx_s:,.0f} rows/s (target >= 300,000); "
+          f"PyTorch eager on the same features {rows.num_rows / torch_s:,.0f} rows/s; ratio {torch_s / onnx_s:.2f}x; "
+          f"scorer CPU time {onnx_cpu_s:.2f} s = {rows.num_rows / onnx_cpu_s:,.0f} rows per CPU-second")
 
     # HTTP: server process + load-generator process
     payloads = tmp / "payloads.json"
@@ -193,12 +237,17 @@ def main() -> None:
             if time.monotonic() > deadline or server.poll() is not None:
                 raise SystemExit(f"server did not start: {server.stderr.read().decode()}")
             time.sleep(0.05)
+        server_cpu = _cpu_seconds(server.pid)
         client = subprocess.run([sys.executable, __file__, "--http-requests", str(args.http_requests), "--http-clients", str(args.http_clients),
                                  "--http-client", str(port), str(payloads)], capture_output=True, text=True, check=True)
         result = json.loads(client.stdout.strip().splitlines()[-1])
+        server_cpu = _cpu_seconds(server.pid) - server_cpu
         print(f"HTTP loopback, {args.http_clients} concurrent clients, {result['requests']:,} requests of {args.candidates} candidates: "
               f"p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms, {result['requests'] / result['wall_s']:,.0f} req/s, "
               f"errors {result['errors']} (target p99 <= 20 ms, 0 errors)")
+        print(f"  server's own mean time per request {_server_mean_ms(port):.2f} ms (queueing included); CPU time per request: "
+              f"server {1000 * server_cpu / result['requests']:.3f} ms, load generator {1000 * result['cpu_s'] / result['requests']:.3f} ms "
+              f"(so {os.cpu_count()} cores serve at most ~{result['requests'] * os.cpu_count() / (server_cpu + result['cpu_s']):,.0f} req/s)")
     finally:
         server.terminate()
         server.wait(timeout=10)

@@ -20,6 +20,7 @@ The bundle (see ``export_bundle``) is everything ``serving`` needs, in plain fil
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import importlib.metadata
 import json
 from collections.abc import Sequence
@@ -37,11 +38,14 @@ from features.aggregates import daily_root, partition_days, rolling_defaults, ro
 from features.config import AGGREGATE_METRICS, FeaturesConfig, FunnelConfig, ScoringConfig
 from features.contract import SNAPSHOT_TABLES, day_str, scan_validated
 from features.errors import StageError
-from features.examples import numeric_feature_expr
+from features.examples import numeric_feature_expr, training_dir
 from features.io import atomic_dir, sha256_file
 from features.vocab import load_vocabulary
-from models.loader import Batch, TrainingTableLoader
+from models.loader import Batch, TrainingTableLoader, parquet_files
 from models.nets import MultiTaskNet
+from models.tracking import tracking_uri
+from models.train import run_key, training_window
+from serving.bundle import BundleError, load_bundle
 from serving.encoding import join_key_columns, pad_jagged
 
 OUTPUTS = ("p_click", "p_cvr", "p_ctcvr", "score")
@@ -265,7 +269,8 @@ def _versions() -> dict[str, str]:
 
 
 def export_bundle(
-    cfg: FunnelConfig, warehouse: Path, model: MultiTaskNet, out_dir: Path, parity_files: Sequence[Path], as_of: dt.date | None = None
+    cfg: FunnelConfig, warehouse: Path, model: MultiTaskNet, out_dir: Path, parity_files: Sequence[Path], as_of: dt.date | None = None,
+    inputs: dict | None = None,
 ) -> Path:
     """Write the serving bundle to ``out_dir`` atomically and return it.
 
@@ -276,7 +281,8 @@ def export_bundle(
     of the start of ``as_of``, by default the day after the newest daily aggregates, i.e.
     what a row of the coming day would see in training; spec.json's ``defaults`` hold the values
     for a key with no history), ``spec.json`` and ``manifest.json`` (sha256 of every
-    other file, versions, parity). Logging to MLflow is the caller's job.
+    other file, versions, parity, and ``inputs``: what the caller identifies the bundle by,
+    see export_run). Logging to MLflow is the caller's job.
     """
     warehouse = Path(warehouse)
     spec = cfg.features
@@ -323,6 +329,120 @@ def export_bundle(
             "vocab_versions": vocab_versions,
             "parity": parity,
             "parity_files": [str(p) for p in parity_files],
+            "inputs": inputs or {},
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return out_dir
+
+
+# ---------------------------------------------------------------- the export stage
+
+def checkpoint_dir(cfg: FunnelConfig, warehouse: Path, run_date: dt.date) -> Path:
+    """Where ``funnelrank train --date run_date`` keeps its checkpoints (models/train.py)."""
+    return Path(cfg.state_dir) / "checkpoints" / run_key(cfg, warehouse, run_date)
+
+
+def bundle_dir(cfg: FunnelConfig, warehouse: Path, run_date: dt.date) -> Path:
+    return Path(cfg.state_dir) / "bundles" / run_key(cfg, warehouse, run_date)
+
+
+def load_trained_model(cfg: FunnelConfig, warehouse: Path, run_date: dt.date) -> tuple[MultiTaskNet, str | None]:
+    """The best epoch's model of the finished training run for ``run_date`` and its MLflow
+    run id; StageError naming the checkpoint and the command when training has not finished."""
+    folder = checkpoint_dir(cfg, warehouse, run_date)
+    command = f"funnelrank train --date {day_str(run_date)}` (same --config and --warehouse)"
+    last, best = folder / "last.pt", folder / "best.pt"
+    if not last.is_file():
+        raise StageError(f"no trained model for {day_str(run_date)}: checkpoint {last} not found; run `{command} first")
+    state = torch.load(last, map_location="cpu", weights_only=False)["state"]
+    if not state.get("finished"):
+        raise StageError(f"training for {day_str(run_date)} has not finished ({last} is at epoch {state.get('epoch')} "
+                         f"of {cfg.train.epochs}); run `{command} to resume it")
+    if not best.is_file():
+        raise StageError(f"training for {day_str(run_date)} finished but its best checkpoint {best} is missing; "
+                         f"delete {folder} and run `{command} again")
+    n_dense = len(cfg.features.dense_names())
+    # mean/std are buffers of the state_dict: placeholders here, the trained values load below.
+    model = MultiTaskNet(cfg.features, cfg.model, np.zeros(n_dense, np.float32), np.ones(n_dense, np.float32))
+    try:
+        model.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["model"])
+    except (RuntimeError, KeyError) as err:
+        raise StageError(f"checkpoint {best} does not fit the configured model: {err}") from None
+    return model.eval(), state.get("mlflow_run_id")
+
+
+def model_sha256(model: nn.Module) -> str:
+    """Hash of a model's state_dict (names and tensor bytes): identifies the weights exported."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _valid_bundle_with(folder: Path, inputs: dict) -> bool:
+    """True when ``folder`` holds a bundle whose checksums verify and whose inputs are ``inputs``."""
+    if not (folder / "manifest.json").is_file():
+        return False
+    try:
+        return load_bundle(folder).manifest.get("inputs") == inputs
+    except BundleError:
+        return False
+
+
+def log_bundle_to_mlflow(state_dir: Path, run_id: str, folder: Path, bundle_sha256: str) -> str:
+    """Log the bundle folder as the artifacts ``bundle/`` of MLflow run ``run_id`` (once per
+    bundle: the run's ``bundle.sha256`` tag records what was logged) and return its URI."""
+    from mlflow.exceptions import MlflowException  # noqa: PLC0415 - only this stage needs mlflow
+    from mlflow.tracking import MlflowClient  # noqa: PLC0415
+
+    client = MlflowClient(tracking_uri(state_dir))
+    try:
+        run = client.get_run(run_id)
+        if run.data.tags.get("bundle.sha256") != bundle_sha256:
+            client.log_artifacts(run_id, str(folder), "bundle")
+            client.set_tag(run_id, "bundle.sha256", bundle_sha256)
+    except MlflowException as err:
+        raise StageError(f"cannot log bundle {folder} to MLflow run {run_id} at {tracking_uri(state_dir)}: {err}") from None
+    return f"runs:/{run_id}/bundle"
+
+
+def export_run(
+    cfg: FunnelConfig, warehouse: Path, run_date: dt.date, model: MultiTaskNet | None = None, mlflow_run_id: str | None = None
+) -> dict:
+    """The ``export`` stage of the nightly run for ``run_date``.
+
+    Exports the trained model (``model``, else the finished training run's best checkpoint
+    and its MLflow run) into ``<state_dir>/bundles/<run key>/``, parity-checked on up to
+    PARITY_MIN_ROWS rows of the run's validation day, with features as of ``run_date + 1``
+    (what the coming day's traffic sees). Skipped when that bundle exists, verifies and was
+    built from the same run key and weights. The bundle is logged to the MLflow run under
+    ``bundle/`` (``runs:/<run_id>/bundle``, loadable by serving.bundle.load_bundle_from_mlflow);
+    no MLflow run id: nothing is logged. Returns a summary.
+    """
+    warehouse = Path(warehouse)
+    if model is None:
+        model, trained_run_id = load_trained_model(cfg, warehouse, run_date)
+        mlflow_run_id = mlflow_run_id or trained_run_id
+    _, val_day = training_window(cfg, run_date)
+    as_of = run_date + dt.timedelta(days=1)
+    inputs = {"run_key": run_key(cfg, warehouse, run_date), "model_sha256": model_sha256(model), "features_as_of": day_str(as_of)}
+    folder = bundle_dir(cfg, warehouse, run_date)
+    skipped = _valid_bundle_with(folder, inputs)
+    if not skipped:
+        export_bundle(cfg, warehouse, model, folder, parquet_files(training_dir(warehouse, val_day)), as_of=as_of, inputs=inputs)
+    bundle = load_bundle(folder)
+    artifact_uri = log_bundle_to_mlflow(cfg.state_dir, mlflow_run_id, folder, bundle.sha256) if mlflow_run_id else None
+    parity = bundle.manifest["parity"]
+    return {
+        "run_date": day_str(run_date),
+        "run_key": inputs["run_key"],
+        "bundle": str(folder),
+        "bundle_sha256": bundle.sha256,
+        "skipped": skipped,
+        "validation_day": day_str(val_day),
+        "parity_max_abs_diff": parity["max_abs_diff"],
+        "parity_rows": parity["rows"],
+        "mlflow_run_id": mlflow_run_id,
+        "artifact_uri": artifact_uri,
+    }

@@ -79,8 +79,10 @@ def load_bundle(path: str | Path) -> Bundle:
     return Bundle(root, manifest, _read_json(root / "spec.json"), _sha256(manifest_path))
 
 
-def load_bundle_from_mlflow(uri: str, dst: str | Path | None = None) -> Bundle:
-    """Download a bundle logged to MLflow (e.g. ``models:/funnelrank@champion``) and load it.
+def load_bundle_from_mlflow(uri: str, dst: str | Path | None = None, tracking_uri: str | None = None) -> Bundle:
+    """Download a bundle logged to MLflow (e.g. ``models:/funnelrank@champion`` or
+    ``runs:/<run_id>/bundle``) and load it. ``tracking_uri`` (also the registry's) defaults
+    to MLflow's own (``MLFLOW_TRACKING_URI``).
 
     The bundle is the artifact folder at ``uri`` itself, or its one sub-folder holding a
     manifest.json. mlflow is imported here only, so serving runs without it otherwise.
@@ -88,7 +90,8 @@ def load_bundle_from_mlflow(uri: str, dst: str | Path | None = None) -> Bundle:
     import mlflow  # noqa: PLC0415 - optional dependency of this one function
 
     target = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix="funnelrank-bundle-"))
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target)))
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target), tracking_uri=tracking_uri,
+                                                     registry_uri=tracking_uri))
     if (local / MANIFEST).is_file():
         return load_bundle(local)
     found = sorted(p.parent for p in local.rglob(MANIFEST))

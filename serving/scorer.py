@@ -1,8 +1,11 @@
 """The scorer: bundle + request rows -> p_click, p_conversion and the blended score.
 
 One code path: ``score_table`` scores an Arrow table of (user_id, item_id, context
-columns) rows, vectorised; ``score`` (one user, a context, candidate items) builds such a
-table and calls it; the CLI and the HTTP server use these two.
+columns) rows, vectorised; ``score`` scores a request (one user, a context, candidate
+items). Both find each row's user and item in the snapshots (a hash index over the
+table's keys; a dict lookup per candidate for a request), then build the model inputs
+with the same ``Scorer._feeds`` and run the same ONNX session. The CLI (batch) and the
+HTTP server (``request_feeds`` + ``run``, coalescing concurrent requests) use these.
 
 Per row it
 * encodes the request's id columns (user_id, item_id and the context features of the
@@ -31,13 +34,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from serving.bundle import Bundle
-from serving.encoding import KeyIndex, join_key_columns, pad_jagged, vocab_encoder
+from serving.encoding import KeyIndex, as_strings, join_key_columns, pad_jagged, vocab_encoder
 
 REQUIRED_COLUMNS = ("user_id", "item_id")
 RESULT_COLUMNS = ("p_click", "p_conversion", "score")
 # The model runs on slices of this many rows: a few MB of activations stay in cache
 # (measured on 2 cores: 4096-row slices ~1.7x the rows/s of one 200k-row run).
 ONNX_CHUNK_ROWS = 4096
+CONTEXT_CACHE_SIZE = 100_000
 
 
 def _numeric(values: pa.Array | pa.ChunkedArray, transform: str) -> np.ndarray:
@@ -50,25 +54,22 @@ def _numeric(values: pa.Array | pa.ChunkedArray, transform: str) -> np.ndarray:
     return x.astype(np.float32)
 
 
-def _per_snapshot_row(rows: np.ndarray, at_load: np.ndarray, values: pa.Array, lookup) -> np.ndarray:
-    """``at_load[rows]`` (a value precomputed per snapshot row), with ``lookup(values)`` for
-    the rows whose key is not in the snapshot (row ``len(at_load)``: unknown or null key)."""
-    n = len(at_load)
-    miss = rows >= n
-    if not miss.any():
-        return at_load[rows]
-    if n == 0:
-        return lookup(values)
-    out = at_load[np.minimum(rows, n - 1)]
-    out[miss] = lookup(values.filter(pa.array(miss)))
-    return out
+def _expand(values: np.ndarray, n: int) -> np.ndarray:
+    """A per-row array of ``n`` rows from a per-row one or a constant (length 1)."""
+    return np.repeat(values, n, axis=0) if len(values) == 1 and n != 1 else values
 
 
 class _Snapshot:
-    """The users or items snapshot; row ``n`` (one past the end) is the 'not found' row."""
+    """The users or items snapshot as per-row arrays; row ``n`` (one past the end) is the
+    'not found' row (padding ids, empty lists, 0.0; its key-dependent values are filled
+    per request by Scorer._fill_misses)."""
 
     def __init__(self, table: pa.Table, key: str) -> None:
-        self.index = KeyIndex(table.column(key))
+        keys = table.column(key).combine_chunks()
+        self.index = KeyIndex(keys)  # vectorised lookup for batches
+        # Request path: one dict lookup per candidate beats hashing 200 strings in numpy
+        # (~15 us vs ~300 us); memory ~100 bytes per key.
+        self.row_of: dict[str, int] = dict(zip(as_strings(keys).to_pylist(), range(len(keys))))
         self.n = table.num_rows
         self.ids: dict[str, np.ndarray] = {}
         self.lists: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # name -> (padded [n+1, L], lengths [n+1])
@@ -96,6 +97,12 @@ class _Snapshot:
         """A raw attribute per row; null where the row was not found."""
         return self.raw[column].take(pa.array(np.minimum(rows, max(self.n - 1, 0)), mask=rows >= self.n))
 
+    def raw_codes(self, column: str) -> tuple[np.ndarray, pa.Array]:
+        """(code per snapshot row, -1 for null and for row n; the distinct values as key text)."""
+        encoded = pc.dictionary_encode(as_strings(self.raw[column]))
+        codes = pc.fill_null(encoded.indices, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+        return np.append(codes, -1), encoded.dictionary
+
     def list_ids(self, feature: str, rows: np.ndarray) -> np.ndarray:
         padded, lengths = self.lists[feature]
         width = max(1, int(lengths[rows].max(initial=0)))
@@ -106,18 +113,68 @@ class _Aggregate:
     """One aggregate key's rolling features; the last matrix row holds the defaults."""
 
     def __init__(self, table: pa.Table, names: list[str], defaults: dict[str, float]) -> None:
-        self.index = KeyIndex(table.column("key"))
+        self.keys = table.column("key").combine_chunks()
+        self.index = KeyIndex(self.keys)
         rows = [table.column(n).to_numpy().astype(np.float32) for n in names]
         self.matrix = np.vstack([np.column_stack(rows) if rows else np.zeros((table.num_rows, 0), np.float32),
                                  np.array([[defaults[n] for n in names]], np.float32)])
+        self.default_row = len(self.matrix) - 1
+
+    def positions(self, keys: pa.Array) -> np.ndarray:
+        pos = self.index.positions(keys)
+        return np.where(pos < 0, self.default_row, pos)
 
     def features(self, keys: pa.Array) -> np.ndarray:
-        pos = self.index.positions(keys)
-        return self.matrix[np.where(pos < 0, len(self.matrix) - 1, pos)]
+        return self.matrix[self.positions(keys)]
+
+
+class _CodedKey:
+    """Integer lookup of a multi-column aggregate key (e.g. user x category) whose parts are
+    all snapshot rows or snapshot attributes: each part is a small integer code per
+    snapshot row (the row itself, or the attribute's dictionary code), so a row's key is
+    one int64 found by ``searchsorted``; no strings are built per request. A row with an
+    unknown part (user or item not in the snapshot, null attribute) returns -1 and is
+    looked up by its joined string instead (Scorer._fill_misses)."""
+
+    def __init__(self, aggregate: _Aggregate, parts: list[tuple[str, np.ndarray, KeyIndex]]) -> None:
+        # parts: (snapshot table, code per snapshot row (-1 unknown), index of the codes' key texts)
+        self.tables = [t for t, _, _ in parts]
+        self.codes = [c for _, c, _ in parts]
+        sizes = np.array([len(index) for _, _, index in parts], np.int64)
+        self.radix = np.concatenate([np.cumprod(sizes[::-1])[::-1][1:], [1]]).astype(np.int64)
+        split = pc.split_pattern(aggregate.keys, "\x1f")
+        whole = pc.equal(pc.list_value_length(split), len(parts)).to_numpy(zero_copy_only=False)
+        composite = np.zeros(len(aggregate.keys), np.int64)
+        for j, (_, _, index) in enumerate(parts):
+            code = index.distinct_positions(pc.list_element(pc.fill_null(split, pa.scalar([""] * len(parts), split.type)), j))
+            whole &= code >= 0
+            composite += np.maximum(code, 0) * self.radix[j]
+        rows = np.flatnonzero(whole)
+        order = np.argsort(composite[rows], kind="stable")
+        self.sorted = composite[rows][order]
+        self.rows = rows[order]
+
+    def positions(self, snapshot_rows: dict[str, np.ndarray], default_row: int) -> np.ndarray:
+        """The aggregate row of each request row; default_row when absent; -1 when a part is unknown."""
+        composite = 0
+        known = True
+        for table, codes, radix in zip(self.tables, self.codes, self.radix):
+            code = codes[snapshot_rows[table]]
+            known = known & (code >= 0)
+            composite = composite + np.maximum(code, 0) * radix
+        at = np.minimum(np.searchsorted(self.sorted, composite), max(len(self.sorted) - 1, 0))
+        hit = (self.sorted[at] == composite) if len(self.sorted) else np.zeros(np.shape(composite), bool)
+        return np.where(known, np.where(hit, self.rows[at] if len(self.rows) else 0, default_row), -1)
 
 
 class Scorer:
-    """Scores request rows with a verified bundle (see the module docstring). Thread-safe."""
+    """Scores request rows with a verified bundle (see the module docstring). Thread-safe.
+
+    At load time every per-user and per-item input is precomputed per snapshot row (vocab
+    ids of user_id / item_id, attribute ids, interest lists, numeric features and the
+    aggregates keyed by the user or item alone), so scoring a row is a few ``np.take``\ s;
+    only ids missing from a snapshot are encoded and looked up by their string.
+    """
 
     def __init__(self, bundle: Bundle, intra_op_threads: int = 1) -> None:
         self.bundle = bundle
@@ -125,8 +182,12 @@ class Scorer:
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if intra_op_threads > 1:  # idle pool threads yield the core instead of spinning (the server shares 2 cores)
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(bundle.file("model.onnx")), options, providers=["CPUExecutionProvider"])
         self.snapshots = {t: _Snapshot(pq.read_table(bundle.file(s["file"])), s["key"]) for t, s in spec["snapshots"].items()}
+        self.key_snapshot = {s["key"]: t for t, s in spec["snapshots"].items()}  # user_id -> users, item_id -> items
         self.encoders = {}
         for f in spec["sparse"]:
             if f["table"] == "impressions":
@@ -142,24 +203,55 @@ class Scorer:
             names = [d["name"] for d in spec["dense"] if d["source"] == "aggregate" and d["key"] == key["name"]]
             table = pq.read_table(bundle.file(key["file"]))
             self.aggregates.append((key, _Aggregate(table, names, spec["defaults"][key["name"]]), [dense_names.index(n) for n in names]))
-        # A request column that is a snapshot's key (user_id, item_id) is looked up once, in
-        # that snapshot; its vocabulary ids and its single-column aggregates are precomputed
-        # per snapshot row here, so only keys missing from the snapshot are looked up again.
-        self.key_snapshot = {s["key"]: t for t, s in spec["snapshots"].items()}
-        self.encoded_at_load = {name: self.encoders[name](self.snapshots[self.key_snapshot[column]].index.keys)
-                                for name, column in ((f["name"], f["column"]) for f in spec["sparse"] if f["table"] == "impressions")
-                                if column in self.key_snapshot}
-        self.aggregate_at_load = {key["name"]: aggregate.features(self.snapshots[self.key_snapshot[key["columns"][0]]].index.keys)
-                                  for key, aggregate, _ in self.aggregates if self._keyed_by_snapshot(key)}
+
+        # Per snapshot row: the vocab ids of request columns that are the snapshot's key
+        # (user_id, item_id) and a dense matrix holding the snapshot's numeric features and
+        # its key's single-column aggregates (zeros elsewhere: the users' and items'
+        # matrices are summed, which is exact).
+        self.key_features: dict[str, list[str]] = {t: [] for t in self.snapshots}  # table -> impressions features keyed by it
+        for f in spec["sparse"]:
+            if f["table"] == "impressions" and f["column"] in self.key_snapshot:
+                table = self.key_snapshot[f["column"]]
+                snapshot = self.snapshots[table]
+                snapshot.ids[f["name"]] = np.append(self.encoders[f["name"]](snapshot.index.keys), 0)
+                self.key_features[table].append(f["name"])
+        self.dense_of = {t: np.zeros((s.n + 1, self.n_dense), np.float32) for t, s in self.snapshots.items()}
+        for j, d in enumerate(spec["dense"]):
+            if d["source"] in self.snapshots:
+                self.dense_of[d["source"]][:, j] = self.snapshots[d["source"]].dense[d["name"]]
+        self.key_aggregates: dict[str, list] = {t: [] for t in self.snapshots}  # table -> [(aggregate, positions)]
+        self.coded_keys: dict[str, _CodedKey] = {}
+        raw_codes: dict[tuple[str, str], tuple[np.ndarray, KeyIndex]] = {}
+        for key, aggregate, positions in self.aggregates:
+            columns = key["columns"]
+            sources = [("snapshot-key" if c in self.key_snapshot else "context") if key["sources"][c] == "request" else "raw" for c in columns]
+            if len(columns) == 1 and sources[0] == "snapshot-key":
+                table = self.key_snapshot[columns[0]]
+                snapshot = self.snapshots[table]
+                self.dense_of[table][: snapshot.n, positions] = aggregate.features(snapshot.index.keys)
+                self.dense_of[table][snapshot.n, positions] = aggregate.matrix[aggregate.default_row]
+                self.key_aggregates[table].append((aggregate, positions))
+            elif "context" not in sources:
+                parts = []
+                for c, source in zip(columns, sources):
+                    if source == "snapshot-key":
+                        table = self.key_snapshot[c]
+                        snapshot = self.snapshots[table]
+                        parts.append((table, np.append(np.arange(snapshot.n), -1), snapshot.index))
+                    else:
+                        table = key["sources"][c]
+                        if (table, c) not in raw_codes:
+                            codes, values = self.snapshots[table].raw_codes(c)
+                            raw_codes[(table, c)] = (codes, KeyIndex(values))
+                        parts.append((table, *raw_codes[(table, c)]))
+                self.coded_keys[key["name"]] = _CodedKey(aggregate, parts)
+
         # Request columns besides user_id/item_id: context features and aggregate-key parts.
         context = [f["column"] for f in spec["sparse"] if f["table"] == "impressions"]
         context += [d["column"] for d in spec["dense"] if d["source"] == "impressions"]
         context += [c for k in spec["aggregate_keys"] for c, src in k["sources"].items() if src == "request"]
         self.context_columns = [c for c in dict.fromkeys(context) if c not in REQUIRED_COLUMNS]
-
-    def _keyed_by_snapshot(self, key: dict) -> bool:
-        columns = key["columns"]
-        return len(columns) == 1 and key["sources"][columns[0]] == "request" and columns[0] in self.key_snapshot
+        self._context_cache: dict[tuple, np.ndarray] = {}
 
     @property
     def version(self) -> str:
@@ -174,49 +266,101 @@ class Scorer:
 
     def feeds(self, table: pa.Table) -> dict[str, np.ndarray]:
         """The ONNX inputs of ``table``'s rows."""
-        n = table.num_rows
         keys = {column: self._column(table, column) for column in self.key_snapshot}
         rows = {t: self.snapshots[t].rows(keys[column]) for column, t in self.key_snapshot.items()}
+        return self._feeds(table.num_rows, rows, keys, lambda name: self._column(table, name))
+
+    def _feeds(self, n: int, rows: dict[str, np.ndarray], keys: dict[str, pa.Array], context) -> dict[str, np.ndarray]:
+        """The ONNX inputs of ``n`` rows given each row's snapshot rows, the snapshot-key
+        columns (user_id, item_id) and ``context(name)``, a request column; each of these
+        holds ``n`` values, or 1 for all rows (a request's user and context)."""
         feeds: dict[str, np.ndarray] = {}
         for f in self.spec["sparse"]:
             name, source = f["name"], f["table"]
-            if name in self.encoded_at_load:
-                column = f["column"]
-                feeds[name] = _per_snapshot_row(rows[self.key_snapshot[column]], self.encoded_at_load[name], keys[column], self.encoders[name])
+            if source == "impressions" and f["column"] not in self.key_snapshot:
+                feeds[name] = _expand(self._encode_context(name, context(f["column"])), n)
             elif source == "impressions":
-                feeds[name] = self.encoders[name](self._column(table, f["column"]))
+                table = self.key_snapshot[f["column"]]
+                feeds[name] = _expand(self.snapshots[table].ids[name][rows[table]], n)
             elif f["kind"] == "list":
-                feeds[name] = self.snapshots[source].list_ids(name, rows[source])
+                feeds[name] = _expand(self.snapshots[source].list_ids(name, rows[source]), n)
             else:
-                feeds[name] = self.snapshots[source].ids[name][rows[source]]
-        dense = np.empty((n, self.n_dense), np.float32)
+                feeds[name] = _expand(self.snapshots[source].ids[name][rows[source]], n)
+        dense = _expand(self.dense_of["users"][rows["users"]] + self.dense_of["items"][rows["items"]], n)
         for j, d in enumerate(self.spec["dense"]):
             if d["source"] == "impressions":
-                dense[:, j] = _numeric(self._column(table, d["column"]), d["transform"])
-            elif d["source"] in self.snapshots:
-                dense[:, j] = self.snapshots[d["source"]].dense[d["name"]][rows[d["source"]]]
+                dense[:, j] = _numeric(context(d["column"]), d["transform"])
         for key, aggregate, positions in self.aggregates:
-            if key["name"] in self.aggregate_at_load:
-                column = key["columns"][0]
-                dense[:, positions] = _per_snapshot_row(rows[self.key_snapshot[column]], self.aggregate_at_load[key["name"]],
-                                                        keys[column], aggregate.features)
-                continue
-            parts = [self._column(table, c) if src == "request" else self.snapshots[src].raw_values(c, rows[src])
-                     for c, src in ((c, key["sources"][c]) for c in key["columns"])]
-            dense[:, positions] = aggregate.features(join_key_columns(parts))
+            coded = self.coded_keys.get(key["name"])
+            if coded is not None:
+                at = np.broadcast_to(coded.positions(rows, aggregate.default_row), (n,))
+                dense[:, positions] = aggregate.matrix[np.maximum(at, 0)]
+                unknown = at < 0  # a part not in a snapshot: look the joined string up
+                if unknown.any():
+                    dense[np.flatnonzero(unknown)[:, None], positions] = aggregate.features(
+                        self._key_strings(key, rows, keys, context, n).filter(pa.array(unknown)))
+            elif key["name"] not in self.coded_keys and not self._keyed_by_snapshot(key):
+                dense[:, positions] = aggregate.features(self._key_strings(key, rows, keys, context, n))
+        self._fill_misses(rows, keys, feeds, dense)
         feeds["dense"] = dense
         return feeds
+
+    def _encode_context(self, name: str, values: pa.Array) -> np.ndarray:
+        """Vocab ids of a context column; a request's one value (device, slot) is encoded
+        once per distinct value and cached (the cache stops growing at CONTEXT_CACHE_SIZE)."""
+        if len(values) != 1:
+            return self.encoders[name](values)
+        key = (name, str(values.type), values[0].as_py())
+        ids = self._context_cache.get(key)
+        if ids is None:
+            ids = self.encoders[name](values)
+            if len(self._context_cache) < CONTEXT_CACHE_SIZE:
+                self._context_cache[key] = ids
+        return ids
+
+    def _keyed_by_snapshot(self, key: dict) -> bool:
+        return len(key["columns"]) == 1 and key["sources"][key["columns"][0]] == "request" and key["columns"][0] in self.key_snapshot
+
+    def _key_strings(self, key: dict, rows: dict[str, np.ndarray], keys: dict[str, pa.Array], context, n: int) -> pa.Array:
+        """The joined key text of each row (serving.encoding.join_key_columns, as training)."""
+        parts = []
+        for c in key["columns"]:
+            source = key["sources"][c]
+            if source != "request":
+                values = self.snapshots[source].raw_values(c, rows[source])
+            else:
+                values = keys[c] if c in self.key_snapshot else context(c)
+            parts.append(values.take(pa.array(np.zeros(n, np.int64))) if len(values) == 1 and n != 1 else values)
+        return join_key_columns(parts)
+
+    def _fill_misses(self, rows: dict[str, np.ndarray], keys: dict[str, pa.Array], feeds: dict[str, np.ndarray], dense: np.ndarray) -> None:
+        """Rows whose user or item is not in its snapshot: their vocab ids (OOV bucket or a
+        known id) and their single-column aggregates come from the key string itself."""
+        for column, table in self.key_snapshot.items():
+            miss = np.broadcast_to(rows[table] == self.snapshots[table].n, dense.shape[:1])
+            if not miss.any():
+                continue
+            values = keys[column]  # n values, or 1 for every row
+            values = values.take(pa.array(np.zeros(int(miss.sum()), np.int64))) if len(values) == 1 else values.filter(pa.array(miss))
+            for name in self.key_features[table]:
+                feeds[name][miss] = self.encoders[name](values)
+            for aggregate, positions in self.key_aggregates[table]:
+                dense[np.flatnonzero(miss)[:, None], positions] = aggregate.features(values)
+
+    def run(self, feeds: dict[str, np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(p_click, p_ctcvr, score) of ``n`` rows' ONNX inputs."""
+        slices = [self.session.run(["p_click", "p_ctcvr", "score"], {k: v[a : a + ONNX_CHUNK_ROWS] for k, v in feeds.items()})
+                  for a in range(0, n, ONNX_CHUNK_ROWS)]
+        if len(slices) == 1:
+            return tuple(slices[0])
+        return tuple(np.concatenate(parts) for parts in zip(*slices))
 
     def score_table(self, table: pa.Table) -> pa.Table:
         """``table`` with p_click, p_conversion (= P(click and conversion)) and score appended."""
         if table.num_rows == 0:
             return table.append_column("p_click", pa.array([], pa.float32())).append_column(
                 "p_conversion", pa.array([], pa.float32())).append_column("score", pa.array([], pa.float32()))
-        feeds = self.feeds(table)
-        slices = [self.session.run(["p_click", "p_ctcvr", "score"], {k: v[a : a + ONNX_CHUNK_ROWS] for k, v in feeds.items()})
-                  for a in range(0, table.num_rows, ONNX_CHUNK_ROWS)]
-        p_click, p_ctcvr, score = (np.concatenate(parts) for parts in zip(*slices))
-        for name, values in zip(RESULT_COLUMNS, (p_click, p_ctcvr, score)):
+        for name, values in zip(RESULT_COLUMNS, self.run(self.feeds(table), table.num_rows)):
             table = table.append_column(name, pa.array(values, pa.float32()))
         return table
 
@@ -232,13 +376,47 @@ class Scorer:
                 columns[name] = pa.array([context[name]]).take(repeat)
         return pa.table(columns)
 
+    def request_feeds(self, request: dict) -> tuple[list[str], dict[str, np.ndarray]]:
+        """(candidate item ids, ONNX inputs) of a ``score`` request: the same inputs as
+        ``feeds(request_table(request))``, with the user and context looked up once and
+        the candidates by dict."""
+        user_id, context, candidates = request["user_id"], request.get("context") or {}, request["candidates"]
+        item_ids = [c["item_id"] for c in candidates]
+        users, items = self.snapshots["users"], self.snapshots["items"]
+        n = len(item_ids)
+        rows = {"users": np.array([users.row_of.get(user_id, users.n)], np.int64),
+                "items": np.fromiter((items.row_of.get(i, items.n) for i in item_ids), np.int64, n)}
+        keys = {"user_id": pa.array([user_id], pa.large_string()), "item_id": pa.array(item_ids, pa.large_string())}
+
+        def context_column(name: str) -> pa.Array:
+            value = context.get(name)
+            return pa.nulls(1, pa.large_string()) if value is None else pa.array([value])
+
+        return item_ids, self._feeds(n, rows, keys, context_column)
+
     def score(self, request: dict) -> list[dict]:
         """Rank ``request``'s candidates: [{item_id, p_click, p_conversion, score}] by score desc."""
-        scored = self.score_table(self.request_table(request))
-        order = np.argsort(-scored.column("score").to_numpy(), kind="stable")
-        columns = [scored.column(c).to_numpy()[order].tolist() for c in ("p_click", "p_conversion", "score")]
-        items = scored.column("item_id").take(pa.array(order)).to_pylist()
-        return [{"item_id": i, "p_click": a, "p_conversion": b, "score": s} for i, a, b, s in zip(items, *columns)]
+        item_ids, feeds = self.request_feeds(request)
+        return ranked(item_ids, *self.run(feeds, len(item_ids)))
+
+
+def ranked(item_ids: list[str], p_click: np.ndarray, p_ctcvr: np.ndarray, score: np.ndarray) -> list[dict]:
+    """Candidates with their predictions, by score descending (ties keep the request's order)."""
+    order = np.argsort(-score, kind="stable")
+    return [{"item_id": item_ids[k], "p_click": a, "p_conversion": b, "score": s}
+            for k, a, b, s in zip(order.tolist(), p_click[order].tolist(), p_ctcvr[order].tolist(), score[order].tolist())]
+
+
+def merge_feeds(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Several requests' ONNX inputs as one batch (list inputs padded with -1 to the widest)."""
+    merged = {}
+    for name in parts[0]:
+        arrays = [p[name] for p in parts]
+        if arrays[0].ndim == 2 and name != "dense":
+            width = max(a.shape[1] for a in arrays)
+            arrays = [a if a.shape[1] == width else np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=-1) for a in arrays]
+        merged[name] = np.concatenate(arrays)
+    return merged
 
 
 def score_parquet(scorer: Scorer, input_path: str | Path, output_path: str | Path, batch_rows: int = 65_536) -> int:

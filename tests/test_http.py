@@ -3,6 +3,7 @@ keeps serving, metrics, and bundle reloads (admin route and SIGHUP) under load."
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import http.client
 import json
@@ -176,3 +177,92 @@ def test_reload_swaps_the_model_without_failing_requests(server, bundles):
     assert statuses and set(statuses) == {200}
     assert {version_a, version_b} <= versions
     assert 'funnelrank_reloads_total{result="ok"} 2' in _call(port, "GET", "/metrics")[1].decode()
+
+
+def _mixed_requests(users: list[str], items: list[str]) -> list[dict]:
+    """Requests of different sizes: known and unknown users and items, several contexts."""
+    return [{"user_id": users[k % len(users)] if k % 4 else f"new-user-{k}", "context": {"device": "ios", "slot": k % 5},
+             "candidates": [{"item_id": i} for i in items[k : k + 3 + 7 * k]] + ([{"item_id": f"unseen-{k}"}] if k % 3 == 0 else [])}
+            for k in range(10)]
+
+
+def _same_ranking(got: list[dict], want: list[dict]) -> None:
+    assert sorted(r["item_id"] for r in got) == sorted(r["item_id"] for r in want)
+    by_item = {r["item_id"]: r for r in got}
+    for w in want:
+        for name in ("p_click", "p_conversion", "score"):
+            assert by_item[w["item_id"]][name] == pytest.approx(w[name], rel=1e-5, abs=1e-7), (w["item_id"], name)
+
+
+def test_micro_batcher_scores_coalesced_requests_as_one_call(bundles):
+    """Requests queued while the model is busy run as one onnxruntime call and each gets
+    its own rows back, equal to scoring it alone."""
+    from serving.http import Metrics, MicroBatcher
+    from serving.scorer import Scorer, ranked
+
+    _, a, _, users, items = bundles
+    scorer = Scorer(load_bundle(a))
+    requests = _mixed_requests(users, items)
+    prepared = [scorer.request_feeds(r) for r in requests]
+    assert len({feeds["interests"].shape[1] for _, feeds in prepared}) > 1  # list widths differ: padding is exercised
+
+    async def score_all() -> list:
+        metrics = Metrics()
+        batcher = MicroBatcher(metrics)
+        tasks = [asyncio.ensure_future(batcher.run(scorer, feeds, len(ids))) for ids, feeds in prepared]
+        batcher.start()  # after the requests: they are all queued when it takes its first batch
+        outputs = await asyncio.gather(*tasks)
+        batcher.close()
+        return outputs, metrics
+
+    outputs, metrics = asyncio.run(score_all())
+    assert (metrics.model_calls, metrics.model_requests) == (1, len(requests))
+    for request, (ids, _), out in zip(requests, prepared, outputs):
+        assert len(out[0]) == len(ids)
+        _same_ranking(ranked(ids, *out), scorer.score(request))
+
+
+def test_concurrent_http_requests_match_the_in_process_scorer(server, bundles):
+    _, port, _ = server
+    _, a, _, users, items = bundles
+    from serving.scorer import Scorer
+
+    scorer = Scorer(load_bundle(a))
+    requests = _mixed_requests(users, items) * 3
+
+    def post(request: dict) -> tuple[int, bytes]:
+        return _call(port, "POST", "/v1/rank", json.dumps(request).encode(), {"Content-Type": "application/json"})
+
+    with ThreadPoolExecutor(10) as pool:
+        results = list(pool.map(post, requests))
+    for request, (status, data) in zip(requests, results):
+        assert status == 200, data
+        _same_ranking(json.loads(data)["items"], scorer.score(request))
+    metrics = _call(port, "GET", "/metrics")[1].decode()
+    assert "funnelrank_model_calls_total" in metrics and "funnelrank_model_requests_total" in metrics
+
+
+def test_rank_response_is_the_ranking_as_json():
+    """The hand-written JSON equals json.dumps of serving.scorer.ranked, up to float32
+    precision, for awkward item ids; non-finite scores are an error, not invalid JSON."""
+    import numpy as np
+
+    from serving.http import RequestError, rank_response
+    from serving.scorer import ranked
+
+    rng = np.random.default_rng(0)
+    ids = ['plain', 'quote"d', "back\\slash", "ünïcode ✓", "tab\tnew\nline", "tie-a", "tie-b", "tiny"]
+    p_click, p_ctcvr = rng.random(8).astype(np.float32), rng.random(8).astype(np.float32)
+    score = (p_click * p_ctcvr).astype(np.float32)
+    score[5:7] = 0.25  # ties keep the request's order
+    score[7] = np.float32(1e-30)
+    got = json.loads(rank_response("abc123", ids, p_click, p_ctcvr, score))
+    want = ranked(ids, p_click, p_ctcvr, score)
+    assert got["model_version"] == "abc123"
+    assert [r["item_id"] for r in got["items"]] == [r["item_id"] for r in want]
+    for g, w in zip(got["items"], want):
+        for name in ("p_click", "p_conversion", "score"):
+            assert np.float32(g[name]) == np.float32(w[name])  # the same float32 reads back
+    score[2] = np.nan
+    with pytest.raises(RequestError, match="non-finite"):
+        rank_response("abc123", ids, p_click, p_ctcvr, score)

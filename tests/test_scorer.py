@@ -4,6 +4,7 @@ equal to PyTorch's, OOV and defaults, score == score_table, the CLI, no heavy im
 from __future__ import annotations
 
 import datetime as dt
+import json
 import shutil
 
 import numpy as np
@@ -16,6 +17,7 @@ from bundle_fixture import START, small_model, users_and_items
 from import_blocker import run_blocked
 
 from features.contract import validated_dir
+from features.io import sha256_file
 from models.export import export_bundle
 from models.loader import TrainingTableLoader
 from pipeline.cli import main
@@ -171,3 +173,41 @@ def test_scoring_runs_without_torch_polars_or_mlflow(setup):
     expected = Scorer(load_bundle(bundle_path)).score({"user_id": str(users[0]), "context": {"device": "ios"},
                                                        "candidates": [{"item_id": str(i)} for i in items[:20]]})
     assert res.stdout.strip() == f"scored {expected[0]['score']}"
+
+
+def test_user_missing_from_the_snapshot_keeps_its_id_and_history(setup, tmp_path):
+    """A user absent from the users snapshot but with history: its vocab id and every
+    aggregate keyed by its id (user, user x category) are found by the id string; only its
+    attributes fall back to padding. The request path gives the table path's inputs."""
+    _, _, _, bundle_path, _, _ = setup
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle_path, copy)
+    history = pq.read_table(copy / "features" / "aggregates" / "user_category.parquet").column("key")[0].as_py()
+    gone, category = history.split("\x1f")
+    users_file = copy / "features" / "users.parquet"
+    users = pq.read_table(users_file)
+    pq.write_table(users.filter(pc.not_equal(users.column("user_id"), gone)), users_file)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["files"]["features/users.parquet"] = sha256_file(users_file)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    full, partial = Scorer(load_bundle(bundle_path)), Scorer(load_bundle(copy))
+    assert gone not in partial.snapshots["users"].row_of and gone in full.snapshots["users"].row_of
+
+    items = pq.read_table(copy / "features" / "items.parquet")
+    same_category = pc.equal(pc.cast(items.column("raw:category_id"), pa.string()), category)
+    item_ids = items.column("item_id").filter(same_category).to_pylist()[:5] + items.column("item_id").to_pylist()[:5] + ["unseen"]
+    rows = pa.table({"user_id": [gone] * len(item_ids), "item_id": item_ids, "device": ["ios"] * len(item_ids)})
+    want, got = full.feeds(rows), partial.feeds(rows)
+    names = list(full.spec["defaults"]["user"]) + list(full.spec["defaults"]["user_category"])
+    columns = [[d["name"] for d in full.spec["dense"]].index(n) for n in names]
+    np.testing.assert_array_equal(got["user_id"], want["user_id"])
+    np.testing.assert_array_equal(got["dense"][:, columns], want["dense"][:, columns])
+    defaults = np.array([full.spec["defaults"][k][n] for k in ("user", "user_category") for n in full.spec["defaults"][k]], np.float32)
+    assert (got["dense"][:5, columns] != defaults).any()  # real history, not defaults
+    assert (got["age_bucket"] == 0).all() and (want["age_bucket"] > 0).all()
+    np.testing.assert_array_equal(got["item_id"], want["item_id"])
+
+    _, request_feeds = partial.request_feeds({"user_id": gone, "context": {"device": "ios"}, "candidates": [{"item_id": i} for i in item_ids]})
+    assert set(request_feeds) == set(got)
+    for name, values in got.items():
+        np.testing.assert_array_equal(request_feeds[name], values, err_msg=name)
