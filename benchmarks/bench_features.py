@@ -2,14 +2,21 @@
 
     python -m benchmarks.bench_features                                   # 1M impressions/day, 28 days of history
     python -m benchmarks.bench_features --impressions 200000 --history-days 7
+    python -m benchmarks.bench_features --warehouse /tmp/bench-wh          # keep the data there
 
 Writes a synthetic warehouse of validated partitions directly (vectorised numpy/pyarrow,
 shaped like the demo spec): ``--history-days`` days of N impressions behind the training
-day L, plus the clicks/conversions of the days after L that its labels wait for. Then,
-each in a fresh process (so peak RSS is per stage):
+day L, day L + 1, plus the clicks/conversions of the days after them that their labels
+wait for. Then, each in a fresh process (so peak RSS is per stage):
 
 * features: ``build_daily_aggregates`` for every history day (impressions/s over all days);
-* examples: ``build_training_table`` for L (impressions/s of day L), vocabularies fresh.
+* examples, first night: ``build_training_table`` for L (impressions/s of day L),
+  vocabularies fresh, no rolling state yet: the states are recomputed from the history;
+* examples, next night: ``features`` for L (untimed), then ``build_training_table`` for
+  L + 1: the steady state, each key's rolling state advanced by one day.
+
+Each line shows wall seconds and the stage's CPU seconds (user + system, all threads):
+on a busy machine the wall time grows, the CPU time much less.
 
 Targets on the 2-core dev machine: features >= 2M impressions/s, examples >= 1M
 impressions/s, peak RSS < 4 GiB per stage.
@@ -20,6 +27,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import multiprocessing as mp
+import os
 import resource
 import shutil
 import tempfile
@@ -79,19 +87,19 @@ def _events(ids: pa.Array, ts_us: np.ndarray, day_start_us: int, value: np.ndarr
 
 
 def write_warehouse(warehouse: Path, n: int, history_days: int, lag: int, seed: int) -> dt.date:
-    """Validated partitions for history_days + 1 days of n impressions; returns the training day."""
+    """Validated partitions for history_days + 2 days of n impressions; returns the first training day."""
     rng = np.random.default_rng(seed)
     n_users, n_items = max(1_000, n // 10), max(500, n // 50)
     users, items = _snapshots(n_users, n_items, rng)
     day_l = START + dt.timedelta(days=history_days)
     pending: dict[tuple[str, dt.date], list[pa.Table]] = {}
     epoch = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-    for d in range(history_days + 1 + lag):
+    for d in range(history_days + 2 + lag):
         day = START + dt.timedelta(days=d)
         start_us = int((dt.datetime.combine(day, dt.time(), tzinfo=dt.UTC) - epoch).total_seconds()) * 1_000_000
         write_parquet_dir(validated_dir(warehouse, "users", day), users)
         write_parquet_dir(validated_dir(warehouse, "items", day), items)
-        if d <= history_days:
+        if d <= history_days + 1:
             ts = np.sort(start_us + rng.integers(0, US_PER_DAY, n))
             imp_ids = _ids(f"{day.isoformat()}-", np.arange(n))
             imps = pa.table({
@@ -133,7 +141,7 @@ def _stage_features(cfg: FunnelConfig, warehouse: Path, days: list[dt.date], out
         for phase, secs in build_daily_aggregates(cfg, warehouse, day)["timings_s"].items():
             phases[phase] = phases.get(phase, 0.0) + secs
     seconds = time.perf_counter() - started
-    out.put((seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, {k: round(v, 2) for k, v in phases.items()}))
+    out.put((seconds, _cpu_seconds(), _peak_rss_mib(), {k: round(v, 2) for k, v in phases.items()}))
 
 
 def _stage_examples(cfg: FunnelConfig, warehouse: Path, run_date: dt.date, out: mp.Queue) -> None:
@@ -141,10 +149,19 @@ def _stage_examples(cfg: FunnelConfig, warehouse: Path, run_date: dt.date, out: 
 
     started = time.perf_counter()
     manifest = build_training_table(cfg, warehouse, run_date)
-    out.put((time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, manifest["timings_s"]))
+    out.put((time.perf_counter() - started, _cpu_seconds(), _peak_rss_mib(), manifest["timings_s"]))
 
 
-def _in_child(target, *args) -> tuple[float, float, dict | None]:
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _in_child(target, *args) -> tuple[float, float, float, dict]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=target, args=(*args, queue))
@@ -170,17 +187,25 @@ def main(argv: list[str] | None = None) -> None:
     try:
         t = time.perf_counter()
         day_l = write_warehouse(warehouse, args.impressions, args.history_days, lag, cfg.seed)
-        print(f"wrote {args.history_days + 1} days x {args.impressions:,} impressions in {time.perf_counter() - t:.1f} s")
+        print(f"wrote {args.history_days + 2} days x {args.impressions:,} impressions in {time.perf_counter() - t:.1f} s")
 
+        print(f"load average before the stages: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         history = [START + dt.timedelta(days=d) for d in range(args.history_days)]
-        secs, rss, phases = _in_child(_stage_features, cfg, warehouse, history)
+        secs, cpu, rss, phases = _in_child(_stage_features, cfg, warehouse, history)
         n_hist = args.impressions * len(history)
-        print(f"features: {n_hist:,} impressions ({len(history)} days) in {secs:.2f} s = {n_hist / secs:,.0f} impressions/s, peak RSS {rss:,.0f} MiB")
+        print(f"features: {n_hist:,} impressions ({len(history)} days) in {secs:.2f} s (CPU {cpu:.1f} s) = {n_hist / secs:,.0f} impressions/s, peak RSS {rss:,.0f} MiB")
         print(f"features phases over all days (s): {phases}")
 
-        secs, rss, timings = _in_child(_stage_examples, cfg, warehouse, day_l + dt.timedelta(days=lag))
-        print(f"examples: {args.impressions:,} impressions in {secs:.2f} s = {args.impressions / secs:,.0f} impressions/s, peak RSS {rss:,.0f} MiB")
-        print(f"examples phases (s): {timings}")
+        for night, day in (("first night", day_l), ("next night", day_l + dt.timedelta(days=1))):
+            if day > day_l:
+                _in_child(_stage_features, cfg, warehouse, [day - dt.timedelta(days=1)])
+            secs, cpu, rss, timings = _in_child(_stage_examples, cfg, warehouse, day + dt.timedelta(days=lag))
+            print(
+                f"examples, {night}: {args.impressions:,} impressions in {secs:.2f} s (CPU {cpu:.1f} s) = "
+                f"{args.impressions / secs:,.0f} impressions/s, peak RSS {rss:,.0f} MiB"
+            )
+            print(f"examples phases, {night} (s): {timings}")
+        print(f"load average after the stages: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     finally:
         if args.warehouse is None:
             shutil.rmtree(warehouse, ignore_errors=True)

@@ -15,24 +15,33 @@ partitions are read to attribute it to the impression's key (user, item, user x 
 ...). Key columns are looked up on the impression, else in the users / items snapshot
 accepted on D.
 
-Layout: ``<warehouse>/features/daily/<key name>/date=D/part-0.parquet``.
+Layout: ``<warehouse>/features/daily/<key name>/date=D/part-0.parquet``; each row also
+carries ``key_hash``, a stable 64-bit hash of its key tuple, which the rolling states
+(``<warehouse>/features/rolling/``, described further down) are keyed by.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
+import shutil
 import time
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from features.config import AGGREGATE_METRICS, AggregateKey, FunnelConfig
 from features.contract import SNAPSHOT_TABLES, day_start, day_str, in_day, scan_validated, validated_dir
-from features.errors import DataContractError
-from features.io import write_parquet_dir
+from features.errors import DataContractError, StageError
+from features.io import atomic_dir, atomic_write_json, sha256_dir, write_parquet_dir
 from features.labels import attributed_conversions, first_clicks, scan_events
+from serving.encoding import _mix64 as mix64
+from serving.encoding import as_strings, stable_hash
 
 COUNTS = ("imps", "clicks", "convs")
 SNAPSHOT_JOIN_KEY = {"users": "user_id", "items": "item_id"}
@@ -46,15 +55,15 @@ def daily_dir(warehouse: Path, key_name: str, day: dt.date) -> Path:
     return daily_root(warehouse, key_name) / f"date={day_str(day)}"
 
 
-def partition_days(root: Path) -> set[dt.date]:
-    """Days of the ``date=YYYY-MM-DD`` folders under ``root`` that hold Parquet files
-    (half-written ``.tmp-`` folders are not partitions)."""
+def partition_days(root: Path, pattern: str = "*.parquet") -> set[dt.date]:
+    """Days of the ``date=YYYY-MM-DD`` folders under ``root`` that hold files matching
+    ``pattern`` (half-written ``.tmp-`` folders are not partitions)."""
     if not root.is_dir():
         return set()
     return {
         dt.date.fromisoformat(p.name.removeprefix("date="))
         for p in root.iterdir()
-        if p.name.startswith("date=") and any(p.glob("*.parquet"))
+        if p.name.startswith("date=") and any(p.glob(pattern))
     }
 
 
@@ -152,15 +161,58 @@ def daily_events(cfg: FunnelConfig, warehouse: Path, day: dt.date) -> tuple[pl.L
     return events, inputs
 
 
+def _dictionary_codes(values: pl.Series) -> tuple[pa.Array, np.ndarray]:
+    """A column's distinct values and each row's code into them (null: len(distinct))."""
+    encoded = pc.dictionary_encode(values.rechunk().to_arrow())
+    return encoded.dictionary, pc.fill_null(encoded.indices, len(encoded.dictionary)).to_numpy(zero_copy_only=False)
+
+
+def _value_ranks(dictionary: pa.Array) -> np.ndarray:
+    """Rank of each distinct value in ascending order, then len(dictionary) for null."""
+    rank_of_code = np.empty(len(dictionary) + 1, np.int64)
+    rank_of_code[pl.Series(dictionary).arg_sort().to_numpy()] = np.arange(len(dictionary))
+    rank_of_code[-1] = len(dictionary)
+    return rank_of_code
+
+
+def _value_hashes(dictionary: pa.Array) -> np.ndarray:
+    """stable_hash of each distinct value (as its key text), then NULL_HASH for null."""
+    return np.append(stable_hash(as_strings(dictionary)), NULL_HASH)
+
+
 def sort_ranks(values: pl.Series) -> np.ndarray:
     """Per row, the rank of its value among the column's distinct values in ascending
     order, nulls last (ties share a rank)."""
-    encoded = pc.dictionary_encode(values.rechunk().to_arrow())
-    dictionary = pl.Series(encoded.dictionary)
-    rank_of_code = np.empty(len(dictionary), np.int64)
-    rank_of_code[dictionary.arg_sort().to_numpy()] = np.arange(len(dictionary))
-    codes = pc.fill_null(encoded.indices, len(dictionary)).to_numpy(zero_copy_only=False)
-    return np.append(rank_of_code, len(dictionary))[codes]
+    dictionary, codes = _dictionary_codes(values)
+    return _value_ranks(dictionary)[codes]
+
+
+def combine_hashes(column_hashes: list[np.ndarray]) -> np.ndarray:
+    """One stable 64-bit hash per row from the per-column hashes of a key tuple."""
+    combined = np.zeros(len(column_hashes[0]) if column_hashes else 0, np.uint64)
+    for hashes in column_hashes:
+        combined = mix64(combined * KEY_HASH_STEP + hashes)
+    return combined
+
+
+def column_codes(rows: pl.DataFrame, columns: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per column, each row's code into the column's distinct values (null: the last
+    code) and the stable hash of each code's value (``_value_hashes``)."""
+    out = {}
+    for column in columns:
+        dictionary, codes = _dictionary_codes(rows[column])
+        out[column] = codes, _value_hashes(dictionary)
+    return out
+
+
+def key_hashes(frame: pl.DataFrame, columns: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the stable 64-bit hash of its key tuple (as in the daily partitions'
+    ``key_hash``) and whether any key column is null. Only distinct values are hashed."""
+    codes = column_codes(frame, columns)
+    has_null = np.zeros(frame.height, bool)
+    for row_codes, value_hashes in codes.values():
+        has_null |= row_codes == len(value_hashes) - 1
+    return combine_hashes([value_hashes[row_codes] for row_codes, value_hashes in codes.values()]), has_null
 
 
 def _compact(codes: np.ndarray, n_codes: int) -> tuple[np.ndarray, int]:
@@ -173,36 +225,53 @@ def _compact(codes: np.ndarray, n_codes: int) -> tuple[np.ndarray, int]:
     return renumbered.reshape(-1), len(distinct)
 
 
-def counters_by_key(events: pl.DataFrame, columns: list[str], ranks: dict[str, np.ndarray] | None = None) -> pl.DataFrame:
+def row_groups(column_codes: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Group rows by a tuple of integer codes (>= 0), one array per key column: each
+    row's group 0..k-1 (in the codes' mixed-radix order) and one row of each group."""
+    n_rows = len(column_codes[0]) if column_codes else 0
+    group, n_groups = np.zeros(n_rows, np.int64), 1
+    for codes in column_codes:
+        radix = int(codes.max(initial=0)) + 1
+        group, n_groups = _compact(group * radix + codes, n_groups * radix)
+    first_row = np.empty(n_groups if n_rows else 0, np.int64)
+    first_row[group] = np.arange(n_rows)  # any row of a group holds its key values
+    return group, first_row
+
+
+def counters_by_key(
+    events: pl.DataFrame,
+    columns: list[str],
+    ranks: dict[str, np.ndarray] | None = None,
+    codes: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+) -> pl.DataFrame:
     """The key columns + summed imps, clicks, convs (Int64) and conv_value (Float64) per
     distinct key, sorted by the key columns with nulls last. ``ranks``: the columns'
-    ``sort_ranks`` where already computed (keys sharing a column share them).
+    ``sort_ranks`` where already computed (keys sharing a column share them). ``codes``:
+    the key columns' ``column_codes``; when given, the output carries each key's hash as
+    ``key_hash`` (UInt64) after the key columns.
 
     Same result as ``group_by(columns).agg(sum).sort(columns, nulls_last=True)``, but the
     string keys are hashed once per column (dictionary encoding) and the grouping and
     sorting run on integer ranks: several times faster on ~1M rows of string keys.
     """
-    group, n_groups = np.zeros(events.height, np.int64), 1
-    for column in columns:
-        column_ranks = ranks[column] if ranks and column in ranks else sort_ranks(events[column])
-        radix = int(column_ranks.max(initial=0)) + 1
-        # Mixed-radix rank of the key columns so far, renumbered 0..groups-1 in key order.
-        group, n_groups = _compact(group * radix + column_ranks, n_groups * radix)
-    first_row = np.empty(n_groups, np.int64)
-    first_row[group] = np.arange(events.height)  # any row of a group holds its key values
+    group, first_row = row_groups([ranks[c] if ranks and c in ranks else sort_ranks(events[c]) for c in columns])
+    n_groups = len(first_row)
     # float64 sums are exact for counts below 2**53.
     sums = {
         metric: np.bincount(group, weights=events[metric].to_numpy(), minlength=n_groups) for metric in (*COUNTS, "conv_value")
     }
+    carried = [] if codes is None else [pl.Series("key_hash", combine_hashes([codes[c][1][codes[c][0][first_row]] for c in columns]), pl.UInt64)]
     return events.select(pl.col(columns).gather(first_row)).with_columns(
+        *carried,
         *[pl.Series(metric, sums[metric].round().astype(np.int64)) for metric in COUNTS],
         pl.Series("conv_value", sums["conv_value"], pl.Float64),
     )
 
 
 def build_daily_aggregates(cfg: FunnelConfig, warehouse: Path, day: dt.date) -> dict:
-    """Write each aggregate key's counters of ``day`` (key columns + imps, clicks, convs
-    as Int64, conv_value as Float64, sorted by key) atomically; return a manifest."""
+    """Write each aggregate key's counters of ``day`` (key columns, ``key_hash`` UInt64,
+    imps, clicks, convs as Int64, conv_value as Float64, sorted by key) atomically; return
+    a manifest. Raises when two keys of the day share a key hash."""
     started = time.perf_counter()
     timings = dict.fromkeys(("events", "counters", "write"), 0.0)
     events, inputs = daily_events(cfg, warehouse, day)
@@ -211,9 +280,14 @@ def build_daily_aggregates(cfg: FunnelConfig, warehouse: Path, day: dt.date) -> 
     t = time.perf_counter()
     timings["events"] = t - started
     key_columns = dict.fromkeys(c for key in cfg.features.aggregate_keys for c in key.columns)
-    ranks = {c: sort_ranks(events[c]) for c in key_columns}
+    ranks, codes = {}, {}
+    for column in key_columns:  # one dictionary encoding per column serves both
+        dictionary, row_codes = _dictionary_codes(events[column])
+        ranks[column], codes[column] = _value_ranks(dictionary)[row_codes], (row_codes, _value_hashes(dictionary))
     for key in cfg.features.aggregate_keys:
-        counters = counters_by_key(events, key.columns, ranks)
+        counters = counters_by_key(events, key.columns, ranks, codes)
+        if counters["key_hash"].n_unique() != counters.height:
+            raise StageError(f"64-bit key hash collision among the {key.name!r} keys of {day_str(day)}: rename one key value")
         timings["counters"] += time.perf_counter() - t
         t = time.perf_counter()
         target = write_parquet_dir(daily_dir(warehouse, key.name, day), counters.to_arrow())
@@ -291,6 +365,11 @@ def _defaults(cfg: FunnelConfig, key: AggregateKey, rates: dict[int, tuple[float
 
 def _features_from_counts(cfg: FunnelConfig, key: AggregateKey, counts: pl.DataFrame, rates: dict[int, tuple[float, float]]) -> pl.DataFrame:
     """Key columns + the key's dense features from its per-window counts."""
+    return counts.select(*key.columns, *_feature_columns(cfg, key, rates))
+
+
+def _feature_columns(cfg: FunnelConfig, key: AggregateKey, rates: dict[int, tuple[float, float]]) -> list[pl.Expr]:
+    """The key's dense features (Float32) from the per-window count columns."""
     prior = cfg.features.prior_strength
     features: list[pl.Expr] = []
     for w in cfg.features.windows_days:
@@ -301,7 +380,8 @@ def _features_from_counts(cfg: FunnelConfig, key: AggregateKey, counts: pl.DataF
             _smoothed(clicks, imps, prior, ctr), _smoothed(convs, clicks, prior, cvr),
         ]  # fmt: skip
     names = [n for w in cfg.features.windows_days for n in _feature_names(key, w)]
-    return counts.select(*key.columns, *[f.cast(pl.Float32).alias(n) for f, n in zip(features, names, strict=True)])
+    return [f.cast(pl.Float32).alias(n) for f, n in zip(features, names, strict=True)]
+
 
 
 def _feature_names(key: AggregateKey, w: int) -> list[str]:
@@ -309,33 +389,18 @@ def _feature_names(key: AggregateKey, w: int) -> list[str]:
     return [f"{key.name}_{metric}_{w}d" for metric in AGGREGATE_METRICS]
 
 
-def rolled_key(
-    cfg: FunnelConfig, warehouse: Path, key: AggregateKey, day: dt.date, only_keys: pl.LazyFrame | None = None
-) -> tuple[pl.DataFrame, dict[str, float]]:
-    """One key's rolling features as of the start of ``day`` and its no-history defaults,
-    from one read of its history. With ``only_keys`` (a frame holding the key columns), the
-    features are computed only for those key values; the global rates still use every key.
-    """
-    windows = cfg.features.windows_days
-    history = _history(cfg, warehouse, key, day)
-    rows = history if only_keys is None else history.join(only_keys.select(key.columns).unique(), on=key.columns, how="semi")
-    totals_query = history.select(_window_counts(windows))
-    counts_query = rows.group_by(key.columns).agg(_window_counts(windows))
-    totals, counts = pl.collect_all([totals_query, counts_query])
-    rates = _global_rates(totals.row(0, named=True), windows)
-    return _features_from_counts(cfg, key, counts, rates), _defaults(cfg, key, rates)
-
-
-def rolled_features(
-    cfg: FunnelConfig, warehouse: Path, day: dt.date, only_keys: pl.LazyFrame | None = None
-) -> tuple[dict[str, pl.LazyFrame], dict[str, dict[str, float]]]:
+def rolled_features(cfg: FunnelConfig, warehouse: Path, day: dt.date) -> tuple[dict[str, pl.LazyFrame], dict[str, dict[str, float]]]:
     """``rolling_features`` and ``rolling_defaults`` of every aggregate key in one pass
-    over each key's history (see ``rolled_key`` for ``only_keys``)."""
+    over each key's history."""
+    windows = cfg.features.windows_days
     frames: dict[str, pl.LazyFrame] = {}
     defaults: dict[str, dict[str, float]] = {}
     for key in cfg.features.aggregate_keys:
-        frame, defaults[key.name] = rolled_key(cfg, warehouse, key, day, only_keys)
-        frames[key.name] = frame.lazy()
+        history = _history(cfg, warehouse, key, day)
+        totals, counts = pl.collect_all([history.select(_window_counts(windows)), history.group_by(key.columns).agg(_window_counts(windows))])
+        rates = _global_rates(totals.row(0, named=True), windows)
+        frames[key.name] = _features_from_counts(cfg, key, counts, rates).lazy()
+        defaults[key.name] = _defaults(cfg, key, rates)
     return frames, defaults
 
 
@@ -374,3 +439,277 @@ def attach_rolling_features(
         for key in cfg.features.aggregate_keys
     ]
     return pl.concat([rows, *looked_up], how="horizontal")
+
+
+# --- persisted rolling state: window sums per key, advanced one day at a time -------------
+#
+# ``<warehouse>/features/rolling/<key name>/date=X/`` holds the key's window counts as of
+# the START of X (the daily counters of days [X - w, X - 1] summed, per window w):
+#
+# * ``state.arrow``: Arrow IPC file, ``key_hash`` UInt64 (``key_hashes`` of the key
+#   columns, sorted, unique) + one Int64 column per metric and window (``_imps_7``, ...).
+#   Keys whose counts are all zero over the longest window are left out: they read the
+#   same as keys never seen (zero counts, the no-history defaults).
+# * ``manifest.json``: key, key columns, windows, rows, the sha256 of every daily
+#   partition summed in (so a rewritten partition invalidates the state), how it was built.
+#
+# State(X + 1) = state(X) + daily(X) - daily(X - w) per window; without a valid state(X)
+# (first run, a gap, a backfill out of order, a rewritten partition) it is recomputed from
+# the daily partitions. Both give the same content (tests/test_rolling_state.py).
+
+STATE_FILE = "state.arrow"
+STATE_FORMAT = 1
+STATES_KEPT_DAYS = 1  # states older than the day before the newest are deleted
+# The hash of a null key value: distinct from the hash of "" (stable_hash's null).
+NULL_HASH = np.uint64(0x6A09E667F3BCC909)
+KEY_HASH_STEP = np.uint64(0x9E3779B97F4A7C15)
+INT32_MAX = np.iinfo(np.int32).max
+
+
+def rolling_state_root(warehouse: Path, key_name: str) -> Path:
+    return Path(warehouse) / "features" / "rolling" / key_name
+
+
+def rolling_state_dir(warehouse: Path, key_name: str, day: dt.date) -> Path:
+    return rolling_state_root(warehouse, key_name) / f"date={day_str(day)}"
+
+
+def _state_columns(windows: list[int]) -> list[str]:
+    return [_count_name(metric, w) for w in windows for metric in COUNTS]
+
+
+@dataclass(frozen=True)
+class RollingState:
+    """A key's window counts as of the start of ``day`` (see the section comment)."""
+
+    day: dt.date
+    windows: tuple[int, ...]
+    key_hash: np.ndarray  # uint64, sorted, unique
+    counts: list[np.ndarray]  # one Int32 or Int64 array per _state_columns entry, aligned with key_hash
+
+    @cached_property
+    def totals(self) -> dict[str, int]:
+        """Each count column summed over every key (what the global rates come from)."""
+        return {name: int(column.sum(dtype=np.int64)) for name, column in zip(_state_columns(list(self.windows)), self.counts, strict=True)}
+
+
+def _empty_state(day: dt.date, windows: list[int]) -> RollingState:
+    return RollingState(day, tuple(windows), np.zeros(0, np.uint64), [np.zeros(0, np.int64) for _ in _state_columns(windows)])
+
+
+def _scan_daily_hashed(warehouse: Path, key: AggregateKey, day: dt.date) -> pl.LazyFrame:
+    """One daily partition's key_hash and counts."""
+    path = daily_dir(warehouse, key.name, day)
+    scan = pl.scan_parquet(path / "*.parquet")
+    if "key_hash" not in scan.collect_schema():
+        raise DataContractError(f"{path} has no key_hash column (written by an older version): rerun `funnelrank features` for {day_str(day)}")
+    return scan.select("key_hash", *COUNTS)
+
+
+def _read_daily_sorted(warehouse: Path, key: AggregateKey, day: dt.date) -> tuple[np.ndarray, np.ndarray]:
+    """One daily partition's key hashes in ascending order and their imps/clicks/convs
+    [n, 3] (sorted queries make the searches into a state cache-friendly)."""
+    frame = _scan_daily_hashed(warehouse, key, day).sort("key_hash").collect()
+    return frame["key_hash"].to_numpy(), frame.select(COUNTS).to_numpy().astype(np.int64, copy=False)
+
+
+def _window_days(day: dt.date, max_window: int) -> list[dt.date]:
+    return [day - dt.timedelta(days=n) for n in range(1, max_window + 1)]
+
+
+def _relative(warehouse: Path, path: Path) -> str:
+    return path.relative_to(warehouse).as_posix()
+
+
+def daily_partition_hashes(warehouse: Path, key: AggregateKey, days: list[dt.date]) -> dict[str, str]:
+    """sha256 of the key's existing daily partitions of ``days``, by warehouse-relative path."""
+    paths = [daily_dir(warehouse, key.name, d) for d in days]
+    return {_relative(warehouse, p): sha256_dir(p) for p in paths if any(p.glob("*.parquet"))}
+
+
+def _state_manifest(path: Path) -> dict | None:
+    try:
+        return json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _state_matches(manifest: dict | None, cfg: FunnelConfig, key: AggregateKey, daily_sha: dict[str, str]) -> bool:
+    return bool(manifest) and manifest.get("format") == STATE_FORMAT and manifest.get("key_columns") == key.columns and (
+        manifest.get("windows") == list(cfg.features.windows_days) and manifest.get("daily_sha256") == daily_sha
+    )
+
+
+def _load_state(path: Path, day: dt.date, windows: list[int], manifest: dict) -> RollingState | None:
+    """The state written at ``path``, memory-mapped (a lookup reads only the pages it
+    needs); None when its rows or totals disagree with its manifest (a damaged file is
+    rebuilt, not trusted)."""
+    try:
+        table = pa.ipc.open_file(pa.memory_map(str(path / STATE_FILE))).read_all()
+    except (OSError, pa.ArrowInvalid):
+        return None
+    columns = _state_columns(windows)
+    if table.column_names != ["key_hash", *columns]:
+        return None
+    state = RollingState(day, tuple(windows), table.column("key_hash").to_numpy(), [table.column(c).to_numpy() for c in columns])
+    return state if (table.num_rows, state.totals) == (manifest.get("rows"), manifest.get("totals")) else None
+
+
+def _recomputed_state(cfg: FunnelConfig, warehouse: Path, key: AggregateKey, day: dt.date) -> RollingState:
+    """The state of ``day`` summed from the daily partitions of its longest window."""
+    windows = list(cfg.features.windows_days)
+    root = daily_root(warehouse, key.name)
+    existing = partition_days(root)
+    if not existing:
+        raise DataContractError(f"no daily aggregates for key {key.name!r} in {root}: run `funnelrank features` first")
+    days = days_since_history_start(existing, _window_days(day, max(windows)), f"daily aggregates of key {key.name!r}", root)
+    if not days:
+        return _empty_state(day, windows)
+    history = pl.concat([
+        _scan_daily_hashed(warehouse, key, d).with_columns(pl.lit((day - d).days, pl.Int32).alias("age"))
+        for d in days
+    ])  # fmt: skip
+    summed = history.group_by("key_hash").agg(_window_counts(windows)).sort("key_hash").collect()
+    counts = [summed[c].to_numpy() for c in _state_columns(windows)]
+    keep = _in_longest_window(counts, windows)
+    return RollingState(day, tuple(windows), summed["key_hash"].to_numpy()[keep], [c[keep] for c in counts])
+
+
+def _in_longest_window(counts: list[np.ndarray], windows: list[int]) -> np.ndarray:
+    """Keys with any event in the longest window (the others read as never seen)."""
+    longest = windows.index(max(windows)) * len(COUNTS)
+    return (counts[longest] != 0) | (counts[longest + 1] != 0) | (counts[longest + 2] != 0)
+
+
+def _advanced_state(warehouse: Path, key: AggregateKey, previous: RollingState) -> RollingState:
+    """state(X + 1) = state(X) + daily(X) - daily(X - w) for each window w."""
+    day = previous.day
+    windows = list(previous.windows)
+    root = daily_root(warehouse, key.name)
+    existing = partition_days(root)
+    keys, counts = previous.key_hash, previous.counts
+    if day in existing:
+        added, added_counts = _read_daily_sorted(warehouse, key, day)
+        pos = np.searchsorted(keys, added)
+        new = ~((pos < len(keys)) & (keys[np.minimum(pos, len(keys) - 1)] == added)) if len(keys) else np.ones(len(added), bool)
+        # The new keys' rows in the merged order; every other row takes an old key, in order.
+        new_rows = pos[new] + np.arange(int(new.sum()))
+        old_rows = np.ones(len(keys) + len(new_rows), bool)
+        old_rows[new_rows] = False
+        keys = _merged(keys, added[new], old_rows, new_rows)
+        # Int32 halves the memory traffic of these passes over every key; Int64 where a sum might not fit.
+        added_max = added_counts.max(axis=0, initial=0)
+        counts = [
+            _merged(c, 0, old_rows, new_rows, np.int32 if int(c.max(initial=0)) + int(added_max[i % len(COUNTS)]) <= INT32_MAX else np.int64)
+            for i, c in enumerate(counts)
+        ]
+        pos = np.searchsorted(keys, added)
+        for i, column in enumerate(counts):
+            column[pos] += added_counts[:, i % len(COUNTS)]
+    elif existing and min(existing) <= day:
+        raise DataContractError(f"daily aggregates of key {key.name!r} for {day_str(day)} missing in {root}: a stage did not run for that day")
+    else:
+        counts = [c.copy() for c in counts]  # the previous state is memory-mapped, read-only
+    for i, w in enumerate(windows):
+        leaving = day - dt.timedelta(days=w)
+        if leaving not in existing:
+            continue
+        gone, gone_counts = _read_daily_sorted(warehouse, key, leaving)
+        nonzero = gone_counts.any(axis=1)  # a key counted nowhere may have left the state
+        gone, gone_counts = gone[nonzero], gone_counts[nonzero]
+        pos = np.searchsorted(keys, gone)
+        if len(gone) and (len(keys) == 0 or not (keys[np.minimum(pos, len(keys) - 1)] == gone).all()):
+            raise StageError(f"rolling state of key {key.name!r} for {day_str(day)} lacks keys of {daily_dir(warehouse, key.name, leaving)}")
+        for j in range(len(COUNTS)):
+            counts[i * len(COUNTS) + j][pos] -= gone_counts[:, j]
+    keep = _in_longest_window(counts, windows)
+    return RollingState(day + dt.timedelta(days=1), tuple(windows), keys[keep], [c[keep] for c in counts])
+
+
+def _merged(old: np.ndarray, inserted: np.ndarray | int, old_rows: np.ndarray, new_rows: np.ndarray, dtype=None) -> np.ndarray:
+    """A new array holding ``old`` at ``old_rows`` (a mask) and ``inserted`` at ``new_rows``."""
+    out = np.empty(len(old_rows), dtype or old.dtype)
+    out[old_rows] = old
+    out[new_rows] = inserted
+    return out
+
+
+def _write_state(warehouse: Path, key: AggregateKey, state: RollingState, daily_sha: dict[str, str], built: str) -> None:
+    """Write the state atomically, uncompressed (so it can be memory-mapped); a count
+    column is stored as Int32 when its values fit."""
+    columns = {
+        name: column.astype(np.int32, copy=False) if column.max(initial=0) <= INT32_MAX else column  # counts are >= 0
+        for name, column in zip(_state_columns(list(state.windows)), state.counts, strict=True)
+    }
+    table = pa.table({"key_hash": state.key_hash, **columns})
+    target = rolling_state_dir(warehouse, key.name, state.day)
+    with atomic_dir(target) as tmp:
+        with pa.OSFile(str(tmp / STATE_FILE), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+        manifest = {
+            "format": STATE_FORMAT, "key": key.name, "key_columns": key.columns, "date": day_str(state.day),
+            "as_of": "start of date", "windows": list(state.windows), "rows": table.num_rows, "totals": state.totals,
+            "daily_sha256": daily_sha, "built": built, "file": STATE_FILE,
+        }  # fmt: skip
+        atomic_write_json(tmp / "manifest.json", manifest)
+    for old in partition_days(rolling_state_root(warehouse, key.name), "manifest.json"):
+        if old < state.day - dt.timedelta(days=STATES_KEPT_DAYS):
+            shutil.rmtree(rolling_state_dir(warehouse, key.name, old), ignore_errors=True)
+
+
+def rolling_state(cfg: FunnelConfig, warehouse: Path, key: AggregateKey, day: dt.date, daily_sha: dict[str, str] | None = None) -> RollingState:
+    """The key's window counts as of the start of ``day``: read when a state written from
+    the current daily partitions is there, else advanced from the previous day's state,
+    else recomputed; written atomically. ``daily_sha``: the sha256 of the key's daily
+    partitions of [day - longest window, day - 1] (``daily_partition_hashes``) when the
+    caller has them already."""
+    windows = list(cfg.features.windows_days)
+    if daily_sha is None:
+        daily_sha = daily_partition_hashes(warehouse, key, _window_days(day, max(windows)))
+    path = rolling_state_dir(warehouse, key.name, day)
+    manifest = _state_manifest(path)
+    if _state_matches(manifest, cfg, key, daily_sha) and (state := _load_state(path, day, windows, manifest)) is not None:
+        return state
+    yesterday = day - dt.timedelta(days=1)
+    previous_path = rolling_state_dir(warehouse, key.name, yesterday)
+    previous_manifest = _state_manifest(previous_path)
+    if previous_manifest is not None:
+        # Yesterday's window: today's without day - 1, plus the day that has just left it.
+        previous_days = _window_days(yesterday, max(windows))
+        previous_sha = daily_partition_hashes(warehouse, key, previous_days[-1:]) | {
+            p: sha for p, sha in daily_sha.items() if p != _relative(warehouse, daily_dir(warehouse, key.name, yesterday))
+        }
+    previous = None
+    if previous_manifest is not None and _state_matches(previous_manifest, cfg, key, previous_sha):
+        previous = _load_state(previous_path, yesterday, windows, previous_manifest)
+    if previous is not None:
+        state, built = _advanced_state(warehouse, key, previous), "advanced"
+    else:
+        state, built = _recomputed_state(cfg, warehouse, key, day), "recomputed"
+    _write_state(warehouse, key, state, daily_sha, built)
+    return state
+
+
+def state_features(cfg: FunnelConfig, key: AggregateKey, state: RollingState, codes: dict[str, tuple[np.ndarray, np.ndarray]]) -> pl.DataFrame:
+    """The key's dense features for each row, in row order, from ``column_codes`` of the
+    rows' key columns: the state's counts of the row's key (zero when it has none, or a
+    null key column, like the left join of ``attach_rolling_features``), smoothed and
+    log1p'd. Computed once per distinct key, then spread over its rows."""
+    windows = list(state.windows)
+    group, first_row = row_groups([codes[c][0] for c in key.columns])
+    group_hash = combine_hashes([codes[c][1][codes[c][0][first_row]] for c in key.columns])
+    group_null = np.zeros(len(first_row), bool)
+    for c in key.columns:
+        group_null |= codes[c][0][first_row] == len(codes[c][1]) - 1
+    order = np.argsort(group_hash)  # sorted queries: cache-friendly searches
+    pos = np.searchsorted(state.key_hash, group_hash[order])
+    found = pos < len(state.key_hash)
+    found[found] = state.key_hash[pos[found]] == group_hash[order][found]
+    found &= ~group_null[order]
+    counts = {}
+    for name, column in zip(_state_columns(windows), state.counts, strict=True):
+        per_group = np.zeros(len(first_row), np.int64)
+        per_group[order[found]] = column[pos[found]]
+        counts[name] = per_group
+    per_key = pl.DataFrame(counts).select(_feature_columns(cfg, key, _global_rates(state.totals, windows)))
+    return per_key[group]

@@ -70,15 +70,20 @@ def _scan_label_events(
     return pl.concat(frames, how="vertical")
 
 
-def build_labels(cfg: FunnelConfig, warehouse: Path, day: dt.date, allow_immature: bool = False) -> pl.LazyFrame:
+def build_labels(
+    cfg: FunnelConfig, warehouse: Path, day: dt.date, allow_immature: bool = False, impressions: pl.LazyFrame | None = None
+) -> pl.LazyFrame:
     """impression_id, click (Int8), conversion (Int8), conversion_value (Float64) for every
     validated impression of ``day``, in the impressions' order.
 
     Raises DataContractError naming the missing table/day when a later partition that can
     still hold this day's clicks or conversions is absent, unless ``allow_immature``.
+    ``impressions``: the day's validated impressions when the caller has read them already.
     """
     contract = cfg.contract
-    impressions = scan_validated(warehouse, "impressions", day).select("impression_id", "ts")
+    if impressions is None:
+        impressions = scan_validated(warehouse, "impressions", day)
+    impressions = impressions.select("impression_id", "ts")
     clicks = _scan_label_events(warehouse, "clicks", day, contract.click_lag_days, allow_immature)
     conversions = _scan_label_events(warehouse, "conversions", day, contract.maturity_lag_days, allow_immature)
 

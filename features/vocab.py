@@ -192,4 +192,5 @@ def update_vocabulary(warehouse: Path, feature: SparseFeature, day: dt.date, val
     )
     manifest["applied_days"][day_s] = version
     atomic_write_json(vocab_dir(warehouse, feature.name) / "manifest.json", manifest)
-    return load_vocabulary(warehouse, feature, version)
+    # The table just written (or unchanged), without reading it back.
+    return Vocabulary(feature.name, feature.capacity, feature.oov_buckets, version, table)

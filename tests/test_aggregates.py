@@ -17,7 +17,7 @@ from features.aggregates import (
     build_daily_aggregates,
     counters_by_key,
     daily_dir,
-    rolled_features,
+    key_hashes,
     rolling_defaults,
     rolling_features,
 )
@@ -72,7 +72,7 @@ def build_world(warehouse: Path, impressions: list[dict], clicks: list[dict], co
 
 
 def daily(warehouse: Path, key: str, day: dt.date) -> dict[tuple, tuple]:
-    df = pl.read_parquet(daily_dir(warehouse, key, day))
+    df = pl.read_parquet(daily_dir(warehouse, key, day)).drop("key_hash")
     n_keys = df.width - 4
     return {row[:n_keys]: row[n_keys:] for row in df.iter_rows()}
 
@@ -91,7 +91,9 @@ def features_of_day(warehouse: Path, day: dt.date) -> pl.DataFrame:
 def test_daily_counters_by_event_time(tmp_path):
     build_world(tmp_path, *base_events())
     schema = pl.read_parquet_schema(daily_dir(tmp_path, "user", D0) / "part-0.parquet")
-    assert schema == {"user_id": pl.String, "imps": pl.Int64, "clicks": pl.Int64, "convs": pl.Int64, "conv_value": pl.Float64}
+    assert schema == {"user_id": pl.String, "key_hash": pl.UInt64, "imps": pl.Int64, "clicks": pl.Int64, "convs": pl.Int64, "conv_value": pl.Float64}
+    user_d0 = pl.read_parquet(daily_dir(tmp_path, "user", D0))
+    assert user_d0["key_hash"].to_list() == key_hashes(user_d0, ["user_id"])[0].tolist()
     assert daily(tmp_path, "user", D0) == {("u1",): (2, 1, 1, 2.0), ("u2",): (1, 0, 0, 0.0)}
     # a2 (shown on D0) is clicked on D1: D1's counter, although u1's D1 impression got no click
     assert daily(tmp_path, "user", D1) == {("u1",): (1, 1, 0, 0.0), ("u2",): (1, 1, 0, 0.0)}
@@ -256,15 +258,3 @@ def test_counters_by_key_equal_group_by_then_sort(columns):
     assert got.drop("conv_value").equals(expected.drop("conv_value"))
     assert np.allclose(got["conv_value"].to_numpy(), expected["conv_value"].to_numpy(), rtol=1e-12)
     assert counters_by_key(events.head(0), columns).height == 0
-
-
-def test_rolled_features_for_some_keys_equal_the_full_features(tmp_path):
-    build_world(tmp_path, *base_events())
-    some_keys = pl.LazyFrame({"user_id": ["u1", "u9"], "item_id": ["i2", "i1"], "category_id": ["cat-i2", "cat-i1"]})
-    frames, defaults = rolled_features(CFG, tmp_path, X, only_keys=some_keys)
-    assert defaults == rolling_defaults(CFG, tmp_path, X)
-    full = rolling_features(CFG, tmp_path, X)
-    for key in CFG.features.aggregate_keys:
-        expected = full[key.name].join(some_keys.select(key.columns), on=key.columns, how="semi").sort(key.columns)
-        got = frames[key.name].sort(key.columns).collect()
-        assert got.height > 0 and got.equals(expected.collect()), key.name

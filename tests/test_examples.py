@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from features.aggregates import build_daily_aggregates
+from features.aggregates import build_daily_aggregates, rolling_state_dir
 from features.config import load_config
 from features.contract import TS, report_path, validated_dir
 from features.errors import DataContractError
@@ -260,3 +260,17 @@ def test_cli_examples(setup, capsys):
     assert (training_dir(warehouse, D2) / "part-0.parquet").exists()
     assert main(args) == 0
     assert "skipped" in capsys.readouterr().out
+
+
+def test_next_night_advances_the_rolling_state_to_the_same_table(setup):
+    cfg, warehouse, _ = setup
+    build_training_table(cfg, warehouse, D3)  # first night: the states of D2 are recomputed
+    advanced = build_training_table(cfg, warehouse, D4)  # next night: advanced by one day
+    state_manifest = json.loads((rolling_state_dir(warehouse, "user_category", D3) / "manifest.json").read_text())
+    assert state_manifest["built"] == "advanced" and state_manifest["rows"] > 0
+    # Without any state the night recomputes them: the same table, byte for byte.
+    shutil.rmtree(warehouse / "features" / "rolling")
+    shutil.rmtree(training_dir(warehouse, D3))
+    recomputed = build_training_table(cfg, warehouse, D4)
+    assert json.loads((rolling_state_dir(warehouse, "user_category", D3) / "manifest.json").read_text())["built"] == "recomputed"
+    assert recomputed["content_sha256"] == advanced["content_sha256"]
