@@ -4,16 +4,36 @@ Window: L = run_date - contract.maturity_lag_days is the newest mature day. The 
 trains on days L - window_days + 1 .. L - 1 and validates (early stopping, metrics) on L,
 so ``train.window_days`` >= 2.
 
-Sparse parameters live in one torchrec EmbeddingBagCollection sharded table-wise by
-``DistributedModelParallel`` in this one process (world size 1; gloo + CPU, or nccl +
-CUDA when a GPU is present) with FBGEMM's fused optimiser applied inside the backward
-(row-wise Adagrad or Adam): no dense embedding gradients are ever materialised. Dense
-parameters (and the uncertainty weights) use AdamW.
+Sparse parameters live in one torchrec EmbeddingBagCollection wrapped by
+``DistributedModelParallel`` (DMP) with FBGEMM's fused optimiser applied inside the
+backward (row-wise Adagrad or Adam): no dense embedding gradients are ever materialised.
+Dense parameters (and the uncertainty weights) use AdamW. With bf16 autocast on CUDA
+(``train.mixed_precision``) the dense layers run in bf16; losses are taken in float32.
+
+One process or many. Run plainly, training is one process (world size 1, rendezvous
+through a FileStore under the state dir): gloo + CPU, or nccl + the GPU. Under ``torchrun``
+(RANK / WORLD_SIZE / MASTER_ADDR set) every rank joins one ``env://`` process group; the
+tables are placed by torchrec's planner (``train.sharding``: table-wise by default, or
+row/column-wise, data-parallel, or the planner's choice), the dense layers are replicated
+with DDP (the uncertainty weights' gradients are averaged by hand), and each rank reads
+its own row groups of the training and validation tables (``rank::world``).
+``train.batch_size`` is the global batch: each of N ranks takes batch_size / N rows per
+step, so a run's optimisation does not depend on how many ranks share it. Ranks whose
+shard runs out first start it again, so all ranks take the same number of steps (every
+step is a collective); validation repeats batches the same way but drops their output.
+Metrics are computed on all ranks' predictions (all-gathered). Only rank 0 writes
+checkpoints and talks to MLflow; the other ranks wait at a barrier.
 
 Each epoch ends with a validation pass and an atomic checkpoint under
-``<state_dir>/checkpoints/<run key>/`` (model incl. sharded tables, both optimisers' state,
-torch RNG, epoch, best metric, history, MLflow run id); running the same command again
-after a kill resumes from it. On the CPU, the same seed and data give identical weights.
+``<state_dir>/checkpoints/<run key>/`` (model, both optimisers' state, torch RNG, epoch,
+best metric, history, MLflow run id); running the same command again after a kill
+resumes from it, with any number of ranks: sharded tables and the fused optimiser's
+per-row state are gathered into whole tensors on save and copied into whatever shards a
+rank owns on load. On the CPU, the same seed, data and world size give identical weights.
+
+Two hooks for the nightly pipeline: ``initial_state`` warm-starts a new run from another
+model's plain state_dict (embedding tables copy their overlapping leading rows:
+vocabularies only grow), ``freeze_shared`` trains only the towers, heads and gates.
 """
 
 from __future__ import annotations
@@ -24,6 +44,7 @@ import io
 import json
 import os
 import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +52,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
@@ -47,11 +69,20 @@ from features.io import atomic_write_bytes
 from models.loader import Batch, TrainingTableLoader, parquet_files
 from models.losses import LossWeighting, task_losses, training_loss
 from models.metrics import task_metrics
-from models.nets import TASKS, MultiTaskNet, dense_stats
+from models.nets import TASKS, ModelOutput, MultiTaskNet, dense_stats
 from models.tracking import (RunTracker, flatten, git_commit, plot_gate_usage, plot_loss_curves, plot_reliability,
                              plot_roc, to_toml)
 
 HIGHER_IS_BETTER = {"click_auc", "click_gauc", "cvr_auc", "ctcvr_auc"}
+# train.sharding -> the sharding types the planner may choose from ("auto": all sharded
+# ones; it drops those the device cannot do, e.g. row-wise on the CPU).
+SHARDING_TYPES = {
+    "auto": [ShardingType.TABLE_WISE, ShardingType.ROW_WISE, ShardingType.COLUMN_WISE, ShardingType.TABLE_ROW_WISE],
+    "table_wise": [ShardingType.TABLE_WISE],
+    "row_wise": [ShardingType.ROW_WISE],
+    "column_wise": [ShardingType.COLUMN_WISE],
+    "data_parallel": [ShardingType.DATA_PARALLEL],
+}
 
 
 @dataclass
@@ -86,62 +117,247 @@ def run_key(cfg: FunnelConfig, warehouse: Path, run_date: dt.date) -> str:
 
 # ---------------------------------------------------------------- distributed set-up
 
+def _launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def _device() -> torch.device:
+    """This rank's GPU (LOCAL_RANK under torchrun), else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    torch.cuda.set_device(device)
+    return device
+
+
 def _init_process_group(state_dir: Path, device: torch.device) -> None:
-    """World size 1, rendezvous through a fresh FileStore under the state dir (no ports)."""
+    """Under torchrun: the ``env://`` group of all ranks. Otherwise world size 1, rendezvous
+    through a fresh FileStore under the state dir (no ports)."""
     if dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if _launched_by_torchrun():
+        dist.init_process_group(backend, init_method="env://")
         return
     path = Path(state_dir).resolve() / "dist" / f"store-{os.getpid()}-{time.time_ns()}"
     path.parent.mkdir(parents=True, exist_ok=True)
-    backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, store=dist.FileStore(str(path), 1), rank=0, world_size=1)
 
 
-def _plain_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """state_dict with sharded tables as whole tensors (world size 1: one shard each)."""
-    out = {}
-    for k, v in module.state_dict().items():
-        if hasattr(v, "local_shards"):
-            (shard,) = v.local_shards()
-            v = shard.tensor
-        out[k] = v.detach().clone().cpu()
-    return out
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def _load_plain_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy a plain state_dict into a (possibly sharded) module, in place."""
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _reduce(values: list[float], device: torch.device, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> list[float]:
+    """Element-wise ``op`` of ``values`` over all ranks (the same result on every rank)."""
+    if _world() == 1:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=op)
+    return tensor.tolist()
+
+
+def _broadcast(value: object) -> object:
+    """Rank 0's ``value`` on every rank."""
+    if _world() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _barrier() -> None:
+    if _world() > 1:
+        dist.barrier()
+
+
+def _average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
+    """All-reduce-mean the gradients of parameters DDP does not see (the loss weighting)."""
+    for p in params:
+        if p.grad is not None and _world() > 1:
+            dist.all_reduce(p.grad)
+            p.grad /= _world()
+
+
+# ---------------------------------------------------------------- world-size independent state
+
+def _region(offsets: Sequence[int], sizes: Sequence[int]) -> tuple[slice, ...]:
+    """The index of a shard inside its whole tensor."""
+    return tuple(slice(o, o + n) for o, n in zip(offsets, sizes))
+
+
+def _gather_whole(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU copies of a flat state whose ShardedTensors are assembled whole on rank 0 (a
+    collective: every rank calls it). Other ranks get only the plain tensors, which every
+    rank holds alike (dense layers under DDP). Keys of sharded tensors may differ by rank
+    (the fused optimiser lists only the tables a rank holds); rank 0 gets their union."""
+    whole = {k: v.detach().cpu().clone() for k, v in tensors.items() if not isinstance(v, ShardedTensor)}
+    # this rank's pieces: key -> (global shape, [(offsets, CPU copy of a local shard)])
+    mine = {k: (tuple(v.metadata().size), [(s.metadata.shard_offsets, s.tensor.detach().cpu()) for s in v.local_shards()])
+            for k, v in tensors.items() if isinstance(v, ShardedTensor)}
+    everyone = [mine]
+    if _world() > 1:
+        everyone = [None] * _world() if _rank() == 0 else None
+        dist.gather_object(mine, everyone, dst=0)
+        if _rank() != 0:
+            return whole
+    for rank_pieces in everyone:
+        for key, (shape, shards) in rank_pieces.items():
+            for offsets, shard in shards:
+                if key not in whole:
+                    whole[key] = torch.zeros(shape, dtype=shard.dtype)
+                whole[key][_region(offsets, shard.shape)] = shard
+    return whole
+
+
+def _copy_into(targets: Mapping[str, torch.Tensor], whole: Mapping[str, torch.Tensor], what: str) -> None:
+    """Copy whole tensors into ``targets`` in place: into the local shards (at their offsets)
+    of a ShardedTensor, or the entire tensor otherwise."""
     with torch.no_grad():
-        for k, v in module.state_dict().items():
-            target = v.local_shards()[0].tensor if hasattr(v, "local_shards") else v
-            target.copy_(state[k])
+        for key, target in targets.items():
+            if key not in whole:
+                raise StageError(f"checkpoint {what} has no '{key}'")
+            source = whole[key]
+            shape = tuple(target.metadata().size if isinstance(target, ShardedTensor) else target.shape)
+            if tuple(source.shape) != shape:
+                raise StageError(f"checkpoint {what} '{key}' has shape {tuple(source.shape)}, the model {shape}")
+            if isinstance(target, ShardedTensor):
+                for shard in target.local_shards():
+                    shard.tensor.copy_(source[_region(shard.metadata.shard_offsets, shard.metadata.shard_sizes)])
+            else:
+                target.copy_(source)
 
 
-def distribute(model: MultiTaskNet, tcfg: TrainConfig, device: torch.device) -> DistributedModelParallel:
-    """Shard the EBC table-wise with the sparse optimiser fused into its backward."""
-    sparse_opt = (RowWiseAdagrad, {"lr": tcfg.sparse_lr}) if tcfg.sparse_optimizer == "rowwise_adagrad" \
-        else (torch.optim.Adam, {"lr": tcfg.sparse_lr})
+def _plain_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """state_dict with sharded tables as whole CPU tensors (on rank 0; see _gather_whole)."""
+    return _gather_whole(module.state_dict())
+
+
+def _load_plain_state(module: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Copy a plain state_dict into a (possibly sharded) module, in place."""
+    _copy_into(module.state_dict(), state, "model")
+
+
+def _fused_state(model: DistributedModelParallel) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The fused optimiser's state_dict and its tensors flattened as '<param>/<state>'."""
+    state_dict = model.fused_optimizer.state_dict()
+    flat = {f"{param}/{name}": v for param, states in state_dict["state"].items() for name, v in states.items()}
+    return state_dict, flat
+
+
+def _plain_fused_state(model: DistributedModelParallel) -> dict[str, torch.Tensor]:
+    """Per-row optimiser state (e.g. row-wise Adagrad's momentum) as whole tensors, on rank 0."""
+    return _gather_whole(_fused_state(model)[1])
+
+
+def _load_plain_fused_state(model: DistributedModelParallel, whole: Mapping[str, torch.Tensor]) -> None:
+    state_dict, flat = _fused_state(model)
+    _copy_into(flat, whole, "fused optimiser state")
+    model.fused_optimizer.load_state_dict(state_dict)
+
+
+def distribute(model: MultiTaskNet, tcfg: TrainConfig, device: torch.device, *,
+               freeze_embeddings: bool = False) -> DistributedModelParallel:
+    """Shard the EBC as ``train.sharding`` says, with the sparse optimiser fused into its
+    backward (learning rate 0 when ``freeze_embeddings``: the rows do not move; data-parallel
+    tables are dense parameters: leave them out of the dense optimiser). The dense layers
+    are not wrapped in DDP yet: call ``init_data_parallel()`` after freezing any."""
+    if tcfg.sharding == "row_wise" and device.type == "cpu":
+        raise StageError("train.sharding = 'row_wise' needs a CUDA device: on the CPU torchrec's planner offers "
+                         "table_wise, column_wise and data_parallel")
+    lr = 0.0 if freeze_embeddings else tcfg.sparse_lr
+    sparse_opt = (RowWiseAdagrad, {"lr": lr}) if tcfg.sparse_optimizer == "rowwise_adagrad" \
+        else (torch.optim.Adam, {"lr": lr})
     initial = _plain_state(model)  # on CPU the sharder re-initialises tables: keep the seeded ones
     apply_optimizer_in_backward(sparse_opt[0], model.ebc.parameters(), sparse_opt[1])
-    constraints = {name: ParameterConstraints(sharding_types=[ShardingType.TABLE_WISE.value]) for name in model.sparse_names}
+    types = [t.value for t in SHARDING_TYPES[tcfg.sharding]]
+    constraints = {name: ParameterConstraints(sharding_types=types) for name in model.sparse_names}
     sharders = [EmbeddingBagCollectionSharder()]
-    planner = EmbeddingShardingPlanner(topology=Topology(world_size=1, compute_device=device.type), constraints=constraints)
+    world = _world()
+    topology = Topology(world_size=world, compute_device=device.type,
+                        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
     plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
     dmp = DistributedModelParallel(model, device=device, plan=plan, sharders=sharders, init_data_parallel=False)
     _load_plain_state(dmp, initial)
     return dmp
 
 
+# ---------------------------------------------------------------- warm start
+
+def warm_start(net: MultiTaskNet, initial: Mapping[str, torch.Tensor]) -> None:
+    """Initialise ``net`` in place from another model's plain state_dict.
+
+    Embedding tables copy the overlapping leading rows (vocabularies are append-only, so an
+    old row keeps its meaning; new rows keep their fresh init); every other tensor (the
+    dense statistics included, so the start is exactly the other model) must match in
+    shape. A missing, extra or mis-shaped key raises StageError naming it."""
+    own = net.state_dict()
+    missing, extra = sorted(own.keys() - initial.keys()), sorted(initial.keys() - own.keys())
+    if missing or extra:
+        raise StageError(f"warm start: initial_state does not fit the model: missing {missing}, unexpected {extra}")
+    tables = {f"ebc.embedding_bags.{name}.weight" for name in net.sparse_names}
+    with torch.no_grad():
+        for key, target in own.items():
+            source = torch.as_tensor(initial[key])
+            if key in tables and source.dim() == 2 and source.shape[1] == target.shape[1]:
+                rows = min(source.shape[0], target.shape[0])
+                target[:rows].copy_(source[:rows])
+            elif source.shape != target.shape:
+                raise StageError(f"warm start: '{key}' has shape {tuple(source.shape)} in initial_state, "
+                                 f"{tuple(target.shape)} in the model")
+            else:
+                target.copy_(source)
+
+
 # ---------------------------------------------------------------- evaluation
 
+def _forward(model: torch.nn.Module, batch: Batch, amp: bool) -> ModelOutput:
+    """The model's outputs in float32. With ``amp`` (CUDA) the forward runs under bf16
+    autocast (the Linear layers; FBGEMM's embedding kernels keep float32) and the
+    probabilities are recomputed from the float32 logits, as the heads define them."""
+    with torch.autocast(batch.dense.device.type, dtype=torch.bfloat16, enabled=amp):
+        out = model(batch.dense, batch.sparse)
+    if not amp:
+        return out
+    click_logit, cvr_logit = out.click_logit.float(), out.cvr_logit.float()
+    p_click, p_cvr = torch.sigmoid(click_logit), torch.sigmoid(cvr_logit)
+    gates = {t: g.float() for t, g in out.gates.items()} if out.gates else out.gates
+    return ModelOutput(click_logit, cvr_logit, p_click, p_cvr, p_click * p_cvr, out.features.float(), gates)
+
+
+def _steps(loader: TrainingTableLoader, steps: int) -> Iterator[tuple[Batch, bool]]:
+    """Exactly ``steps`` (batch, is_repeat) of ``loader``: a shard that runs out first (row
+    groups do not split evenly over the ranks) starts again, with is_repeat = True."""
+    done = 0
+    while done < steps:
+        for batch in loader:
+            if done == steps:
+                return
+            yield batch, done >= len(loader)
+            done += 1
+
+
 @torch.no_grad()
-def predict(model: torch.nn.Module, loader: TrainingTableLoader, device: torch.device) -> dict[str, np.ndarray]:
-    """Labels, predictions, user codes and (mmoe) mean gate weights over a whole loader."""
+def predict(model: torch.nn.Module, loader: TrainingTableLoader, device: torch.device, steps: int | None = None,
+            amp: bool = False) -> dict[str, np.ndarray]:
+    """Labels, predictions, user codes and (mmoe) mean gate weights over a whole loader.
+
+    ``steps`` > len(loader): run that many forward passes (a collective under torchrun)
+    and drop the repeated batches' output."""
     model.eval()
     keys = ("click", "conversion", "user", "p_click", "p_cvr", "p_ctcvr")
     parts: dict[str, list] = {k: [] for k in keys}
     gate_sums: dict[str, torch.Tensor] = {}
-    for batch in loader:
-        batch = batch.to(device)
-        out = model(batch.dense, batch.sparse)
+    for batch, repeated in _steps(loader, len(loader) if steps is None else steps):
+        batch = batch.to(device, non_blocking=True)
+        out = _forward(model, batch, amp)
+        if repeated:
+            continue
         for k, v in (("click", batch.click), ("conversion", batch.conversion), ("user", batch.user),
                      ("p_click", out.p_click), ("p_cvr", out.p_cvr), ("p_ctcvr", out.p_ctcvr)):
             parts[k].append(v.cpu().numpy())
@@ -150,6 +366,17 @@ def predict(model: torch.nn.Module, loader: TrainingTableLoader, device: torch.d
     result = {k: np.concatenate(v) for k, v in parts.items()}
     result.update({f"gate_{t}": (s / len(result["click"])).numpy() for t, s in gate_sums.items()})
     return result
+
+
+def _gather_predictions(pred: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """All ranks' predictions in rank order (gates: the row-weighted mean), on every rank."""
+    if _world() == 1:
+        return pred
+    everyone: list = [None] * _world()
+    dist.all_gather_object(everyone, pred)
+    rows = np.array([len(p["click"]) for p in everyone], dtype=np.float64)
+    return {k: (sum(p[k] * n for p, n in zip(everyone, rows)) / rows.sum() if k.startswith("gate_")
+                else np.concatenate([p[k] for p in everyone])) for k in pred}
 
 
 def validation_metrics(pred: dict[str, np.ndarray]) -> dict[str, float]:
@@ -164,12 +391,17 @@ def gradient_cosine(model: torch.nn.Module, net: MultiTaskNet, batch: Batch, hea
     share only the embeddings, whose gradients the fused optimiser never exposes: there
     the gradient is taken w.r.t. the backbone input (pooled embeddings + dense features),
     the dense-visible part of the embeddings. autograd.grad stops at these inputs, so the
-    embeddings' fused backward (which would update them) does not run.
+    embeddings' fused backward (which would update them) does not run. Frozen shared
+    layers (fine-tuning) are measured at the backbone input too; NaN when nothing the
+    tasks share has a gradient. ``model`` must not be DDP-wrapped (pass ``dmp.module``):
+    DDP expects a backward after a training forward.
     """
     model.eval()
     out = model(batch.dense, batch.sparse)
     losses = task_losses(out, batch.click, batch.conversion, head)
-    shared = net.backbone.shared_parameters() or [out.features]
+    shared = [p for p in net.backbone.shared_parameters() if p.requires_grad] or [out.features]
+    if not all(t.requires_grad for t in shared):
+        return float("nan")
     grads = [torch.cat([g.flatten() for g in torch.autograd.grad(losses[t], shared, retain_graph=True)]) for t in TASKS]
     return float(torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0))
 
@@ -197,124 +429,183 @@ def train_model(
     *,
     max_epochs: int | None = None,
     progress: bool = True,
+    initial_state: Mapping[str, torch.Tensor] | None = None,
+    freeze_shared: bool = False,
+    parent_run_id: str | None = None,
+    extra_tags: Mapping[str, str] | None = None,
 ) -> TrainResult:
     """Train (or resume) the run for ``run_date``; ``max_epochs`` stops early without
-    finishing the run (as a kill would), e.g. to test resumption."""
+    finishing the run (as a kill would), e.g. to test resumption.
+
+    ``initial_state``: a plain state_dict to start from when there is no checkpoint to
+    resume (see :func:`warm_start`). ``freeze_shared``: embeddings and the shared experts /
+    bottom get no updates (embedding learning rate 0, shared dense layers left out of
+    AdamW); the towers, heads and gates train. ``parent_run_id`` makes the MLflow run its
+    child; ``extra_tags`` are added to the run's tags. Under torchrun every rank calls this
+    and gets the same result; rank 0 alone writes checkpoints and talks to MLflow."""
     tcfg, mcfg, spec = cfg.train, cfg.model, cfg.features
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device()
     if tcfg.sparse_optimizer == "adam" and device.type == "cpu":
         raise StageError("train.sparse_optimizer = 'adam' needs a CUDA device: FBGEMM's fused CPU embedding "
                          "kernels support row-wise Adagrad only; use 'rowwise_adagrad'")
-    torch.set_num_threads(tcfg.threads or os.cpu_count() or 1)
+    _init_process_group(cfg.state_dir, device)
+    rank, world = _rank(), _world()
+    if tcfg.batch_size % world:
+        raise StageError(f"train.batch_size = {tcfg.batch_size} is the global batch and must split evenly over "
+                         f"the {world} ranks of this job")
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    torch.set_num_threads(tcfg.threads or max(1, (os.cpu_count() or 1) // local_ranks))
     torch.manual_seed(cfg.seed)
+    amp = tcfg.mixed_precision and device.type == "cuda"
 
     train_days, val_day = training_window(cfg, run_date)
     train_files = [f for day in train_days for f in parquet_files(training_dir(warehouse, day))]
     val_files = parquet_files(training_dir(warehouse, val_day))
     dense_names = spec.dense_names()
+    key = run_key(cfg, warehouse, run_date)
+    ckpt_dir = Path(cfg.state_dir) / "checkpoints" / key
+    resuming = (ckpt_dir / "last.pt").exists()
+
     mean, std = dense_stats(train_files, dense_names)
-    net = MultiTaskNet(spec, mcfg, mean, std).to(device)  # seeded on the CPU; tables copied into the shards
+    net = MultiTaskNet(spec, mcfg, mean, std)  # seeded on the CPU, alike on every rank; tables go into the shards
+    if initial_state is not None and not resuming:
+        warm_start(net, initial_state)
+    net = net.to(device)
+    if freeze_shared:
+        for p in net.backbone.shared_parameters():
+            p.requires_grad_(False)
     weighting = LossWeighting(mcfg).to(device)
-    _init_process_group(cfg.state_dir, device)
-    model = distribute(net, tcfg, device)
-    dense_params = [p for _, p in in_backward_optimizer_filter(model.named_parameters())]
+    model = distribute(net, tcfg, device, freeze_embeddings=freeze_shared)
+    if world > 1:
+        model.init_data_parallel()  # DDP over the dense layers that train
+    dense_params = [p for name, p in in_backward_optimizer_filter(model.named_parameters())
+                    if p.requires_grad and not (freeze_shared and name.startswith("ebc."))]  # data-parallel tables
     dense_opt = torch.optim.AdamW(
         [{"params": dense_params}, {"params": list(weighting.parameters()), "weight_decay": 0.0}],
         lr=tcfg.dense_lr, weight_decay=tcfg.weight_decay,
     )
-    loaders = dict(sparse=spec.sparse, dense_names=dense_names, batch_size=tcfg.batch_size, seed=cfg.seed,
-                   pin_memory=device.type == "cuda")
-    train_loader = TrainingTableLoader(train_files, shuffle=True, shuffle_buffer_rows=tcfg.shuffle_buffer_rows, **loaders)
-    val_loader = TrainingTableLoader(val_files, shuffle=False, **loaders)
+    loaders = dict(sparse=spec.sparse, dense_names=dense_names, seed=cfg.seed, pin_memory=device.type == "cuda")
+    mine = dict(batch_size=tcfg.batch_size // world, shard=(rank, world), **loaders)
+    train_loader = TrainingTableLoader(train_files, shuffle=True, shuffle_buffer_rows=tcfg.shuffle_buffer_rows, **mine)
+    val_loader = TrainingTableLoader(val_files, shuffle=False, **mine)
+    train_steps, val_steps = _steps_per_epoch(train_loader, val_loader, device)
     cosine_batch = next(iter(val_loader)).to(device)
 
-    key = run_key(cfg, warehouse, run_date)
-    ckpt_dir = Path(cfg.state_dir) / "checkpoints" / key
     state = {"epoch": 0, "step": 0, "best": None, "best_epoch": -1, "bad_epochs": 0, "history": [],
              "finished": False, "mlflow_run_id": None}
-    if (ckpt_dir / "last.pt").exists():
-        saved = torch.load(ckpt_dir / "last.pt", weights_only=False)
+    if resuming:
+        saved = torch.load(ckpt_dir / "last.pt", weights_only=False, map_location="cpu")
         _load_plain_state(model, saved["model"])
         weighting.load_state_dict(saved["weighting"])
         dense_opt.load_state_dict(saved["dense_opt"])
-        model.fused_optimizer.load_state_dict(saved["fused_opt"])
+        _load_plain_fused_state(model, saved["fused_opt"])
         torch.set_rng_state(saved["rng"])
         state = saved["state"]
 
     tracker = None
-    if not state["finished"]:
+    if rank == 0 and not state["finished"]:
         tags = {"stage": "train", "run_date": day_str(run_date), "train_days": ",".join(map(day_str, train_days)),
                 "val_day": day_str(val_day), "run_key": key, **_data_tags(warehouse, [*train_days, val_day])}
         if commit := git_commit():
             tags["git_commit"] = commit
+        if parent_run_id is not None:
+            tags["mlflow.parentRunId"] = parent_run_id
+        tags.update(extra_tags or {})
         tracker = RunTracker(cfg.state_dir, f"train-{day_str(run_date)}", tags, run_id=state["mlflow_run_id"])
         if state["mlflow_run_id"] is None:
             state["mlflow_run_id"] = tracker.run_id
             tracker.log_params(flatten(cfg.model_dump(mode="json")))
+    state["mlflow_run_id"] = _broadcast(state["mlflow_run_id"])
 
     last_epoch = tcfg.epochs if max_epochs is None else min(tcfg.epochs, max_epochs)
     metric = tcfg.early_stopping_metric
     bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                   TextColumn("{task.fields[info]}"), TimeElapsedColumn(), disable=not progress)
+                   TextColumn("{task.fields[info]}"), TimeElapsedColumn(), disable=not progress or rank != 0)
     with bar:
         while not state["finished"] and state["epoch"] < last_epoch:
             epoch = state["epoch"]
             train_loader.set_epoch(epoch)
             model.train()
-            task = bar.add_task(f"epoch {epoch + 1}/{tcfg.epochs}", total=len(train_loader), info="")
-            sums, rows, started = {}, 0, time.perf_counter()
-            for batch in train_loader:
-                batch = batch.to(device)
-                out = model(batch.dense, batch.sparse)
+            task = bar.add_task(f"epoch {epoch + 1}/{tcfg.epochs}", total=train_steps, info="")
+            sums: dict[str, torch.Tensor] = {}
+            rows, started = 0, time.perf_counter()
+            for batch, _ in _steps(train_loader, train_steps):
+                batch = batch.to(device, non_blocking=True)
+                out = _forward(model, batch, amp)
                 loss, parts = training_loss(out, batch.click, batch.conversion, mcfg.conversion_head, weighting,
                                             net.backbone.penalty(), mcfg.soft_sharing_strength)
                 dense_opt.zero_grad(set_to_none=True)
-                loss.backward()  # also updates the embedding rows (fused optimiser)
+                loss.backward()  # also updates the embedding rows (fused optimiser); DDP averages dense gradients
+                _average_gradients(weighting.parameters())
                 dense_opt.step()
                 state["step"] += 1
                 rows += len(batch)
-                for k, v in parts.items():
-                    sums[k] = sums.get(k, 0.0) + float(v) * len(batch)
-                rate = rows / (time.perf_counter() - started)
-                bar.update(task, advance=1, info=f"loss {loss.item():.4f}  {rate:,.0f} samples/s")
+                for k, v in parts.items():  # kept on the device: no sync per step
+                    sums[k] = sums.get(k, 0.0) + v.double() * len(batch)
+                bar.update(task, advance=1)
                 if state["step"] % tcfg.log_every_steps == 0:
-                    tracker.log_metrics({f"train/step_loss_{k}": float(v) for k, v in parts.items()}, state["step"])
+                    step_losses = {k: float(v) for k, v in parts.items()}
+                    bar.update(task, info=f"loss {step_losses['total']:.4f}  "
+                                          f"{rows * world / (time.perf_counter() - started):,.0f} samples/s")
+                    if tracker is not None:
+                        tracker.log_metrics({f"train/step_loss_{k}": v for k, v in step_losses.items()}, state["step"])
+            totals = _reduce([rows, *(float(v) for v in sums.values())], device)  # over all ranks
+            rate = totals[0] / (time.perf_counter() - started)
+            train_losses = {f"train/loss_{k}": v / totals[0] for k, v in zip(sums, totals[1:])}
 
-            pred = predict(model, val_loader, device)
+            pred = _gather_predictions(predict(model, val_loader, device, val_steps, amp))
             val = validation_metrics(pred)
-            record = {"epoch": epoch + 1, "train/samples_per_s": rate,
-                      **{f"train/loss_{k}": v / rows for k, v in sums.items()},
+            record = {"epoch": epoch + 1, "train/samples_per_s": rate, **train_losses,
                       **{f"train/task_weight_{t}": w for t, w in weighting.weights().items()},
-                      "train/grad_cosine": gradient_cosine(model, net, cosine_batch, mcfg.conversion_head),
+                      "train/grad_cosine": gradient_cosine(model.module, net, cosine_batch, mcfg.conversion_head),
                       **{f"val/{k}": v for k, v in val.items()},
                       **{f"val/gate_{t}_expert{e}": float(w) for t in TASKS for e, w in enumerate(pred.get(f"gate_{t}", []))}}
             state["history"].append(record)
-            tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, epoch + 1)
-            if _is_better(metric, val[metric], state["best"]):
+            if tracker is not None:
+                tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, epoch + 1)
+            model_state = _plain_state(model)  # collectives: every rank takes part, rank 0 writes
+            if _is_better(metric, val[metric], state["best"]):  # the same on every rank: gathered predictions
                 state.update(best=val[metric], best_epoch=epoch + 1, bad_epochs=0)
-                _save(ckpt_dir / "best.pt", {"model": _plain_state(model), "epoch": epoch + 1, "val": val,
-                                             "gate_usage": {t: pred[f"gate_{t}"] for t in TASKS if f"gate_{t}" in pred}})
+                if rank == 0:
+                    _save(ckpt_dir / "best.pt", {"model": model_state, "epoch": epoch + 1, "val": val,
+                                                 "gate_usage": {t: pred[f"gate_{t}"] for t in TASKS if f"gate_{t}" in pred}})
             else:
                 state["bad_epochs"] += 1
             state["epoch"] = epoch + 1
             state["finished"] = state["epoch"] >= tcfg.epochs or state["bad_epochs"] >= tcfg.patience
-            _save(ckpt_dir / "last.pt", {"model": _plain_state(model), "weighting": weighting.state_dict(),
-                                         "dense_opt": dense_opt.state_dict(), "fused_opt": model.fused_optimizer.state_dict(),
-                                         "rng": torch.get_rng_state(), "state": state})
+            fused_state = _plain_fused_state(model)
+            if rank == 0:
+                _save(ckpt_dir / "last.pt", {"model": model_state, "weighting": weighting.state_dict(),
+                                             "dense_opt": dense_opt.state_dict(), "fused_opt": fused_state,
+                                             "rng": torch.get_rng_state(), "state": state})
+            _barrier()
 
     if state["best_epoch"] < 0:
         raise StageError(f"training {key} produced no finite validation {metric} on {val_files}")
-    best = torch.load(ckpt_dir / "best.pt", weights_only=False)
+    best = torch.load(ckpt_dir / "best.pt", weights_only=False, map_location="cpu")
     result_model = MultiTaskNet(spec, mcfg, mean, std)
     result_model.load_state_dict(best["model"])
     result_model.eval()
     if tracker is not None:
         if state["finished"]:
+            whole_val = TrainingTableLoader(val_files, shuffle=False, batch_size=tcfg.batch_size, **loaders)
             _log_final_artifacts(tracker, cfg, warehouse, [*train_days, val_day], state["history"], best,
-                                 predict(result_model, val_loader, torch.device("cpu")), ckpt_dir)
+                                 predict(result_model, whole_val, torch.device("cpu")), ckpt_dir)
         tracker.end("FINISHED" if state["finished"] else "KILLED")
+    _barrier()
     return TrainResult(key, ckpt_dir, result_model, state["best_epoch"], state["best"], state["epoch"], best["val"],
                        state["history"], state["mlflow_run_id"])
+
+
+def _steps_per_epoch(train: TrainingTableLoader, val: TrainingTableLoader, device: torch.device) -> tuple[int, int]:
+    """Training and validation steps every rank takes: the most batches any rank's shard has."""
+    most = _reduce([len(train), len(val)], device, dist.ReduceOp.MAX)
+    fewest = _reduce([len(train), len(val)], device, dist.ReduceOp.MIN)
+    for (name, loader), n in zip((("training", train), ("validation", val)), fewest):
+        if n == 0:
+            raise StageError(f"the {name} table {[str(f) for f in loader.files]} has fewer non-empty row groups than "
+                             f"the {_world()} ranks of this job: every rank needs one; write smaller row groups")
+    return int(most[0]), int(most[1])
 
 
 def _manifests(warehouse: Path, days: list[dt.date]) -> dict[str, dict]:

@@ -6,15 +6,17 @@ from __future__ import annotations
 import datetime as dt
 import json
 
+import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
 from benchmarks.bench_train import write_synthetic_day
-from features.config import FunnelConfig, parse_config
+from features.config import ConfigError, FunnelConfig, parse_config
 from features.errors import StageError
 from features.examples import training_dir
 from models.metrics import auc
+from models.nets import MultiTaskNet
 from models.tracking import tracking_uri
 from models.train import train_model, training_window
 
@@ -92,7 +94,6 @@ def test_training_beats_constant_predictor_and_logs_to_mlflow(tmp_path, warehous
     assert (cfg.state_dir / "mlartifacts").is_dir()
 
     # the returned plain model scores like the validation metrics say
-    import numpy as np
     from models.loader import TrainingTableLoader
     from models.train import predict
     val = TrainingTableLoader([training_dir(warehouse, dt.date(2026, 11, 8)) / "part-0.parquet"], cfg.features.sparse,
@@ -158,3 +159,62 @@ def test_missing_training_day_names_the_folder(tmp_path, warehouse) -> None:
 def test_fused_adam_on_cpu_is_refused_with_the_key(tmp_path, warehouse) -> None:
     with pytest.raises(StageError, match="train.sparse_optimizer"):
         train_model(make_cfg(tmp_path, train={"sparse_optimizer": "adam"}), warehouse, RUN_DATE, progress=False)
+
+
+def test_warm_start_with_frozen_shared_layers_and_a_parent_run(tmp_path, warehouse) -> None:
+    champion = train_model(make_cfg(tmp_path, train={"epochs": 1}), warehouse, RUN_DATE, progress=False)
+    old = champion.model.state_dict()
+
+    # the item vocabulary grew by 40 ids since the champion was trained (another run key,
+    # the same MLflow store)
+    cfg = make_cfg(tmp_path, train={"epochs": 1})
+    spec = cfg.features.model_dump()
+    spec["sparse"][0]["capacity"] += 40
+    cfg = cfg.model_copy(update={"features": type(cfg.features).model_validate(spec)})
+    client = MlflowClient(tracking_uri(cfg.state_dir))
+    parent = client.create_run(client.create_experiment("nightly")).info.run_id
+    tuned = train_model(cfg, warehouse, RUN_DATE, progress=False, initial_state=old, freeze_shared=True,
+                        parent_run_id=parent, extra_tags={"warm_start": "champion", "warm_start_version": "3"})
+    new = tuned.model.state_dict()
+
+    item = "ebc.embedding_bags.item.weight"
+    assert new[item].shape[0] == old[item].shape[0] + 40
+    assert torch.equal(new[item][: old[item].shape[0]], old[item])  # copied, then frozen
+    torch.manual_seed(cfg.seed)  # the fresh init train_model starts from
+    fresh = MultiTaskNet(cfg.features, cfg.model, np.zeros(2, np.float32), np.ones(2, np.float32)).state_dict()
+    assert torch.equal(new[item][old[item].shape[0]:], fresh[item][old[item].shape[0]:])  # new rows: fresh init
+    frozen = [k for k in new if k.startswith(("ebc.", "backbone.experts.", "normalizer."))]
+    trained = [k for k in new if k.startswith(("backbone.towers.", "backbone.gates.", "heads."))]
+    assert len(frozen) > 3 and len(trained) > 3
+    for k in frozen:
+        if k != item:
+            assert torch.equal(new[k], old[k]), k
+    for k in trained:
+        assert not torch.equal(new[k], old[k]), k
+
+    run = client.get_run(tuned.mlflow_run_id)
+    assert run.data.tags["mlflow.parentRunId"] == parent
+    assert run.data.tags["warm_start"] == "champion" and run.data.tags["warm_start_version"] == "3"
+
+
+def test_warm_start_that_does_not_fit_names_the_key_and_shapes(tmp_path, warehouse) -> None:
+    cfg = make_cfg(tmp_path)
+    mean, std = np.zeros(2, np.float32), np.ones(2, np.float32)
+    state = MultiTaskNet(cfg.features, cfg.model, mean, std).state_dict()
+    wrong_head = {**state, "heads.click.weight": torch.zeros(1, 9)}
+    with pytest.raises(StageError, match=r"'heads\.click\.weight' has shape \(1, 9\) in initial_state, \(1, 8\) in the model"):
+        train_model(cfg, warehouse, RUN_DATE, progress=False, initial_state=wrong_head)
+    wrong_dim = {**state, "ebc.embedding_bags.shop.weight": torch.zeros(59, 8)}
+    with pytest.raises(StageError, match=r"'ebc\.embedding_bags\.shop\.weight' has shape \(59, 8\) in initial_state, \(59, 4\)"):
+        train_model(cfg, warehouse, RUN_DATE, progress=False, initial_state=wrong_dim)
+    with pytest.raises(StageError, match=r"missing \['heads\.click\.bias'\]"):
+        train_model(cfg, warehouse, RUN_DATE, progress=False,
+                    initial_state={k: v for k, v in state.items() if k != "heads.click.bias"})
+
+
+def test_sharding_choice_is_validated(tmp_path, warehouse) -> None:
+    with pytest.raises(ConfigError, match=r"train\.sharding.*'table_wise'"):
+        make_cfg(tmp_path, train={"sharding": "by_hash"})
+    if not torch.cuda.is_available():
+        with pytest.raises(StageError, match="train.sharding = 'row_wise' needs a CUDA device"):
+            train_model(make_cfg(tmp_path, train={"sharding": "row_wise"}), warehouse, RUN_DATE, progress=False)
