@@ -51,6 +51,10 @@ class GenerateConfig(_Section):
     target_ctr: float = Field(0.04, gt=0.0, lt=1.0)
     target_cvr: float = Field(0.10, gt=0.0, lt=1.0, description="conversion rate given click")
     noise: float = Field(0.3, ge=0.0, description="std of the per-impression logit noise (unobservable)")
+    latent_match_scale: float = Field(
+        1.0, ge=0.0, description="scales the user x item latent factor products (the latent match term and the MMoE "
+        "x's product block); 0 leaves a world without dot-product interactions",
+    )
 
 
 class ContractConfig(_Section):
@@ -199,7 +203,10 @@ class TrainConfig(_Section):
 
     window_days: int = Field(7, ge=2, description="mature days used; the newest is the validation day")
     epochs: int = Field(3, ge=1)
-    batch_size: int = Field(4096, ge=1)
+    # The global batch: a torchrun job of N ranks gives each rank batch_size / N rows per
+    # step (batch_size must divide evenly), so steps per epoch, learning rates and results
+    # stay comparable whatever the world size; raise it to scale per-GPU work.
+    batch_size: int = Field(4096, ge=1, description="global batch, split evenly over the ranks of a torchrun job")
     sparse_optimizer: Literal["rowwise_adagrad", "adam"] = Field(
         "rowwise_adagrad", description="fused into the embedding backward; adam needs a CUDA device"
     )
@@ -213,6 +220,11 @@ class TrainConfig(_Section):
     shuffle_buffer_rows: int = Field(262_144, ge=1)
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = all cores")
     log_every_steps: int = Field(50, ge=1)
+    sharding: Literal["auto", "table_wise", "row_wise", "column_wise", "data_parallel"] = Field(
+        "table_wise", description="embedding tables over the ranks: auto = torchrec's planner picks among the sharded "
+        "types; row_wise needs CUDA; data_parallel replicates the tables and trains them with the dense optimiser",
+    )
+    mixed_precision: bool = Field(True, description="bf16 autocast of the dense layers on CUDA; no effect on the CPU")
 
 
 class ScoringConfig(_Section):
@@ -223,6 +235,32 @@ class ScoringConfig(_Section):
     conversion_exponent: float = Field(1.0, ge=0.0)
     max_candidates: int = Field(1000, ge=1, description="HTTP: candidates per request at most")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="HTTP: request body size limit")
+
+
+class NightlyConfig(_Section):
+    """``funnelrank nightly``: how each night's model starts and what it trains on."""
+
+    warm_start: bool = Field(True, description="start from the champion's weights when the architecture matches; false = full retrain over train.window_days")
+    fine_tune_days: int = Field(1, ge=1, description="warm start: train on this many newest mature days (plus the validation day)")
+    freeze_shared: bool = Field(False, description="warm start: train only the task towers, heads and gates; embeddings and shared layers stay frozen")
+
+
+class PromoteConfig(_Section):
+    """The promotion gate: when the candidate becomes the ``champion`` alias."""
+
+    model_name: str = Field("funnelrank", min_length=1, description="registered model name in the MLflow registry")
+    auc_tolerance: float = Field(0.005, ge=0.0, description="largest AUC drop vs the champion allowed on any task")
+    gate_metrics: list[Literal["click_auc", "cvr_auc", "ctcvr_auc", "click_gauc"]] = Field(
+        default_factory=lambda: ["click_auc", "cvr_auc", "ctcvr_auc"], min_length=1)
+    min_auc: float = Field(0.55, ge=0.0, le=1.0, description="first model: every gate metric at least this")
+    calibration_min: float = Field(0.8, gt=0.0, description="mean predicted / observed rate, click and ctcvr")
+    calibration_max: float = Field(1.25, gt=0.0)
+
+    @model_validator(mode="after")
+    def _bounds_ordered(self) -> "PromoteConfig":
+        if self.calibration_min >= self.calibration_max:
+            raise ValueError(f"calibration_min ({self.calibration_min}) must be below calibration_max ({self.calibration_max})")
+        return self
 
 
 class FunnelConfig(_Section):
@@ -236,6 +274,8 @@ class FunnelConfig(_Section):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     scoring: ScoringConfig = ScoringConfig()
+    nightly: NightlyConfig = NightlyConfig()
+    promote: PromoteConfig = PromoteConfig()
 
     # TOML has no path type: paths arrive as strings (the one lax coercion allowed).
     @field_validator("warehouse", "state_dir", mode="before")

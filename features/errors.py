@@ -12,3 +12,9 @@ class DataContractError(StageError):
     """Raw data breaks the contract beyond what quarantine can absorb."""
 
     exit_code = 4
+
+
+class WarehouseLockedError(StageError):
+    """Another run holds the warehouse's lock; try again when it has finished."""
+
+    exit_code = 5

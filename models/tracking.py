@@ -27,6 +27,8 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from models.metrics import reliability_curve, roc_curve  # noqa: E402
 
 EXPERIMENT = "funnelrank-train"
+# MLflow draws a progress bar per artifact download: noise in a nightly run's log.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 _BATCH = 100  # MLflow's limit of params / metrics per log_batch call
 
 

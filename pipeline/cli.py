@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -99,11 +100,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     from models.train import train_model
 
     result = train_model(cfg, warehouse, args.date, progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank returns the same result: rank 0 reports
+        return 0
     metric = cfg.train.early_stopping_metric
     print(f"train {result.run_key}: {result.epochs_run} epochs, best epoch {result.best_epoch} "
           f"({metric} {result.best_metric:.4f}); checkpoints in {result.checkpoint_dir}; MLflow run {result.mlflow_run_id}")
     for name in ("click_auc", "click_gauc", "cvr_auc", "ctcvr_auc", "click_logloss", "ctcvr_logloss"):
         print(f"  val {name:14s} {result.val_metrics[name]:.4f}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    cfg, warehouse = _load(args)
+    from models.export import export_run
+
+    summary = export_run(cfg, warehouse, args.date)
+    for name, diff in summary["parity_max_abs_diff"].items():
+        print(f"parity {name:8s} max abs diff {diff:.3g}")
+    state = "skipped (inputs unchanged)" if summary["skipped"] else "written"
+    print(f"bundle {summary['bundle']} {state}; parity on {summary['parity_rows']:,} rows of {summary['validation_day']}")
+    print(f"MLflow artifacts {summary['artifact_uri'] or '(no MLflow run: not logged)'}")
     return 0
 
 
@@ -129,6 +145,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
                      max_candidates=args.max_candidates, max_body_bytes=args.max_body_bytes)
     except BundleError as err:
         raise StageError(str(err)) from None
+
+
+def cmd_nightly(args: argparse.Namespace) -> int:
+    cfg, warehouse = _load(args)
+    from pipeline.nightly import run_nights
+
+    start, end = (args.date, args.date) if args.date else (args.start, args.end)
+    if start is None or end is None:
+        raise StageError("give --date D, or --start D1 and --end D2 for a backfill")
+    run_nights(cfg, warehouse, start, end, rerun_from=args.rerun_from, last=args.to)
+    return 0
+
+
+def cmd_night_stage(args: argparse.Namespace) -> int:
+    """``evaluate`` / ``promote``: that stage of the night, forced; earlier stages run only if not done yet."""
+    cfg, warehouse = _load(args)
+    from pipeline.nightly import run_nights
+
+    run_nights(cfg, warehouse, args.date, args.date, rerun_from=args.command, last=args.command)
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    cfg, _ = _load(args)
+    from pipeline.compare import compare_runs, render
+
+    rows, where = compare_runs(cfg, args.run_ids, args.last, args.output)
+    render(rows)
+    print(f"trend report: {where}")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -182,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--date", type=_date, required=True, help="the nightly run date, YYYY-MM-DD")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    p = add("export", cmd_export, "Export the trained model of the run as an ONNX serving bundle (parity-checked on the validation day) and log it to the run's MLflow artifacts.")
+    p.add_argument("--date", type=_date, required=True, help="the nightly run date, YYYY-MM-DD")
+
     p = add("score", cmd_score, "Batch-score a Parquet file of (user_id, item_id, context) rows with an exported bundle (no torch needed).")
     p.add_argument("--bundle", type=Path, required=True, help="exported bundle folder")
     p.add_argument("--input", type=Path, required=True, help="Parquet file with user_id, item_id and context columns")
@@ -192,9 +241,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", type=Path, required=True, help="exported bundle folder (reloaded from the same path)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default %(default)s: loopback only)")
     p.add_argument("--port", type=int, default=8080, help="port (default %(default)s; 0 picks a free one)")
-    p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads per request (default %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads per model call (default %(default)s)")
     p.add_argument("--max-candidates", type=int, default=None, help="candidates per request at most (default: the bundle's scoring.max_candidates)")
     p.add_argument("--max-body-bytes", type=int, default=None, help="request body limit (default: the bundle's scoring.max_body_bytes)")
+
+    from pipeline.nightly import STAGES  # noqa: PLC0415 - light module: no heavy imports at its top
+
+    p = add("nightly", cmd_nightly, "Run the night for --date D (or backfill --start..--end): validate -> features -> examples -> "
+            "train -> evaluate -> export -> promote. Finished stages with unchanged inputs are skipped, so the same "
+            "command resumes a failed or killed night. Exit codes: 3 a stage failed, 4 bad raw data, 5 warehouse locked.")
+    p.add_argument("--date", type=_date, help="the night to run, YYYY-MM-DD")
+    p.add_argument("--start", type=_date, help="backfill: first night")
+    p.add_argument("--end", type=_date, help="backfill: last night (inclusive)")
+    p.add_argument("--from", dest="rerun_from", choices=STAGES, help="rerun this stage and every later one even if their inputs are unchanged")
+    p.add_argument("--to", choices=STAGES, default=STAGES[-1], help="stop after this stage (default %(default)s)")
+
+    for stage, text in (("evaluate", "Score the night's mature day with its candidate and the champion, side by side in MLflow"),
+                        ("promote", "Register the night's bundle in the MLflow registry and move `champion` if the gate passes")):
+        p = add(stage, cmd_night_stage, f"{text} (the night's earlier stages run first when they have not).")
+        p.add_argument("--date", type=_date, required=True, help="the nightly run date, YYYY-MM-DD")
+
+    p = add("runs", cmd_runs, "Compare training runs from MLflow: `funnelrank runs compare [--last N | RUN_ID ...]`.")
+    p.add_argument("action", choices=["compare"], help="what to do with the runs")
+    p.add_argument("run_ids", nargs="*", metavar="RUN_ID", help="MLflow run ids (default: the newest --last finished training runs)")
+    p.add_argument("--last", type=int, default=5, help="compare the newest N finished training runs (default %(default)s)")
+    p.add_argument("--output", type=Path, help="write the trend plot (PNG) here instead of logging it to the newest run in MLflow")
 
     return parser
 

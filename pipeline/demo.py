@@ -1,9 +1,12 @@
-"""The README demo: synthetic logs through every stage that exists, end to end.
+"""The README demo: synthetic logs through the nightly pipeline, end to end.
 
-`make demo` runs this as `funnelrank demo`: it generates the config's days of
-synthetic logs, runs validate -> features -> examples for each day in order, trains
-the multi-task model on the newest window of mature days, and compares its validation
-click AUC with the oracle AUC that the generator's true probabilities reach.
+`make demo` runs this as `funnelrank demo`: it generates the config's days of synthetic
+logs, backfills validate -> features -> examples over the early days, then runs the
+full nightly pipeline over the last ``nights`` days (a full training the first night,
+warm-started fine-tunes after, each evaluated against the champion, exported and put
+through the promotion gate), prints the comparison of the nights' runs, the newest
+model's click AUC beside the oracle AUC of the generator's hidden model, and a few
+candidates ranked by the champion's ONNX bundle loaded from the MLflow registry.
 """
 
 from __future__ import annotations
@@ -30,36 +33,62 @@ def oracle_click_auc(warehouse: Path, day: dt.date) -> float:
     return auc(joined["click"].to_numpy(), joined["click_logit_observable"].to_numpy())
 
 
-def run_demo(cfg: FunnelConfig, warehouse: Path) -> None:
-    from features.aggregates import build_daily_aggregates
-    from features.examples import build_training_table
+def demo_request(warehouse: Path, day: dt.date, n_candidates: int = 8) -> dict:
+    """A ranking request: the most active user of ``day``, that day's context of their first
+    impression, and the day's most shown items as candidates."""
+    import polars as pl
+
+    from features.contract import scan_validated
+
+    impressions = scan_validated(warehouse, "impressions", day)
+    user = impressions.group_by("user_id").len().sort(["len", "user_id"], descending=[True, False]).first().collect()["user_id"][0]
+    context_row = impressions.filter(pl.col("user_id") == user).sort("ts").first().collect()
+    items = impressions.group_by("item_id").len().sort(["len", "item_id"], descending=[True, False]).head(n_candidates).collect()
+    context = {c: context_row[c][0] for c in ("device", "slot") if c in context_row.columns}
+    return {"user_id": user, "context": context, "candidates": [{"item_id": i} for i in items["item_id"]]}
+
+
+def run_demo(cfg: FunnelConfig, warehouse: Path, nights: int = 3) -> None:
+    from features.examples import mature_day
     from features.synthetic import generate_logs
-    from features.validate import validate_day
     from models.tracking import tracking_uri
-    from models.train import train_model
+    from pipeline.compare import compare_runs, render
+    from pipeline.nightly import run_nights
+    from pipeline.registry import current_champion
+    from serving.bundle import load_bundle_from_mlflow
+    from serving.scorer import Scorer
 
     t0 = time.perf_counter()
-    print(f"funnelrank demo: {cfg.generate.days} days of synthetic logs into {warehouse}")
+    days = [cfg.generate.start_date + dt.timedelta(days=i) for i in range(cfg.generate.days)]
+    if len(days) < nights + cfg.contract.maturity_lag_days + cfg.train.window_days - 1:
+        raise ValueError(f"generate.days = {len(days)} is too few for {nights} nights of a {cfg.train.window_days}-day training window")
+    print(f"funnelrank demo: {len(days)} days of synthetic logs into {warehouse}")
     print(generate_logs(cfg, warehouse, progress=True).describe())
 
-    days = [cfg.generate.start_date + dt.timedelta(days=i) for i in range(cfg.generate.days)]
-    lag = dt.timedelta(days=cfg.contract.maturity_lag_days)
-    for day in days:
-        step = time.perf_counter()
-        report = validate_day(cfg, warehouse, day)
-        aggregates = build_daily_aggregates(cfg, warehouse, day)
-        line = f"{day}  validate {'ok' if report.passed else 'FAILED'} ({sum(t.quarantined_rows for t in report.tables.values()):,} quarantined)"
-        line += f"  features {sum(aggregates['rows'].values()):,} key rows"
-        if day - lag >= days[0]:
-            manifest = build_training_table(cfg, warehouse, day)
-            line += f"  examples {manifest['rows']['rows_out']:,} rows of {manifest['date']}"
-        print(f"{line}  [{time.perf_counter() - step:.1f} s]")
+    first_night = days[-nights]
+    print(f"\nbackfill {days[0]} .. {first_night - dt.timedelta(days=1)}: validate -> features -> examples")
+    run_nights(cfg, warehouse, days[0], first_night - dt.timedelta(days=1), last="examples")
+    print(f"\nnightly {first_night} .. {days[-1]}: every stage")
+    results = run_nights(cfg, warehouse, first_night, days[-1])
 
-    result = train_model(cfg, warehouse, days[-1], progress=True)
-    val_day = days[-1] - lag
-    m = result.val_metrics
-    print(f"trained {cfg.model.backbone} / {cfg.model.conversion_head}: {result.epochs_run} epochs, validated on {val_day}")
-    print(f"  click AUC {m['click_auc']:.4f} (oracle {oracle_click_auc(warehouse, val_day):.4f})  GAUC {m['click_gauc']:.4f}"
-          f"  CVR AUC {m['cvr_auc']:.4f}  CTCVR AUC {m['ctcvr_auc']:.4f}")
-    print(f"demo finished in {time.perf_counter() - t0:.1f} s")
+    print()
+    rows, where = compare_runs(cfg, last=nights)
+    render(rows)
+    print(f"trend report: {where}")
+
+    newest = results[days[-1]]
+    val_day = mature_day(cfg, days[-1])
+    print(f"\nnewest model: click AUC {newest['evaluate']['candidate']['click_auc']:.4f} on {val_day} "
+          f"(oracle {oracle_click_auc(warehouse, val_day):.4f}: the generator's noise-free click logit)")
+
+    if current_champion(cfg) is None:
+        print("\nno model passed the promotion gate (see the promote lines above): no champion to rank with")
+        return
+    bundle = load_bundle_from_mlflow(f"models:/{cfg.promote.model_name}@champion", tracking_uri=tracking_uri(cfg.state_dir))
+    request = demo_request(warehouse, days[-1])
+    print(f"\nchampion bundle {bundle.version} ranks {len(request['candidates'])} candidates for user {request['user_id']} "
+          f"(context {request['context']}):")
+    for rank, c in enumerate(Scorer(bundle).score(request), 1):
+        print(f"  {rank}. {c['item_id']:>10s}  p_click {c['p_click']:.4f}  p_conversion {c['p_conversion']:.5f}  score {c['score']:.3e}")
+    print(f"\ndemo finished in {time.perf_counter() - t0:.1f} s")
     print(f"data under {warehouse}; runs in MLflow: mlflow ui --backend-store-uri {tracking_uri(cfg.state_dir)}")

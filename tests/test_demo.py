@@ -7,13 +7,16 @@ from pipeline.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_demo_runs_every_stage(tmp_path, capsys, monkeypatch):
+def test_demo_runs_the_nightly_pipeline_and_ranks_with_the_champion(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     text = (ROOT / "configs" / "demo.toml").read_text()
     text = text.replace('state_dir = "state"', f'state_dir = "{tmp_path / "state"}"')
-    for old, new in [("days = 14", "days = 5"), ("users = 20000", "users = 800"), ("items = 5000", "items = 300"),
+    for old, new in [("days = 14", "days = 6"), ("users = 20000", "users = 800"), ("items = 5000", "items = 300"),
                      ("impressions_per_day = 100000", "impressions_per_day = 6000"),
-                     ("window_days = 7", "window_days = 2"), ("epochs = 3", "epochs = 1"), ("batch_size = 4096", "batch_size = 512")]:
+                     ("window_days = 7", "window_days = 2"), ("epochs = 3", "epochs = 1"), ("batch_size = 4096", "batch_size = 512"),
+                     # tiny data: a gate every model passes (the gate itself is tested in test_nightly.py)
+                     ("min_auc = 0.55", "min_auc = 0.0"), ("calibration_min = 0.8", "calibration_min = 0.001"),
+                     ("calibration_max = 1.25", "calibration_max = 1000.0"), ("auc_tolerance = 0.005", "auc_tolerance = 1.0")]:
         assert old in text, old
         text = text.replace(old, new)
     config = tmp_path / "tiny.toml"
@@ -21,10 +24,13 @@ def test_demo_runs_every_stage(tmp_path, capsys, monkeypatch):
 
     assert main(["demo", "--config", str(config), "--warehouse", str(tmp_path / "wh")]) == 0
     out = capsys.readouterr().out
-    assert out.count("validate ok") == 5
-    assert out.count("examples 6,000 rows") == 3  # days 3-5 build the mature days 1-3
-    assert "trained mmoe / esmm" in out and "oracle" in out
+    assert out.count(" examples ") == 6  # every night builds (or has no) mature day
+    assert out.count(" train ") == 3 and out.count(" promote ") == 3  # the last 3 nights run every stage
+    assert "v1 promoted to champion" in out
+    assert out.count("fine-tune all layers on the newest 1 mature day(s)") == 2  # nights 2 and 3 start from the champion
+    assert "funnelrank runs" in out and "oracle" in out
+    assert "champion bundle" in out and "\n  1. " in out
     assert (tmp_path / "state" / "mlflow.db").exists()
     assert sorted(p.name for p in (tmp_path / "wh" / "training").iterdir()) == [
-        "date=2026-11-01", "date=2026-11-02", "date=2026-11-03",
+        "date=2026-11-01", "date=2026-11-02", "date=2026-11-03", "date=2026-11-04",
     ]

@@ -1,0 +1,115 @@
+"""``funnelrank runs compare``: training runs side by side, from the MLflow store.
+
+A terminal table of the key validation metrics (best epoch) and of every config key
+whose value differs between the runs, and a picture of the metrics' trend over the
+nights per task, written to a path or logged to the newest run's artifacts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from features.config import FunnelConfig
+from features.errors import StageError
+from models.tracking import EXPERIMENT, tracking_uri
+
+KEY_METRICS = ("click_auc", "click_gauc", "cvr_auc", "ctcvr_auc", "click_logloss", "ctcvr_logloss",
+               "click_calibration", "ctcvr_calibration")
+KEY_TAGS = ("run_date", "warm_start", "warm_start_version")
+TASK_AUCS = ("click_auc", "cvr_auc", "ctcvr_auc", "click_gauc")
+
+
+def find_runs(cfg: FunnelConfig, run_ids: Sequence[str] = (), last: int = 5) -> list:
+    """The given training runs, or the newest ``last`` finished ones, oldest first."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri(cfg.state_dir))
+    if run_ids:
+        runs = []
+        for run_id in run_ids:
+            try:
+                runs.append(client.get_run(run_id))
+            except MlflowException:
+                raise StageError(f"no MLflow run {run_id!r} in {tracking_uri(cfg.state_dir)}") from None
+        return runs
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        raise StageError(f"no training runs yet in {tracking_uri(cfg.state_dir)} (experiment {EXPERIMENT!r})")
+    runs = client.search_runs([experiment.experiment_id], "tags.stage = 'train' and attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"], max_results=last)
+    if not runs:
+        raise StageError(f"no finished training runs in {tracking_uri(cfg.state_dir)}")
+    return sorted(runs, key=lambda r: (r.data.tags.get("run_date", ""), r.info.start_time))
+
+
+def differing_params(runs: Sequence) -> dict[str, list[str]]:
+    keys = sorted({k for r in runs for k in r.data.params})
+    values = {k: [r.data.params.get(k, "-") for r in runs] for k in keys}
+    return {k: v for k, v in values.items() if len(set(v)) > 1}
+
+
+def comparison_rows(runs: Sequence) -> list[tuple[str, list[str]]]:
+    """(label, one cell per run): tags, best-epoch metrics, then differing config keys."""
+    rows = [("run", [f"{r.info.run_name} ({r.info.run_id[:8]})" for r in runs])]
+    rows += [(tag, [r.data.tags.get(tag, "-") for r in runs]) for tag in KEY_TAGS]
+    for metric in KEY_METRICS:
+        cells = [r.data.metrics.get(f"best/{metric}") for r in runs]
+        rows.append((metric, [f"{c:.4f}" if c is not None else "-" for c in cells]))
+    rows += [(f"config: {k}", v) for k, v in differing_params(runs).items()]
+    return rows
+
+
+def plot_trends(runs: Sequence):
+    """AUC per task over the runs' nights (x: run date, or run name without one)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [r.data.tags.get("run_date") or r.info.run_name for r in runs]
+    fig, axes = plt.subplots(1, len(TASK_AUCS), figsize=(4 * len(TASK_AUCS), 3.5), squeeze=False)
+    for ax, metric in zip(axes[0], TASK_AUCS):
+        values = [r.data.metrics.get(f"best/{metric}", float("nan")) for r in runs]
+        ax.plot(range(len(runs)), values, marker="o")
+        ax.set_xticks(range(len(runs)), labels, rotation=45, ha="right")
+        ax.set(title=metric, ylabel="validation (best epoch)")
+    fig.suptitle("funnelrank: metrics over nights")
+    fig.tight_layout()
+    return fig
+
+
+def compare_runs(cfg: FunnelConfig, run_ids: Sequence[str] = (), last: int = 5, output: Path | None = None) -> tuple[list, str]:
+    """Print-ready rows and where the trend picture went (a path, or an MLflow artifact)."""
+    from mlflow.tracking import MlflowClient
+
+    runs = find_runs(cfg, run_ids, last)
+    fig = plot_trends(runs)
+    if output is not None:
+        output = Path(output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(output, dpi=100)
+        where = str(output)
+    else:
+        name = f"reports/compare_{len(runs)}_runs.png"
+        MlflowClient(tracking_uri=tracking_uri(cfg.state_dir)).log_figure(runs[-1].info.run_id, fig, name)
+        where = f"MLflow run {runs[-1].info.run_id}: {name}"
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return comparison_rows(runs), where
+
+
+def render(rows: list[tuple[str, list[str]]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    header, *body = rows
+    table = Table(title="funnelrank runs (validation metrics of the best epoch; config keys that differ)")
+    table.add_column(header[0])
+    for cell in header[1]:
+        table.add_column(cell, justify="right")
+    for label, cells in body:
+        table.add_row(label, *cells)
+    Console(width=max(120, 30 + 28 * len(header[1]))).print(table)

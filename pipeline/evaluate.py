@@ -1,0 +1,80 @@
+"""The ``evaluate`` stage: the candidate and the champion side by side on the newest
+mature day (the candidate's validation day), with the models issue's metrics and plots
+in an MLflow run of their own (a child of the night's run)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from features.config import FunnelConfig
+from features.contract import day_str
+from features.examples import mature_day, training_dir
+from models.loader import TrainingTableLoader, parquet_files
+from models.nets import MultiTaskNet
+from models.tracking import RunTracker, plot_reliability, plot_roc
+from models.train import predict, validation_metrics
+from pipeline.registry import Champion, champion_weights, same_architecture
+
+MODELS = ("candidate", "champion")
+
+
+def champion_model(cfg: FunnelConfig, champion: Champion) -> tuple[MultiTaskNet | None, str]:
+    """The champion as a torch model that can score today's training table, or None and why not."""
+    champion_cfg, state = champion_weights(cfg, champion)
+    if reason := same_architecture(champion_cfg, cfg):
+        return None, f"champion v{champion.version} cannot score today's table: {reason}"
+    small = [f.name for f, g in zip(champion_cfg.features.sparse, cfg.features.sparse, strict=True) if f.num_embeddings < g.num_embeddings]
+    if small:
+        return None, f"champion v{champion.version} has smaller vocabularies than today's ids may use: {small}"
+    n_dense = len(cfg.features.dense_names())
+    net = MultiTaskNet(champion_cfg.features, champion_cfg.model, np.zeros(n_dense, np.float32), np.ones(n_dense, np.float32))
+    net.load_state_dict(state)  # the champion's own normalisation statistics come with it
+    return net.eval(), f"champion v{champion.version} (run {champion.run_id})"
+
+
+def evaluate_models(
+    cfg: FunnelConfig,
+    warehouse: Path,
+    run_date: dt.date,
+    candidate: MultiTaskNet,
+    champion: Champion | None,
+    parent_run_id: str | None = None,
+) -> dict:
+    """Metrics of both models on the mature day of ``run_date``; logs a child run with
+    ``candidate/<metric>``, ``champion/<metric>`` and ``delta/<metric>`` plus ROC and
+    reliability plots of both. Returns {"candidate": metrics, "champion": metrics | None, ...}."""
+    day = mature_day(cfg, run_date)
+    files = parquet_files(training_dir(warehouse, day))
+    loader = TrainingTableLoader(files, cfg.features.sparse, cfg.features.dense_names(), batch_size=16_384, shuffle=False, seed=cfg.seed)
+    models: dict[str, MultiTaskNet] = {"candidate": candidate.eval()}
+    note = "no champion yet"
+    if champion is not None:
+        net, note = champion_model(cfg, champion)
+        if net is not None:
+            models["champion"] = net
+    preds = {name: predict(model, loader, torch.device("cpu")) for name, model in models.items()}
+    metrics = {name: validation_metrics(pred) for name, pred in preds.items()}
+
+    tags = {"stage": "evaluate", "run_date": day_str(run_date), "eval_day": day_str(day), "champion": note}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    tracker = RunTracker(cfg.state_dir, f"evaluate-{day_str(run_date)}", tags)
+    logged = {f"{name}/{k}": v for name, m in metrics.items() for k, v in m.items()}
+    if "champion" in metrics:
+        logged |= {f"delta/{k}": v - metrics["champion"][k] for k, v in metrics["candidate"].items()}
+    tracker.log_metrics(logged, 0)
+    curves = {}
+    for name, pred in preds.items():
+        clicked = pred["click"] > 0
+        curves |= {f"{name} click": (pred["click"], pred["p_click"]),
+                   f"{name} cvr (clicked)": (pred["conversion"][clicked], pred["p_cvr"][clicked]),
+                   f"{name} ctcvr": (pred["conversion"], pred["p_ctcvr"])}
+    tracker.log_figure(plot_roc(curves), "plots/roc_candidate_vs_champion.png")
+    tracker.log_figure(plot_reliability(curves), "plots/reliability_candidate_vs_champion.png")
+    tracker.end()
+    return {"eval_day": day_str(day), "rows": int(len(preds["candidate"]["click"])), "candidate": metrics["candidate"],
+            "champion": metrics.get("champion"), "champion_note": note, "mlflow_run_id": tracker.run_id}

@@ -1,0 +1,126 @@
+"""The MLflow model registry side of the nightly run: who the champion is, its weights,
+registering a candidate, and the promotion gate.
+
+A registered model version's source is the serving bundle logged to its training run
+(``runs:/<run id>/bundle``), so ``models:/<name>@champion`` downloads a bundle the
+torch-free scorer loads. The torch weights (for warm starts and for evaluating the
+champion on new days) are the ``checkpoint/best.pt`` artifact of the same run, with the
+run's ``config.toml`` saying which architecture they belong to.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from features.config import FunnelConfig, PromoteConfig, load_config
+from models.tracking import tracking_uri
+
+CHAMPION = "champion"
+
+
+@dataclass(frozen=True)
+class Champion:
+    version: int
+    run_id: str
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    promote: bool
+    reason: str
+
+
+def registry_client(cfg: FunnelConfig) -> MlflowClient:
+    return MlflowClient(tracking_uri=tracking_uri(cfg.state_dir), registry_uri=tracking_uri(cfg.state_dir))
+
+
+def current_champion(cfg: FunnelConfig) -> Champion | None:
+    """The version behind the ``champion`` alias, or None before the first promotion."""
+    client = registry_client(cfg)
+    try:
+        version = client.get_model_version_by_alias(cfg.promote.model_name, CHAMPION)
+    except MlflowException:
+        return None
+    return Champion(int(version.version), version.run_id)
+
+
+def champion_weights(cfg: FunnelConfig, champion: Champion) -> tuple[FunnelConfig, dict[str, torch.Tensor]]:
+    """The config the champion was trained with and its best epoch's plain state_dict."""
+    client = registry_client(cfg)
+    with tempfile.TemporaryDirectory(prefix="funnelrank-champion-") as tmp:
+        config_path = client.download_artifacts(champion.run_id, "config.toml", tmp)
+        checkpoint = client.download_artifacts(champion.run_id, "checkpoint/best.pt", tmp)
+        champion_cfg = load_config(Path(config_path))
+        state = torch.load(checkpoint, weights_only=False)["model"]
+    return champion_cfg, state
+
+
+def same_architecture(a: FunnelConfig, b: FunnelConfig) -> str | None:
+    """None when weights of a model trained with ``a`` fit ``b``'s model, else why not.
+
+    Vocabulary capacities may grow (append-only vocabularies keep old rows' meaning);
+    everything else that shapes a tensor must be equal.
+    """
+    if a.model != b.model:
+        return "the [model] section differs"
+    if a.features.dense_names() != b.features.dense_names():
+        return "the dense features differ"
+    shape = [(f.name, f.kind, f.dim, f.pooling) for f in a.features.sparse]
+    if shape != [(f.name, f.kind, f.dim, f.pooling) for f in b.features.sparse]:
+        return "the sparse features (names, kinds, dims or pooling) differ"
+    return None
+
+
+def register_candidate(cfg: FunnelConfig, train_run_id: str, bundle_uri: str, tags: dict[str, str]) -> int:
+    """Register the candidate's bundle as a model version (once per training run)."""
+    client = registry_client(cfg)
+    name = cfg.promote.model_name
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description="funnelrank click -> conversion ranker (serving bundle)")
+    existing = client.search_model_versions(f"name='{name}' and run_id='{train_run_id}'")
+    if existing:
+        return int(existing[0].version)
+    version = client.create_model_version(name, bundle_uri, run_id=train_run_id, tags=tags)
+    return int(version.version)
+
+
+def gate(candidate: dict[str, float], champion: dict[str, float] | None, rules: PromoteConfig) -> GateDecision:
+    """Promote when calibration is within bounds and, against a champion, no gate metric
+    falls by more than the tolerance; the first model must clear ``min_auc`` instead."""
+    problems = []
+    for task in ("click", "ctcvr"):
+        value = candidate.get(f"{task}_calibration", float("nan"))
+        if not rules.calibration_min <= value <= rules.calibration_max:
+            problems.append(f"{task} calibration {value:.3f} outside [{rules.calibration_min}, {rules.calibration_max}]")
+    for metric in rules.gate_metrics:
+        value = candidate.get(metric, float("nan"))
+        if champion is None:
+            if not value >= rules.min_auc:
+                problems.append(f"{metric} {value:.4f} below the first model's bound {rules.min_auc}")
+        elif not value >= champion[metric] - rules.auc_tolerance:
+            problems.append(f"{metric} {value:.4f} fell {champion[metric] - value:.4f} below the champion's "
+                            f"{champion[metric]:.4f} (tolerance {rules.auc_tolerance})")
+    if problems:
+        return GateDecision(False, "; ".join(problems))
+    if champion is None:
+        return GateDecision(True, "first model: passes the absolute bounds")
+    gains = ", ".join(f"{m} {candidate[m] - champion[m]:+.4f}" for m in rules.gate_metrics)
+    return GateDecision(True, f"no gate metric regressed beyond {rules.auc_tolerance} ({gains})")
+
+
+def set_champion(cfg: FunnelConfig, version: int) -> None:
+    registry_client(cfg).set_registered_model_alias(cfg.promote.model_name, CHAMPION, str(version))
+
+
+def tag_version(cfg: FunnelConfig, version: int, tags: dict[str, str]) -> None:
+    client = registry_client(cfg)
+    for key, value in tags.items():
+        client.set_model_version_tag(cfg.promote.model_name, str(version), key, value)

@@ -1,0 +1,205 @@
+"""The nightly DAG on a tiny synthetic warehouse: two nights train, evaluate, export and
+promote (the second warm-started from the first's champion); reruns skip; ``--from``
+forces; the lock refuses a second run; kill -9 during examples and during train is
+resumed by the same command with the same outputs; a corrupt raw file stops the night
+before anything downstream runs and leaves the champion alone."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from features.config import load_config
+from features.synthetic import generate_logs
+from models.tracking import to_toml, tracking_uri
+from pipeline.cli import main
+from pipeline.nightly import STAGES, run_nights, warehouse_lock
+from pipeline.registry import current_champion
+
+ROOT = Path(__file__).resolve().parents[1]
+START = dt.date(2026, 11, 1)
+DAYS = [START + dt.timedelta(days=i) for i in range(7)]  # nights 2..5 backfill examples, 5 and 6 train
+
+
+def tiny_config(root: Path):
+    return load_config(ROOT / "configs" / "demo.toml", {
+        "state_dir": str(root / "state"), "warehouse": str(root / "wh"),
+        "generate": {"start_date": START, "days": len(DAYS), "users": 800, "items": 300, "impressions_per_day": 6000},
+        "train": {"window_days": 3, "epochs": 2, "batch_size": 512, "patience": 5},
+        # tiny data: a gate every model passes; the gate's own rules are tested below
+        "promote": {"min_auc": 0.0, "calibration_min": 0.001, "calibration_max": 1000.0, "auc_tolerance": 1.0},
+    })
+
+
+def write_config(cfg, path: Path) -> Path:
+    path.write_text(to_toml(cfg.model_dump(by_alias=True)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def nights(tmp_path_factory):
+    """Generate 7 days, backfill the examples of nights 1..4, run nights 5 and 6 in full."""
+    root = tmp_path_factory.mktemp("nightly")
+    cfg = tiny_config(root)
+    generate_logs(cfg, cfg.warehouse, progress=False)
+    lines: list[str] = []
+    run_nights(cfg, cfg.warehouse, DAYS[0], DAYS[4], last="examples", echo=lines.append)
+    results = run_nights(cfg, cfg.warehouse, DAYS[5], DAYS[6], echo=lines.append)
+    return cfg, results, lines
+
+
+def test_two_nights_train_evaluate_export_and_promote(nights):
+    cfg, results, lines = nights
+    first, second = results[DAYS[5]], results[DAYS[6]]
+    assert [line.split()[1] for line in lines[-14:]] == list(STAGES) * 2
+    assert first["train"]["warm_start"] == "none" and "no champion" in first["train"]["warm_start_reason"]
+    assert first["promote"]["promoted"] and first["promote"]["version"] == 1
+    assert first["evaluate"]["champion"] is None
+    # the second night fine-tunes the champion on the newest mature day and is compared with it
+    assert second["train"]["warm_start"] == "champion" and second["train"]["warm_start_version"] == "1"
+    assert second["train"]["window_days"] == cfg.nightly.fine_tune_days + 1
+    assert set(second["evaluate"]["champion"]) == set(second["evaluate"]["candidate"])
+    assert second["promote"]["version"] == 2
+    champion = current_champion(cfg)
+    assert champion.version == (2 if second["promote"]["promoted"] else 1)
+
+    client = MlflowClient(tracking_uri(cfg.state_dir))
+    version = client.get_model_version(cfg.promote.model_name, "2")
+    assert version.run_id == second["train"]["mlflow_run_id"]
+    assert version.tags["promotion"] in ("champion", "rejected") and version.tags["promotion_reason"]
+    assert version.tags["warm_start"] == "champion"
+    # one parent run per night with the training and evaluation runs as children
+    for day, night in results.items():
+        children = client.search_runs([client.get_run(night["train"]["mlflow_run_id"]).info.experiment_id],
+                                      f"tags.mlflow.parentRunId = '{client.get_run(night['evaluate']['mlflow_run_id']).data.tags['mlflow.parentRunId']}'")
+        assert {r.data.tags["stage"] for r in children} == {"train", "evaluate"}
+        parent = client.get_run(children[0].data.tags["mlflow.parentRunId"])
+        assert parent.info.run_name == f"nightly-{day}" and parent.info.status == "FINISHED"
+        assert parent.data.tags["outcome"] == night["promote"]["detail"]
+        assert parent.data.metrics["stage/train/rows"] > 0
+    # the champion's bundle scores without torch, straight from the registry
+    from serving.bundle import load_bundle
+    from serving.scorer import Scorer
+
+    bundle = load_bundle(results[DAYS[5]]["export"]["bundle"])
+    assert Scorer(bundle).score({"user_id": "nobody", "candidates": [{"item_id": "i1"}, {"item_id": "i2"}]})
+
+
+def test_rerun_skips_finished_stages_and_from_forces(nights):
+    cfg, _, _ = nights
+    lines: list[str] = []
+    run_nights(cfg, cfg.warehouse, DAYS[6], DAYS[6], echo=lines.append)
+    assert [line.split()[2] for line in lines] == ["skipped"] * 5 + ["skipped", "skipped"]
+    lines.clear()
+    run_nights(cfg, cfg.warehouse, DAYS[6], DAYS[6], rerun_from="evaluate", echo=lines.append)
+    statuses = [line.split()[2] for line in lines]
+    # export runs again but finds its verified bundle from the same weights: it keeps it
+    assert statuses == ["skipped"] * 4 + ["done", "skipped", "done"]
+    versions = MlflowClient(tracking_uri(cfg.state_dir)).search_model_versions(f"name='{cfg.promote.model_name}'")
+    assert len(versions) == 2  # registering the same training run again does not add a version
+
+
+def test_lock_keeps_a_second_run_off_the_warehouse(nights, capsys):
+    cfg, _, _ = nights
+    config = write_config(cfg, cfg.warehouse.parent / "cfg.toml")
+    with warehouse_lock(cfg.warehouse):
+        code = main(["nightly", "--config", str(config), "--date", str(DAYS[6])])
+    assert code == 5
+    assert "another run holds the lock" in capsys.readouterr().err
+
+
+def _nightly_process(config: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "nightly", "--config", str(config), *args],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _kill_when(process: subprocess.Popen, ready, timeout: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert process.poll() is None, f"finished before the kill point:\n{process.stdout.read()}"
+        assert time.monotonic() < deadline, "kill point never reached"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+def test_killed_examples_and_train_resume_to_the_same_outputs(nights, tmp_path):
+    reference, results, _ = nights
+    cfg = tiny_config(tmp_path)
+    for part in ("raw", "truth"):
+        shutil.copytree(reference.warehouse / part, cfg.warehouse / part)
+    config = write_config(cfg, tmp_path / "cfg.toml")
+    training = cfg.warehouse / "training"
+
+    # kill -9 as soon as the first night with a mature day starts writing its training table
+    records = Path(cfg.state_dir) / "nightly" / str(DAYS[2])
+    proc = _nightly_process(config, "--start", str(DAYS[0]), "--end", str(DAYS[4]), "--to", "examples")
+    _kill_when(proc, lambda: (records / "features.json").exists())
+    assert not (records / "examples.json").exists()
+    assert main(["nightly", "--config", str(config), "--start", str(DAYS[0]), "--end", str(DAYS[4]), "--to", "examples"]) == 0
+
+    # kill -9 after the first epoch's checkpoint of night 5's training
+    checkpoints = Path(cfg.state_dir) / "checkpoints"
+    proc = _nightly_process(config, "--date", str(DAYS[5]))
+    _kill_when(proc, lambda: any(checkpoints.glob("*/last.pt")))
+    assert main(["nightly", "--config", str(config), "--date", str(DAYS[5])]) == 0
+
+    for day in DAYS[:3]:
+        ours = json.loads((training / f"date={day}" / "manifest.json").read_text())
+        theirs = json.loads((reference.warehouse / "training" / f"date={day}" / "manifest.json").read_text())
+        assert ours["content_sha256"] == theirs["content_sha256"]
+    resumed = json.loads((Path(cfg.state_dir) / "nightly" / str(DAYS[5]) / "train.json").read_text())["outputs"]
+    assert resumed["val"] == pytest.approx(results[DAYS[5]]["train"]["val"], abs=1e-6)
+    assert current_champion(cfg).version == 1
+
+
+def test_corrupt_raw_file_stops_the_night_and_keeps_the_champion(nights, tmp_path, capsys):
+    reference, _, _ = nights
+    cfg = reference
+    night = DAYS[6] + dt.timedelta(days=1)
+    # a new day whose impressions file is not Parquet at all
+    bad = cfg.warehouse / "raw" / "impressions" / f"date={night}" / "part-0.parquet"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"PAR1 this is not a parquet file")
+    for table in ("clicks", "conversions"):
+        src = cfg.warehouse / "raw" / table / f"date={DAYS[6]}"
+        shutil.copytree(src, cfg.warehouse / "raw" / table / f"date={night}")
+    champion = current_champion(cfg)
+    config = write_config(cfg, tmp_path / "cfg.toml")
+    try:
+        assert main(["nightly", "--config", str(config), "--date", str(night)]) == 4
+        assert "part-0.parquet" in capsys.readouterr().err
+        records = Path(cfg.state_dir) / "nightly" / str(night)
+        assert not [p.name for p in records.glob("*.json") if p.stem in STAGES]  # not even validate finished
+        assert not (cfg.warehouse / "features" / "daily" / "user" / f"date={night}").exists()
+        assert current_champion(cfg) == champion
+    finally:
+        for table in ("impressions", "clicks", "conversions"):
+            shutil.rmtree(cfg.warehouse / "raw" / table / f"date={night}", ignore_errors=True)
+
+
+def test_gate_rules():
+    from features.config import PromoteConfig
+    from pipeline.registry import gate
+
+    rules = PromoteConfig(auc_tolerance=0.01, min_auc=0.6)
+    good = {"click_auc": 0.70, "cvr_auc": 0.65, "ctcvr_auc": 0.72, "click_calibration": 1.0, "ctcvr_calibration": 1.1}
+    assert gate(good, None, rules).promote
+    assert not gate(good | {"cvr_auc": 0.59}, None, rules).promote  # first model below min_auc
+    decision = gate(good | {"ctcvr_calibration": 1.4}, None, rules)
+    assert not decision.promote and "ctcvr calibration 1.400" in decision.reason
+    champion = good | {"click_auc": 0.705}
+    assert gate(good, champion, rules).promote  # a 0.005 drop is within the tolerance
+    decision = gate(good, champion | {"ctcvr_auc": 0.74}, rules)
+    assert not decision.promote and "ctcvr_auc 0.7200 fell 0.0200" in decision.reason
+    assert not gate(good | {"click_auc": float("nan")}, champion, rules).promote
