@@ -23,6 +23,8 @@ import datetime as dt
 import hashlib
 import importlib.metadata
 import json
+import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -118,16 +120,26 @@ def export_onnx(model: MultiTaskNet, spec: FeaturesConfig, scoring: ScoringConfi
     dense = torch.zeros(n, len(model.normalizer.mean))
     sparse = [torch.zeros(n, 3, dtype=torch.int64) if f.kind == "list" else torch.zeros(n, dtype=torch.int64) for f in spec.sparse]
     dims = [{0: batch, 1: torch.export.Dim(f"{f.name}_len", min=1)} if f.kind == "list" else {0: batch} for f in spec.sparse]
-    program = torch.onnx.export(
-        module,
-        (dense, sparse),
-        dynamo=True,
-        input_names=input_names(spec),
-        output_names=list(OUTPUTS),
-        dynamic_shapes=({0: batch}, dims),
-        optimize=True,
-        verbose=False,
-    )
+    # The exporter warns about operators this model never uses (torchvision's) and about
+    # its own deprecations: noise in every nightly log. Parity (below) checks the result.
+    registration_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration_log.level
+    registration_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                module,
+                (dense, sparse),
+                dynamo=True,
+                input_names=input_names(spec),
+                output_names=list(OUTPUTS),
+                dynamic_shapes=({0: batch}, dims),
+                optimize=True,
+                verbose=False,
+            )
+    finally:
+        registration_log.setLevel(level)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(program.model_proto, str(path), save_as_external_data=False)
