@@ -89,6 +89,8 @@ def load_bundle_from_mlflow(uri: str, dst: str | Path | None = None, tracking_ur
     """
     import mlflow  # noqa: PLC0415 - optional dependency of this one function
 
+    if uri.startswith("models:/") and tracking_uri is not None:
+        uri = _model_version_source(uri, tracking_uri)
     target = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix="funnelrank-bundle-"))
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target), tracking_uri=tracking_uri,
                                                      registry_uri=tracking_uri))
@@ -98,3 +100,23 @@ def load_bundle_from_mlflow(uri: str, dst: str | Path | None = None, tracking_ur
     if len(found) != 1:
         raise BundleError(f"MLflow artifacts of {uri} hold {len(found)} bundle manifests, expected 1")
     return load_bundle(found[0])
+
+
+def _model_version_source(uri: str, tracking_uri: str) -> str:
+    """``models:/<name>@<alias>`` or ``models:/<name>/<version>`` as the version's artifact
+    URI, looked up in the registry at ``tracking_uri`` (MLflow itself resolves ``models:/``
+    against its global registry URI, whatever store the caller names)."""
+    from mlflow.exceptions import MlflowException  # noqa: PLC0415
+    from mlflow.tracking import MlflowClient  # noqa: PLC0415
+
+    reference = uri.removeprefix("models:/")
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    try:
+        if "@" in reference.split("/", 1)[0]:
+            name, alias = reference.split("/", 1)[0].split("@", 1)
+            version = client.get_model_version_by_alias(name, alias).version
+        else:
+            name, version = reference.split("/", 2)[:2]
+        return client.get_model_version_download_uri(name, version)
+    except (MlflowException, ValueError) as err:
+        raise BundleError(f"cannot resolve {uri} in the MLflow registry at {tracking_uri}: {err}") from None

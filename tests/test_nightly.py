@@ -87,11 +87,13 @@ def test_two_nights_train_evaluate_export_and_promote(nights):
         assert parent.info.run_name == f"nightly-{day}" and parent.info.status == "FINISHED"
         assert parent.data.tags["outcome"] == night["promote"]["detail"]
         assert parent.data.metrics["stage/train/rows"] > 0
-    # the champion's bundle scores without torch, straight from the registry
-    from serving.bundle import load_bundle
+    # the champion's bundle, straight from the registry, is the one its night exported
+    from serving.bundle import load_bundle_from_mlflow
     from serving.scorer import Scorer
 
-    bundle = load_bundle(results[DAYS[5]]["export"]["bundle"])
+    bundle = load_bundle_from_mlflow(f"models:/{cfg.promote.model_name}@champion", tracking_uri=tracking_uri(cfg.state_dir))
+    exported = results[DAYS[5] if champion.version == 1 else DAYS[6]]["export"]
+    assert bundle.sha256 == exported["bundle_sha256"]
     assert Scorer(bundle).score({"user_id": "nobody", "candidates": [{"item_id": "i1"}, {"item_id": "i2"}]})
 
 
