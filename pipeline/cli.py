@@ -261,8 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
         p = add(stage, cmd_night_stage, f"{text} (the night's earlier stages run first when they have not).")
         p.add_argument("--date", type=_date, required=True, help="the nightly run date, YYYY-MM-DD")
 
-    p = add("runs", cmd_runs, "Compare training runs from MLflow: `funnelrank runs compare [--last N | RUN_ID ...]`.")
-    p.add_argument("action", choices=["compare"], help="what to do with the runs")
+    runs = sub.add_parser("runs", help="Work with the training runs in MLflow (`runs compare`).",
+                          description="Work with the training runs in MLflow.")
+    runs_sub = runs.add_subparsers(dest="runs_command", required=True, metavar="ACTION")
+    p = runs_sub.add_parser("compare", help="Training runs side by side: key metrics, config keys that differ, metric trends over nights.",
+                            description="Training runs side by side: key validation metrics, the config keys that differ, "
+                            "and a plot of the metrics over the nights (written to --output or logged to the newest run).")
+    _common(p)
+    p.set_defaults(func=cmd_runs)
     p.add_argument("run_ids", nargs="*", metavar="RUN_ID", help="MLflow run ids (default: the newest --last finished training runs)")
     p.add_argument("--last", type=int, default=5, help="compare the newest N finished training runs (default %(default)s)")
     p.add_argument("--output", type=Path, help="write the trend plot (PNG) here instead of logging it to the newest run in MLflow")

@@ -205,3 +205,23 @@ def test_gate_rules():
     decision = gate(good, champion | {"ctcvr_auc": 0.74}, rules)
     assert not decision.promote and "ctcvr_auc 0.7200 fell 0.0200" in decision.reason
     assert not gate(good | {"click_auc": float("nan")}, champion, rules).promote
+
+
+def test_runs_compare_prints_metrics_differing_config_and_writes_the_trend(nights, capsys):
+    cfg, results, _ = nights
+    config = write_config(cfg, cfg.warehouse.parent / "cfg-compare.toml")
+    picture = cfg.warehouse.parent / "trend.png"
+    assert main(["runs", "compare", "--config", str(config), "--last", "2", "--output", str(picture)]) == 0
+    out = capsys.readouterr().out
+    assert f"train-{DAYS[5]}" in out and f"train-{DAYS[6]}" in out
+    assert "click_auc" in out and "ctcvr_calibration" in out
+    assert "config: train.window_days" in out  # the warm start trained on a shorter window
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # explicit run ids; the trend goes to the newest run's artifacts
+    run_ids = [results[d]["train"]["mlflow_run_id"] for d in (DAYS[5], DAYS[6])]
+    assert main(["runs", "compare", "--config", str(config), *run_ids]) == 0
+    assert "reports/compare_2_runs.png" in capsys.readouterr().out
+    artifacts = MlflowClient(tracking_uri(cfg.state_dir)).list_artifacts(run_ids[1], "reports")
+    assert [a.path for a in artifacts] == ["reports/compare_2_runs.png"]
+    assert main(["runs", "compare", "--config", str(config), "no-such-run"]) == 3
+    assert "no MLflow run 'no-such-run'" in capsys.readouterr().err
