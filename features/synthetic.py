@@ -160,6 +160,7 @@ class World:
     slot_mean: float
     slot_std: float
     noise_std: float  # per-impression logit noise (unobservable)
+    latent_match_scale: float  # multiplies the user x item factor products
     intercepts: np.ndarray  # (2,): click, conversion-given-click
 
 
@@ -279,6 +280,7 @@ def _build_world(g: GenerateConfig, seed: int) -> World:
         slot_mean=slot_mean,
         slot_std=slot_std,
         noise_std=g.noise,
+        latent_match_scale=g.latent_match_scale,
         intercepts=np.zeros(2),
     )
 
@@ -317,8 +319,9 @@ def _logits_without_intercept(
     """(n, 2) hidden logits (click, conversion-given-click) before the intercepts."""
     n = len(user)
     dim = world.user_factors.shape[1]
-    # Products of the factors: the latent match is their mean, and a block of the MMoE x.
-    match = world.user_factors[user] * world.item_factors[item]
+    # Products of the factors: the latent match is their mean, and a block of the MMoE x
+    # (times 1.0 by default, which is exact: the default world is unchanged).
+    match = world.user_factors[user] * world.item_factors[item] * world.latent_match_scale
     latent_match = match.sum(axis=1) / np.sqrt(dim)
     interest = world.interest_matrix[user, world.item_category[item]]
     age = world.user_age[user]
