@@ -280,8 +280,6 @@ def distribute(model: MultiTaskNet, tcfg: TrainConfig, device: torch.device, *,
     constraints = {name: ParameterConstraints(sharding_types=types) for name in model.sparse_names}
     sharders = [EmbeddingBagCollectionSharder()]
     world = _world()
-    topology = Topology(world_size=world, compute_device=device.type,
-                        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     # The planner warns on every run about its own defaults (directly built Topology,
     # heuristic storage reservation); the plan it makes here is the one wanted.
     planner_log = logging.getLogger("torchrec.distributed.planner")
@@ -290,6 +288,8 @@ def distribute(model: MultiTaskNet, tcfg: TrainConfig, device: torch.device, *,
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
+            topology = Topology(world_size=world, compute_device=device.type,
+                                local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
             planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
             plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
     finally:
