@@ -12,10 +12,19 @@ from pipeline.cli import build_parser, main
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _children(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    action = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    return dict(action.choices) if action else {}
+
+
 def subcommands() -> dict[str, argparse.ArgumentParser]:
-    parser = build_parser()
-    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return dict(action.choices)
+    return _children(build_parser())
+
+
+def commands() -> list[str]:
+    """Every runnable command line prefix: ``validate``, ``runs compare``, ..."""
+    return [f"{name} {child}" if child else name
+            for name, parser in subcommands().items() for child in (_children(parser) or {"": None})]
 
 
 def test_console_script_help():
@@ -25,10 +34,10 @@ def test_console_script_help():
         assert name in res.stdout
 
 
-@pytest.mark.parametrize("name", sorted(subcommands()))
+@pytest.mark.parametrize("name", sorted(commands()))
 def test_every_stage_has_help_and_common_flags(name, capsys):
     with pytest.raises(SystemExit) as exit_:
-        main([name, "--help"])
+        main([*name.split(), "--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert "--config" in out and "--warehouse" in out
