@@ -85,7 +85,7 @@ def per_feature_embedding_model(spec: FeaturesConfig, cfg, dense_mean: np.ndarra
     import torch
     from torch import nn
 
-    from models.nets import BACKBONES, TASKS, DenseNormalizer, ModelOutput
+    from models.nets import BACKBONES, TASKS, CrossNetwork, DenseNormalizer, ModelOutput
 
     class PerFeatureEmbeddingNet(nn.Module):
         def __init__(self) -> None:
@@ -93,7 +93,9 @@ def per_feature_embedding_model(spec: FeaturesConfig, cfg, dense_mean: np.ndarra
             self.features = list(spec.sparse)
             self.tables = nn.ModuleDict({f.name: nn.Embedding(f.num_embeddings, f.dim) for f in spec.sparse})
             self.normalizer = DenseNormalizer(dense_mean, dense_std)
-            self.backbone = BACKBONES[cfg.backbone](sum(f.dim for f in spec.sparse) + len(dense_mean), cfg)
+            in_dim = sum(f.dim for f in spec.sparse) + len(dense_mean)
+            self.cross = CrossNetwork(in_dim, cfg.cross_layers)
+            self.backbone = BACKBONES[cfg.backbone](in_dim, cfg)
             self.heads = nn.ModuleDict({t: nn.Linear(self.backbone.out_dim, 1) for t in TASKS})
 
         def forward(self, dense: torch.Tensor, ids: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> ModelOutput:
@@ -106,7 +108,7 @@ def per_feature_embedding_model(spec: FeaturesConfig, cfg, dense_mean: np.ndarra
                     if f.pooling == "mean":
                         rows = rows / mask.sum(1).clamp(min=1.0)
                 pooled.append(rows)
-            x = torch.cat([*pooled, self.normalizer(dense)], dim=1)
+            x = self.cross(torch.cat([*pooled, self.normalizer(dense)], dim=1))
             hidden, gates = self.backbone(x)
             click_logit = self.heads["click"](hidden["click"]).squeeze(-1)
             cvr_logit = self.heads["conversion"](hidden["conversion"]).squeeze(-1)

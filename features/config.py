@@ -189,6 +189,7 @@ class ModelConfig(_Section):
     n_experts: int = Field(4, ge=1)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     soft_sharing_strength: float = Field(1e-3, ge=0.0, description="L2 pull between the task networks' weights")
+    cross_layers: int = Field(0, ge=0, description="DCN-v2 cross layers on the backbone input (explicit feature crosses, e.g. user x item); 0 = none")
 
     @field_validator("expert_dims", "tower_dims")
     @classmethod

@@ -71,6 +71,7 @@ class OnnxRanker(nn.Module):
         weights = {n: model.ebc.embedding_bags[n].weight.detach().clone().cpu() for n in model.sparse_names}
         self.tables = nn.ModuleList(nn.Embedding.from_pretrained(weights[n], freeze=True) for n in model.sparse_names)
         self.normalizer = model.normalizer
+        self.cross = model.cross
         self.backbone = model.backbone
         self.heads = model.heads
         self.a = scoring.click_exponent
@@ -85,7 +86,7 @@ class OnnxRanker(nn.Module):
             mask = (ids >= 0).to(torch.float32).unsqueeze(-1)  # [B, L, 1]
             summed = (table(ids.clamp(min=0)) * mask).sum(dim=1)
             pooled.append(summed / mask.sum(dim=1).clamp(min=1.0) if mean else summed)
-        x = torch.cat([*pooled, self.normalizer(dense)], dim=1)
+        x = self.cross(torch.cat([*pooled, self.normalizer(dense)], dim=1))
         hidden, _ = self.backbone(x)
         p_click = torch.sigmoid(self.heads["click"](hidden["click"]).squeeze(-1))
         p_cvr = torch.sigmoid(self.heads["conversion"](hidden["conversion"]).squeeze(-1))

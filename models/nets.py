@@ -198,6 +198,24 @@ def embedding_configs(spec: FeaturesConfig) -> list[EmbeddingBagConfig]:
     ]
 
 
+class CrossNetwork(nn.Module):
+    """DCN-v2 cross layers: x_{l+1} = x_0 * (W_l x_l + b_l) + x_l.
+
+    An MLP over concatenated embeddings learns multiplicative interactions (a user
+    embedding's dot product with an item's) poorly; each cross layer adds explicit
+    pairwise products of the input's coordinates. No layers: the identity."""
+
+    def __init__(self, dim: int, layers: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(dim, dim) for _ in range(layers))
+
+    def forward(self, x0: torch.Tensor) -> torch.Tensor:
+        x = x0
+        for layer in self.layers:
+            x = x0 * layer(x) + x
+        return x
+
+
 class MultiTaskNet(nn.Module):
     def __init__(
         self,
@@ -213,6 +231,7 @@ class MultiTaskNet(nn.Module):
         self.ebc = EmbeddingBagCollection(tables=embedding_configs(spec), device=torch.device(device))
         self.normalizer = DenseNormalizer(dense_mean, dense_std)
         in_dim = sum(f.dim for f in spec.sparse) + len(dense_mean)
+        self.cross = CrossNetwork(in_dim, cfg.cross_layers)
         self.backbone = BACKBONES[cfg.backbone](in_dim, cfg)
         self.heads = nn.ModuleDict({t: nn.Linear(self.backbone.out_dim, 1) for t in TASKS})
 
@@ -224,7 +243,7 @@ class MultiTaskNet(nn.Module):
         else:
             by_name = pooled.to_dict()
             emb = torch.cat([by_name[n] for n in self.sparse_names], dim=1)
-        x = torch.cat([emb, self.normalizer(dense)], dim=1)
+        x = self.cross(torch.cat([emb, self.normalizer(dense)], dim=1))
         hidden, gates = self.backbone(x)
         click_logit = self.heads["click"](hidden["click"]).squeeze(-1)
         cvr_logit = self.heads["conversion"](hidden["conversion"]).squeeze(-1)

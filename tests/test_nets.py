@@ -177,3 +177,23 @@ def test_dense_stats_and_normalizer(tmp_path) -> None:
     assert abs(z[:, 0].mean().item()) < 1e-4 and abs(z[:, 0].std().item() - 1) < 1e-2
     assert z[:, 1].abs().max().item() == 0.0
     assert set(model.state_dict()) >= {"normalizer.mean", "normalizer.std"}
+
+
+def test_cross_layers_add_explicit_products_and_zero_layers_are_the_identity() -> None:
+    from models.nets import CrossNetwork
+
+    torch.manual_seed(0)
+    x0 = torch.randn(5, 6)
+    assert torch.equal(CrossNetwork(6, 0)(x0), x0)
+    cross = CrossNetwork(6, 2)
+    w0, w1 = cross.layers
+    x1 = x0 * (x0 @ w0.weight.T + w0.bias) + x0
+    expected = x0 * (x1 @ w1.weight.T + w1.bias) + x1
+    assert torch.allclose(cross(x0), expected, atol=1e-6)
+    # one layer can represent a product of two coordinates: x0_a * x0_b
+    one = CrossNetwork(2, 1)
+    with torch.no_grad():
+        one.layers[0].weight.copy_(torch.tensor([[0.0, 1.0], [0.0, 0.0]]))
+        one.layers[0].bias.copy_(torch.tensor([-1.0, -1.0]))
+    out = one(x0[:, :2])
+    assert torch.allclose(out[:, 0], x0[:, 0] * x0[:, 1], atol=1e-6)
