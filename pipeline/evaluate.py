@@ -17,14 +17,13 @@ from models.loader import TrainingTableLoader, parquet_files
 from models.nets import MultiTaskNet
 from models.tracking import RunTracker, plot_reliability, plot_roc
 from models.train import predict, validation_metrics
-from pipeline.registry import Champion, champion_weights, same_architecture
-
-MODELS = ("candidate", "champion")
+from pipeline.registry import Champion, same_architecture
 
 
-def champion_model(cfg: FunnelConfig, champion: Champion) -> tuple[MultiTaskNet | None, str]:
-    """The champion as a torch model that can score today's training table, or None and why not."""
-    champion_cfg, state = champion_weights(cfg, champion)
+def champion_model(cfg: FunnelConfig, champion: Champion, champion_cfg: FunnelConfig,
+                   state: dict[str, torch.Tensor]) -> tuple[MultiTaskNet | None, str]:
+    """The champion (its training config and weights, see registry.champion_weights) as a
+    torch model that can score today's training table, or None and why not."""
     if reason := same_architecture(champion_cfg, cfg):
         return None, f"champion v{champion.version} cannot score today's table: {reason}"
     small = [f.name for f, g in zip(champion_cfg.features.sparse, cfg.features.sparse, strict=True) if f.num_embeddings < g.num_embeddings]
@@ -41,25 +40,22 @@ def evaluate_models(
     warehouse: Path,
     run_date: dt.date,
     candidate: MultiTaskNet,
-    champion: Champion | None,
+    champion: MultiTaskNet | None,
+    champion_note: str,
     parent_run_id: str | None = None,
 ) -> dict:
-    """Metrics of both models on the mature day of ``run_date``; logs a child run with
+    """Metrics of both models on the mature day of ``run_date`` (``champion_note`` says which
+    champion, or why there is none to compare with); logs a child run with
     ``candidate/<metric>``, ``champion/<metric>`` and ``delta/<metric>`` plus ROC and
     reliability plots of both. Returns {"candidate": metrics, "champion": metrics | None, ...}."""
     day = mature_day(cfg, run_date)
     files = parquet_files(training_dir(warehouse, day))
     loader = TrainingTableLoader(files, cfg.features.sparse, cfg.features.dense_names(), batch_size=16_384, shuffle=False, seed=cfg.seed)
-    models: dict[str, MultiTaskNet] = {"candidate": candidate.eval()}
-    note = "no champion yet"
-    if champion is not None:
-        net, note = champion_model(cfg, champion)
-        if net is not None:
-            models["champion"] = net
+    models = {"candidate": candidate.eval(), **({"champion": champion} if champion is not None else {})}
     preds = {name: predict(model, loader, torch.device("cpu")) for name, model in models.items()}
     metrics = {name: validation_metrics(pred) for name, pred in preds.items()}
 
-    tags = {"stage": "evaluate", "run_date": day_str(run_date), "eval_day": day_str(day), "champion": note}
+    tags = {"stage": "evaluate", "run_date": day_str(run_date), "eval_day": day_str(day), "champion": champion_note}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     tracker = RunTracker(cfg.state_dir, f"evaluate-{day_str(run_date)}", tags)
@@ -77,4 +73,4 @@ def evaluate_models(
     tracker.log_figure(plot_reliability(curves), "plots/reliability_candidate_vs_champion.png")
     tracker.end()
     return {"eval_day": day_str(day), "rows": int(len(preds["candidate"]["click"])), "candidate": metrics["candidate"],
-            "champion": metrics.get("champion"), "champion_note": note, "mlflow_run_id": tracker.run_id}
+            "champion": metrics.get("champion"), "champion_note": champion_note, "mlflow_run_id": tracker.run_id}

@@ -32,11 +32,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from features.config import FunnelConfig
 from features.contract import DAILY_TABLES, SNAPSHOT_TABLES, day_str, raw_dir, validated_dir
 from features.errors import StageError, WarehouseLockedError
 from features.io import atomic_write_json, sha256_dir
+
+if TYPE_CHECKING:
+    from models.nets import MultiTaskNet
 
 STAGES = ("validate", "features", "examples", "train", "evaluate", "export", "promote")
 
@@ -49,6 +53,8 @@ class Night:
     parent_run_id: str | None = None
     plan: dict = field(default_factory=dict)  # {"champion": {"version", "run_id"} | None}, fixed at the first run
     outputs: dict[str, dict] = field(default_factory=dict)  # each finished stage's outputs
+    candidate: MultiTaskNet | None = field(default=None, init=False, repr=False)  # the night's model, once trained or loaded
+    _champion_weights: tuple | None = field(default=None, init=False, repr=False)  # (config, state_dict), downloaded once
 
     @property
     def records(self) -> Path:
@@ -60,17 +66,39 @@ class Night:
         found = self.plan.get("champion")
         return Champion(found["version"], found["run_id"]) if found else None
 
+    def champion_weights(self) -> tuple[FunnelConfig, dict]:
+        """The pinned champion's training config and weights (downloaded once per night)."""
+        from pipeline.registry import champion_weights
+
+        if self._champion_weights is None:
+            self._champion_weights = champion_weights(self.cfg, self.champion())
+        return self._champion_weights
+
     def train_config(self) -> FunnelConfig:
-        """The config the night's model was trained with: a warm start trains on the
-        newest ``nightly.fine_tune_days`` mature days only."""
-        window = self.outputs["train"]["window_days"]
-        return self.cfg.model_copy(update={"train": self.cfg.train.model_copy(update={"window_days": window})})
+        """The config the night's model was trained with (see ``with_window``)."""
+        return with_window(self.cfg, self.outputs["train"]["window_days"])
+
+    def trained_model(self) -> MultiTaskNet:
+        """The night's candidate: the model train returned, else its best checkpoint."""
+        if self.candidate is None:
+            from models.export import load_trained_model
+
+            self.candidate, _ = load_trained_model(self.train_config(), self.warehouse, self.run_date)
+        return self.candidate
+
+
+def with_window(cfg: FunnelConfig, window_days: int) -> FunnelConfig:
+    """``cfg`` training on ``window_days`` mature days: a warm start trains on the newest
+    ``nightly.fine_tune_days`` (plus the validation day) only."""
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"window_days": window_days})})
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str
-    inputs: Callable[[Night], dict]  # what the outputs depend on: equal inputs -> skipped
+    # What the outputs depend on: equal inputs -> skipped. None: the stage always runs
+    # and skips itself (it returns "skipped": True).
+    inputs: Callable[[Night], dict] | None
     run: Callable[[Night], dict]  # outputs; "rows" and "detail" are printed, "paths" must exist to skip
 
 
@@ -103,11 +131,6 @@ def features_inputs(night: Night) -> dict:
     folders = [validated_dir(wh, t, d) for t in DAILY_TABLES for d in days]
     folders += [validated_dir(wh, t, night.run_date) for t in SNAPSHOT_TABLES]
     return {"partitions": _partition_hashes(wh, folders), "config": _config(night, "contract", "features")}
-
-
-def examples_inputs(night: Night) -> dict:
-    # build_training_table hashes its own inputs and skips itself: always call it.
-    return {"run": time.time_ns()}
 
 
 def train_inputs(night: Night) -> dict:
@@ -171,7 +194,7 @@ def run_examples(night: Night) -> dict:
 
 def warm_start_source(night: Night) -> tuple[int, dict | None, dict[str, str]]:
     """(window days, initial weights or None, MLflow tags saying what happened and why)."""
-    from pipeline.registry import champion_weights, same_architecture
+    from pipeline.registry import same_architecture
 
     cfg, champion = night.cfg, night.champion()
     full = cfg.train.window_days
@@ -179,7 +202,7 @@ def warm_start_source(night: Night) -> tuple[int, dict | None, dict[str, str]]:
         return full, None, {"warm_start": "none", "warm_start_reason": "nightly.warm_start = false: full retrain"}
     if champion is None:
         return full, None, {"warm_start": "none", "warm_start_reason": "no champion yet: full training"}
-    champion_cfg, state = champion_weights(cfg, champion)
+    champion_cfg, state = night.champion_weights()
     if reason := same_architecture(champion_cfg, cfg):
         return full, None, {"warm_start": "none", "warm_start_reason": f"champion v{champion.version} does not fit: {reason}"}
     mode = "towers and gates only (shared layers frozen)" if cfg.nightly.freeze_shared else "all layers"
@@ -192,37 +215,34 @@ def run_train(night: Night) -> dict:
     from models.train import train_model
 
     window, initial, tags = warm_start_source(night)
-    night.outputs["train"] = {"window_days": window}
-    result = train_model(night.train_config(), night.warehouse, night.run_date, progress=True, initial_state=initial,
+    cfg = with_window(night.cfg, window)
+    result = train_model(cfg, night.warehouse, night.run_date, progress=True, initial_state=initial,
                          freeze_shared=initial is not None and night.cfg.nightly.freeze_shared,
                          parent_run_id=night.parent_run_id, extra_tags=tags)
+    night.candidate = result.model
     metric = night.cfg.train.early_stopping_metric
     return {"window_days": window, "run_key": result.run_key, "mlflow_run_id": result.mlflow_run_id, **tags,
             "best_epoch": result.best_epoch, "val": result.val_metrics,
             "rows": sum(json.loads(_training_manifest(night.warehouse, d).read_text())["rows"]["rows_out"]
-                        for d in _window_days(night)),
+                        for d in _window_days(cfg, night.run_date)),
             "detail": f"{metric} {result.best_metric:.4f} after {result.epochs_run} epoch(s); {tags['warm_start_reason']}",
             "paths": [str(result.checkpoint_dir / "best.pt")]}
 
 
-def _window_days(night: Night) -> list[dt.date]:
+def _window_days(cfg: FunnelConfig, run_date: dt.date) -> list[dt.date]:
     from models.train import training_window
 
-    days, val_day = training_window(night.train_config(), night.run_date)
+    days, val_day = training_window(cfg, run_date)
     return [*days, val_day]
 
 
-def _candidate(night: Night):
-    from models.export import load_trained_model
-
-    model, _ = load_trained_model(night.train_config(), night.warehouse, night.run_date)
-    return model
-
-
 def run_evaluate(night: Night) -> dict:
-    from pipeline.evaluate import evaluate_models
+    from pipeline.evaluate import champion_model, evaluate_models
 
-    result = evaluate_models(night.cfg, night.warehouse, night.run_date, _candidate(night), night.champion(), night.parent_run_id)
+    champion, net, note = night.champion(), None, "no champion yet"
+    if champion is not None:
+        net, note = champion_model(night.cfg, champion, *night.champion_weights())
+    result = evaluate_models(night.cfg, night.warehouse, night.run_date, night.trained_model(), net, note, night.parent_run_id)
     cand, champ = result["candidate"], result["champion"]
     detail = f"candidate click AUC {cand['click_auc']:.4f}, CTCVR AUC {cand['ctcvr_auc']:.4f}"
     if champ:
@@ -235,7 +255,7 @@ def run_evaluate(night: Night) -> dict:
 def run_export(night: Night) -> dict:
     from models.export import export_run
 
-    summary = export_run(night.train_config(), night.warehouse, night.run_date, _candidate(night),
+    summary = export_run(night.train_config(), night.warehouse, night.run_date, night.trained_model(),
                          night.outputs["train"]["mlflow_run_id"])
     worst = max(summary["parity_max_abs_diff"].values())
     return {**summary, "rows": summary["parity_rows"], "paths": [summary["bundle"]],
@@ -248,8 +268,8 @@ def run_promote(night: Night) -> dict:
     cfg, evaluation, train = night.cfg, night.outputs["evaluate"], night.outputs["train"]
     decision = gate(evaluation["candidate"], evaluation["champion"], cfg.promote)
     tags = {"run_date": day_str(night.run_date), "eval_day": evaluation["eval_day"],
-            "train_days": ",".join(map(day_str, _window_days(night)[:-1])), "warm_start": train["warm_start"],
-            **{f"data.{day_str(d)}.sha256": _table_hash(night.warehouse, d) or "" for d in _window_days(night)},
+            "train_days": ",".join(map(day_str, _window_days(night.train_config(), night.run_date)[:-1])), "warm_start": train["warm_start"],
+            **{f"data.{day_str(d)}.sha256": _table_hash(night.warehouse, d) or "" for d in _window_days(night.train_config(), night.run_date)},
             **{f"metric.{k}": f"{evaluation['candidate'][k]:.6f}" for k in (*cfg.promote.gate_metrics, "click_calibration", "ctcvr_calibration")}}
     version = register_candidate(cfg, train["mlflow_run_id"], night.outputs["export"]["artifact_uri"], tags)
     before = current_champion(cfg)
@@ -264,7 +284,7 @@ def run_promote(night: Night) -> dict:
 DAG = (
     Stage("validate", validate_inputs, run_validate),
     Stage("features", features_inputs, run_features),
-    Stage("examples", examples_inputs, run_examples),
+    Stage("examples", None, run_examples),  # build_training_table hashes its own inputs
     Stage("train", train_inputs, run_train),
     Stage("evaluate", after("train"), run_evaluate),
     Stage("export", after("train"), run_export),
@@ -355,8 +375,8 @@ def run_night(cfg: FunnelConfig, warehouse: Path, run_date: dt.date, rerun_from:
             night.parent_run_id = tracker.run_id
         for stage in stages:
             started = time.perf_counter()
-            fingerprint = _fingerprint(stage.inputs(night))
-            outputs = None if stage.name in forced else _recorded(night, stage, fingerprint)
+            fingerprint = _fingerprint(stage.inputs(night)) if stage.inputs else None
+            outputs = None if stage.name in forced or fingerprint is None else _recorded(night, stage, fingerprint)
             status = "skipped"
             if outputs is None:
                 outputs = stage.run(night)
