@@ -23,8 +23,6 @@ import datetime as dt
 import hashlib
 import importlib.metadata
 import json
-import logging
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -45,6 +43,7 @@ from features.io import atomic_dir, sha256_file
 from features.vocab import load_vocabulary
 from models.loader import Batch, TrainingTableLoader, parquet_files
 from models.nets import MultiTaskNet
+from models.quiet import library_noise_silenced
 from models.tracking import tracking_uri
 from models.train import run_key, training_window
 from serving.bundle import BundleError, load_bundle
@@ -123,24 +122,17 @@ def export_onnx(model: MultiTaskNet, spec: FeaturesConfig, scoring: ScoringConfi
     dims = [{0: batch, 1: torch.export.Dim(f"{f.name}_len", min=1)} if f.kind == "list" else {0: batch} for f in spec.sparse]
     # The exporter warns about operators this model never uses (torchvision's) and about
     # its own deprecations: noise in every nightly log. Parity (below) checks the result.
-    registration_log = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = registration_log.level
-    registration_log.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(
-                module,
-                (dense, sparse),
-                dynamo=True,
-                input_names=input_names(spec),
-                output_names=list(OUTPUTS),
-                dynamic_shapes=({0: batch}, dims),
-                optimize=True,
-                verbose=False,
-            )
-    finally:
-        registration_log.setLevel(level)
+    with library_noise_silenced("torch.onnx._internal.exporter._registration"):
+        program = torch.onnx.export(
+            module,
+            (dense, sparse),
+            dynamo=True,
+            input_names=input_names(spec),
+            output_names=list(OUTPUTS),
+            dynamic_shapes=({0: batch}, dims),
+            optimize=True,
+            verbose=False,
+        )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(program.model_proto, str(path), save_as_external_data=False)

@@ -42,10 +42,8 @@ import datetime as dt
 import hashlib
 import io
 import json
-import logging
 import os
 import time
-import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +70,7 @@ from models.loader import Batch, TrainingTableLoader, parquet_files
 from models.losses import LossWeighting, task_losses, training_loss
 from models.metrics import task_metrics
 from models.nets import TASKS, ModelOutput, MultiTaskNet, dense_stats
+from models.quiet import library_noise_silenced
 from models.tracking import (RunTracker, flatten, git_commit, plot_gate_usage, plot_loss_curves, plot_reliability,
                              plot_roc, to_toml)
 
@@ -282,18 +281,11 @@ def distribute(model: MultiTaskNet, tcfg: TrainConfig, device: torch.device, *,
     world = _world()
     # The planner warns on every run about its own defaults (directly built Topology,
     # heuristic storage reservation); the plan it makes here is the one wanted.
-    planner_log = logging.getLogger("torchrec.distributed.planner")
-    level = planner_log.level
-    planner_log.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            topology = Topology(world_size=world, compute_device=device.type,
-                                local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-            planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
-            plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
-    finally:
-        planner_log.setLevel(level)
+    with library_noise_silenced("torchrec.distributed.planner", FutureWarning):
+        topology = Topology(world_size=world, compute_device=device.type,
+                            local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+        planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
+        plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
     dmp = DistributedModelParallel(model, device=device, plan=plan, sharders=sharders, init_data_parallel=False)
     _load_plain_state(dmp, initial)
     return dmp
