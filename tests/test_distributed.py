@@ -19,18 +19,15 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from torch.distributed._shard.sharded_tensor import ShardedTensor
-from test_train import RUN_DATE, make_cfg, same
+from test_train import RUN_DATE, make_cfg, same, write_learnable_window
 
-from benchmarks.bench_train import write_synthetic_day
 from features.config import FunnelConfig, load_config
-from features.examples import training_dir
 from models.nets import MultiTaskNet
 from models.tracking import to_toml, tracking_uri
 from models.train import (_init_process_group, _load_plain_fused_state, _load_plain_state, _plain_fused_state,
-                          _plain_state, distribute, train_model, training_window)
+                          _plain_state, distribute, train_model)
 
 REPO = Path(__file__).resolve().parents[1]
-ROWS_PER_DAY = 4000
 # Global batch 256 = 2 ranks x 128 rows. Row groups of 500 rows: 16 in the two training
 # days and 8 on the validation day, 8 and 4 per rank; the table-wise plan puts the item
 # table on one rank and shop and tags on the other.
@@ -83,10 +80,7 @@ def run_with_torchrun(cfg: FunnelConfig, warehouse: Path, folder: Path, max_epoc
 def warehouse(tmp_path_factory):
     """Three mature days of the learnable table, in row groups of 500 rows."""
     root = tmp_path_factory.mktemp("wh")
-    cfg = make_cfg(root)
-    train_days, val_day = training_window(cfg, RUN_DATE)
-    for i, day in enumerate([*train_days, val_day]):
-        write_synthetic_day(cfg.features, training_dir(root / "warehouse", day), ROWS_PER_DAY, seed=i, row_group_rows=500)
+    write_learnable_window(root, row_group_rows=500)
     return root / "warehouse"
 
 

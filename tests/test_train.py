@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -44,15 +45,22 @@ def make_cfg(tmp_path, model: dict | None = None, train: dict | None = None) -> 
     })
 
 
+def write_learnable_window(root: Path, row_group_rows: int) -> list[Path]:
+    """The training and validation days of RUN_DATE's window under ``root / "warehouse"``:
+    learnable tables (benchmarks.bench_train.write_synthetic_day) seeded by day index."""
+    cfg = make_cfg(root)
+    train_days, val_day = training_window(cfg, RUN_DATE)
+    folders = [training_dir(root / "warehouse", day) for day in [*train_days, val_day]]
+    for i, folder in enumerate(folders):
+        write_synthetic_day(cfg.features, folder, ROWS_PER_DAY, seed=i, row_group_rows=row_group_rows)
+    return folders
+
+
 @pytest.fixture(scope="module")
 def warehouse(tmp_path_factory):
     """Three mature days of a learnable table, each with an examples-style manifest."""
     root = tmp_path_factory.mktemp("wh")
-    cfg = make_cfg(root)
-    train_days, val_day = training_window(cfg, RUN_DATE)
-    for i, day in enumerate([*train_days, val_day]):
-        folder = training_dir(root / "warehouse", day)
-        write_synthetic_day(cfg.features, folder, ROWS_PER_DAY, seed=i, row_group_rows=1000)
+    for i, folder in enumerate(write_learnable_window(root, row_group_rows=1000)):
         (folder / "manifest.json").write_text(json.dumps({"content_sha256": f"hash{i}", "vocab_versions": {"item": i + 1}}))
     return root / "warehouse"
 
