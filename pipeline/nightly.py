@@ -267,9 +267,10 @@ def run_promote(night: Night) -> dict:
 
     cfg, evaluation, train = night.cfg, night.outputs["evaluate"], night.outputs["train"]
     decision = gate(evaluation["candidate"], evaluation["champion"], cfg.promote)
+    days = _window_days(night.train_config(), night.run_date)
     tags = {"run_date": day_str(night.run_date), "eval_day": evaluation["eval_day"],
-            "train_days": ",".join(map(day_str, _window_days(night.train_config(), night.run_date)[:-1])), "warm_start": train["warm_start"],
-            **{f"data.{day_str(d)}.sha256": _table_hash(night.warehouse, d) or "" for d in _window_days(night.train_config(), night.run_date)},
+            "train_days": ",".join(map(day_str, days[:-1])), "warm_start": train["warm_start"],
+            **{f"data.{day_str(d)}.sha256": _table_hash(night.warehouse, d) or "" for d in days},
             **{f"metric.{k}": f"{evaluation['candidate'][k]:.6f}" for k in (*cfg.promote.gate_metrics, "click_calibration", "ctcvr_calibration")}}
     version = register_candidate(cfg, train["mlflow_run_id"], night.outputs["export"]["artifact_uri"], tags)
     before = current_champion(cfg)
