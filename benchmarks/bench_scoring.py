@@ -159,7 +159,7 @@ def main() -> None:
                                 lengths=torch.from_numpy(np.concatenate(lengths)))
         with torch.no_grad():
             out = model(torch.from_numpy(feeds["dense"]), kjt)
-        return (out.p_click * out.p_ctcvr).numpy()
+        return (out.probs["click"] * out.probs["ctcvr"]).numpy()
 
     requests = [request(k) for k in range(args.requests)]
     for r in requests[:50]:  # warm up both
@@ -187,7 +187,7 @@ def main() -> None:
         t2 = time.thread_time()
         outputs = scorer.run(feeds, len(item_ids))
         t3 = time.thread_time()
-        rank_response(scorer.version, item_ids, *outputs)
+        rank_response(scorer.version, item_ids, scorer.result_names, outputs)
         t4 = time.thread_time()
         for name, a, b in zip(phases, (t0, t1, t2, t3), (t1, t2, t3, t4)):
             phases[name].append((b - a) * 1000)

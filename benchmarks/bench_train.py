@@ -77,7 +77,7 @@ def write_synthetic_day(spec: FeaturesConfig, folder: Path, rows: int, seed: int
     return path
 
 
-def per_feature_embedding_model(spec: FeaturesConfig, cfg, dense_mean: np.ndarray, dense_std: np.ndarray):
+def per_feature_embedding_model(spec: FeaturesConfig, cfg, tasks, dense_mean: np.ndarray, dense_std: np.ndarray):
     """``MultiTaskNet`` with its torchrec EBC swapped for one ``nn.Embedding`` per feature,
     the way most multi-task libraries embed: a single id looks up one row; a multi-hot
     feature arrives as padded ids [B, L] with a mask and is pooled by a masked sum (or
@@ -85,7 +85,7 @@ def per_feature_embedding_model(spec: FeaturesConfig, cfg, dense_mean: np.ndarra
     import torch
     from torch import nn
 
-    from models.nets import BACKBONES, TASKS, CrossNetwork, DenseNormalizer, ModelOutput
+    from models.nets import BACKBONES, CrossNetwork, DenseNormalizer, ModelOutput, TaskHeads
 
     class PerFeatureEmbeddingNet(nn.Module):
         def __init__(self) -> None:
@@ -95,8 +95,8 @@ def per_feature_embedding_model(spec: FeaturesConfig, cfg, dense_mean: np.ndarra
             self.normalizer = DenseNormalizer(dense_mean, dense_std)
             in_dim = sum(f.dim for f in spec.sparse) + len(dense_mean)
             self.cross = CrossNetwork(in_dim, cfg.cross_layers)
-            self.backbone = BACKBONES[cfg.backbone](in_dim, cfg)
-            self.heads = nn.ModuleDict({t: nn.Linear(self.backbone.out_dim, 1) for t in TASKS})
+            self.backbone = BACKBONES[cfg.backbone](in_dim, cfg, [t.name for t in tasks])
+            self.heads = TaskHeads(self.backbone.out_dim, tasks)
 
         def forward(self, dense: torch.Tensor, ids: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> ModelOutput:
             pooled = []
@@ -110,10 +110,7 @@ def per_feature_embedding_model(spec: FeaturesConfig, cfg, dense_mean: np.ndarra
                 pooled.append(rows)
             x = self.cross(torch.cat([*pooled, self.normalizer(dense)], dim=1))
             hidden, gates = self.backbone(x)
-            click_logit = self.heads["click"](hidden["click"]).squeeze(-1)
-            cvr_logit = self.heads["conversion"](hidden["conversion"]).squeeze(-1)
-            p_click, p_cvr = torch.sigmoid(click_logit), torch.sigmoid(cvr_logit)
-            return ModelOutput(click_logit, cvr_logit, p_click, p_cvr, p_click * p_cvr, x, gates)
+            return ModelOutput(*self.heads(hidden), x, gates)
 
     return PerFeatureEmbeddingNet()
 
@@ -151,7 +148,8 @@ def check_same_function(net, baseline, batch, padded_batch) -> None:
     with torch.no_grad():
         a, b = net(batch.dense, batch.sparse), baseline(batch.dense, *padded_batch)
     torch.testing.assert_close(a.features, b.features, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(a.p_ctcvr, b.p_ctcvr, rtol=1e-5, atol=1e-7)
+    for view, p in a.probs.items():
+        torch.testing.assert_close(p, b.probs[view], rtol=1e-5, atol=1e-7)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -192,23 +190,23 @@ def main(argv: list[str] | None = None) -> None:
 
         # Both: the same optimiser family (Adagrad for the embeddings, AdamW for the dense
         # layers, the config's rates) and the same loss code.
-        net = MultiTaskNet(spec, mcfg, mean, std)
-        baseline = per_feature_embedding_model(spec, mcfg, mean, std)
+        net = MultiTaskNet(spec, mcfg, cfg.tasks, mean, std)
+        baseline = per_feature_embedding_model(spec, mcfg, cfg.tasks, mean, std)
         check_same_function(net, baseline, batches[0], padded[0])
         model = distribute(net, tcfg, torch.device("cpu"))
-        weighting = LossWeighting(mcfg)
+        weighting = LossWeighting(mcfg, cfg.tasks)
         dense_opt = torch.optim.AdamW([q for _, q in in_backward_optimizer_filter(model.named_parameters())],
                                       lr=tcfg.dense_lr, weight_decay=tcfg.weight_decay)
 
         def torchrec_step(i: int) -> None:
             b = batches[i]
             out = model(b.dense, b.sparse)
-            loss, _ = training_loss(out, b.click, b.conversion, mcfg.conversion_head, weighting, net.backbone.penalty(), 0.0)
+            loss, _ = training_loss(out, b.labels, cfg.tasks, mcfg.conversion_head, weighting, net.backbone.penalty(), 0.0)
             dense_opt.zero_grad()
             loss.backward()  # also updates the embedding rows (fused row-wise Adagrad)
             dense_opt.step()
 
-        base_weighting = LossWeighting(mcfg)
+        base_weighting = LossWeighting(mcfg, cfg.tasks)
         base_opts = [
             torch.optim.Adagrad(baseline.tables.parameters(), lr=tcfg.sparse_lr),
             torch.optim.AdamW([q for n, q in baseline.named_parameters() if not n.startswith("tables.")],
@@ -218,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
         def baseline_step(i: int) -> None:
             b = batches[i]
             out = baseline(b.dense, *padded[i])
-            loss, _ = training_loss(out, b.click, b.conversion, mcfg.conversion_head, base_weighting, baseline.backbone.penalty(), 0.0)
+            loss, _ = training_loss(out, b.labels, cfg.tasks, mcfg.conversion_head, base_weighting, baseline.backbone.penalty(), 0.0)
             for o in base_opts:
                 o.zero_grad()
             loss.backward()  # dense gradients of every table

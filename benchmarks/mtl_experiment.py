@@ -107,13 +107,14 @@ def truth_rows(warehouse: Path, day: dt.date) -> dict[str, np.ndarray]:
     }
 
 
-def oracle_metrics(rows: dict[str, np.ndarray]) -> dict[str, float]:
+def oracle_metrics(cfg: FunnelConfig, rows: dict[str, np.ndarray]) -> dict[str, float]:
     """The METRICS of the noise-free logits (see the module docstring)."""
-    from models.metrics import task_metrics
+    from models.metrics import view_metrics
 
     p_click = 1.0 / (1.0 + np.exp(-rows["click_logit"]))
     p_cvr = 1.0 / (1.0 + np.exp(-rows["conversion_logit"]))
-    m = task_metrics(rows["click"], rows["conversion"], p_click, p_cvr, p_click * p_cvr, rows["user"])
+    m = view_metrics(cfg.views(), {"click": rows["click"], "conversion": rows["conversion"]},
+                     {"click": p_click, "cvr": p_cvr, "ctcvr": p_click * p_cvr}, rows["user"])
     return {k: m[k] for k in METRICS}
 
 
@@ -129,7 +130,7 @@ def model_metrics(cfg: FunnelConfig, warehouse: Path, run_date: dt.date, day: dt
     result = train_model(cfg, warehouse, run_date, progress=False)
     loader = TrainingTableLoader(parquet_files(training_dir(warehouse, day)), cfg.features.sparse,
                                  cfg.features.dense_names(), 8192, shuffle=False, seed=0)
-    m = validation_metrics(predict(result.model, loader, torch.device("cpu")))
+    m = validation_metrics(cfg, predict(result.model, loader, torch.device("cpu")))
     return {k: m[k] for k in METRICS}, result.epochs_run
 
 
@@ -183,7 +184,7 @@ def run_experiment(base: FunnelConfig, correlations: list[float], seeds: int, wo
             day = held_out_day(cfg)
             run_date = log_days(cfg)[-1] - dt.timedelta(days=1)  # validation day = test day - 1
             if keys[-1] not in done:
-                oracle = oracle_metrics(truth_rows(folder / "warehouse", day))
+                oracle = oracle_metrics(cfg, truth_rows(folder / "warehouse", day))
                 _append_run(runs_csv, {"correlation": correlation, "seed": seed, "backbone": "oracle", "head": "-",
                                        "epochs": 0, "seconds": round(time.perf_counter() - started, 1), **oracle})
             print(f"correlation {correlation} seed {seed}: data in {time.perf_counter() - started:.0f} s", flush=True)

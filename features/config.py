@@ -97,7 +97,8 @@ class SparseFeature(_Section):
     """
 
     name: str
-    table: Literal["impressions", "users", "items"]
+    # "table": a column of the user's own feature table ([table] section)
+    table: Literal["impressions", "users", "items", "table"]
     column: str
     kind: Literal["id", "list"] = "id"
     # FBGEMM's table-batched kernels need embedding dims in multiples of 4.
@@ -117,7 +118,7 @@ class NumericFeature(_Section):
     """A raw numeric column used as a dense feature."""
 
     name: str
-    table: Literal["impressions", "users", "items"]
+    table: Literal["impressions", "users", "items", "table"]
     column: str
     transform: Literal["none", "log1p"] = "none"
 
@@ -171,22 +172,84 @@ class FeaturesConfig(_Section):
         return list(dict.fromkeys(cols))
 
 
+class TaskConfig(_Section):
+    """One binary task: the label it learns, its place in a funnel, its weights.
+
+    A task with ``after`` is a funnel step that can only happen after the other task's
+    positive (a conversion after a click): its head learns P(task | after), served as
+    ``conditional_name`` and measured on the rows where ``after``'s label is 1, and
+    P(after and task) = P(after) x P(task | after), served as ``joint_name`` and measured
+    on every row. ``model.conversion_head`` says how it trains (direct or ESMM). A task
+    without ``after`` is served and measured under its own name.
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    label: str | None = Field(None, description="column with the 0/1 label; default: the task's name")
+    after: str | None = Field(None, description="the task whose positives this one follows (funnel step)")
+    joint_name: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                                   description="funnel step: name of P(after and task), e.g. ctcvr")
+    conditional_name: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                                         description="funnel step: name of P(task | after), e.g. cvr")
+    loss_weight: float = Field(1.0, ge=0.0, description="model.loss_weighting = 'fixed' only")
+    score_exponent: float = Field(1.0, ge=0.0, description="ranking score = product of p ** score_exponent over the tasks")
+
+    @property
+    def label_column(self) -> str:
+        return self.label or self.name
+
+    @property
+    def served_name(self) -> str:
+        """The output and metric name of the probability the ranking score uses."""
+        return self.joint_name or self.name
+
+    @model_validator(mode="after")
+    def _funnel_names(self) -> TaskConfig:
+        named = self.joint_name is not None and self.conditional_name is not None
+        if self.after is not None and not named:
+            raise ValueError(f"task {self.name!r} follows {self.after!r}: give joint_name and conditional_name")
+        if self.after is None and (self.joint_name or self.conditional_name):
+            raise ValueError(f"task {self.name!r}: joint_name and conditional_name need 'after'")
+        return self
+
+
+def _funnel_tasks() -> list[TaskConfig]:
+    return [TaskConfig(name="click"),
+            TaskConfig(name="conversion", after="click", joint_name="ctcvr", conditional_name="cvr")]
+
+
+def task_views(tasks: list[TaskConfig]) -> dict[str, tuple[str, str | None]]:
+    """Every measured / served probability: name -> (label column, mask label column or
+    None). A funnel step gives two: its joint probability on all rows, its conditional one
+    on the rows where the earlier task's label is 1."""
+    labels = {t.name: t.label_column for t in tasks}
+    views: dict[str, tuple[str, str | None]] = {}
+    for t in tasks:
+        if t.after is None:
+            views[t.name] = (t.label_column, None)
+        else:
+            views[t.joint_name] = (t.label_column, None)
+            views[t.conditional_name] = (t.label_column, labels[t.after])
+    return views
+
+
 class ModelConfig(_Section):
     """The multi-task network (models/nets.py): backbone, conversion head, loss weighting."""
 
-    backbone: Literal["single_task", "shared_bottom", "soft_sharing", "mmoe"] = "mmoe"
+    backbone: Literal["single_task", "shared_bottom", "soft_sharing", "mmoe", "ple"] = "mmoe"
     conversion_head: Literal["direct", "esmm"] = Field(
         "esmm", description="direct: pCVR on clicked rows; esmm: pCTCVR = pCTR x pCVR on all impressions"
     )
-    loss_weighting: Literal["fixed", "uncertainty"] = "fixed"
-    click_loss_weight: float = Field(1.0, ge=0.0, description="fixed weighting only")
-    conversion_loss_weight: float = Field(1.0, ge=0.0, description="fixed weighting only")
+    loss_weighting: Literal["fixed", "uncertainty"] = Field(
+        "fixed", description="fixed: tasks[].loss_weight; uncertainty: learned (Kendall et al. 2018)")
     expert_dims: list[int] = Field(
         default_factory=lambda: [128, 64], min_length=1,
         description="hidden sizes of each expert (mmoe), the shared bottom, or each task's network",
     )
     tower_dims: list[int] = Field(default_factory=lambda: [32], description="hidden sizes of each task's tower")
     n_experts: int = Field(4, ge=1)
+    ple_levels: int = Field(2, ge=1, description="ple: extraction (CGC) levels; 1 = a single customised gate control layer")
+    ple_shared_experts: int = Field(2, ge=1, description="ple: shared experts per level")
+    ple_task_experts: int = Field(1, ge=1, description="ple: experts of each task per level")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     soft_sharing_strength: float = Field(1e-3, ge=0.0, description="L2 pull between the task networks' weights")
     cross_layers: int = Field(0, ge=0, description="DCN-v2 cross layers on the backbone input (explicit feature crosses, e.g. user x item); 0 = none")
@@ -214,9 +277,10 @@ class TrainConfig(_Section):
     sparse_lr: float = Field(0.05, gt=0.0)
     dense_lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(1e-5, ge=0.0, description="AdamW, dense parameters only")
-    early_stopping_metric: Literal[
-        "click_auc", "click_gauc", "cvr_auc", "ctcvr_auc", "click_logloss", "ctcvr_logloss"
-    ] = "click_auc"
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="dense learning rate: constant, or cosine decay from dense_lr to 0 over train.epochs")
+    early_stopping_metric: str | None = Field(
+        None, description="<task view>_<auc|gauc|logloss>, e.g. click_auc or ctcvr_logloss; default: the first task's auc")
     patience: int = Field(2, ge=1, description="stop after this many epochs without improvement")
     shuffle_buffer_rows: int = Field(262_144, ge=1)
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = all cores")
@@ -229,11 +293,8 @@ class TrainConfig(_Section):
 
 
 class ScoringConfig(_Section):
-    """The blended ranking score of the exported model and the scorer:
-    score = p_click ** click_exponent * p_ctcvr ** conversion_exponent."""
+    """The scorer's limits (the blended score's exponents are ``tasks[].score_exponent``)."""
 
-    click_exponent: float = Field(1.0, ge=0.0)
-    conversion_exponent: float = Field(1.0, ge=0.0)
     max_candidates: int = Field(1000, ge=1, description="HTTP: candidates per request at most")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="HTTP: request body size limit")
 
@@ -251,16 +312,48 @@ class PromoteConfig(_Section):
 
     model_name: str = Field("funnelrank", min_length=1, description="registered model name in the MLflow registry")
     auc_tolerance: float = Field(0.005, ge=0.0, description="largest AUC drop vs the champion allowed on any task")
-    gate_metrics: list[Literal["click_auc", "cvr_auc", "ctcvr_auc", "click_gauc"]] = Field(
-        default_factory=lambda: ["click_auc", "cvr_auc", "ctcvr_auc"], min_length=1)
+    gate_metrics: list[str] | None = Field(
+        None, min_length=1, description="<task view>_<auc|gauc>; default: every task view's auc")
     min_auc: float = Field(0.55, ge=0.0, le=1.0, description="first model: every gate metric at least this")
-    calibration_min: float = Field(0.8, gt=0.0, description="mean predicted / observed rate, click and ctcvr")
+    calibration_min: float = Field(0.8, gt=0.0, description="mean predicted / observed rate of every served probability")
     calibration_max: float = Field(1.25, gt=0.0)
 
     @model_validator(mode="after")
     def _bounds_ordered(self) -> "PromoteConfig":
         if self.calibration_min >= self.calibration_max:
             raise ValueError(f"calibration_min ({self.calibration_min}) must be below calibration_max ({self.calibration_max})")
+        return self
+
+
+class TableSourceConfig(_Section):
+    """The user's own feature table (instead of event logs): one row per example, label
+    columns named by ``tasks``, feature columns named by the ``features`` spec (with
+    ``table = "table"``). Parquet, or CSV (converted once to Parquet). The split is either
+    three files, or one file (``path``) and a column whose values name the split."""
+
+    train: Path | None = None
+    val: Path | None = None
+    test: Path | None = None
+    path: Path | None = None
+    split_column: str | None = None
+    split_values: dict[Literal["train", "val", "test"], str] = Field(
+        default_factory=lambda: {"train": "train", "val": "val", "test": "test"})
+    user_column: str | None = Field(None, description="groups rows for GAUC (per-user AUC); none: GAUC is nan")
+
+    @field_validator("train", "val", "test", "path", mode="before")
+    @classmethod
+    def _path(cls, v: object) -> object:
+        return Path(v) if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _one_layout(self) -> TableSourceConfig:
+        files = (self.train, self.val, self.test)
+        if self.path is not None:
+            if any(f is not None for f in files) or self.split_column is None:
+                raise ValueError("give either train/val/test files, or path and split_column")
+        elif any(f is None for f in files):
+            missing = [n for n, f in zip(("train", "val", "test"), files) if f is None]
+            raise ValueError(f"missing {', '.join(missing)}: give train, val and test files (or path and split_column)")
         return self
 
 
@@ -271,7 +364,9 @@ class FunnelConfig(_Section):
     generate: GenerateConfig = GenerateConfig()
     contract: ContractConfig = ContractConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    table: TableSourceConfig | None = None
     features: FeaturesConfig
+    tasks: list[TaskConfig] = Field(default_factory=_funnel_tasks, min_length=2)
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     scoring: ScoringConfig = ScoringConfig()
@@ -283,6 +378,50 @@ class FunnelConfig(_Section):
     @classmethod
     def _path(cls, v: object) -> object:
         return Path(v) if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _tasks_and_source_agree(self) -> FunnelConfig:
+        names = [t.name for t in self.tasks]
+        views = [n for t in self.tasks for n in ((t.joint_name, t.conditional_name) if t.after else (t.name,))]
+        labels = [t.label_column for t in self.tasks]
+        for what, values in (("task names and views", names + [v for v in views if v not in names]),
+                             ("task labels", labels)):
+            if dupes := sorted({v for v in values if values.count(v) > 1}):
+                raise ValueError(f"{what} must be unique; repeated: {', '.join(dupes)}")
+        for t in self.tasks:
+            if t.after is not None and t.after not in names:
+                raise ValueError(f"task {t.name!r}: after = {t.after!r} is not a task ({', '.join(names)})")
+            if t.after is not None and next(u for u in self.tasks if u.name == t.after).after is not None:
+                raise ValueError(f"task {t.name!r}: after = {t.after!r} must name a task without 'after'")
+        in_table = [f.name for f in (*self.features.sparse, *self.features.numeric) if f.table == "table"]
+        if self.table is None:
+            if in_table:
+                raise ValueError(f"features {', '.join(in_table)} read table = 'table' but there is no [table] section")
+            if bad := [t.label_column for t in self.tasks if t.label_column not in ("click", "conversion")]:
+                raise ValueError(f"event logs label click and conversion only; task labels {bad} need a [table] source")
+        else:
+            others = [f.name for f in (*self.features.sparse, *self.features.numeric) if f.table != "table"]
+            if others or self.features.aggregate_keys:
+                raise ValueError("a [table] source reads every feature from the table: set table = 'table' on "
+                                 f"{', '.join(others) or 'every feature'} and drop aggregate_keys")
+        for key, chosen, kinds in (("train.early_stopping_metric", [self.train.early_stopping_metric], "auc|gauc|logloss|ece"),
+                                   ("promote.gate_metrics", self.promote.gate_metrics or [], "auc|gauc")):
+            known = {f"{v}_{m}" for v in views for m in kinds.split("|")}
+            if bad := [m for m in chosen if m is not None and m not in known]:
+                raise ValueError(f"{key}: unknown metric {', '.join(bad)}; choose <view>_<{kinds}> with a view "
+                                 f"among {', '.join(views)}")
+        return self
+
+    def views(self) -> dict[str, tuple[str, str | None]]:
+        return task_views(self.tasks)
+
+    @property
+    def early_stopping_metric(self) -> str:
+        return self.train.early_stopping_metric or f"{self.tasks[0].served_name}_auc"
+
+    @property
+    def gate_metrics(self) -> list[str]:
+        return self.promote.gate_metrics or [f"{v}_auc" for v in self.views()]
 
 
 def _format_errors(err: ValidationError) -> str:

@@ -11,10 +11,15 @@ pooled with a masked sum over padded ids (Gather + ReduceSum; exact and fast wit
   after the real ids. Padding is -1, not 0, because a list may hold an explicit 0 (a null
   element) that the EBC does look up; an empty list pools to zeros.
 
-Outputs: ``p_click``, ``p_cvr``, ``p_ctcvr`` and ``score`` = p_click^a * p_ctcvr^b
-(``cfg.scoring``).
+Outputs: ``p_<view>`` for every task view of ``cfg.tasks`` (``features.config.task_views``;
+the default funnel: ``p_click``, ``p_ctcvr``, ``p_cvr``) and ``score``, the ranking score =
+product over the tasks of p[served view] ** score_exponent.
 
-The bundle (see ``export_bundle``) is everything ``serving`` needs, in plain files.
+The bundle (see ``export_bundle``) is everything ``serving`` needs, in plain files. Its
+spec records the tasks (name, served view, exponent), so the scorer needs no config. A
+model trained on event logs gets the users/items snapshots and rolling aggregates the
+scorer joins to a request; one trained on a feature table (``[table]``) gets none: it
+scores rows that carry every feature column themselves.
 """
 
 from __future__ import annotations
@@ -35,11 +40,12 @@ import torch
 from torch import nn
 
 from features.aggregates import daily_root, partition_days, rolling_defaults, rolling_features
-from features.config import AGGREGATE_METRICS, FeaturesConfig, FunnelConfig, ScoringConfig
+from features.config import AGGREGATE_METRICS, FeaturesConfig, FunnelConfig, TaskConfig, task_views
 from features.contract import SNAPSHOT_TABLES, day_str, scan_validated
 from features.errors import StageError
 from features.examples import numeric_feature_expr, training_dir
 from features.io import atomic_dir, sha256_file
+from features.table_source import LIST_DELIMITER, prepare_table
 from features.vocab import load_vocabulary
 from models.loader import Batch, TrainingTableLoader, parquet_files
 from models.nets import MultiTaskNet
@@ -49,7 +55,7 @@ from models.train import run_key, training_window
 from serving.bundle import BundleError, load_bundle
 from serving.encoding import join_key_columns, pad_jagged
 
-OUTPUTS = ("p_click", "p_cvr", "p_ctcvr", "score")
+SCORE = "score"
 PARITY_TOLERANCE = 1e-5
 PARITY_BATCH_SIZES = (1, 7, 1000, 4096)
 PARITY_MIN_ROWS = 10_000
@@ -57,14 +63,29 @@ BUNDLE_FORMAT = 1
 SNAPSHOT_KEY = {"users": "user_id", "items": "item_id"}
 
 
+def output_names(tasks: Sequence[TaskConfig]) -> list[str]:
+    """The ONNX model's outputs: ``p_<view>`` per task view, then ``score``."""
+    return [f"p_{view}" for view in task_views(list(tasks))] + [SCORE]
+
+
+def blend(probs: dict[str, torch.Tensor], tasks: Sequence[TaskConfig]) -> torch.Tensor:
+    """The ranking score: product over ``tasks`` of p[served view] ** score_exponent."""
+    score = torch.pow(probs[tasks[0].served_name], tasks[0].score_exponent)
+    for t in tasks[1:]:
+        score = score * torch.pow(probs[t.served_name], t.score_exponent)
+    return score
+
+
 class OnnxRanker(nn.Module):
     """MultiTaskNet with plain embeddings and padded-id inputs (see the module docstring)."""
 
-    def __init__(self, model: MultiTaskNet, spec: FeaturesConfig, scoring: ScoringConfig) -> None:
+    def __init__(self, model: MultiTaskNet, spec: FeaturesConfig, tasks: Sequence[TaskConfig]) -> None:
         super().__init__()
         by_name = {f.name: f for f in spec.sparse}
         if [f.name for f in spec.sparse] != model.sparse_names:
             raise StageError(f"model sparse features {model.sparse_names} differ from the spec's {[f.name for f in spec.sparse]}")
+        if list(model.heads) != [t.name for t in tasks]:
+            raise StageError(f"model task heads {list(model.heads)} differ from the config's tasks {[t.name for t in tasks]}")
         self.kinds = [by_name[n].kind for n in model.sparse_names]
         self.means = [by_name[n].pooling == "mean" for n in model.sparse_names]
         weights = {n: model.ebc.embedding_bags[n].weight.detach().clone().cpu() for n in model.sparse_names}
@@ -73,8 +94,8 @@ class OnnxRanker(nn.Module):
         self.cross = model.cross
         self.backbone = model.backbone
         self.heads = model.heads
-        self.a = scoring.click_exponent
-        self.b = scoring.conversion_exponent
+        self.tasks = list(tasks)
+        self.views = list(task_views(self.tasks))
 
     def forward(self, dense: torch.Tensor, sparse: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         pooled = []
@@ -87,17 +108,11 @@ class OnnxRanker(nn.Module):
             pooled.append(summed / mask.sum(dim=1).clamp(min=1.0) if mean else summed)
         x = self.cross(torch.cat([*pooled, self.normalizer(dense)], dim=1))
         hidden, _ = self.backbone(x)
-        p_click = torch.sigmoid(self.heads["click"](hidden["click"]).squeeze(-1))
-        p_cvr = torch.sigmoid(self.heads["conversion"](hidden["conversion"]).squeeze(-1))
-        p_ctcvr = p_click * p_cvr
-        return p_click, p_cvr, p_ctcvr, blend(p_click, p_ctcvr, self.a, self.b)
+        _, probs = self.heads(hidden)
+        return (*(probs[v] for v in self.views), blend(probs, self.tasks))
 
 
-def blend(p_click: torch.Tensor, p_ctcvr: torch.Tensor, a: float, b: float) -> torch.Tensor:
-    return torch.pow(p_click, a) * torch.pow(p_ctcvr, b)
-
-
-def to_onnx_module(model: MultiTaskNet, spec: FeaturesConfig, scoring: ScoringConfig) -> OnnxRanker:
+def to_onnx_module(model: MultiTaskNet, spec: FeaturesConfig, tasks: Sequence[TaskConfig]) -> OnnxRanker:
     """The exportable copy of a plain (not DMP-wrapped) model, in eval mode.
 
     A DistributedModelParallel model: load its plain state_dict (models.train._plain_state)
@@ -105,16 +120,16 @@ def to_onnx_module(model: MultiTaskNet, spec: FeaturesConfig, scoring: ScoringCo
     """
     if not isinstance(model, MultiTaskNet):
         raise StageError(f"export needs a plain MultiTaskNet, got {type(model).__name__}: load its plain state_dict into one")
-    return OnnxRanker(model, spec, scoring).eval()
+    return OnnxRanker(model, spec, tasks).eval()
 
 
 def input_names(spec: FeaturesConfig) -> list[str]:
     return ["dense", *[f.name for f in spec.sparse]]
 
 
-def export_onnx(model: MultiTaskNet, spec: FeaturesConfig, scoring: ScoringConfig, path: Path) -> Path:
+def export_onnx(model: MultiTaskNet, spec: FeaturesConfig, tasks: Sequence[TaskConfig], path: Path) -> Path:
     """Write ``model`` as one self-contained ONNX file with dynamic batch and list length."""
-    module = to_onnx_module(model, spec, scoring)
+    module = to_onnx_module(model, spec, tasks)
     batch = torch.export.Dim("batch", min=1)
     n = 4
     dense = torch.zeros(n, len(model.normalizer.mean))
@@ -128,7 +143,7 @@ def export_onnx(model: MultiTaskNet, spec: FeaturesConfig, scoring: ScoringConfi
             (dense, sparse),
             dynamo=True,
             input_names=input_names(spec),
-            output_names=list(OUTPUTS),
+            output_names=output_names(tasks),
             dynamic_shapes=({0: batch}, dims),
             optimize=True,
             verbose=False,
@@ -152,18 +167,19 @@ def onnx_inputs(batch: Batch, spec: FeaturesConfig) -> dict[str, np.ndarray]:
 
 @torch.no_grad()
 def check_parity(
-    model: MultiTaskNet, onnx_path: Path, batches: Sequence[Batch], spec: FeaturesConfig, scoring: ScoringConfig
+    model: MultiTaskNet, onnx_path: Path, batches: Sequence[Batch], spec: FeaturesConfig, tasks: Sequence[TaskConfig]
 ) -> dict:
     """Max |PyTorch - onnxruntime| per output over ``batches``; StageError above 1e-5."""
     model.eval()
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    worst = dict.fromkeys(OUTPUTS, 0.0)
+    names = output_names(tasks)
+    worst = dict.fromkeys(names, 0.0)
     sizes = []
     for batch in batches:
         out = model(batch.dense, batch.sparse)
-        want = dict(zip(OUTPUTS, (out.p_click, out.p_cvr, out.p_ctcvr, blend(out.p_click, out.p_ctcvr, scoring.click_exponent, scoring.conversion_exponent))))
-        got = dict(zip(OUTPUTS, session.run(list(OUTPUTS), onnx_inputs(batch, spec))))
-        for name in OUTPUTS:
+        want = {f"p_{view}": p for view, p in out.probs.items()} | {SCORE: blend(out.probs, tasks)}
+        got = dict(zip(names, session.run(names, onnx_inputs(batch, spec))))
+        for name in names:
             worst[name] = max(worst[name], float(np.abs(got[name] - want[name].numpy()).max(initial=0.0)))
         sizes.append(len(batch))
     bad = {k: v for k, v in worst.items() if not v <= PARITY_TOLERANCE}
@@ -177,8 +193,10 @@ def parity_batches(cfg: FunnelConfig, files: Sequence[Path], min_rows: int = PAR
     """Real rows of ``files``: one batch of each size in PARITY_BATCH_SIZES, then batches
     of the largest size until ``min_rows`` rows (or the table's end)."""
     batches: list[Batch] = []
+    labels = [t.label_column for t in cfg.tasks]
     for size in PARITY_BATCH_SIZES:
-        loader = TrainingTableLoader(files, cfg.features.sparse, cfg.features.dense_names(), batch_size=size, shuffle=False, seed=cfg.seed, prefetch=0)
+        loader = TrainingTableLoader(files, cfg.features.sparse, cfg.features.dense_names(), batch_size=size, shuffle=False,
+                                     seed=cfg.seed, prefetch=0, labels=labels)
         for batch in loader:
             batches.append(batch)
             if size != PARITY_BATCH_SIZES[-1] or sum(len(b) for b in batches) >= min_rows:
@@ -232,7 +250,9 @@ def _key_sources(cfg: FunnelConfig, warehouse: Path, request_columns: set[str], 
     return sources
 
 
-def serving_spec(cfg: FunnelConfig, key_sources: dict[str, str], vocab_versions: dict, as_of: dt.date, snapshot_day: dt.date) -> dict:
+def serving_spec(cfg: FunnelConfig, vocab_versions: dict) -> dict:
+    """What every bundle's spec.json holds: the model's inputs and outputs, the tasks and
+    their score exponents, and how each input is encoded from raw columns."""
     spec = cfg.features
     # Same construction and order as FeaturesConfig.dense_names.
     dense = [
@@ -242,25 +262,68 @@ def serving_spec(cfg: FunnelConfig, key_sources: dict[str, str], vocab_versions:
     dense += [{"name": f.name, "source": f.table, "column": f.column, "transform": f.transform} for f in spec.numeric]
     if [d["name"] for d in dense] != spec.dense_names():
         raise StageError(f"bundle dense features {[d['name'] for d in dense]} differ from the spec's {spec.dense_names()}")
-    return {
+    serving = {
         "format": BUNDLE_FORMAT,
+        "source": "events" if cfg.table is None else "table",
         "inputs": input_names(spec),
-        "outputs": list(OUTPUTS),
+        "outputs": output_names(cfg.tasks),
+        "tasks": [{"name": t.name, "served": t.served_name, "score_exponent": t.score_exponent} for t in cfg.tasks],
         "sparse": [
             {"name": f.name, "table": f.table, "column": f.column, "kind": f.kind, "capacity": f.capacity,
              "oov_buckets": f.oov_buckets, "pooling": f.pooling, "vocab": f"vocab/{f.name}.parquet", "vocab_version": vocab_versions[f.name]}
             for f in spec.sparse
         ],
         "dense": dense,
+        "scoring": cfg.scoring.model_dump(mode="json"),
+    }
+    if cfg.table is not None:  # a list column of a CSV-born table may hold delimited ids (features.table_source)
+        serving["list_delimiter"] = LIST_DELIMITER
+    return serving
+
+
+def event_serving_spec(cfg: FunnelConfig, key_sources: dict[str, str], as_of: dt.date, snapshot_day: dt.date) -> dict:
+    """The spec.json entries of an event-log bundle: its aggregate keys and snapshots."""
+    return {
         "aggregate_keys": [
             {"name": k.name, "columns": list(k.columns), "sources": {c: key_sources[c] for c in k.columns}, "file": f"features/aggregates/{k.name}.parquet"}
-            for k in spec.aggregate_keys
+            for k in cfg.features.aggregate_keys
         ],
         "snapshots": {t: {"file": f"features/{t}.parquet", "key": SNAPSHOT_KEY[t]} for t in SNAPSHOT_TABLES},
-        "scoring": cfg.scoring.model_dump(mode="json"),
         "features_as_of": day_str(as_of),
         "snapshot_day": day_str(snapshot_day),
     }
+
+
+def _event_feature_days(cfg: FunnelConfig, warehouse: Path, as_of: dt.date | None) -> tuple[dt.date, dt.date, dict[str, str]]:
+    """(features as of, snapshot day, aggregate-key column sources) of an event-log bundle."""
+    spec = cfg.features
+    for f in spec.sparse:
+        if f.kind == "list" and f.table == "impressions":
+            raise StageError(f"sparse feature {f.name!r}: list features of the impressions table (request context) are not supported by the scorer")
+    if as_of is None:
+        newest = [_latest_day(daily_root(warehouse, k.name), f"daily aggregates of {k.name!r}") for k in spec.aggregate_keys]
+        as_of = max(newest) + dt.timedelta(days=1) if newest else _latest_day(warehouse / "validated" / "users", "validated users")
+    snapshot_day = _latest_day(warehouse / "validated" / "users", "validated users", until=as_of)
+    request_columns = set(scan_validated(warehouse, "impressions", _latest_day(warehouse / "validated" / "impressions", "validated impressions")).collect_schema())
+    return as_of, snapshot_day, _key_sources(cfg, warehouse, request_columns, snapshot_day)
+
+
+def _write_event_features(cfg: FunnelConfig, warehouse: Path, out: Path, key_sources: dict[str, str], snapshot_day: dt.date,
+                          as_of: dt.date, vocab_versions: dict) -> dict:
+    """Write the encoded users/items snapshots and the aggregates' rolling features under
+    ``out/features``; return the aggregates' defaults (a key with no history)."""
+    (out / "features" / "aggregates").mkdir(parents=True)
+    for table in SNAPSHOT_TABLES:
+        key_columns = {c for c, s in key_sources.items() if s == table}
+        pq.write_table(_encode_snapshot(cfg, warehouse, table, snapshot_day, key_columns, vocab_versions), out / "features" / f"{table}.parquet", compression="zstd")
+    frames = rolling_features(cfg, warehouse, as_of)
+    for key in cfg.features.aggregate_keys:
+        rolled = frames[key.name].collect().to_arrow()
+        names = [n for n in rolled.column_names if n not in key.columns]
+        keys = join_key_columns([rolled.column(c) for c in key.columns])
+        table = pa.table({"key": keys, **{n: rolled.column(n) for n in names}}).filter(keys.is_valid())
+        pq.write_table(table, out / "features" / "aggregates" / f"{key.name}.parquet", compression="zstd")
+    return rolling_defaults(cfg, warehouse, as_of)
 
 
 def _versions() -> dict[str, str]:
@@ -280,50 +343,35 @@ def export_bundle(
     """Write the serving bundle to ``out_dir`` atomically and return it.
 
     Contents: ``model.onnx`` (checked for parity on real rows of ``parity_files`` first),
-    ``vocab/<feature>.parquet`` (current versions), ``features/users.parquet`` and
-    ``features/items.parquet`` (the newest validated snapshots up to ``as_of``, encoded),
-    ``features/aggregates/<key>.parquet`` (``key`` string + the key's rolling features as
-    of the start of ``as_of``, by default the day after the newest daily aggregates, i.e.
-    what a row of the coming day would see in training; spec.json's ``defaults`` hold the values
-    for a key with no history), ``spec.json`` and ``manifest.json`` (sha256 of every
-    other file, versions, parity, and ``inputs``: what the caller identifies the bundle by,
-    see export_run). Logging to MLflow is the caller's job.
+    ``vocab/<feature>.parquet`` (current versions), ``spec.json`` and ``manifest.json``
+    (sha256 of every other file, versions, parity, and ``inputs``: what the caller
+    identifies the bundle by, see export_run). An event-log model's bundle also holds
+    ``features/users.parquet`` and ``features/items.parquet`` (the newest validated
+    snapshots up to ``as_of``, encoded) and ``features/aggregates/<key>.parquet`` (``key``
+    string + the key's rolling features as of the start of ``as_of``, by default the day
+    after the newest daily aggregates, i.e. what a row of the coming day would see in
+    training; spec.json's ``defaults`` hold the values for a key with no history). A
+    ``[table]`` model's bundle has no snapshots (``as_of`` is not used): its rows carry
+    every feature. Logging to MLflow is the caller's job.
     """
     warehouse = Path(warehouse)
     spec = cfg.features
-    for f in spec.sparse:
-        if f.kind == "list" and f.table == "impressions":
-            raise StageError(f"sparse feature {f.name!r}: list features of the impressions table (request context) are not supported by the scorer")
     vocab_versions = {f.name: load_vocabulary(warehouse, f).version for f in spec.sparse}
-    if as_of is None:
-        newest = [_latest_day(daily_root(warehouse, k.name), f"daily aggregates of {k.name!r}") for k in spec.aggregate_keys]
-        as_of = max(newest) + dt.timedelta(days=1) if newest else _latest_day(warehouse / "validated" / "users", "validated users")
-    snapshot_day = _latest_day(warehouse / "validated" / "users", "validated users", until=as_of)
-    request_columns = set(scan_validated(warehouse, "impressions", _latest_day(warehouse / "validated" / "impressions", "validated impressions")).collect_schema())
-    key_sources = _key_sources(cfg, warehouse, request_columns, snapshot_day)
-    serving = serving_spec(cfg, key_sources, vocab_versions, as_of, snapshot_day)
+    serving = serving_spec(cfg, vocab_versions)
+    if cfg.table is None:
+        as_of, snapshot_day, key_sources = _event_feature_days(cfg, warehouse, as_of)
+        serving |= event_serving_spec(cfg, key_sources, as_of, snapshot_day)
 
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
-        onnx_path = export_onnx(model, spec, cfg.scoring, tmp / "model.onnx")
-        parity = check_parity(model, onnx_path, parity_batches(cfg, parity_files), spec, cfg.scoring)
+        onnx_path = export_onnx(model, spec, cfg.tasks, tmp / "model.onnx")
+        parity = check_parity(model, onnx_path, parity_batches(cfg, parity_files), spec, cfg.tasks)
+        (tmp / "vocab").mkdir()
         for f in spec.sparse:
             vocab = load_vocabulary(warehouse, f, vocab_versions[f.name])
-            (tmp / "vocab").mkdir(exist_ok=True)
             pq.write_table(vocab.table, tmp / "vocab" / f"{f.name}.parquet", compression="zstd")
-        (tmp / "features" / "aggregates").mkdir(parents=True)
-        for table in SNAPSHOT_TABLES:
-            key_columns = {c for c, s in key_sources.items() if s == table}
-            pq.write_table(_encode_snapshot(cfg, warehouse, table, snapshot_day, key_columns, vocab_versions), tmp / "features" / f"{table}.parquet", compression="zstd")
-        frames = rolling_features(cfg, warehouse, as_of)
-        defaults = rolling_defaults(cfg, warehouse, as_of)
-        for key in spec.aggregate_keys:
-            rolled = frames[key.name].collect().to_arrow()
-            names = [n for n in rolled.column_names if n not in key.columns]
-            keys = join_key_columns([rolled.column(c) for c in key.columns])
-            table = pa.table({"key": keys, **{n: rolled.column(n) for n in names}}).filter(keys.is_valid())
-            pq.write_table(table, tmp / "features" / "aggregates" / f"{key.name}.parquet", compression="zstd")
-        serving["defaults"] = defaults
+        if cfg.table is None:
+            serving["defaults"] = _write_event_features(cfg, warehouse, tmp, key_sources, snapshot_day, as_of, vocab_versions)
         (tmp / "spec.json").write_text(json.dumps(serving, indent=2, sort_keys=True) + "\n")
         files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = {
@@ -342,33 +390,37 @@ def export_bundle(
 
 # ---------------------------------------------------------------- the export stage
 
-def checkpoint_dir(cfg: FunnelConfig, warehouse: Path, run_date: dt.date) -> Path:
-    """Where ``funnelrank train --date run_date`` keeps its checkpoints (models/train.py)."""
+def checkpoint_dir(cfg: FunnelConfig, warehouse: Path, run_date: dt.date | None) -> Path:
+    """Where ``funnelrank train`` (``--date run_date``; none for a ``[table]`` source) keeps
+    its checkpoints (models/train.py)."""
     return Path(cfg.state_dir) / "checkpoints" / run_key(cfg, warehouse, run_date)
 
 
-def bundle_dir(cfg: FunnelConfig, warehouse: Path, run_date: dt.date) -> Path:
+def bundle_dir(cfg: FunnelConfig, warehouse: Path, run_date: dt.date | None) -> Path:
     return Path(cfg.state_dir) / "bundles" / run_key(cfg, warehouse, run_date)
 
 
-def load_trained_model(cfg: FunnelConfig, warehouse: Path, run_date: dt.date) -> tuple[MultiTaskNet, str | None]:
-    """The best epoch's model of the finished training run for ``run_date`` and its MLflow
-    run id; StageError naming the checkpoint and the command when training has not finished."""
+def load_trained_model(cfg: FunnelConfig, warehouse: Path, run_date: dt.date | None) -> tuple[MultiTaskNet, str | None]:
+    """The best epoch's model of the finished training run for ``run_date`` (a ``[table]``
+    source: None) and its MLflow run id; StageError naming the checkpoint and the command
+    when training has not finished."""
     folder = checkpoint_dir(cfg, warehouse, run_date)
-    command = f"funnelrank train --date {day_str(run_date)}` (same --config and --warehouse)"
+    what = "the table source" if run_date is None else day_str(run_date)
+    date_flag = "" if run_date is None else f" --date {day_str(run_date)}"
+    command = f"funnelrank train{date_flag}` (same --config and --warehouse)"
     last, best = folder / "last.pt", folder / "best.pt"
     if not last.is_file():
-        raise StageError(f"no trained model for {day_str(run_date)}: checkpoint {last} not found; run `{command} first")
+        raise StageError(f"no trained model for {what}: checkpoint {last} not found; run `{command} first")
     state = torch.load(last, map_location="cpu", weights_only=False)["state"]
     if not state.get("finished"):
-        raise StageError(f"training for {day_str(run_date)} has not finished ({last} is at epoch {state.get('epoch')} "
+        raise StageError(f"training for {what} has not finished ({last} is at epoch {state.get('epoch')} "
                          f"of {cfg.train.epochs}); run `{command} to resume it")
     if not best.is_file():
-        raise StageError(f"training for {day_str(run_date)} finished but its best checkpoint {best} is missing; "
+        raise StageError(f"training for {what} finished but its best checkpoint {best} is missing; "
                          f"delete {folder} and run `{command} again")
     n_dense = len(cfg.features.dense_names())
     # mean/std are buffers of the state_dict: placeholders here, the trained values load below.
-    model = MultiTaskNet(cfg.features, cfg.model, np.zeros(n_dense, np.float32), np.ones(n_dense, np.float32))
+    model = MultiTaskNet(cfg.features, cfg.model, cfg.tasks, np.zeros(n_dense, np.float32), np.ones(n_dense, np.float32))
     try:
         model.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["model"])
     except (RuntimeError, KeyError) as err:
@@ -413,39 +465,49 @@ def log_bundle_to_mlflow(state_dir: Path, run_id: str, folder: Path, bundle_sha2
 
 
 def export_run(
-    cfg: FunnelConfig, warehouse: Path, run_date: dt.date, model: MultiTaskNet | None = None, mlflow_run_id: str | None = None
+    cfg: FunnelConfig, warehouse: Path, run_date: dt.date | None = None, model: MultiTaskNet | None = None,
+    mlflow_run_id: str | None = None,
 ) -> dict:
-    """The ``export`` stage of the nightly run for ``run_date``.
+    """The ``export`` stage of the nightly run for ``run_date``, or of a ``[table]`` source's
+    training run (``run_date`` None).
 
     Exports the trained model (``model``, else the finished training run's best checkpoint
     and its MLflow run) into ``<state_dir>/bundles/<run key>/``, parity-checked on up to
-    PARITY_MIN_ROWS rows of the run's validation day, with features as of ``run_date + 1``
-    (what the coming day's traffic sees). Skipped when that bundle exists, verifies and was
-    built from the same run key and weights. The bundle is logged to the MLflow run under
-    ``bundle/`` (``runs:/<run_id>/bundle``, loadable by serving.bundle.load_bundle_from_mlflow);
-    no MLflow run id: nothing is logged. Returns a summary.
+    PARITY_MIN_ROWS real rows: of the run's validation day, with features as of
+    ``run_date + 1`` (what the coming day's traffic sees); of a table source's test split.
+    Skipped when that bundle exists, verifies and was built from the same run key and
+    weights. The bundle is logged to the MLflow run under ``bundle/``
+    (``runs:/<run_id>/bundle``, loadable by serving.bundle.load_bundle_from_mlflow); no
+    MLflow run id: nothing is logged. Returns a summary.
     """
     warehouse = Path(warehouse)
     if model is None:
         model, trained_run_id = load_trained_model(cfg, warehouse, run_date)
         mlflow_run_id = mlflow_run_id or trained_run_id
-    _, val_day = training_window(cfg, run_date)
-    as_of = run_date + dt.timedelta(days=1)
-    inputs = {"run_key": run_key(cfg, warehouse, run_date), "model_sha256": model_sha256(model), "features_as_of": day_str(as_of)}
+    inputs = {"run_key": run_key(cfg, warehouse, run_date), "model_sha256": model_sha256(model)}
+    if cfg.table is None:
+        _, val_day = training_window(cfg, run_date)
+        as_of = run_date + dt.timedelta(days=1)
+        inputs["features_as_of"] = day_str(as_of)
+        parity_files, parity_data = parquet_files(training_dir(warehouse, val_day)), day_str(val_day)
+    else:
+        as_of, val_day = None, None
+        parity_files, parity_data = prepare_table(cfg, warehouse).files["test"], "the table's test split"
     folder = bundle_dir(cfg, warehouse, run_date)
     skipped = _valid_bundle_with(folder, inputs)
     if not skipped:
-        export_bundle(cfg, warehouse, model, folder, parquet_files(training_dir(warehouse, val_day)), as_of=as_of, inputs=inputs)
+        export_bundle(cfg, warehouse, model, folder, parity_files, as_of=as_of, inputs=inputs)
     bundle = load_bundle(folder)
     artifact_uri = log_bundle_to_mlflow(cfg.state_dir, mlflow_run_id, folder, bundle.sha256) if mlflow_run_id else None
     parity = bundle.manifest["parity"]
     return {
-        "run_date": day_str(run_date),
+        "run_date": day_str(run_date) if run_date is not None else None,
         "run_key": inputs["run_key"],
         "bundle": str(folder),
         "bundle_sha256": bundle.sha256,
         "skipped": skipped,
-        "validation_day": day_str(val_day),
+        "validation_day": day_str(val_day) if val_day is not None else None,
+        "parity_data": parity_data,  # what the parity rows are: the validation day, or the test split
         "parity_max_abs_diff": parity["max_abs_diff"],
         "parity_rows": parity["rows"],
         "mlflow_run_id": mlflow_run_id,

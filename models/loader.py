@@ -2,7 +2,8 @@
 
 The training table (written by ``features.examples``) has one column per sparse feature
 (Int64 ids for kind="id", List(Int64) for kind="list"), the float dense columns of
-``FeaturesConfig.dense_names()``, the labels ``click``/``conversion`` and the raw user id
+``FeaturesConfig.dense_names()``, the 0/1 label columns of the tasks (``click`` and
+``conversion`` from event logs; a user's own table names its own) and the raw user id
 ``raw_user_id`` (features.examples cannot call it ``user_id``: a sparse feature may).
 
 Batches are built from Arrow buffers with numpy only, never row by row:
@@ -46,7 +47,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from features.config import SparseFeature
 from features.errors import StageError
 
-LABELS = ("click", "conversion")
+EVENT_LABELS = ("click", "conversion")  # the label columns of the event-log path's training tables
 USER_COLUMN = "raw_user_id"  # the raw user id (a sparse feature may be named user_id)
 
 
@@ -54,19 +55,24 @@ USER_COLUMN = "raw_user_id"  # the raw user id (a sparse feature may be named us
 class Batch:
     dense: torch.Tensor  # float32 [B, n_dense]
     sparse: KeyedJaggedTensor  # keys = sparse feature names in spec order
-    click: torch.Tensor  # float32 [B]
-    conversion: torch.Tensor  # float32 [B]
+    label_matrix: torch.Tensor  # float32 [B, n_labels], columns in ``label_names`` order
+    label_names: tuple[str, ...]
     user: torch.Tensor  # int64 [B], per-loader code of raw_user_id; -1 if absent
 
     def __len__(self) -> int:
         return self.dense.shape[0]
 
+    @property
+    def labels(self) -> dict[str, torch.Tensor]:
+        """Label column name -> float32 [B] (views of ``label_matrix``)."""
+        return {name: self.label_matrix[:, i] for i, name in enumerate(self.label_names)}
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         return Batch(
             dense=self.dense.to(device, non_blocking=non_blocking),
             sparse=self.sparse.to(torch.device(device), non_blocking=non_blocking),
-            click=self.click.to(device, non_blocking=non_blocking),
-            conversion=self.conversion.to(device, non_blocking=non_blocking),
+            label_matrix=self.label_matrix.to(device, non_blocking=non_blocking),
+            label_names=self.label_names,
             user=self.user.to(device, non_blocking=non_blocking),
         )
 
@@ -74,8 +80,8 @@ class Batch:
         return Batch(
             dense=self.dense.pin_memory(),
             sparse=self.sparse.pin_memory(),
-            click=self.click.pin_memory(),
-            conversion=self.conversion.pin_memory(),
+            label_matrix=self.label_matrix.pin_memory(),
+            label_names=self.label_names,
             user=self.user.pin_memory(),
         )
 
@@ -108,15 +114,15 @@ class _Block:
     ids: np.ndarray  # int64 [N, n_id_features], row-major
     list_offsets: list[np.ndarray]  # per list feature: int64 [N + 1], positions into list_values
     list_values: list[np.ndarray]  # per list feature: int64
-    click: np.ndarray  # float32 [N]
-    conversion: np.ndarray  # float32 [N]
+    labels: np.ndarray  # float32 [N, n_labels], row-major
     user: np.ndarray  # int64 [N]
 
     def __len__(self) -> int:
-        return len(self.click)
+        return len(self.user)
 
 
-def _check_schema(path: Path, schema: pa.Schema, sparse: Sequence[SparseFeature], dense_names: Sequence[str]) -> None:
+def _check_schema(path: Path, schema: pa.Schema, sparse: Sequence[SparseFeature], dense_names: Sequence[str],
+                  labels: Sequence[str]) -> None:
     """Raise StageError naming the file and column for a missing or mistyped column."""
 
     def column_type(name: str, wanted: str) -> pa.DataType:
@@ -140,7 +146,7 @@ def _check_schema(path: Path, schema: pa.Schema, sparse: Sequence[SparseFeature]
         t = column_type(name, "float")
         if not pa.types.is_floating(t):
             raise bad(name, "float", t)
-    for name in LABELS:
+    for name in labels:
         t = column_type(name, "0/1 label")
         if not (pa.types.is_integer(t) or pa.types.is_boolean(t)):
             raise bad(name, "0/1 label (integer or bool)", t)
@@ -206,8 +212,7 @@ def _take(block: _Block, rows: np.ndarray | slice) -> _Block:
         ids=pick(block.ids),
         list_offsets=offsets,
         list_values=values,
-        click=pick(block.click),
-        conversion=pick(block.conversion),
+        labels=pick(block.labels),
         user=pick(block.user),
     )
 
@@ -240,8 +245,7 @@ def _concat(blocks: Sequence[_Block]) -> _Block:
         ids=np.concatenate([b.ids for b in blocks]),
         list_offsets=[offsets for offsets, _ in lists],
         list_values=[values for _, values in lists],
-        click=np.concatenate([b.click for b in blocks]),
-        conversion=np.concatenate([b.conversion for b in blocks]),
+        labels=np.concatenate([b.labels for b in blocks]),
         user=np.concatenate([b.user for b in blocks]),
     )
 
@@ -270,6 +274,7 @@ class TrainingTableLoader:
         drop_last: bool = False,
         shard: tuple[int, int] = (0, 1),
         pin_memory: bool = False,
+        labels: Sequence[str] = EVENT_LABELS,
     ) -> None:
         rank, world = shard
         if not 0 <= rank < world:
@@ -290,6 +295,7 @@ class TrainingTableLoader:
         self.drop_last = drop_last
         self.pin_memory = pin_memory
         self.keys = [f.name for f in self.sparse]
+        self.label_names = tuple(dict.fromkeys(labels))
         self._id_features = [f.name for f in self.sparse if f.kind == "id"]
         self._list_features = [f.name for f in self.sparse if f.kind == "list"]
 
@@ -300,7 +306,7 @@ class TrainingTableLoader:
                 parquet = pq.ParquetFile(path)
             except (OSError, pa.ArrowInvalid) as err:
                 raise StageError(f"cannot read training table file {path}: {err}") from None
-            _check_schema(path, parquet.schema_arrow, self.sparse, self.dense_names)
+            _check_schema(path, parquet.schema_arrow, self.sparse, self.dense_names, self.label_names)
             self._has_user &= USER_COLUMN in parquet.schema_arrow.names
             meta = parquet.metadata
             row_groups += [
@@ -309,7 +315,7 @@ class TrainingTableLoader:
                 if meta.row_group(i).num_rows > 0
             ]
         self._row_groups = row_groups[rank::world]
-        self._columns = self.keys + self.dense_names + list(LABELS) + ([USER_COLUMN] if self._has_user else [])
+        self._columns = self.keys + self.dense_names + list(self.label_names) + ([USER_COLUMN] if self._has_user else [])
         self._user_dictionary: pa.Array | None = None
         self._user_lock = threading.Lock()
 
@@ -345,7 +351,7 @@ class TrainingTableLoader:
 
     def _read_table(self, group: _RowGroup, parquet: pq.ParquetFile) -> pa.Table:
         table = parquet.read_row_group(group.index, columns=self._columns)
-        for name in self.keys + self.dense_names + list(LABELS):
+        for name in self.keys + self.dense_names + list(self.label_names):
             if table.column(name).null_count:
                 raise StageError(
                     f"training table {group.file}: column '{name}' has {table.column(name).null_count} "
@@ -359,11 +365,13 @@ class TrainingTableLoader:
         n = sum(t.num_rows for t in tables)
         dense = np.empty((n, len(self.dense_names)), dtype=np.float32)
         ids = np.empty((n, len(self._id_features)), dtype=np.int64)
+        labels = np.empty((n, len(self.label_names)), dtype=np.float32)
         start = 0
         for table in tables:
             stop = start + table.num_rows
             _fill_columns(dense[start:stop], [_numpy(table.column(name), np.float32) for name in self.dense_names])
             _fill_columns(ids[start:stop], [_numpy(table.column(name), np.int64) for name in self._id_features])
+            _fill_columns(labels[start:stop], [_numpy(table.column(name), np.float32) for name in self.label_names])
             start = stop
         lists = [_concat_lists([_list_parts_of(t.column(name)) for t in tables]) for name in self._list_features]
         if self._has_user:
@@ -377,8 +385,7 @@ class TrainingTableLoader:
             ids=ids,
             list_offsets=[offsets for offsets, _ in lists],
             list_values=[values for _, values in lists],
-            click=np.concatenate([_numpy(t.column("click"), np.float32) for t in tables]),
-            conversion=np.concatenate([_numpy(t.column("conversion"), np.float32) for t in tables]),
+            labels=labels,
             user=user,
         )
 
@@ -444,8 +451,8 @@ class TrainingTableLoader:
         batch = Batch(
             dense=torch.from_numpy(np.ascontiguousarray(block.dense)),
             sparse=sparse,
-            click=torch.from_numpy(np.ascontiguousarray(block.click)),
-            conversion=torch.from_numpy(np.ascontiguousarray(block.conversion)),
+            label_matrix=torch.from_numpy(np.ascontiguousarray(block.labels)),
+            label_names=self.label_names,
             user=torch.from_numpy(np.ascontiguousarray(block.user)),
         )
         return batch.pin_memory() if self.pin_memory else batch

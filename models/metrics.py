@@ -7,11 +7,12 @@ rather than raising, so a tiny or degenerate day still produces a full metrics d
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 LOGLOSS_EPS = 1e-7
 METRIC_NAMES = ("auc", "gauc", "logloss", "calibration", "ece")
-TASKS = ("click", "cvr", "ctcvr")
 
 
 def _as_labels(labels: np.ndarray) -> np.ndarray:
@@ -164,34 +165,31 @@ def _task(labels: np.ndarray, probs: np.ndarray | None, groups: np.ndarray | Non
     }
 
 
-def task_metrics(
-    click: np.ndarray,
-    conversion: np.ndarray,
-    p_click: np.ndarray | None,
-    p_cvr: np.ndarray | None,
-    p_ctcvr: np.ndarray | None,
+def view_metrics(
+    views: Mapping[str, tuple[str, str | None]],
+    labels: Mapping[str, np.ndarray],
+    probs: Mapping[str, np.ndarray | None],
     groups: np.ndarray | None,
 ) -> dict[str, float]:
-    """All metrics of the funnel, keyed ``{task}_{metric}``.
+    """All metrics of every task view, keyed ``{view}_{metric}``.
 
-    tasks: ``click`` (label click, score p_click, all impressions); ``cvr`` (label
-    conversion, score p_cvr, clicked impressions only: conversion given click);
-    ``ctcvr`` (label conversion, score p_ctcvr, all impressions). metrics: auc, gauc
-    (grouped by ``groups``, e.g. user codes), logloss, calibration, ece. A score passed as
-    ``None`` (a model without that head) or ``groups=None`` gives ``nan`` for its keys, so
-    the key set is always the same 15 names.
+    ``views``: view -> (label column, mask column or None), as ``features.config.task_views``
+    gives them; e.g. click (label click, all rows), cvr (label conversion, only the rows
+    whose click is 1: conversion given click), ctcvr (label conversion, all rows).
+    ``labels``: column -> 0/1 array; ``probs``: view -> predictions. Metrics: auc, gauc
+    (grouped by ``groups``, e.g. user codes), logloss, calibration, ece. A view missing
+    from ``probs`` (or None) or ``groups=None`` gives ``nan`` for its keys, so the key set is
+    always the same.
     """
-    click = _as_labels(click)
-    conversion = _as_labels(conversion)
     groups_all = None if groups is None else np.asarray(groups).ravel()
-    clicked = click > 0
-    per_task = {
-        "click": _task(click, p_click, groups_all),
-        "cvr": _task(
-            conversion[clicked],
-            None if p_cvr is None else np.asarray(p_cvr).ravel()[clicked],
-            None if groups_all is None else groups_all[clicked],
-        ),
-        "ctcvr": _task(conversion, p_ctcvr, groups_all),
-    }
-    return {f"{task}_{name}": value for task, values in per_task.items() for name, value in values.items()}
+    out: dict[str, float] = {}
+    for view, (label, mask_column) in views.items():
+        y = _as_labels(labels[label])
+        p = probs.get(view)
+        p = None if p is None else np.asarray(p, dtype=np.float64).ravel()
+        g = groups_all
+        if mask_column is not None:
+            keep = _as_labels(labels[mask_column]) > 0
+            y, p, g = y[keep], None if p is None else p[keep], None if g is None else g[keep]
+        out.update({f"{view}_{name}": value for name, value in _task(y, p, g).items()})
+    return out

@@ -1,10 +1,11 @@
 """The multi-task ranking network: one torchrec EmbeddingBagCollection shared by all
-tasks, a backbone (single-task / shared-bottom / soft-sharing / MMoE), and two heads
-(click; conversion, either direct pCVR or ESMM).
+tasks, a backbone (single-task / shared-bottom / soft-sharing / MMoE), and one head per
+task of ``cfg.tasks`` (by default click, and conversion as a funnel step after it).
 
 Input: dense features [B, n_dense] (normalised inside the model, so export and serving
 get the training statistics with the weights) and a KeyedJaggedTensor with one key per
-sparse feature, in spec order. Output: a ``ModelOutput`` with logits and probabilities.
+sparse feature, in spec order. Output: a ``ModelOutput`` with each task's logit and the
+probability of every task view (``features.config.task_views``).
 """
 
 from __future__ import annotations
@@ -19,22 +20,41 @@ import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 
-from features.config import FeaturesConfig, ModelConfig
+from features.config import FeaturesConfig, ModelConfig, TaskConfig
 from features.errors import StageError
 
-TASKS = ("click", "conversion")
 _POOLING = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
 
 
 @dataclass
 class ModelOutput:
-    click_logit: torch.Tensor  # [B]
-    cvr_logit: torch.Tensor  # [B], logit of P(conversion | click)
-    p_click: torch.Tensor
-    p_cvr: torch.Tensor
-    p_ctcvr: torch.Tensor  # P(click and conversion) = p_click * p_cvr
+    logits: dict[str, torch.Tensor]  # task -> [B] its head's logit (a funnel step's: of P(task | after))
+    probs: dict[str, torch.Tensor]  # task view -> [B] probability, e.g. click, cvr, ctcvr = click x cvr
     features: torch.Tensor  # [B, in_dim] pooled embeddings + normalised dense (backbone input)
     gates: dict[str, torch.Tensor] | None = None  # mmoe: task -> [B, n_experts] softmax weights
+
+
+class TaskHeads(nn.ModuleDict):
+    """One linear head per task (keyed by its name) on its backbone output; a funnel step's
+    probability is multiplied by the probability of the task it follows (ESMM's pCTCVR =
+    pCTR x pCVR)."""
+
+    def __init__(self, in_dim: int, tasks: Sequence[TaskConfig]) -> None:
+        super().__init__({t.name: nn.Linear(in_dim, 1) for t in tasks})
+        self.tasks = list(tasks)
+
+    def forward(self, hidden: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        # float32 logits: under bf16 autocast (CUDA) the probabilities and losses stay float32
+        logits = {t.name: self[t.name](hidden[t.name]).squeeze(-1).float() for t in self.tasks}
+        probs: dict[str, torch.Tensor] = {}
+        for t in self.tasks:  # a task's `after` is never itself a funnel step, so it is done first
+            if t.after is None:
+                probs[t.name] = torch.sigmoid(logits[t.name])
+        for t in self.tasks:
+            if t.after is not None:
+                probs[t.conditional_name] = torch.sigmoid(logits[t.name])
+                probs[t.joint_name] = probs[t.after] * probs[t.conditional_name]
+        return logits, probs
 
 
 # ---------------------------------------------------------------- dense normalisation
@@ -90,7 +110,8 @@ def mlp(in_dim: int, dims: Sequence[int], dropout: float) -> nn.Sequential:
 
 
 class Backbone(nn.Module):
-    """Maps the shared input [B, in_dim] to one representation per task [B, out_dim]."""
+    """Maps the shared input [B, in_dim] to one representation per task [B, out_dim].
+    Constructed as ``Backbone(in_dim, cfg, tasks)`` with the task names."""
 
     out_dim: int
 
@@ -109,40 +130,32 @@ class Backbone(nn.Module):
 class SingleTask(Backbone):
     """One separate network per task (the baseline); only the embeddings are shared."""
 
-    def __init__(self, in_dim: int, cfg: ModelConfig) -> None:
+    def __init__(self, in_dim: int, cfg: ModelConfig, tasks: Sequence[str]) -> None:
         super().__init__()
         dims = [*cfg.expert_dims, *cfg.tower_dims]
-        self.nets = nn.ModuleDict({t: mlp(in_dim, dims, cfg.dropout) for t in TASKS})
+        self.nets = nn.ModuleDict({t: mlp(in_dim, dims, cfg.dropout) for t in tasks})
         self.out_dim = dims[-1]
 
     def forward(self, x):
         return {t: net(x) for t, net in self.nets.items()}, None
 
 
-class SoftSharing(Backbone):
-    """One network per task; ``penalty`` pulls corresponding layers' weights together."""
-
-    def __init__(self, in_dim: int, cfg: ModelConfig) -> None:
-        super().__init__()
-        dims = [*cfg.expert_dims, *cfg.tower_dims]
-        self.nets = nn.ModuleDict({t: mlp(in_dim, dims, cfg.dropout) for t in TASKS})
-        self.out_dim = dims[-1]
+class SoftSharing(SingleTask):
+    """One network per task; ``penalty`` pulls corresponding layers' weights together
+    (the squared distance summed over every pair of tasks)."""
 
     def penalty(self) -> torch.Tensor:
-        a, b = (list(self.nets[t].parameters()) for t in TASKS)
-        return sum(((p - q) ** 2).sum() for p, q in zip(a, b, strict=True))
-
-    def forward(self, x):
-        return {t: net(x) for t, net in self.nets.items()}, None
+        nets = [list(net.parameters()) for net in self.nets.values()]
+        return sum(((p - q) ** 2).sum() for i, a in enumerate(nets) for b in nets[i + 1:] for p, q in zip(a, b, strict=True))
 
 
 class SharedBottom(Backbone):
     """Hard sharing: one shared MLP, then a small tower per task."""
 
-    def __init__(self, in_dim: int, cfg: ModelConfig) -> None:
+    def __init__(self, in_dim: int, cfg: ModelConfig, tasks: Sequence[str]) -> None:
         super().__init__()
         self.bottom = mlp(in_dim, cfg.expert_dims, cfg.dropout)
-        self.towers = nn.ModuleDict({t: mlp(cfg.expert_dims[-1], cfg.tower_dims, cfg.dropout) for t in TASKS})
+        self.towers = nn.ModuleDict({t: mlp(cfg.expert_dims[-1], cfg.tower_dims, cfg.dropout) for t in tasks})
         self.out_dim = cfg.tower_dims[-1] if cfg.tower_dims else cfg.expert_dims[-1]
 
     def shared_parameters(self):
@@ -156,11 +169,12 @@ class SharedBottom(Backbone):
 class MMoE(Backbone):
     """Multi-gate mixture of experts (Ma et al. 2018): shared experts, a softmax gate per task."""
 
-    def __init__(self, in_dim: int, cfg: ModelConfig) -> None:
+    def __init__(self, in_dim: int, cfg: ModelConfig, tasks: Sequence[str]) -> None:
         super().__init__()
+        self.tasks = list(tasks)
         self.experts = nn.ModuleList(mlp(in_dim, cfg.expert_dims, cfg.dropout) for _ in range(cfg.n_experts))
-        self.gates = nn.ModuleDict({t: nn.Linear(in_dim, cfg.n_experts) for t in TASKS})
-        self.towers = nn.ModuleDict({t: mlp(cfg.expert_dims[-1], cfg.tower_dims, cfg.dropout) for t in TASKS})
+        self.gates = nn.ModuleDict({t: nn.Linear(in_dim, cfg.n_experts) for t in tasks})
+        self.towers = nn.ModuleDict({t: mlp(cfg.expert_dims[-1], cfg.tower_dims, cfg.dropout) for t in tasks})
         self.out_dim = cfg.tower_dims[-1] if cfg.tower_dims else cfg.expert_dims[-1]
 
     def shared_parameters(self):
@@ -169,9 +183,80 @@ class MMoE(Backbone):
     def forward(self, x):
         experts = torch.stack([e(x) for e in self.experts], dim=1)  # [B, E, H]
         gates = {t: torch.softmax(g(x), dim=-1) for t, g in self.gates.items()}
-        # both tasks' mixtures in one bmm ([B, T, E] x [B, E, H]): ~2x faster on CPU than einsum
-        mixed = torch.bmm(torch.stack([gates[t] for t in TASKS], dim=1), experts)
-        return {t: self.towers[t](mixed[:, i]) for i, t in enumerate(TASKS)}, gates
+        # all tasks' mixtures in one bmm ([B, T, E] x [B, E, H]): ~2x faster on CPU than einsum
+        mixed = torch.bmm(torch.stack([gates[t] for t in self.tasks], dim=1), experts)
+        return {t: self.towers[t](mixed[:, i]) for i, t in enumerate(self.tasks)}, gates
+
+
+class CGCLayer(nn.Module):
+    """One PLE extraction level (customised gate control): per task ``ple_task_experts``
+    experts on the task's input, ``ple_shared_experts`` experts on the shared input, a
+    softmax gate per task over [its own experts, then the shared experts], and (all levels
+    but the last) a shared gate over [task 0's experts, task 1's, ..., the shared experts]
+    whose mixture is the next level's shared input."""
+
+    def __init__(self, in_dim: int, cfg: ModelConfig, n_tasks: int, shared_gate: bool) -> None:
+        super().__init__()
+        n_own, n_shared = cfg.ple_task_experts, cfg.ple_shared_experts
+        self.task_experts = nn.ModuleList(
+            nn.ModuleList(mlp(in_dim, cfg.expert_dims, cfg.dropout) for _ in range(n_own)) for _ in range(n_tasks))
+        self.shared_experts = nn.ModuleList(mlp(in_dim, cfg.expert_dims, cfg.dropout) for _ in range(n_shared))
+        self.task_gates = nn.ModuleList(nn.Linear(in_dim, n_own + n_shared) for _ in range(n_tasks))
+        self.shared_gate = nn.Linear(in_dim, n_tasks * n_own + n_shared) if shared_gate else None
+
+    def forward(
+        self, task_inputs: Sequence[torch.Tensor], shared_input: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """-> (task outputs [B, T, H], next shared input [B, H] or None, task gates [B, T, E_own + E_shared])."""
+        own = torch.stack([torch.stack([e(x) for e in experts], dim=1)
+                           for experts, x in zip(self.task_experts, task_inputs, strict=True)], dim=1)  # [B, T, E_own, H]
+        shared = torch.stack([e(shared_input) for e in self.shared_experts], dim=1)  # [B, E_shared, H]
+        b, n_tasks, n_own, h = own.shape
+        gates = torch.stack([torch.softmax(g(x), dim=-1) for g, x in zip(self.task_gates, task_inputs, strict=True)], dim=1)
+        # every task's mixture in one bmm: row (b, t) mixes task t's experts and the shared ones
+        pools = torch.cat([own, shared.unsqueeze(1).expand(-1, n_tasks, -1, -1)], dim=2)  # [B, T, E, H]
+        mixed = torch.bmm(gates.reshape(b * n_tasks, 1, -1), pools.reshape(b * n_tasks, -1, h)).view(b, n_tasks, h)
+        if self.shared_gate is None:
+            return mixed, None, gates
+        everything = torch.cat([own.reshape(b, n_tasks * n_own, h), shared], dim=1)  # [B, T * E_own + E_shared, H]
+        weights = torch.softmax(self.shared_gate(shared_input), dim=-1)
+        return mixed, torch.bmm(weights.unsqueeze(1), everything).squeeze(1), gates
+
+
+class PLE(Backbone):
+    """Progressive layered extraction (Tang et al. 2020): ``ple_levels`` CGC levels, then a
+    tower per task. Level 1 reads x everywhere; a later level's task experts read their
+    task's previous output and its shared experts the previous shared-gate mixture.
+
+    ``gates`` are the last level's task gates, [B, ple_task_experts + ple_shared_experts]:
+    indices 0 .. ple_task_experts - 1 are the task's own experts, the rest the shared ones."""
+
+    def __init__(self, in_dim: int, cfg: ModelConfig, tasks: Sequence[str]) -> None:
+        super().__init__()
+        self.tasks = list(tasks)
+        self.levels = nn.ModuleList(
+            CGCLayer(in_dim if i == 0 else cfg.expert_dims[-1], cfg, len(self.tasks), shared_gate=i < cfg.ple_levels - 1)
+            for i in range(cfg.ple_levels))
+        self.towers = nn.ModuleDict({t: mlp(cfg.expert_dims[-1], cfg.tower_dims, cfg.dropout) for t in tasks})
+        self.out_dim = cfg.tower_dims[-1] if cfg.tower_dims else cfg.expert_dims[-1]
+
+    def shared_parameters(self):
+        # Non-final levels' task experts also feed the shared gate and so reach every task's
+        # loss; listed are only the parts shared by construction.
+        shared: list[nn.Parameter] = []
+        for level in self.levels:
+            shared += level.shared_experts.parameters()
+            if level.shared_gate is not None:
+                shared += level.shared_gate.parameters()
+        return shared
+
+    def forward(self, x):
+        task_inputs, shared = [x] * len(self.tasks), x
+        for level in self.levels:
+            mixed, shared, gates = level(task_inputs, shared)
+            task_inputs = mixed.unbind(1)
+        hidden = {t: self.towers[t](mixed[:, i]) for i, t in enumerate(self.tasks)}
+        return hidden, {t: gates[:, i] for i, t in enumerate(self.tasks)}
 
 
 BACKBONES: dict[str, type[Backbone]] = {
@@ -179,6 +264,7 @@ BACKBONES: dict[str, type[Backbone]] = {
     "shared_bottom": SharedBottom,
     "soft_sharing": SoftSharing,
     "mmoe": MMoE,
+    "ple": PLE,
 }
 
 
@@ -221,19 +307,19 @@ class MultiTaskNet(nn.Module):
         self,
         spec: FeaturesConfig,
         cfg: ModelConfig,
+        tasks: Sequence[TaskConfig],
         dense_mean: np.ndarray,
         dense_std: np.ndarray,
         device: torch.device | str = "cpu",
     ) -> None:
         super().__init__()
         self.sparse_names = [f.name for f in spec.sparse]
-        self.conversion_head = cfg.conversion_head
         self.ebc = EmbeddingBagCollection(tables=embedding_configs(spec), device=torch.device(device))
         self.normalizer = DenseNormalizer(dense_mean, dense_std)
         in_dim = sum(f.dim for f in spec.sparse) + len(dense_mean)
         self.cross = CrossNetwork(in_dim, cfg.cross_layers)
-        self.backbone = BACKBONES[cfg.backbone](in_dim, cfg)
-        self.heads = nn.ModuleDict({t: nn.Linear(self.backbone.out_dim, 1) for t in TASKS})
+        self.backbone = BACKBONES[cfg.backbone](in_dim, cfg, [t.name for t in tasks])
+        self.heads = TaskHeads(self.backbone.out_dim, tasks)
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> ModelOutput:
         pooled = self.ebc(sparse)
@@ -245,8 +331,6 @@ class MultiTaskNet(nn.Module):
             emb = torch.cat([by_name[n] for n in self.sparse_names], dim=1)
         x = self.cross(torch.cat([emb, self.normalizer(dense)], dim=1))
         hidden, gates = self.backbone(x)
-        click_logit = self.heads["click"](hidden["click"]).squeeze(-1)
-        cvr_logit = self.heads["conversion"](hidden["conversion"]).squeeze(-1)
-        p_click, p_cvr = torch.sigmoid(click_logit), torch.sigmoid(cvr_logit)
-        return ModelOutput(click_logit, cvr_logit, p_click, p_cvr, p_click * p_cvr, x, gates)
+        logits, probs = self.heads(hidden)
+        return ModelOutput(logits, probs, x, gates)
 

@@ -163,7 +163,7 @@ def plot_reliability(curves: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> plt
 
 
 def plot_gate_usage(usage: Mapping[str, np.ndarray]) -> plt.Figure:
-    """MMoE: mean gate weight per task (rows) x expert (columns)."""
+    """MMoE or PLE: mean gate weight per task (rows) x expert (columns; PLE: the task's own experts first)."""
     tasks = list(usage)
     matrix = np.stack([usage[t] for t in tasks])
     fig, ax = plt.subplots(figsize=(1 + matrix.shape[1], 1 + len(tasks)))
@@ -171,7 +171,7 @@ def plot_gate_usage(usage: Mapping[str, np.ndarray]) -> plt.Figure:
     for (i, j), v in np.ndenumerate(matrix):
         ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w" if v < 0.5 else "k")
     ax.set(xticks=range(matrix.shape[1]), yticks=range(len(tasks)), yticklabels=tasks, xlabel="expert",
-           title="MMoE gate usage")
+           title="gate usage (mean weight per expert)")
     fig.colorbar(im)
     fig.tight_layout()
     return fig

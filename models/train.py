@@ -42,6 +42,7 @@ import datetime as dt
 import hashlib
 import io
 import json
+import math
 import os
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -61,20 +62,21 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
-from features.config import FunnelConfig, TrainConfig
+from features.config import FunnelConfig, TaskConfig, TrainConfig
 from features.contract import day_str
 from features.errors import StageError
 from features.examples import mature_day, training_dir
 from features.io import atomic_write_bytes
+from features.table_source import prepare_table
 from models.loader import Batch, TrainingTableLoader, parquet_files
 from models.losses import LossWeighting, task_losses, training_loss
-from models.metrics import task_metrics
-from models.nets import TASKS, ModelOutput, MultiTaskNet, dense_stats
+from models.metrics import view_metrics
+from models.nets import ModelOutput, MultiTaskNet, dense_stats
 from models.quiet import library_noise_silenced
 from models.tracking import (RunTracker, flatten, git_commit, plot_gate_usage, plot_loss_curves, plot_reliability,
                              plot_roc, to_toml)
 
-HIGHER_IS_BETTER = {"click_auc", "click_gauc", "cvr_auc", "ctcvr_auc"}
+HIGHER_IS_BETTER = ("_auc", "_gauc")  # metric name suffixes; logloss, ece: lower is better
 # train.sharding -> the sharding types the planner may choose from ("auto": all sharded
 # ones; it drops those the device cannot do, e.g. row-wise on the CPU).
 SHARDING_TYPES = {
@@ -106,14 +108,46 @@ def training_window(cfg: FunnelConfig, run_date: dt.date) -> tuple[list[dt.date]
     return [first + dt.timedelta(days=i) for i in range((last - first).days)], last
 
 
-def run_key(cfg: FunnelConfig, warehouse: Path, run_date: dt.date) -> str:
-    """Checkpoint folder name: the run date and a hash of the whole config, the warehouse
-    and the window's data hashes (from the manifests), so changed inputs start afresh."""
+@dataclass(frozen=True)
+class TrainingData:
+    """What a training run reads: its files, and tags that name the data (MLflow, run key)."""
+
+    name: str  # the run date, or "table" for a user's own table
+    train_files: list[Path]
+    val_files: list[Path]
+    tags: dict[str, str]
+    vocab_versions: dict  # the vocabulary versions the tables were encoded with (per day, or for the table)
+
+
+def training_data(cfg: FunnelConfig, warehouse: Path, run_date: dt.date | None) -> TrainingData:
+    """Event logs: the window of mature days before ``run_date`` (the newest validates).
+    A ``[table]`` source: its train and val splits, prepared first when their inputs changed
+    (``run_date`` is not used)."""
+    if cfg.table is not None:
+        prepared = prepare_table(cfg, warehouse)
+        tags = {"source": "table", **{f"data.{split}.sha256": ",".join(info["content_sha256"].values())
+                                      for split, info in prepared.manifest["splits"].items()}}
+        return TrainingData("table", prepared.files["train"], prepared.files["val"], tags,
+                            prepared.manifest["vocab_versions"])
+    if run_date is None:
+        raise StageError("training on event logs needs a run date (--date)")
     train_days, val_day = training_window(cfg, run_date)
+    tags = {"run_date": day_str(run_date), "train_days": ",".join(map(day_str, train_days)),
+            "val_day": day_str(val_day), **_data_tags(warehouse, [*train_days, val_day])}
+    versions = {day: m["vocab_versions"] for day, m in _manifests(warehouse, [*train_days, val_day]).items()
+                if "vocab_versions" in m}
+    return TrainingData(day_str(run_date), [f for day in train_days for f in parquet_files(training_dir(warehouse, day))],
+                        parquet_files(training_dir(warehouse, val_day)), tags, versions)
+
+
+def run_key(cfg: FunnelConfig, warehouse: Path, run_date: dt.date | None, data: TrainingData | None = None) -> str:
+    """Checkpoint folder name: the data's name and a hash of the whole config, the
+    warehouse and the data's hashes (from the manifests), so changed inputs start afresh."""
+    data = data or training_data(cfg, warehouse, run_date)
     identity = {"config": cfg.model_dump(mode="json"), "warehouse": str(Path(warehouse).resolve()),
-                "data": _data_tags(warehouse, [*train_days, val_day])}
+                "data": {k: v for k, v in data.tags.items() if k.startswith("data.")}}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-    return f"{day_str(run_date)}-{digest[:12]}"
+    return f"{data.name}-{digest[:12]}"
 
 
 # ---------------------------------------------------------------- distributed set-up
@@ -322,16 +356,14 @@ def warm_start(net: MultiTaskNet, initial: Mapping[str, torch.Tensor]) -> None:
 
 def _forward(model: torch.nn.Module, batch: Batch, amp: bool) -> ModelOutput:
     """The model's outputs in float32. With ``amp`` (CUDA) the forward runs under bf16
-    autocast (the Linear layers; FBGEMM's embedding kernels keep float32) and the
-    probabilities are recomputed from the float32 logits, as the heads define them."""
+    autocast (the Linear layers; FBGEMM's embedding kernels keep float32); the heads turn
+    their logits to float32 before the probabilities."""
     with torch.autocast(batch.dense.device.type, dtype=torch.bfloat16, enabled=amp):
         out = model(batch.dense, batch.sparse)
     if not amp:
         return out
-    click_logit, cvr_logit = out.click_logit.float(), out.cvr_logit.float()
-    p_click, p_cvr = torch.sigmoid(click_logit), torch.sigmoid(cvr_logit)
     gates = {t: g.float() for t, g in out.gates.items()} if out.gates else out.gates
-    return ModelOutput(click_logit, cvr_logit, p_click, p_cvr, p_click * p_cvr, out.features.float(), gates)
+    return ModelOutput(out.logits, out.probs, out.features.float(), gates)
 
 
 def _steps(loader: TrainingTableLoader, steps: int) -> Iterator[tuple[Batch, bool]]:
@@ -349,26 +381,27 @@ def _steps(loader: TrainingTableLoader, steps: int) -> Iterator[tuple[Batch, boo
 @torch.no_grad()
 def predict(model: torch.nn.Module, loader: TrainingTableLoader, device: torch.device, steps: int | None = None,
             amp: bool = False) -> dict[str, np.ndarray]:
-    """Labels, predictions, user codes and (mmoe) mean gate weights over a whole loader.
+    """Over a whole loader: ``label_<column>`` per label, ``p_<view>`` per task view, the
+    user codes ``user`` and (mmoe, ple) each task's mean gate weights ``gate_<task>``.
 
     ``steps`` > len(loader): run that many forward passes (a collective under torchrun)
     and drop the repeated batches' output."""
     model.eval()
-    keys = ("click", "conversion", "user", "p_click", "p_cvr", "p_ctcvr")
-    parts: dict[str, list] = {k: [] for k in keys}
+    parts: dict[str, list] = {}
     gate_sums: dict[str, torch.Tensor] = {}
     for batch, repeated in _steps(loader, len(loader) if steps is None else steps):
         batch = batch.to(device, non_blocking=True)
         out = _forward(model, batch, amp)
         if repeated:
             continue
-        for k, v in (("click", batch.click), ("conversion", batch.conversion), ("user", batch.user),
-                     ("p_click", out.p_click), ("p_cvr", out.p_cvr), ("p_ctcvr", out.p_ctcvr)):
-            parts[k].append(v.cpu().numpy())
+        columns = {"user": batch.user, **{f"label_{k}": v for k, v in batch.labels.items()},
+                   **{f"p_{k}": v for k, v in out.probs.items()}}
+        for k, v in columns.items():
+            parts.setdefault(k, []).append(v.cpu().numpy())
         for t, w in (out.gates or {}).items():
             gate_sums[t] = gate_sums.get(t, 0) + w.sum(0).cpu()
     result = {k: np.concatenate(v) for k, v in parts.items()}
-    result.update({f"gate_{t}": (s / len(result["click"])).numpy() for t, s in gate_sums.items()})
+    result.update({f"gate_{t}": (s / len(result["user"])).numpy() for t, s in gate_sums.items()})
     return result
 
 
@@ -378,18 +411,23 @@ def _gather_predictions(pred: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return pred
     everyone: list = [None] * _world()
     dist.all_gather_object(everyone, pred)
-    rows = np.array([len(p["click"]) for p in everyone], dtype=np.float64)
+    rows = np.array([len(p["user"]) for p in everyone], dtype=np.float64)
     return {k: (sum(p[k] * n for p, n in zip(everyone, rows)) / rows.sum() if k.startswith("gate_")
                 else np.concatenate([p[k] for p in everyone])) for k in pred}
 
 
-def validation_metrics(pred: dict[str, np.ndarray]) -> dict[str, float]:
+def validation_metrics(cfg: FunnelConfig, pred: dict[str, np.ndarray]) -> dict[str, float]:
+    """Every task view's metrics (``models.metrics.view_metrics``) of ``predict``'s output."""
     groups = pred["user"] if (pred["user"] >= 0).any() else None
-    return task_metrics(pred["click"], pred["conversion"], pred["p_click"], pred["p_cvr"], pred["p_ctcvr"], groups)
+    labels = {k.removeprefix("label_"): v for k, v in pred.items() if k.startswith("label_")}
+    probs = {k.removeprefix("p_"): v for k, v in pred.items() if k.startswith("p_")}
+    return view_metrics(cfg.views(), labels, probs, groups)
 
 
-def gradient_cosine(model: torch.nn.Module, net: MultiTaskNet, batch: Batch, head: str) -> float:
-    """Cosine between the click and conversion losses' gradients on what the tasks share.
+def gradient_cosine(model: torch.nn.Module, net: MultiTaskNet, batch: Batch, tasks: Sequence[TaskConfig],
+                    head: str) -> dict[str, float]:
+    """Cosine between the task losses' gradients on what the tasks share: ``grad_cosine``
+    (the mean over pairs of tasks) and, with more than two tasks, ``grad_cosine/<a>-<b>``.
 
     MMoE / shared bottom: the experts' / bottom's parameters. Single-task and soft sharing
     share only the embeddings, whose gradients the fused optimiser never exposes: there
@@ -402,12 +440,16 @@ def gradient_cosine(model: torch.nn.Module, net: MultiTaskNet, batch: Batch, hea
     """
     model.eval()
     out = model(batch.dense, batch.sparse)
-    losses = task_losses(out, batch.click, batch.conversion, head)
+    losses = task_losses(out, batch.labels, tasks, head)
     shared = [p for p in net.backbone.shared_parameters() if p.requires_grad] or [out.features]
     if not all(t.requires_grad for t in shared):
-        return float("nan")
-    grads = [torch.cat([g.flatten() for g in torch.autograd.grad(losses[t], shared, retain_graph=True)]) for t in TASKS]
-    return float(torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0))
+        return {"grad_cosine": float("nan")}
+    grads = {t.name: torch.cat([g.flatten() for g in torch.autograd.grad(losses[t.name], shared, retain_graph=True)])
+             for t in tasks}
+    names = list(grads)
+    pairs = {f"grad_cosine/{a}-{b}": float(torch.nn.functional.cosine_similarity(grads[a], grads[b], dim=0))
+             for i, a in enumerate(names) for b in names[i + 1:]}
+    return {"grad_cosine": float(np.mean(list(pairs.values()))), **(pairs if len(pairs) > 1 else {})}
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -421,7 +463,7 @@ def _save(path: Path, obj: dict) -> None:
 def _is_better(metric: str, value: float, best: float | None) -> bool:
     if not np.isfinite(value):
         return False
-    return best is None or (value > best if metric in HIGHER_IS_BETTER else value < best)
+    return best is None or (value > best if metric.endswith(HIGHER_IS_BETTER) else value < best)
 
 
 # ---------------------------------------------------------------- the stage
@@ -429,7 +471,7 @@ def _is_better(metric: str, value: float, best: float | None) -> bool:
 def train_model(
     cfg: FunnelConfig,
     warehouse: Path,
-    run_date: dt.date,
+    run_date: dt.date | None,
     *,
     max_epochs: int | None = None,
     progress: bool = True,
@@ -438,8 +480,9 @@ def train_model(
     parent_run_id: str | None = None,
     extra_tags: Mapping[str, str] | None = None,
 ) -> TrainResult:
-    """Train (or resume) the run for ``run_date``; ``max_epochs`` stops early without
-    finishing the run (as a kill would), e.g. to test resumption.
+    """Train (or resume) the run for ``run_date`` (a ``[table]`` source: on its train split,
+    validated on its val split; no date); ``max_epochs`` stops early without finishing the
+    run (as a kill would), e.g. to test resumption.
 
     ``initial_state``: a plain state_dict to start from when there is no checkpoint to
     resume (see :func:`warm_start`). ``freeze_shared``: embeddings and the shared experts /
@@ -462,23 +505,22 @@ def train_model(
     torch.manual_seed(cfg.seed)
     amp = tcfg.mixed_precision and device.type == "cuda"
 
-    train_days, val_day = training_window(cfg, run_date)
-    train_files = [f for day in train_days for f in parquet_files(training_dir(warehouse, day))]
-    val_files = parquet_files(training_dir(warehouse, val_day))
+    data = training_data(cfg, warehouse, run_date)
+    train_files, val_files = data.train_files, data.val_files
     dense_names = spec.dense_names()
-    key = run_key(cfg, warehouse, run_date)
+    key = run_key(cfg, warehouse, run_date, data)
     ckpt_dir = Path(cfg.state_dir) / "checkpoints" / key
     resuming = (ckpt_dir / "last.pt").exists()
 
     mean, std = dense_stats(train_files, dense_names)
-    net = MultiTaskNet(spec, mcfg, mean, std)  # seeded on the CPU, alike on every rank; tables go into the shards
+    net = MultiTaskNet(spec, mcfg, cfg.tasks, mean, std)  # seeded on the CPU, alike on every rank; tables go into the shards
     if initial_state is not None and not resuming:
         warm_start(net, initial_state)
     net = net.to(device)
     if freeze_shared:
         for p in net.backbone.shared_parameters():
             p.requires_grad_(False)
-    weighting = LossWeighting(mcfg).to(device)
+    weighting = LossWeighting(mcfg, cfg.tasks).to(device)
     model = distribute(net, tcfg, device, freeze_embeddings=freeze_shared)
     if world > 1:
         model.init_data_parallel()  # DDP over the dense layers that train
@@ -488,7 +530,8 @@ def train_model(
         [{"params": dense_params}, {"params": list(weighting.parameters()), "weight_decay": 0.0}],
         lr=tcfg.dense_lr, weight_decay=tcfg.weight_decay,
     )
-    loaders = dict(sparse=spec.sparse, dense_names=dense_names, seed=cfg.seed, pin_memory=device.type == "cuda")
+    loaders = dict(sparse=spec.sparse, dense_names=dense_names, labels=[t.label_column for t in cfg.tasks],
+                   seed=cfg.seed, pin_memory=device.type == "cuda")
     mine = dict(batch_size=tcfg.batch_size // world, shard=(rank, world), **loaders)
     train_loader = TrainingTableLoader(train_files, shuffle=True, shuffle_buffer_rows=tcfg.shuffle_buffer_rows, **mine)
     val_loader = TrainingTableLoader(val_files, shuffle=False, **mine)
@@ -508,21 +551,20 @@ def train_model(
 
     tracker = None
     if rank == 0 and not state["finished"]:
-        tags = {"stage": "train", "run_date": day_str(run_date), "train_days": ",".join(map(day_str, train_days)),
-                "val_day": day_str(val_day), "run_key": key, **_data_tags(warehouse, [*train_days, val_day])}
+        tags = {"stage": "train", "run_key": key, **data.tags}
         if commit := git_commit():
             tags["git_commit"] = commit
         if parent_run_id is not None:
             tags["mlflow.parentRunId"] = parent_run_id
         tags.update(extra_tags or {})
-        tracker = RunTracker(cfg.state_dir, f"train-{day_str(run_date)}", tags, run_id=state["mlflow_run_id"])
+        tracker = RunTracker(cfg.state_dir, f"train-{data.name}", tags, run_id=state["mlflow_run_id"])
         if state["mlflow_run_id"] is None:
             state["mlflow_run_id"] = tracker.run_id
             tracker.log_params(flatten(cfg.model_dump(mode="json")))
     state["mlflow_run_id"] = _broadcast(state["mlflow_run_id"])
 
     last_epoch = tcfg.epochs if max_epochs is None else min(tcfg.epochs, max_epochs)
-    metric = tcfg.early_stopping_metric
+    metric = cfg.early_stopping_metric
     bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), disable=not progress or rank != 0)
     with bar:
@@ -536,11 +578,13 @@ def train_model(
             for batch, _ in _steps(train_loader, train_steps):
                 batch = batch.to(device, non_blocking=True)
                 out = _forward(model, batch, amp)
-                loss, parts = training_loss(out, batch.click, batch.conversion, mcfg.conversion_head, weighting,
+                loss, parts = training_loss(out, batch.labels, cfg.tasks, mcfg.conversion_head, weighting,
                                             net.backbone.penalty(), mcfg.soft_sharing_strength)
                 dense_opt.zero_grad(set_to_none=True)
                 loss.backward()  # also updates the embedding rows (fused optimiser); DDP averages dense gradients
                 _average_gradients(weighting.parameters())
+                for group in dense_opt.param_groups:
+                    group["lr"] = dense_learning_rate(tcfg, state["step"], tcfg.epochs * train_steps)
                 dense_opt.step()
                 state["step"] += 1
                 rows += len(batch)
@@ -558,12 +602,14 @@ def train_model(
             train_losses = {f"train/loss_{k}": v / totals[0] for k, v in zip(sums, totals[1:])}
 
             pred = _gather_predictions(predict(model, val_loader, device, val_steps, amp))
-            val = validation_metrics(pred)
+            val = validation_metrics(cfg, pred)
             record = {"epoch": epoch + 1, "train/samples_per_s": rate, **train_losses,
                       **{f"train/task_weight_{t}": w for t, w in weighting.weights().items()},
-                      "train/grad_cosine": gradient_cosine(model.module, net, cosine_batch, mcfg.conversion_head),
+                      **{f"train/{k}": v for k, v in
+                         gradient_cosine(model.module, net, cosine_batch, cfg.tasks, mcfg.conversion_head).items()},
                       **{f"val/{k}": v for k, v in val.items()},
-                      **{f"val/gate_{t}_expert{e}": float(w) for t in TASKS for e, w in enumerate(pred.get(f"gate_{t}", []))}}
+                      **{f"val/{k}_expert{e}": float(w) for k, g in pred.items()
+                         if k.startswith("gate_") for e, w in enumerate(g)}}
             state["history"].append(record)
             if tracker is not None:
                 tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, epoch + 1)
@@ -572,7 +618,8 @@ def train_model(
                 state.update(best=val[metric], best_epoch=epoch + 1, bad_epochs=0)
                 if rank == 0:
                     _save(ckpt_dir / "best.pt", {"model": model_state, "epoch": epoch + 1, "val": val,
-                                                 "gate_usage": {t: pred[f"gate_{t}"] for t in TASKS if f"gate_{t}" in pred}})
+                                                 "gate_usage": {k.removeprefix("gate_"): g for k, g in pred.items()
+                                                                if k.startswith("gate_")}})
             else:
                 state["bad_epochs"] += 1
             state["epoch"] = epoch + 1
@@ -587,18 +634,27 @@ def train_model(
     if state["best_epoch"] < 0:
         raise StageError(f"training {key} produced no finite validation {metric} on {val_files}")
     best = torch.load(ckpt_dir / "best.pt", weights_only=False, map_location="cpu")
-    result_model = MultiTaskNet(spec, mcfg, mean, std)
+    result_model = MultiTaskNet(spec, mcfg, cfg.tasks, mean, std)
     result_model.load_state_dict(best["model"])
     result_model.eval()
     if tracker is not None:
         if state["finished"]:
             whole_val = TrainingTableLoader(val_files, shuffle=False, batch_size=tcfg.batch_size, **loaders)
-            _log_final_artifacts(tracker, cfg, warehouse, [*train_days, val_day], state["history"], best,
+            _log_final_artifacts(tracker, cfg, data, state["history"], best,
                                  predict(result_model, whole_val, torch.device("cpu")), ckpt_dir)
         tracker.end("FINISHED" if state["finished"] else "KILLED")
     _barrier()
     return TrainResult(key, ckpt_dir, result_model, state["best_epoch"], state["best"], state["epoch"], best["val"],
                        state["history"], state["mlflow_run_id"])
+
+
+def dense_learning_rate(tcfg: TrainConfig, step: int, total_steps: int) -> float:
+    """The dense optimiser's rate at ``step`` (0-based) of ``total_steps``: constant, or a
+    cosine decay from ``train.dense_lr`` to 0 over the whole run. A function of the step
+    alone, so a resumed run continues the same schedule."""
+    if tcfg.lr_schedule == "constant":
+        return tcfg.dense_lr
+    return tcfg.dense_lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
 
 
 def _steps_per_epoch(train: TrainingTableLoader, val: TrainingTableLoader, device: torch.device) -> tuple[int, int]:
@@ -627,17 +683,24 @@ def _data_tags(warehouse: Path, days: list[dt.date]) -> dict[str, str]:
             if "content_sha256" in m}
 
 
-def _log_final_artifacts(tracker: RunTracker, cfg: FunnelConfig, warehouse: Path, days: list[dt.date],
-                         history: list[dict], best: dict, pred: dict[str, np.ndarray], ckpt_dir: Path) -> None:
+def view_curves(cfg: FunnelConfig, pred: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(labels, predictions) per task view for ROC and reliability plots, e.g. click, cvr
+    (on the clicked rows only) and ctcvr."""
+    curves = {}
+    for view, (label, mask) in cfg.views().items():
+        y, p = pred[f"label_{label}"], pred[f"p_{view}"]
+        keep = slice(None) if mask is None else pred[f"label_{mask}"] > 0
+        curves[view if mask is None else f"{view} ({mask} = 1)"] = (y[keep], p[keep])
+    return curves
+
+
+def _log_final_artifacts(tracker: RunTracker, cfg: FunnelConfig, data: TrainingData, history: list[dict], best: dict,
+                         pred: dict[str, np.ndarray], ckpt_dir: Path) -> None:
     """Config, vocab versions, plots (loss, ROC, reliability, gates) and the best checkpoint."""
     tracker.client.log_text(tracker.run_id, to_toml(cfg.model_dump(by_alias=True)), "config.toml")
-    versions = {day: m["vocab_versions"] for day, m in _manifests(warehouse, days).items() if "vocab_versions" in m}
-    if versions:
-        tracker.log_dict(versions, "vocab_versions.json")
-    clicked = pred["click"] > 0
-    curves = {"click": (pred["click"], pred["p_click"]),
-              "cvr (clicked)": (pred["conversion"][clicked], pred["p_cvr"][clicked]),
-              "ctcvr": (pred["conversion"], pred["p_ctcvr"])}
+    if data.vocab_versions:
+        tracker.log_dict(data.vocab_versions, "vocab_versions.json")
+    curves = view_curves(cfg, pred)
     tracker.log_figure(plot_loss_curves(history), "plots/loss_curves.png")
     tracker.log_figure(plot_roc(curves), "plots/roc.png")
     tracker.log_figure(plot_reliability(curves), "plots/reliability.png")

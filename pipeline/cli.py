@@ -102,12 +102,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train_model(cfg, warehouse, args.date, progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank returns the same result: rank 0 reports
         return 0
-    metric = cfg.train.early_stopping_metric
+    metric = cfg.early_stopping_metric
     print(f"train {result.run_key}: {result.epochs_run} epochs, best epoch {result.best_epoch} "
           f"({metric} {result.best_metric:.4f}); checkpoints in {result.checkpoint_dir}; MLflow run {result.mlflow_run_id}")
-    for name in ("click_auc", "click_gauc", "cvr_auc", "ctcvr_auc", "click_logloss", "ctcvr_logloss"):
-        print(f"  val {name:14s} {result.val_metrics[name]:.4f}")
+    _print_metrics("val", cfg, result.val_metrics)
     return 0
+
+
+def _print_metrics(what: str, cfg: FunnelConfig, metrics: dict[str, float]) -> None:
+    for view in cfg.views():
+        print(f"  {what} {view:>12s}  " + "  ".join(f"{m} {metrics[f'{view}_{m}']:.4f}" for m in ("auc", "gauc", "logloss", "calibration")))
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -118,7 +122,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     for name, diff in summary["parity_max_abs_diff"].items():
         print(f"parity {name:8s} max abs diff {diff:.3g}")
     state = "skipped (inputs unchanged)" if summary["skipped"] else "written"
-    print(f"bundle {summary['bundle']} {state}; parity on {summary['parity_rows']:,} rows of {summary['validation_day']}")
+    print(f"bundle {summary['bundle']} {state}; parity on {summary['parity_rows']:,} rows of {summary['parity_data']}")
     print(f"MLflow artifacts {summary['artifact_uri'] or '(no MLflow run: not logged)'}")
     return 0
 
@@ -159,8 +163,20 @@ def cmd_nightly(args: argparse.Namespace) -> int:
 
 
 def cmd_night_stage(args: argparse.Namespace) -> int:
-    """``evaluate`` / ``promote``: that stage of the night, forced; earlier stages run only if not done yet."""
+    """``evaluate`` / ``promote``: that stage of the night, forced; earlier stages run only if not done yet.
+    A ``[table]`` source has no nights: ``evaluate`` scores the trained model on its test split."""
     cfg, warehouse = _load(args)
+    if cfg.table is not None and args.command == "evaluate":
+        from models.export import load_trained_model
+        from pipeline.evaluate import evaluate_models
+
+        model, run_id = load_trained_model(cfg, warehouse, None)
+        result = evaluate_models(cfg, warehouse, None, model, None, f"the trained model of MLflow run {run_id}")
+        print(f"evaluate: {result['rows']:,} rows of the test split; MLflow run {result['mlflow_run_id']}")
+        _print_metrics("test", cfg, result["candidate"])
+        return 0
+    if args.date is None:
+        raise StageError(f"{args.command} on event logs needs --date")
     from pipeline.nightly import run_nights
 
     run_nights(cfg, warehouse, args.date, args.date, rerun_from=args.command, last=args.command)
@@ -224,17 +240,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("examples", cmd_examples, "Write the training table of the mature day (--date minus the maturity lag) and update the vocabularies.")
     p.add_argument("--date", type=_date, required=True, help="the nightly run date, YYYY-MM-DD")
 
-    p = add("train", cmd_train, "Train the multi-task model on the window of mature days (resumes a killed run); log it to MLflow.")
-    p.add_argument("--date", type=_date, required=True, help="the nightly run date, YYYY-MM-DD")
+    p = add("train", cmd_train, "Train the multi-task model on the window of mature days, or on a [table] source's train "
+            "split (resumes a killed run); log it to MLflow.")
+    p.add_argument("--date", type=_date, help="the nightly run date, YYYY-MM-DD (event logs; a [table] source needs none)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    p = add("export", cmd_export, "Export the trained model of the run as an ONNX serving bundle (parity-checked on the validation day) and log it to the run's MLflow artifacts.")
-    p.add_argument("--date", type=_date, required=True, help="the nightly run date, YYYY-MM-DD")
+    p = add("export", cmd_export, "Export the trained model of the run as an ONNX serving bundle (parity-checked on the validation day, or a [table] source's test split) and log it to the run's MLflow artifacts.")
+    p.add_argument("--date", type=_date, help="the nightly run date, YYYY-MM-DD (event logs; a [table] source needs none)")
 
-    p = add("score", cmd_score, "Batch-score a Parquet file of (user_id, item_id, context) rows with an exported bundle (no torch needed).")
+    p = add("score", cmd_score, "Batch-score a Parquet file with an exported bundle (no torch needed): (user_id, item_id, context) rows, "
+            "or a [table] model's feature columns.")
     p.add_argument("--bundle", type=Path, required=True, help="exported bundle folder")
-    p.add_argument("--input", type=Path, required=True, help="Parquet file with user_id, item_id and context columns")
-    p.add_argument("--output", type=Path, required=True, help="Parquet file to write (atomically): input + p_click, p_conversion, score")
+    p.add_argument("--input", type=Path, required=True, help="Parquet file: user_id, item_id and context columns (event-log "
+                   "bundles) or the feature columns the table was trained on (table bundles)")
+    p.add_argument("--output", type=Path, required=True, help="Parquet file to write (atomically): the input + p_<task> per "
+                   "task (p_click, p_conversion by default) + score")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default %(default)s)")
 
     p = add("serve", cmd_serve, "Serve an exported bundle over HTTP: POST /v1/rank, GET /healthz /readyz /metrics; SIGHUP reloads.")
@@ -256,10 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="rerun_from", choices=STAGES, help="rerun this stage and every later one even if their inputs are unchanged")
     p.add_argument("--to", choices=STAGES, default=STAGES[-1], help="stop after this stage (default %(default)s)")
 
-    for stage, text in (("evaluate", "Score the night's mature day with its candidate and the champion, side by side in MLflow"),
-                        ("promote", "Register the night's bundle in the MLflow registry and move `champion` if the gate passes")):
-        p = add(stage, cmd_night_stage, f"{text} (the night's earlier stages run first when they have not).")
-        p.add_argument("--date", type=_date, required=True, help="the nightly run date, YYYY-MM-DD")
+    for stage, text in (("evaluate", "Score the night's mature day with its candidate and the champion, side by side in MLflow "
+                                     "(the night's earlier stages run first when they have not); a [table] source: score the "
+                                     "trained model on the test split"),
+                        ("promote", "Register the night's bundle in the MLflow registry and move `champion` if the gate passes "
+                                    "(the night's earlier stages run first when they have not)")):
+        p = add(stage, cmd_night_stage, f"{text}.")
+        p.add_argument("--date", type=_date, help="the nightly run date, YYYY-MM-DD (required for event logs)")
 
     runs = sub.add_parser("runs", help="Work with the training runs in MLflow (`runs compare`).",
                           description="Work with the training runs in MLflow.")

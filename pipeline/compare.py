@@ -14,10 +14,12 @@ from features.config import FunnelConfig
 from features.errors import StageError
 from models.tracking import EXPERIMENT, tracking_uri
 
-KEY_METRICS = ("click_auc", "click_gauc", "cvr_auc", "ctcvr_auc", "click_logloss", "ctcvr_logloss",
-               "click_calibration", "ctcvr_calibration")
 KEY_TAGS = ("run_date", "warm_start", "warm_start_version")
-TASK_AUCS = ("click_auc", "cvr_auc", "ctcvr_auc", "click_gauc")
+
+
+def key_metrics(cfg: FunnelConfig) -> list[str]:
+    """The table's metrics: per task view (click, cvr, ctcvr by default) AUC, GAUC, logloss, calibration."""
+    return [f"{view}_{m}" for view in cfg.views() for m in ("auc", "gauc", "logloss", "calibration")]
 
 
 def find_runs(cfg: FunnelConfig, run_ids: Sequence[str] = (), last: int = 5) -> list:
@@ -50,27 +52,28 @@ def differing_params(runs: Sequence) -> dict[str, list[str]]:
     return {k: v for k, v in values.items() if len(set(v)) > 1}
 
 
-def comparison_rows(runs: Sequence) -> list[tuple[str, list[str]]]:
+def comparison_rows(runs: Sequence, metrics: Sequence[str]) -> list[tuple[str, list[str]]]:
     """(label, one cell per run): tags, best-epoch metrics, then differing config keys."""
     rows = [("run", [f"{r.info.run_name} ({r.info.run_id[:8]})" for r in runs])]
     rows += [(tag, [r.data.tags.get(tag, "-") for r in runs]) for tag in KEY_TAGS]
-    for metric in KEY_METRICS:
+    for metric in metrics:
         cells = [r.data.metrics.get(f"best/{metric}") for r in runs]
         rows.append((metric, [f"{c:.4f}" if c is not None else "-" for c in cells]))
     rows += [(f"config: {k}", v) for k, v in differing_params(runs).items()]
     return rows
 
 
-def plot_trends(runs: Sequence):
-    """AUC per task over the runs' nights (x: run date, or run name without one)."""
+def plot_trends(runs: Sequence, metrics: Sequence[str]):
+    """``metrics`` (e.g. the AUC of each task view) over the runs' nights (x: run date, or
+    run name without one)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     labels = [r.data.tags.get("run_date") or r.info.run_name for r in runs]
-    fig, axes = plt.subplots(1, len(TASK_AUCS), figsize=(4 * len(TASK_AUCS), 3.5), squeeze=False)
-    for ax, metric in zip(axes[0], TASK_AUCS):
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.5), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
         values = [r.data.metrics.get(f"best/{metric}", float("nan")) for r in runs]
         ax.plot(range(len(runs)), values, marker="o")
         ax.set_xticks(range(len(runs)), labels, rotation=45, ha="right")
@@ -85,7 +88,7 @@ def compare_runs(cfg: FunnelConfig, run_ids: Sequence[str] = (), last: int = 5, 
     from mlflow.tracking import MlflowClient
 
     runs = find_runs(cfg, run_ids, last)
-    fig = plot_trends(runs)
+    fig = plot_trends(runs, [f"{view}_auc" for view in cfg.views()])
     if output is not None:
         output = Path(output)
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -98,7 +101,7 @@ def compare_runs(cfg: FunnelConfig, run_ids: Sequence[str] = (), last: int = 5, 
     import matplotlib.pyplot as plt
 
     plt.close(fig)
-    return comparison_rows(runs), where
+    return comparison_rows(runs, key_metrics(cfg)), where
 
 
 def render(rows: list[tuple[str, list[str]]]) -> None:

@@ -1,6 +1,7 @@
 """The ``evaluate`` stage: the candidate and the champion side by side on the newest
 mature day (the candidate's validation day), with the models issue's metrics and plots
-in an MLflow run of their own (a child of the night's run)."""
+in an MLflow run of their own (a child of the night's run). A ``[table]`` source is
+evaluated on its test split instead."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ import torch
 
 from features.config import FunnelConfig
 from features.contract import day_str
+from features.errors import StageError
 from features.examples import mature_day, training_dir
+from features.table_source import prepare_table
 from models.loader import TrainingTableLoader, parquet_files
 from models.nets import MultiTaskNet
 from models.tracking import RunTracker, plot_reliability, plot_roc
-from models.train import predict, validation_metrics
+from models.train import predict, validation_metrics, view_curves
 from pipeline.registry import Champion, same_architecture
 
 
@@ -30,47 +33,55 @@ def champion_model(cfg: FunnelConfig, champion: Champion, champion_cfg: FunnelCo
     if small:
         return None, f"champion v{champion.version} has smaller vocabularies than today's ids may use: {small}"
     n_dense = len(cfg.features.dense_names())
-    net = MultiTaskNet(champion_cfg.features, champion_cfg.model, np.zeros(n_dense, np.float32), np.ones(n_dense, np.float32))
+    net = MultiTaskNet(champion_cfg.features, champion_cfg.model, champion_cfg.tasks, np.zeros(n_dense, np.float32), np.ones(n_dense, np.float32))
     net.load_state_dict(state)  # the champion's own normalisation statistics come with it
     return net.eval(), f"champion v{champion.version} (run {champion.run_id})"
+
+
+def evaluation_table(cfg: FunnelConfig, warehouse: Path, run_date: dt.date | None) -> tuple[str, list[Path]]:
+    """(name, files) of what evaluate scores: the mature day of ``run_date``, or the test
+    split of a ``[table]`` source."""
+    if cfg.table is not None:
+        return "test", prepare_table(cfg, warehouse).files["test"]
+    if run_date is None:
+        raise StageError("evaluating on event logs needs a run date (--date)")
+    day = mature_day(cfg, run_date)
+    return day_str(day), parquet_files(training_dir(warehouse, day))
 
 
 def evaluate_models(
     cfg: FunnelConfig,
     warehouse: Path,
-    run_date: dt.date,
+    run_date: dt.date | None,
     candidate: MultiTaskNet,
     champion: MultiTaskNet | None,
     champion_note: str,
     parent_run_id: str | None = None,
 ) -> dict:
-    """Metrics of both models on the mature day of ``run_date`` (``champion_note`` says which
-    champion, or why there is none to compare with); logs a child run with
+    """Metrics of both models on the mature day of ``run_date`` or a table's test split
+    (``champion_note`` says which champion, or why there is none to compare with); logs a run with
     ``candidate/<metric>``, ``champion/<metric>`` and ``delta/<metric>`` plus ROC and
     reliability plots of both. Returns {"candidate": metrics, "champion": metrics | None, ...}."""
-    day = mature_day(cfg, run_date)
-    files = parquet_files(training_dir(warehouse, day))
-    loader = TrainingTableLoader(files, cfg.features.sparse, cfg.features.dense_names(), batch_size=16_384, shuffle=False, seed=cfg.seed)
+    name, files = evaluation_table(cfg, warehouse, run_date)
+    loader = TrainingTableLoader(files, cfg.features.sparse, cfg.features.dense_names(), batch_size=16_384, shuffle=False,
+                                 seed=cfg.seed, labels=[t.label_column for t in cfg.tasks])
     models = {"candidate": candidate.eval(), **({"champion": champion} if champion is not None else {})}
-    preds = {name: predict(model, loader, torch.device("cpu")) for name, model in models.items()}
-    metrics = {name: validation_metrics(pred) for name, pred in preds.items()}
+    preds = {who: predict(model, loader, torch.device("cpu")) for who, model in models.items()}
+    metrics = {who: validation_metrics(cfg, pred) for who, pred in preds.items()}
 
-    tags = {"stage": "evaluate", "run_date": day_str(run_date), "eval_day": day_str(day), "champion": champion_note}
+    run_name = name if run_date is None else day_str(run_date)
+    tags = {"stage": "evaluate", "eval_day": name, "champion": champion_note,
+            **({"run_date": day_str(run_date)} if run_date is not None else {})}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
-    tracker = RunTracker(cfg.state_dir, f"evaluate-{day_str(run_date)}", tags)
+    tracker = RunTracker(cfg.state_dir, f"evaluate-{run_name}", tags)
     logged = {f"{name}/{k}": v for name, m in metrics.items() for k, v in m.items()}
     if "champion" in metrics:
         logged |= {f"delta/{k}": v - metrics["champion"][k] for k, v in metrics["candidate"].items()}
     tracker.log_metrics(logged, 0)
-    curves = {}
-    for name, pred in preds.items():
-        clicked = pred["click"] > 0
-        curves |= {f"{name} click": (pred["click"], pred["p_click"]),
-                   f"{name} cvr (clicked)": (pred["conversion"][clicked], pred["p_cvr"][clicked]),
-                   f"{name} ctcvr": (pred["conversion"], pred["p_ctcvr"])}
+    curves = {f"{who} {view}": curve for who, pred in preds.items() for view, curve in view_curves(cfg, pred).items()}
     tracker.log_figure(plot_roc(curves), "plots/roc_candidate_vs_champion.png")
     tracker.log_figure(plot_reliability(curves), "plots/reliability_candidate_vs_champion.png")
     tracker.end()
-    return {"eval_day": day_str(day), "rows": int(len(preds["candidate"]["click"])), "candidate": metrics["candidate"],
+    return {"eval_day": name, "rows": int(len(preds["candidate"]["user"])), "candidate": metrics["candidate"],
             "champion": metrics.get("champion"), "champion_note": champion_note, "mlflow_run_id": tracker.run_id}

@@ -220,7 +220,7 @@ def run_train(night: Night) -> dict:
                          freeze_shared=initial is not None and night.cfg.nightly.freeze_shared,
                          parent_run_id=night.parent_run_id, extra_tags=tags)
     night.candidate = result.model
-    metric = night.cfg.train.early_stopping_metric
+    metric = night.cfg.early_stopping_metric
     return {"window_days": window, "run_key": result.run_key, "mlflow_run_id": result.mlflow_run_id, **tags,
             "best_epoch": result.best_epoch, "val": result.val_metrics,
             "rows": sum(json.loads(_training_manifest(night.warehouse, d).read_text())["rows"]["rows_out"]
@@ -244,9 +244,10 @@ def run_evaluate(night: Night) -> dict:
         net, note = champion_model(night.cfg, champion, *night.champion_weights())
     result = evaluate_models(night.cfg, night.warehouse, night.run_date, night.trained_model(), net, note, night.parent_run_id)
     cand, champ = result["candidate"], result["champion"]
-    detail = f"candidate click AUC {cand['click_auc']:.4f}, CTCVR AUC {cand['ctcvr_auc']:.4f}"
+    served = [f"{t.served_name}_auc" for t in night.cfg.tasks]
+    detail = "candidate " + ", ".join(f"{m} {cand[m]:.4f}" for m in served)
     if champ:
-        detail += f" | champion {champ['click_auc']:.4f}, {champ['ctcvr_auc']:.4f}"
+        detail += " | champion " + ", ".join(f"{champ[m]:.4f}" for m in served)
     else:
         detail += f" | {result['champion_note']}"
     return {**result, "detail": detail}
@@ -263,15 +264,16 @@ def run_export(night: Night) -> dict:
 
 
 def run_promote(night: Night) -> dict:
-    from pipeline.registry import current_champion, gate, register_candidate, set_champion, tag_version
+    from pipeline.registry import (current_champion, gate, gate_calibrations, register_candidate, set_champion,
+                                   tag_version)
 
     cfg, evaluation, train = night.cfg, night.outputs["evaluate"], night.outputs["train"]
-    decision = gate(evaluation["candidate"], evaluation["champion"], cfg.promote)
+    decision = gate(evaluation["candidate"], evaluation["champion"], cfg)
     days = _window_days(night.train_config(), night.run_date)
     tags = {"run_date": day_str(night.run_date), "eval_day": evaluation["eval_day"],
             "train_days": ",".join(map(day_str, days[:-1])), "warm_start": train["warm_start"],
             **{f"data.{day_str(d)}.sha256": _table_hash(night.warehouse, d) or "" for d in days},
-            **{f"metric.{k}": f"{evaluation['candidate'][k]:.6f}" for k in (*cfg.promote.gate_metrics, "click_calibration", "ctcvr_calibration")}}
+            **{f"metric.{k}": f"{evaluation['candidate'][k]:.6f}" for k in (*cfg.gate_metrics, *gate_calibrations(cfg))}}
     version = register_candidate(cfg, train["mlflow_run_id"], night.outputs["export"]["artifact_uri"], tags)
     before = current_champion(cfg)
     if decision.promote:

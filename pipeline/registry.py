@@ -18,7 +18,7 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from features.config import FunnelConfig, PromoteConfig, load_config
+from features.config import ConfigError, FunnelConfig, load_config
 from models.tracking import tracking_uri
 
 CHAMPION = "champion"
@@ -50,25 +50,35 @@ def current_champion(cfg: FunnelConfig) -> Champion | None:
     return Champion(int(version.version), version.run_id)
 
 
-def champion_weights(cfg: FunnelConfig, champion: Champion) -> tuple[FunnelConfig, dict[str, torch.Tensor]]:
-    """The config the champion was trained with and its best epoch's plain state_dict."""
+def champion_weights(cfg: FunnelConfig, champion: Champion) -> tuple[FunnelConfig | None, dict[str, torch.Tensor]]:
+    """The config the champion was trained with (None when it no longer validates: a
+    champion of an older funnelrank, whose weights then fit no model of this one) and its
+    best epoch's plain state_dict."""
     client = registry_client(cfg)
     with tempfile.TemporaryDirectory(prefix="funnelrank-champion-") as tmp:
         config_path = client.download_artifacts(champion.run_id, "config.toml", tmp)
         checkpoint = client.download_artifacts(champion.run_id, "checkpoint/best.pt", tmp)
-        champion_cfg = load_config(Path(config_path))
+        try:
+            champion_cfg = load_config(Path(config_path))
+        except ConfigError:
+            champion_cfg = None
         state = torch.load(checkpoint, weights_only=False)["model"]
     return champion_cfg, state
 
 
-def same_architecture(a: FunnelConfig, b: FunnelConfig) -> str | None:
+def same_architecture(a: FunnelConfig | None, b: FunnelConfig) -> str | None:
     """None when weights of a model trained with ``a`` fit ``b``'s model, else why not.
 
     Vocabulary capacities may grow (append-only vocabularies keep old rows' meaning);
-    everything else that shapes a tensor must be equal.
+    everything else that shapes a tensor must be equal. ``a`` None: a config this version
+    of funnelrank cannot read.
     """
+    if a is None:
+        return "its training config does not validate in this version of funnelrank (an older config schema)"
     if a.model != b.model:
         return "the [model] section differs"
+    if [(t.name, t.after) for t in a.tasks] != [(t.name, t.after) for t in b.tasks]:
+        return "the tasks differ"
     if a.features.dense_names() != b.features.dense_names():
         return "the dense features differ"
     shape = [(f.name, f.kind, f.dim, f.pooling) for f in a.features.sparse]
@@ -92,15 +102,16 @@ def register_candidate(cfg: FunnelConfig, train_run_id: str, bundle_uri: str, ta
     return int(version.version)
 
 
-def gate(candidate: dict[str, float], champion: dict[str, float] | None, rules: PromoteConfig) -> GateDecision:
-    """Promote when calibration is within bounds and, against a champion, no gate metric
-    falls by more than the tolerance; the first model must clear ``min_auc`` instead."""
-    problems = []
-    for task in ("click", "ctcvr"):
-        value = candidate.get(f"{task}_calibration", float("nan"))
+def gate(candidate: dict[str, float], champion: dict[str, float] | None, cfg: FunnelConfig) -> GateDecision:
+    """Promote when the calibration of every served probability (click, ctcvr) is within
+    bounds and, against a champion, no gate metric falls by more than the tolerance; the
+    first model must clear ``min_auc`` instead."""
+    rules, problems = cfg.promote, []
+    for view in gate_calibrations(cfg):
+        value = candidate.get(view, float("nan"))
         if not rules.calibration_min <= value <= rules.calibration_max:
-            problems.append(f"{task} calibration {value:.3f} outside [{rules.calibration_min}, {rules.calibration_max}]")
-    for metric in rules.gate_metrics:
+            problems.append(f"{view} {value:.3f} outside [{rules.calibration_min}, {rules.calibration_max}]")
+    for metric in cfg.gate_metrics:
         value = candidate.get(metric, float("nan"))
         if champion is None:
             if not value >= rules.min_auc:
@@ -112,8 +123,13 @@ def gate(candidate: dict[str, float], champion: dict[str, float] | None, rules: 
         return GateDecision(False, "; ".join(problems))
     if champion is None:
         return GateDecision(True, "first model: passes the absolute bounds")
-    gains = ", ".join(f"{m} {candidate[m] - champion[m]:+.4f}" for m in rules.gate_metrics)
+    gains = ", ".join(f"{m} {candidate[m] - champion[m]:+.4f}" for m in cfg.gate_metrics)
     return GateDecision(True, f"no gate metric regressed beyond {rules.auc_tolerance} ({gains})")
+
+
+def gate_calibrations(cfg: FunnelConfig) -> list[str]:
+    """The calibration metrics the gate bounds: one per served probability."""
+    return [f"{t.served_name}_calibration" for t in cfg.tasks]
 
 
 def set_champion(cfg: FunnelConfig, version: int) -> None:

@@ -109,17 +109,34 @@ def encode_ids(values: pa.Array | pa.ChunkedArray, keys: pa.Array, indices: np.n
     return out
 
 
+def list_elements(values: pa.Array | pa.ChunkedArray, delimiter: str | None = None) -> tuple[np.ndarray, pa.Array]:
+    """(length per row int64, the elements flat) of a list column; a null list is empty.
+
+    With ``delimiter``, a string column is read as delimited ids, the way
+    features.table_source reads a CSV list cell: split, each id's surrounding whitespace
+    trimmed, empty ids dropped (a null or empty cell is an empty list)."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    if delimiter is not None and (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+        split = pc.split_pattern(values, delimiter)
+        split_lengths = pc.fill_null(pc.list_value_length(split), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+        elements = pc.utf8_trim_whitespace(split.flatten())
+        keep = pc.not_equal(elements, "").to_numpy(zero_copy_only=False)
+        row_of_element = np.repeat(np.arange(len(values)), split_lengths)
+        return np.bincount(row_of_element[keep], minlength=len(values)).astype(np.int64), elements.filter(pa.array(keep))
+    if not (pa.types.is_list(values.type) or pa.types.is_large_list(values.type) or pa.types.is_list_view(values.type)):
+        raise TypeError(f"expected a list column, got Arrow type {values.type}")
+    lengths = pc.fill_null(pc.list_value_length(values), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    return lengths, values.flatten()
+
+
 def encode_list_ids(values: pa.Array | pa.ChunkedArray, keys: pa.Array, indices: np.ndarray, capacity: int, oov_buckets: int) -> pa.LargeListArray:
     """encode_ids applied to the elements of a list column, keeping its offsets.
 
     A null list becomes an empty list; a null element becomes 0 (padding)."""
-    if isinstance(values, pa.ChunkedArray):
-        values = values.combine_chunks()
-    if not (pa.types.is_list(values.type) or pa.types.is_large_list(values.type) or pa.types.is_list_view(values.type)):
-        raise TypeError(f"expected a list column, got Arrow type {values.type}")
-    lengths = pc.fill_null(pc.list_value_length(values), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    lengths, elements = list_elements(values)
     offsets = np.concatenate([np.zeros(1, np.int64), np.cumsum(lengths)])
-    flat = encode_ids(values.flatten(), keys, indices, capacity, oov_buckets)
+    flat = encode_ids(elements, keys, indices, capacity, oov_buckets)
     return pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), pa.array(flat, pa.int64()))
 
 

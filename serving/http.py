@@ -2,7 +2,8 @@
 
 Routes:
 * ``POST /v1/rank``   body {"user_id": str, "context": {...}, "candidates": [{"item_id": str}, ...]}
-  -> 200 {"model_version": ..., "items": [{item_id, p_click, p_conversion, score}, ...]} by score;
+  -> 200 {"model_version": ..., "items": [{item_id, p_<task>..., score}, ...]} by score
+  (the default funnel: p_click, p_conversion); 501 for a table bundle (batch scoring only);
 * ``GET /healthz``    the process is up; ``GET /readyz``: a model is loaded (its version);
 * ``GET /metrics``    Prometheus text: requests by route and status, latency histogram,
   model version and bundle sha256, reloads;
@@ -24,6 +25,7 @@ thread per connection, no lock around the model.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import signal
 import sys
@@ -39,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from serving.bundle import BundleError, load_bundle
-from serving.scorer import Scorer, merge_feeds
+from serving.scorer import SCORE, BatchOnlyError, Scorer, merge_feeds
 
 ROUTES = ("/v1/rank", "/healthz", "/readyz", "/metrics", "/admin/reload")
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -89,17 +91,24 @@ def parse_rank_request(body: bytes, max_candidates: int) -> dict:
     return {"user_id": request["user_id"], "context": context, "candidates": candidates}
 
 
-def rank_response(model_version: str, item_ids: list[str], p_click: np.ndarray, p_ctcvr: np.ndarray, score: np.ndarray) -> bytes:
+@functools.lru_cache(maxsize=16)
+def _item_template(names: tuple[str, ...]) -> str:
+    """'{"item_id":%s,"p_click":%.9g,...}': one ranked candidate (names are identifiers)."""
+    return '{"item_id":%s,' + ",".join(f'"{name}":%.9g' for name in names) + "}"
+
+
+def rank_response(model_version: str, item_ids: list[str], names: tuple[str, ...], outputs: tuple[np.ndarray, ...]) -> bytes:
     """The /v1/rank response body: candidates by score descending (ties keep the request's
     order), as serving.scorer.ranked, written straight to JSON text. The model's float32
     outputs are written with 9 significant digits (they read back as the same float32):
     ~3x faster than json.dumps of Python floats, whose shortest repr of a float32 widened
     to float64 takes 17 digits. A non-finite output is an error, never invalid JSON."""
-    if not (np.isfinite(p_click).all() and np.isfinite(p_ctcvr).all() and np.isfinite(score).all()):
+    if not all(np.isfinite(o).all() for o in outputs):
         raise RequestError(500, f"model {model_version} returned non-finite scores")
-    order = np.argsort(-score, kind="stable")
-    items = ",".join(['{"item_id":%s,"p_click":%.9g,"p_conversion":%.9g,"score":%.9g}' % (encode_basestring_ascii(item_ids[k]), a, b, s)
-                      for k, a, b, s in zip(order.tolist(), p_click[order].tolist(), p_ctcvr[order].tolist(), score[order].tolist())])
+    order = np.argsort(-outputs[names.index(SCORE)], kind="stable")
+    template = _item_template(names)
+    ids = [encode_basestring_ascii(item_ids[k]) for k in order.tolist()]
+    items = ",".join([template % row for row in zip(ids, *(o[order].tolist() for o in outputs))])
     return b'{"model_version":%s,"items":[%s]}' % (encode_basestring_ascii(model_version).encode(), items.encode())
 
 
@@ -346,11 +355,15 @@ class HttpServer:
                 return 200, service.metrics.render(service.scorer)
         elif request.method == "POST":
             if path == "/v1/rank":
-                rank = parse_rank_request(body, service.max_candidates)
                 scorer = service.scorer  # this request's scorer, even if a reload swaps it
+                try:
+                    scorer.check_rankable()
+                except BatchOnlyError as err:  # a table bundle: nothing wrong with the request itself
+                    raise RequestError(501, str(err)) from None
+                rank = parse_rank_request(body, service.max_candidates)
                 item_ids, feeds = scorer.request_feeds(rank)
                 outputs = await self.batcher.run(scorer, feeds, len(item_ids))
-                return 200, rank_response(scorer.version, item_ids, *outputs)
+                return 200, rank_response(scorer.version, item_ids, scorer.result_names, outputs)
             if path == "/admin/reload":
                 if request.peer != "127.0.0.1":
                     raise RequestError(403, "reload is accepted from 127.0.0.1 only")

@@ -56,12 +56,18 @@ def build_warehouse(cfg: FunnelConfig) -> list[Path]:
 def small_model(cfg: FunnelConfig, files: list[Path]) -> MultiTaskNet:
     torch.manual_seed(cfg.seed)
     mean, std = dense_stats(files, cfg.features.dense_names())
-    model = MultiTaskNet(cfg.features, cfg.model, mean, std).eval()
-    # torchrec initialises tables uniformly in a tiny range: widen them so the embeddings
-    # move the outputs and a parity check has something to catch.
+    model = MultiTaskNet(cfg.features, cfg.model, cfg.tasks, mean, std).eval()
+    # torchrec initialises tables uniformly in a tiny range, and torch's default Linear
+    # init shrinks the signal at every ReLU layer (deep backbones like PLE end up nearly
+    # constant): widen the tables and give the layers He init, so the inputs move the
+    # outputs and a parity check has something to catch.
+    generator = torch.Generator().manual_seed(cfg.seed)
     with torch.no_grad():
         for bag in model.ebc.embedding_bags.values():
-            bag.weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(cfg.seed))
+            bag.weight.normal_(0.0, 0.5, generator=generator)
+        for layer in model.modules():
+            if isinstance(layer, torch.nn.Linear):
+                layer.weight.normal_(0.0, (2.0 / layer.in_features) ** 0.5, generator=generator)
     return model
 
 

@@ -43,7 +43,7 @@ def worker(cfg_path: str, warehouse: str, out_path: str, max_epochs: str, round_
     if round_trip:
         saved = torch.load(round_trip, weights_only=False)
         _init_process_group(cfg.state_dir, torch.device("cpu"))
-        net = MultiTaskNet(cfg.features, cfg.model, saved["model"]["normalizer.mean"].numpy(),
+        net = MultiTaskNet(cfg.features, cfg.model, cfg.tasks, saved["model"]["normalizer.mean"].numpy(),
                            saved["model"]["normalizer.std"].numpy())
         model = distribute(net, cfg.train, torch.device("cpu"))
         _load_plain_state(model, saved["model"])

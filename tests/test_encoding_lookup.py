@@ -1,5 +1,6 @@
 """The scorer's fast lookups (serving/encoding.py KeyIndex, vocab_encoder, per_distinct)
-against the straightforward Arrow ones, on random keys with repeats, unknowns and nulls."""
+against the straightforward Arrow ones, on random keys with repeats, unknowns and nulls;
+list_elements against the table source's own split of delimited list cells."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from serving.encoding import KeyIndex, encode_ids, per_distinct, vocab_encoder
+from serving.encoding import KeyIndex, encode_ids, list_elements, per_distinct, vocab_encoder
 
 
 def _random_values(rng: np.random.Generator, keys: list[str], n: int) -> pa.Array:
@@ -62,3 +63,24 @@ def test_per_distinct_gathers_rows_of_a_matrix_result():
     out = per_distinct(lengths_twice, values)
     assert seen == [4]  # b, a, null, c: each evaluated once
     np.testing.assert_array_equal(out, [[1, 2], [1, 2], [-1, -2], [1, 2], [1, 2], [-1, -2]])
+
+
+def test_list_elements_of_delimited_text_split_as_the_table_source_does():
+    """A CSV-born list column ("3| 17||x"): the scorer's split equals features.table_source's."""
+    import polars as pl
+
+    from features.config import SparseFeature
+    from features.table_source import LIST_DELIMITER, sparse_values
+
+    cells = ["3| 17||x", "", None, " ", "a", "b|b|", "  c  |d"]
+    lengths, elements = list_elements(pa.array(cells, pa.large_string()), LIST_DELIMITER)
+    feature = SparseFeature(name="tags", table="table", column="tags", kind="list")
+    want = sparse_values(feature, pl.DataFrame({"tags": cells}, schema={"tags": pl.String}))
+    want_lengths = pc.fill_null(pc.list_value_length(want), 0).to_numpy(zero_copy_only=False)
+    np.testing.assert_array_equal(lengths, want_lengths)
+    assert elements.to_pylist() == want.flatten().to_pylist() == ["3", "17", "x", "a", "b", "b", "c", "d"]
+    # a list column: its own lengths (a null list is empty) and elements
+    lengths, elements = list_elements(pa.array([["a", None], None, []], pa.list_(pa.string())))
+    assert lengths.tolist() == [2, 0, 0] and elements.to_pylist() == ["a", None]
+    with pytest.raises(TypeError, match="expected a list column"):
+        list_elements(pa.array(["a|b"]))  # text without a delimiter is not a list

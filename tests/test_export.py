@@ -63,9 +63,9 @@ def test_parity_every_backbone_on_real_rows(warehouse, edge_case_table, backbone
     cfg, files, tmp = warehouse
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"backbone": backbone})})
     model = small_model(cfg, files)
-    path = export_onnx(model, cfg.features, cfg.scoring, tmp / f"{backbone}.onnx")
+    path = export_onnx(model, cfg.features, cfg.tasks, tmp / f"{backbone}.onnx")
     batches = _batches(cfg, edge_case_table)
-    result = check_parity(model, path, batches, cfg.features, cfg.scoring)
+    result = check_parity(model, path, batches, cfg.features, cfg.tasks)
     assert sorted(result["batch_sizes"]) == [1, 7, 1000]
     assert result["rows"] == sum(len(b) for b in batches)
     assert all(v <= 1e-5 for v in result["max_abs_diff"].values()), result
@@ -82,7 +82,7 @@ def test_parity_every_backbone_on_real_rows(warehouse, edge_case_table, backbone
 def test_broken_onnx_fails_parity_naming_the_output(warehouse, edge_case_table):
     cfg, files, tmp = warehouse
     model = small_model(cfg, files)
-    path = export_onnx(model, cfg.features, cfg.scoring, tmp / "broken.onnx")
+    path = export_onnx(model, cfg.features, cfg.tasks, tmp / "broken.onnx")
     proto = onnx.load(str(path))
     table = next(t for t in proto.graph.initializer if list(t.dims)[:1] == [cfg.features.sparse[1].num_embeddings])
     weights = onnx.numpy_helper.to_array(table).copy()
@@ -90,7 +90,7 @@ def test_broken_onnx_fails_parity_naming_the_output(warehouse, edge_case_table):
     table.CopyFrom(onnx.numpy_helper.from_array(weights, table.name))
     onnx.save(proto, str(path))
     with pytest.raises(StageError, match=r"ONNX parity failed .*p_click max abs diff"):
-        check_parity(model, path, _batches(cfg, edge_case_table, sizes=(7, 1000)), cfg.features, cfg.scoring)
+        check_parity(model, path, _batches(cfg, edge_case_table, sizes=(7, 1000)), cfg.features, cfg.tasks)
 
 
 def test_bundle_files_manifest_and_spec(warehouse):
@@ -109,6 +109,9 @@ def test_bundle_files_manifest_and_spec(warehouse):
     spec = json.loads((bundle / "spec.json").read_text())
     assert [d["name"] for d in spec["dense"]] == cfg.features.dense_names()
     assert spec["inputs"] == ["dense", *[f.name for f in cfg.features.sparse]]
+    assert spec["source"] == "events" and spec["outputs"] == ["p_click", "p_ctcvr", "p_cvr", "score"]
+    assert spec["tasks"] == [{"name": "click", "served": "click", "score_exponent": 1.0},
+                             {"name": "conversion", "served": "ctcvr", "score_exponent": 1.0}]
     assert spec["aggregate_keys"][2]["sources"] == {"user_id": "request", "category_id": "items"}
     assert set(spec["defaults"]) == {k.name for k in cfg.features.aggregate_keys}
     assert not list(tmp.glob(".tmp-*"))  # written atomically, nothing left behind

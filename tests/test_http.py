@@ -219,7 +219,7 @@ def test_micro_batcher_scores_coalesced_requests_as_one_call(bundles):
     assert (metrics.model_calls, metrics.model_requests) == (1, len(requests))
     for request, (ids, _), out in zip(requests, prepared, outputs):
         assert len(out[0]) == len(ids)
-        _same_ranking(ranked(ids, *out), scorer.score(request))
+        _same_ranking(ranked(ids, scorer.result_names, out), scorer.score(request))
 
 
 def test_concurrent_http_requests_match_the_in_process_scorer(server, bundles):
@@ -256,8 +256,9 @@ def test_rank_response_is_the_ranking_as_json():
     score = (p_click * p_ctcvr).astype(np.float32)
     score[5:7] = 0.25  # ties keep the request's order
     score[7] = np.float32(1e-30)
-    got = json.loads(rank_response("abc123", ids, p_click, p_ctcvr, score))
-    want = ranked(ids, p_click, p_ctcvr, score)
+    names = ("p_click", "p_conversion", "score")
+    got = json.loads(rank_response("abc123", ids, names, (p_click, p_ctcvr, score)))
+    want = ranked(ids, names, (p_click, p_ctcvr, score))
     assert got["model_version"] == "abc123"
     assert [r["item_id"] for r in got["items"]] == [r["item_id"] for r in want]
     for g, w in zip(got["items"], want):
@@ -265,4 +266,4 @@ def test_rank_response_is_the_ranking_as_json():
             assert np.float32(g[name]) == np.float32(w[name])  # the same float32 reads back
     score[2] = np.nan
     with pytest.raises(RequestError, match="non-finite"):
-        rank_response("abc123", ids, p_click, p_ctcvr, score)
+        rank_response("abc123", ids, names, (p_click, p_ctcvr, score))

@@ -43,8 +43,8 @@ def _collect(batches: list[Batch]) -> dict[str, np.ndarray]:
     """All batches concatenated: dense, labels, users and per feature (lengths, values)."""
     out = {
         "dense": np.concatenate([b.dense.numpy() for b in batches]),
-        "click": np.concatenate([b.click.numpy() for b in batches]),
-        "conversion": np.concatenate([b.conversion.numpy() for b in batches]),
+        "click": np.concatenate([b.labels["click"].numpy() for b in batches]),
+        "conversion": np.concatenate([b.labels["conversion"].numpy() for b in batches]),
         "user": np.concatenate([b.user.numpy() for b in batches]),
     }
     for feature in SPEC.sparse:
@@ -99,7 +99,8 @@ def test_batch_types_and_kjt_layout(table_files):
     files, _ = table_files
     batch = next(iter(_loader(files, batch_size=50)))
     assert batch.dense.dtype.is_floating_point and batch.dense.shape == (50, len(DENSE))
-    assert batch.click.shape == batch.conversion.shape == batch.user.shape == (50,)
+    assert batch.labels["click"].shape == batch.labels["conversion"].shape == batch.user.shape == (50,)
+    assert batch.label_names == ("click", "conversion")
     kjt = batch.sparse
     assert kjt.keys() == [f.name for f in SPEC.sparse]
     assert kjt.stride() == 50

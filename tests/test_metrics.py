@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from models.metrics import auc, calibration, ece, gauc, logloss, reliability_curve, roc_curve, task_metrics
+from features.config import TaskConfig, task_views
+from models.metrics import auc, calibration, ece, gauc, logloss, reliability_curve, roc_curve, view_metrics
 
 
 def _pairwise_auc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -88,7 +89,11 @@ def test_curves():
     assert math.isnan(mean_pred[1]) and observed[3] == 1.0
 
 
-def test_task_metrics_names_and_cvr_on_clicked_rows_only():
+FUNNEL = task_views([TaskConfig(name="click"),
+                     TaskConfig(name="conversion", after="click", joint_name="ctcvr", conditional_name="cvr")])
+
+
+def test_view_metrics_names_and_cvr_on_clicked_rows_only():
     click = np.array([1, 1, 1, 1, 0, 0, 0, 0])
     conversion = np.array([1, 0, 1, 0, 0, 0, 0, 0])
     p_click = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2])
@@ -96,8 +101,9 @@ def test_task_metrics_names_and_cvr_on_clicked_rows_only():
     p_cvr = np.array([0.9, 0.1, 0.8, 0.2, 0.99, 0.99, 0.99, 0.99])
     p_ctcvr = p_click * p_cvr
     groups = np.array([0, 0, 1, 1, 0, 0, 1, 1])
-    metrics = task_metrics(click, conversion, p_click, p_cvr, p_ctcvr, groups)
-    names = [f"{t}_{m}" for t in ("click", "cvr", "ctcvr") for m in ("auc", "gauc", "logloss", "calibration", "ece")]
+    labels = {"click": click, "conversion": conversion}
+    metrics = view_metrics(FUNNEL, labels, {"click": p_click, "cvr": p_cvr, "ctcvr": p_ctcvr}, groups)
+    names = [f"{t}_{m}" for t in ("click", "ctcvr", "cvr") for m in ("auc", "gauc", "logloss", "calibration", "ece")]
     assert list(metrics) == names
     assert metrics["click_auc"] == 1.0
     assert metrics["cvr_auc"] == 1.0 and metrics["cvr_gauc"] == 1.0
@@ -105,7 +111,7 @@ def test_task_metrics_names_and_cvr_on_clicked_rows_only():
     assert metrics["ctcvr_auc"] == pytest.approx(auc(conversion, p_ctcvr))
     assert metrics["ctcvr_logloss"] == pytest.approx(logloss(conversion, p_ctcvr))
 
-    without_heads = task_metrics(click, conversion, p_click, None, None, None)
+    without_heads = view_metrics(FUNNEL, labels, {"click": p_click}, None)
     assert list(without_heads) == names
     assert math.isnan(without_heads["cvr_auc"]) and math.isnan(without_heads["click_gauc"])
     assert without_heads["click_auc"] == 1.0

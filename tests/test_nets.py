@@ -9,7 +9,7 @@ import pytest
 import torch
 from torchrec import KeyedJaggedTensor
 
-from features.config import ModelConfig, parse_config
+from features.config import ModelConfig, TaskConfig, parse_config
 from models.losses import LossWeighting, task_losses, training_loss
 from models.nets import BACKBONES, MultiTaskNet, dense_stats
 
@@ -29,6 +29,11 @@ SPEC = parse_config(
     }
 ).features
 B = 32
+TASKS = parse_config({"features": {"sparse": [{"name": "a", "table": "impressions", "column": "a"}]}}).tasks  # click, conversion
+
+
+def labels(click: torch.Tensor, conversion: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"click": click, "conversion": conversion}
 
 
 def make_batch(seed: int = 0) -> tuple[torch.Tensor, KeyedJaggedTensor, torch.Tensor, torch.Tensor]:
@@ -50,7 +55,7 @@ def make_batch(seed: int = 0) -> tuple[torch.Tensor, KeyedJaggedTensor, torch.Te
 def make_model(**model_kwargs) -> MultiTaskNet:
     torch.manual_seed(0)
     cfg = ModelConfig(expert_dims=[16, 8], tower_dims=[4], n_experts=3, **model_kwargs)
-    return MultiTaskNet(SPEC, cfg, np.array([1.0, 1.0], np.float32), np.array([3.0, 3.0], np.float32))
+    return MultiTaskNet(SPEC, cfg, TASKS, np.array([1.0, 1.0], np.float32), np.array([3.0, 3.0], np.float32))
 
 
 @pytest.mark.parametrize("head", ["direct", "esmm"])
@@ -59,14 +64,16 @@ def test_forward_shapes_every_backbone_and_head(backbone: str, head: str) -> Non
     model = make_model(backbone=backbone, conversion_head=head)
     dense, kjt, click, conversion = make_batch()
     out = model(dense, kjt)
-    for t in (out.click_logit, out.cvr_logit, out.p_click, out.p_cvr, out.p_ctcvr):
+    assert set(out.logits) == {"click", "conversion"} and set(out.probs) == {"click", "cvr", "ctcvr"}
+    for t in (*out.logits.values(), *out.probs.values()):
         assert t.shape == (B,)
         assert torch.isfinite(t).all()
-    assert ((out.p_click > 0) & (out.p_click < 1)).all()
-    torch.testing.assert_close(out.p_ctcvr, out.p_click * out.p_cvr)
+    assert ((out.probs["click"] > 0) & (out.probs["click"] < 1)).all()
+    torch.testing.assert_close(out.probs["cvr"], torch.sigmoid(out.logits["conversion"]))
+    torch.testing.assert_close(out.probs["ctcvr"], out.probs["click"] * out.probs["cvr"])
     assert out.features.shape == (B, 4 + 8 + 4 + 2)
-    assert (out.gates is not None) == (backbone == "mmoe")
-    losses = task_losses(out, click, conversion, head)
+    assert (out.gates is not None) == (backbone in ("mmoe", "ple"))
+    losses = task_losses(out, labels(click, conversion), TASKS, head)
     assert set(losses) == {"click", "conversion"} and all(torch.isfinite(v) for v in losses.values())
 
 
@@ -86,13 +93,14 @@ def test_esmm_both_loss_terms_have_gradients() -> None:
     model = make_model(backbone="shared_bottom", conversion_head="esmm")
     dense, kjt, click, conversion = make_batch()
     out = model(dense, kjt)
-    losses = task_losses(out, click, conversion, "esmm")
+    losses = task_losses(out, labels(click, conversion), TASKS, "esmm")
     click_w, cvr_w = model.heads["click"].bias, model.heads["conversion"].bias
     g_click = torch.autograd.grad(losses["click"], [click_w, cvr_w], retain_graph=True, allow_unused=True)
     g_conv = torch.autograd.grad(losses["conversion"], [click_w, cvr_w], retain_graph=True)
     assert g_click[0].abs().sum() > 0 and g_click[1] is None  # CTR loss: click head only
     assert g_conv[0].abs().sum() > 0 and g_conv[1].abs().sum() > 0  # CTCVR loss: through pCTR and pCVR
-    total, parts = training_loss(out, click, conversion, "esmm", LossWeighting(ModelConfig()), torch.zeros(()), 0.0)
+    total, parts = training_loss(out, labels(click, conversion), TASKS, "esmm", LossWeighting(ModelConfig(), TASKS),
+                                 torch.zeros(()), 0.0)
     torch.testing.assert_close(total, losses["click"] + losses["conversion"])
     # the total's gradient on the click head is the sum of both terms' (neither dropped)
     (g_total,) = torch.autograd.grad(total, [click_w])
@@ -103,37 +111,62 @@ def test_esmm_conversion_loss_is_bce_of_ctcvr_on_all_rows() -> None:
     model = make_model(conversion_head="esmm")
     dense, kjt, click, conversion = make_batch()
     out = model(dense, kjt)
-    expected = torch.nn.functional.binary_cross_entropy(out.p_ctcvr, conversion)
-    torch.testing.assert_close(task_losses(out, click, conversion, "esmm")["conversion"], expected)
+    expected = torch.nn.functional.binary_cross_entropy(out.probs["ctcvr"], conversion)
+    torch.testing.assert_close(task_losses(out, labels(click, conversion), TASKS, "esmm")["conversion"], expected)
 
 
 def test_direct_conversion_loss_uses_clicked_rows_only() -> None:
     model = make_model(conversion_head="direct")
     dense, kjt, click, conversion = make_batch()
     out = model(dense, kjt)
-    loss = task_losses(out, click, conversion, "direct")["conversion"]
+    loss = task_losses(out, labels(click, conversion), TASKS, "direct")["conversion"]
     clicked = click > 0
-    expected = torch.nn.functional.binary_cross_entropy_with_logits(out.cvr_logit[clicked], conversion[clicked])
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(out.logits["conversion"][clicked], conversion[clicked])
     torch.testing.assert_close(loss, expected)
     # no clicks in the batch: zero loss, not NaN
-    zero = task_losses(out, torch.zeros(B), torch.zeros(B), "direct")["conversion"]
+    zero = task_losses(out, labels(torch.zeros(B), torch.zeros(B)), TASKS, "direct")["conversion"]
     assert zero.item() == 0.0
 
 
 def test_uncertainty_weighting_parameters_get_gradients() -> None:
-    weighting = LossWeighting(ModelConfig(loss_weighting="uncertainty"))
+    weighting = LossWeighting(ModelConfig(loss_weighting="uncertainty"), TASKS)
     losses = {"click": torch.tensor(0.7), "conversion": torch.tensor(0.1)}
     total = weighting(losses)
     torch.testing.assert_close(total, torch.tensor(0.8))  # s = 0 at start: plain sum
     total.backward()
     # d/ds (exp(-s) L + s) = 1 - L at s = 0
     torch.testing.assert_close(weighting.log_vars.grad, torch.tensor([0.3, 0.9]))
-    assert LossWeighting(ModelConfig()).log_vars is None
+    assert LossWeighting(ModelConfig(), TASKS).log_vars is None
 
 
 def test_fixed_weights_from_config() -> None:
-    weighting = LossWeighting(ModelConfig(click_loss_weight=2.0, conversion_loss_weight=0.5))
+    tasks = [TaskConfig(name="click", loss_weight=2.0),
+             TaskConfig(name="conversion", after="click", joint_name="ctcvr", conditional_name="cvr", loss_weight=0.5)]
+    weighting = LossWeighting(ModelConfig(), tasks)
     torch.testing.assert_close(weighting({"click": torch.tensor(1.0), "conversion": torch.tensor(4.0)}), torch.tensor(4.0))
+
+
+def test_independent_tasks_each_learn_their_own_label_on_every_row() -> None:
+    """Three tasks without a funnel: one head, one BCE on all rows and one probability each."""
+    tasks = [TaskConfig(name=n, label=f"y_{n}") for n in ("a", "b", "c")]
+    torch.manual_seed(0)
+    model = MultiTaskNet(SPEC, ModelConfig(backbone="mmoe", expert_dims=[8], tower_dims=[4], n_experts=2), tasks,
+                         np.zeros(2, np.float32), np.ones(2, np.float32))
+    dense, kjt, click, conversion = make_batch()
+    out = model(dense, kjt)
+    assert set(out.probs) == set(out.logits) == {"a", "b", "c"} and set(out.gates) == {"a", "b", "c"}
+    ys = {"y_a": click, "y_b": conversion, "y_c": 1 - click}
+    losses = task_losses(out, ys, tasks, "esmm")  # the head choice only matters for funnel steps
+    for t in tasks:
+        expected = torch.nn.functional.binary_cross_entropy_with_logits(out.logits[t.name], ys[t.label_column])
+        torch.testing.assert_close(losses[t.name], expected)
+    # soft sharing's penalty covers every pair of task networks
+    soft = MultiTaskNet(SPEC, ModelConfig(backbone="soft_sharing", expert_dims=[8], tower_dims=[4]), tasks,
+                        np.zeros(2, np.float32), np.ones(2, np.float32)).backbone
+    nets = [list(n.parameters()) for n in soft.nets.values()]
+    pairs = [(0, 1), (0, 2), (1, 2)]
+    expected = sum(((p - q) ** 2).sum() for i, j in pairs for p, q in zip(nets[i], nets[j]))
+    torch.testing.assert_close(soft.penalty(), expected)
 
 
 def test_soft_sharing_penalty_pulls_task_networks_together() -> None:
@@ -149,9 +182,9 @@ def test_soft_sharing_penalty_pulls_task_networks_together() -> None:
     # and it enters the training loss with its strength
     dense, kjt, click, conversion = make_batch()
     out = model(dense, kjt)
-    w = LossWeighting(ModelConfig())
-    with_pen, _ = training_loss(out, click, conversion, "esmm", w, model.backbone.penalty(), 0.5)
-    without, _ = training_loss(out, click, conversion, "esmm", w, model.backbone.penalty(), 0.0)
+    w = LossWeighting(ModelConfig(), TASKS)
+    with_pen, _ = training_loss(out, labels(click, conversion), TASKS, "esmm", w, model.backbone.penalty(), 0.5)
+    without, _ = training_loss(out, labels(click, conversion), TASKS, "esmm", w, model.backbone.penalty(), 0.0)
     torch.testing.assert_close(with_pen - without, 0.5 * model.backbone.penalty())
     assert make_model(backbone="mmoe").backbone.penalty().item() == 0.0
 
@@ -172,7 +205,7 @@ def test_dense_stats_and_normalizer(tmp_path) -> None:
     mean, std = dense_stats(sorted(tmp_path.glob("*.parquet")), ["x1", "x2"])
     np.testing.assert_allclose(mean, [x1.mean(), 7.0], rtol=1e-5)
     np.testing.assert_allclose(std, [x1.std(), 1.0], rtol=1e-4)
-    model = MultiTaskNet(SPEC, ModelConfig(), mean, std)
+    model = MultiTaskNet(SPEC, ModelConfig(), TASKS, mean, std)
     z = model.normalizer(torch.from_numpy(np.column_stack([x1, x2])))
     assert abs(z[:, 0].mean().item()) < 1e-4 and abs(z[:, 0].std().item() - 1) < 1e-2
     assert z[:, 1].abs().max().item() == 0.0

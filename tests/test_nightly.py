@@ -190,15 +190,16 @@ def test_corrupt_raw_file_stops_the_night_and_keeps_the_champion(nights, tmp_pat
 
 
 def test_gate_rules():
-    from features.config import PromoteConfig
+    from features.config import parse_config
     from pipeline.registry import gate
 
-    rules = PromoteConfig(auc_tolerance=0.01, min_auc=0.6)
+    rules = parse_config({"features": {"sparse": [{"name": "a", "table": "impressions", "column": "a"}]},
+                          "promote": {"auc_tolerance": 0.01, "min_auc": 0.6}})
     good = {"click_auc": 0.70, "cvr_auc": 0.65, "ctcvr_auc": 0.72, "click_calibration": 1.0, "ctcvr_calibration": 1.1}
     assert gate(good, None, rules).promote
     assert not gate(good | {"cvr_auc": 0.59}, None, rules).promote  # first model below min_auc
     decision = gate(good | {"ctcvr_calibration": 1.4}, None, rules)
-    assert not decision.promote and "ctcvr calibration 1.400" in decision.reason
+    assert not decision.promote and "ctcvr_calibration 1.400" in decision.reason
     champion = good | {"click_auc": 0.705}
     assert gate(good, champion, rules).promote  # a 0.005 drop is within the tolerance
     decision = gate(good, champion | {"ctcvr_auc": 0.74}, rules)
@@ -224,3 +225,18 @@ def test_runs_compare_prints_metrics_differing_config_and_writes_the_trend(night
     assert [a.path for a in artifacts] == ["reports/compare_2_runs.png"]
     assert main(["runs", "compare", "--config", str(config), "no-such-run"]) == 3
     assert "no MLflow run 'no-such-run'" in capsys.readouterr().err
+
+
+def test_same_architecture_names_what_does_not_fit():
+    from features.config import parse_config
+    from pipeline.registry import same_architecture
+
+    base = {"features": {"sparse": [{"name": "a", "table": "impressions", "column": "a", "capacity": 10}]}}
+    cfg = parse_config(base)
+    grown = parse_config({"features": {"sparse": [{"name": "a", "table": "impressions", "column": "a", "capacity": 99}]}})
+    assert same_architecture(cfg, grown) is None  # vocabularies may grow
+    assert "tasks differ" in same_architecture(cfg, parse_config({**base, "tasks": [
+        {"name": "click"}, {"name": "buy", "label": "conversion", "after": "click", "joint_name": "ctcvr",
+                            "conditional_name": "cvr"}]}))
+    assert "[model]" in same_architecture(cfg, parse_config({**base, "model": {"backbone": "ple"}}))
+    assert "does not validate" in same_architecture(None, cfg)  # a champion of an older config schema

@@ -16,6 +16,7 @@ import torch
 from bundle_fixture import START, small_model, users_and_items
 from import_blocker import run_blocked
 
+from features.config import TaskConfig
 from features.contract import validated_dir
 from features.io import sha256_file
 from models.export import export_bundle
@@ -66,8 +67,8 @@ def test_serving_rebuilds_the_training_rows_and_predictions(setup):
     (batch,) = list(loader)
     with torch.no_grad():
         out = model(batch.dense, batch.sparse)
-    np.testing.assert_allclose(scored.column("p_click").to_numpy(), out.p_click.numpy(), atol=1e-5)
-    np.testing.assert_allclose(scored.column("p_conversion").to_numpy(), out.p_ctcvr.numpy(), atol=1e-5)
+    np.testing.assert_allclose(scored.column("p_click").to_numpy(), out.probs["click"].numpy(), atol=1e-5)
+    np.testing.assert_allclose(scored.column("p_conversion").to_numpy(), out.probs["ctcvr"].numpy(), atol=1e-5)
     assert scored.column("p_click").to_numpy().std() > 1e-3
 
 
@@ -211,3 +212,46 @@ def test_user_missing_from_the_snapshot_keeps_its_id_and_history(setup, tmp_path
     assert set(request_feeds) == set(got)
     for name, values in got.items():
         np.testing.assert_array_equal(request_feeds[name], values, err_msg=name)
+
+
+def test_tasks_name_the_results_and_their_exponents_blend_the_score(setup, tmp_path):
+    """Renamed tasks with other exponents: the ONNX score is the product of the served
+    probabilities raised to them, and the scorer returns p_<task name> per task."""
+    cfg, _, files, _, _, _ = setup
+    tasks = [TaskConfig(name="ctr", label="click", score_exponent=0.5),
+             TaskConfig(name="purchase", label="conversion", after="ctr", joint_name="ctcvr", conditional_name="cvr", score_exponent=2.0)]
+    cfg = cfg.model_copy(update={"tasks": tasks})
+    bundle = load_bundle(export_bundle(cfg, cfg.warehouse, small_model(cfg, files), tmp_path / "bundle", files))
+    assert bundle.spec["tasks"] == [{"name": "ctr", "served": "ctr", "score_exponent": 0.5},
+                                    {"name": "purchase", "served": "ctcvr", "score_exponent": 2.0}]
+    assert set(bundle.manifest["parity"]["max_abs_diff"]) == {"p_ctr", "p_ctcvr", "p_cvr", "score"}
+    scorer = Scorer(bundle)
+    users, items = users_and_items(cfg)
+    rows = pa.table({"user_id": [str(users[2])] * 40, "item_id": [str(i) for i in items[:40]]})
+    scored = scorer.score_table(rows)
+    assert scored.column_names == ["user_id", "item_id", "p_ctr", "p_purchase", "score"]
+    p_ctr, p_purchase, score = (scored.column(c).to_numpy() for c in ("p_ctr", "p_purchase", "score"))
+    np.testing.assert_allclose(score, np.sqrt(p_ctr) * p_purchase**2, rtol=1e-5)
+    assert (p_purchase < p_ctr).all()  # the joint probability P(ctr and purchase)
+    ranked = scorer.score({"user_id": str(users[2]), "candidates": [{"item_id": str(i)} for i in items[:40]]})
+    assert list(ranked[0]) == ["item_id", "p_ctr", "p_purchase", "score"]
+    assert [r["score"] for r in ranked] == sorted(score.tolist(), reverse=True)
+
+
+def test_bundle_from_before_configurable_tasks_serves_the_funnel(setup, tmp_path):
+    """A spec.json without ``tasks`` (bundles exported before they were configurable) is
+    the click -> conversion funnel: the same results as today's bundle."""
+    cfg, _, _, bundle_path, _, _ = setup
+    copy = tmp_path / "old"
+    shutil.copytree(bundle_path, copy)
+    spec = json.loads((copy / "spec.json").read_text())
+    del spec["tasks"], spec["source"]
+    (copy / "spec.json").write_text(json.dumps(spec))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["files"]["spec.json"] = sha256_file(copy / "spec.json")
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    users, items = users_and_items(cfg)
+    request = {"user_id": str(users[4]), "context": {"device": "ios"}, "candidates": [{"item_id": str(i)} for i in items[:25]]}
+    old = Scorer(load_bundle(copy))
+    assert old.result_names == ("p_click", "p_conversion", "score")
+    assert old.score(request) == Scorer(load_bundle(bundle_path)).score(request)

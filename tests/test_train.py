@@ -107,7 +107,7 @@ def test_training_beats_constant_predictor_and_logs_to_mlflow(tmp_path, warehous
     val = TrainingTableLoader([training_dir(warehouse, dt.date(2026, 11, 8)) / "part-0.parquet"], cfg.features.sparse,
                               cfg.features.dense_names(), 512, shuffle=False, seed=0)
     pred = predict(result.model, val, torch.device("cpu"))
-    assert auc(pred["click"], pred["p_click"]) == pytest.approx(result.val_metrics["click_auc"], abs=1e-6)
+    assert auc(pred["label_click"], pred["p_click"]) == pytest.approx(result.val_metrics["click_auc"], abs=1e-6)
     assert np.isfinite(pred["p_ctcvr"]).all()
 
 
@@ -189,7 +189,7 @@ def test_warm_start_with_frozen_shared_layers_and_a_parent_run(tmp_path, warehou
     assert new[item].shape[0] == old[item].shape[0] + 40
     assert torch.equal(new[item][: old[item].shape[0]], old[item])  # copied, then frozen
     torch.manual_seed(cfg.seed)  # the fresh init train_model starts from
-    fresh = MultiTaskNet(cfg.features, cfg.model, np.zeros(2, np.float32), np.ones(2, np.float32)).state_dict()
+    fresh = MultiTaskNet(cfg.features, cfg.model, cfg.tasks, np.zeros(2, np.float32), np.ones(2, np.float32)).state_dict()
     assert torch.equal(new[item][old[item].shape[0]:], fresh[item][old[item].shape[0]:])  # new rows: fresh init
     frozen = [k for k in new if k.startswith(("ebc.", "backbone.experts.", "normalizer."))]
     trained = [k for k in new if k.startswith(("backbone.towers.", "backbone.gates.", "heads."))]
@@ -208,7 +208,7 @@ def test_warm_start_with_frozen_shared_layers_and_a_parent_run(tmp_path, warehou
 def test_warm_start_that_does_not_fit_names_the_key_and_shapes(tmp_path, warehouse) -> None:
     cfg = make_cfg(tmp_path)
     mean, std = np.zeros(2, np.float32), np.ones(2, np.float32)
-    state = MultiTaskNet(cfg.features, cfg.model, mean, std).state_dict()
+    state = MultiTaskNet(cfg.features, cfg.model, cfg.tasks, mean, std).state_dict()
     wrong_head = {**state, "heads.click.weight": torch.zeros(1, 9)}
     with pytest.raises(StageError, match=r"'heads\.click\.weight' has shape \(1, 9\) in initial_state, \(1, 8\) in the model"):
         train_model(cfg, warehouse, RUN_DATE, progress=False, initial_state=wrong_head)
@@ -226,3 +226,14 @@ def test_sharding_choice_is_validated(tmp_path, warehouse) -> None:
     if not torch.cuda.is_available():
         with pytest.raises(StageError, match="train.sharding = 'row_wise' needs a CUDA device"):
             train_model(make_cfg(tmp_path, train={"sharding": "row_wise"}), warehouse, RUN_DATE, progress=False)
+
+
+def test_cosine_schedule_decays_the_dense_rate_and_depends_on_the_step_only():
+    from features.config import TrainConfig
+    from models.train import dense_learning_rate
+
+    constant, cosine = TrainConfig(dense_lr=0.02), TrainConfig(dense_lr=0.02, lr_schedule="cosine")
+    assert {dense_learning_rate(constant, s, 100) for s in (0, 50, 99)} == {0.02}
+    rates = [dense_learning_rate(cosine, s, 100) for s in range(100)]
+    assert rates[0] == 0.02 and rates[50] == pytest.approx(0.01) and 0 < rates[-1] < 1e-4
+    assert all(a > b for a, b in zip(rates, rates[1:]))  # strictly decreasing: a resumed run picks up at its step
