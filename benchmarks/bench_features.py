@@ -40,6 +40,7 @@ import pyarrow.compute as pc
 
 from features.config import DEFAULT_CONFIG, FunnelConfig, load_config
 from features.contract import TS, validated_dir
+from benchmarks.common import in_child, peak_rss_mib
 from features.io import write_parquet_dir
 
 START = dt.date(2026, 1, 1)
@@ -141,7 +142,7 @@ def _stage_features(cfg: FunnelConfig, warehouse: Path, days: list[dt.date], out
         for phase, secs in build_daily_aggregates(cfg, warehouse, day)["timings_s"].items():
             phases[phase] = phases.get(phase, 0.0) + secs
     seconds = time.perf_counter() - started
-    out.put((seconds, _cpu_seconds(), _peak_rss_mib(), {k: round(v, 2) for k, v in phases.items()}))
+    out.put((seconds, _cpu_seconds(), peak_rss_mib(), {k: round(v, 2) for k, v in phases.items()}))
 
 
 def _stage_examples(cfg: FunnelConfig, warehouse: Path, run_date: dt.date, out: mp.Queue) -> None:
@@ -149,28 +150,12 @@ def _stage_examples(cfg: FunnelConfig, warehouse: Path, run_date: dt.date, out: 
 
     started = time.perf_counter()
     manifest = build_training_table(cfg, warehouse, run_date)
-    out.put((time.perf_counter() - started, _cpu_seconds(), _peak_rss_mib(), manifest["timings_s"]))
+    out.put((time.perf_counter() - started, _cpu_seconds(), peak_rss_mib(), manifest["timings_s"]))
 
 
 def _cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
-
-
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _in_child(target, *args) -> tuple[float, float, float, dict]:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=target, args=(*args, queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    if proc.exitcode:
-        raise SystemExit(f"{target.__name__} failed with exit code {proc.exitcode}")
-    return result
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -191,15 +176,15 @@ def main(argv: list[str] | None = None) -> None:
 
         print(f"load average before the stages: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         history = [START + dt.timedelta(days=d) for d in range(args.history_days)]
-        secs, cpu, rss, phases = _in_child(_stage_features, cfg, warehouse, history)
+        secs, cpu, rss, phases = in_child(_stage_features, cfg, warehouse, history)
         n_hist = args.impressions * len(history)
         print(f"features: {n_hist:,} impressions ({len(history)} days) in {secs:.2f} s (CPU {cpu:.1f} s) = {n_hist / secs:,.0f} impressions/s, peak RSS {rss:,.0f} MiB")
         print(f"features phases over all days (s): {phases}")
 
         for night, day in (("first night", day_l), ("next night", day_l + dt.timedelta(days=1))):
             if day > day_l:
-                _in_child(_stage_features, cfg, warehouse, [day - dt.timedelta(days=1)])
-            secs, cpu, rss, timings = _in_child(_stage_examples, cfg, warehouse, day + dt.timedelta(days=lag))
+                in_child(_stage_features, cfg, warehouse, [day - dt.timedelta(days=1)])
+            secs, cpu, rss, timings = in_child(_stage_examples, cfg, warehouse, day + dt.timedelta(days=lag))
             print(
                 f"examples, {night}: {args.impressions:,} impressions in {secs:.2f} s (CPU {cpu:.1f} s) = "
                 f"{args.impressions / secs:,.0f} impressions/s, peak RSS {rss:,.0f} MiB"

@@ -1,0 +1,98 @@
+"""The Census-Income multi-task benchmark: funnelrank's backbones on the MMoE paper's two
+tasks (income > 50K, never married), against the numbers of the libraries users would
+otherwise pick.
+
+    python -m benchmarks.bench_census                      # 4 backbones x 3 seeds, 5 epochs, batch 1024
+    python -m benchmarks.bench_census --backbones mmoe --seeds 1
+
+Data: ``configs/census.toml`` (the fixed torch-rechub split of the UCI Census-Income (KDD)
+test file in ``../shared/data/census-income/derived_rechub_split``: 59,857 train / 19,952
+val / 19,953 test rows), read through the ``[table]`` source. Each run is a fresh process
+(so peak RSS is its own) that trains with ``funnelrank train``'s code path (``train_model``:
+torchrec EBC, fused row-wise Adagrad, AdamW; the val split early-stops) and scores the best
+epoch on the test split. Printed per backbone: test AUC per task (mean and spread over
+seeds), training samples/s (mean over epochs, validation excluded), wall seconds of the
+run (training and test scoring) and peak RSS.
+
+Reference on this 2-core machine and split (issue 8), 5 epochs at batch 1024: other
+libraries reach income AUC 0.94-0.945 and marital AUC 0.988-0.994 at 10,000-28,000
+training samples/s. Targets: income >= 0.950 and marital >= 0.995 for the best backbone
+(mean of 3 seeds), mmoe >= 50,000 samples/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import in_child, peak_rss_mib
+
+BACKBONES = ("single_task", "shared_bottom", "mmoe", "ple")
+
+
+def _run(config: Path, backbone: str, seed: int, epochs: int, batch_size: int, workdir: str, out) -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import torch
+
+    from features.config import load_config
+    from features.table_source import prepare_table
+    from models.loader import TrainingTableLoader
+    from models.train import predict, train_model, validation_metrics
+
+    started = time.perf_counter()
+    cfg = load_config(config, {"seed": seed, "warehouse": f"{workdir}/warehouse", "state_dir": f"{workdir}/state-{backbone}-{seed}",
+                               "model": {"backbone": backbone}, "train": {"epochs": epochs, "batch_size": batch_size}})
+    result = train_model(cfg, cfg.warehouse, None, progress=False)
+    test = TrainingTableLoader(prepare_table(cfg, cfg.warehouse).files["test"], cfg.features.sparse, cfg.features.dense_names(),
+                               8192, shuffle=False, seed=0, labels=[t.label_column for t in cfg.tasks])
+    metrics = validation_metrics(cfg, predict(result.model, test, torch.device("cpu")))
+    out.put({"test": {view: metrics[f"{view}_auc"] for view in cfg.views()},
+             "samples_per_s": statistics.mean(h["train/samples_per_s"] for h in result.history),
+             "epochs": result.epochs_run, "best_epoch": result.best_epoch, "seconds": time.perf_counter() - started,
+             "peak_rss_mib": peak_rss_mib()})
+
+
+def _spread(values: list[float]) -> str:
+    mean = statistics.mean(values)
+    return f"{mean:.4f} ± {statistics.stdev(values):.4f}" if len(values) > 1 else f"{mean:.4f}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=Path("configs/census.toml"))
+    parser.add_argument("--backbones", nargs="+", default=list(BACKBONES), choices=BACKBONES)
+    parser.add_argument("--seeds", type=int, default=3, help="runs per backbone, seeds 0..N-1 (default %(default)s)")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=1024)
+    args = parser.parse_args(argv)
+
+    print(f"config {args.config}  epochs {args.epochs}  batch {args.batch_size}  seeds {args.seeds}  "
+          f"cores {os.cpu_count()}  load avg {os.getloadavg()[0]:.2f}", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as workdir:  # one warehouse: the table is prepared once
+        for backbone in args.backbones:
+            runs = [in_child(_run, args.config, backbone, seed, args.epochs, args.batch_size, workdir) for seed in range(args.seeds)]
+            for seed, r in enumerate(runs):
+                print(f"  {backbone:13s} seed {seed}: " + "  ".join(f"{v} {a:.4f}" for v, a in r["test"].items())
+                      + f"  {r['samples_per_s']:,.0f} samples/s  best epoch {r['best_epoch']}  {r['seconds']:.1f} s", flush=True)
+            rows.append((backbone, runs))
+
+    views = list(rows[0][1][0]["test"])
+    header = f"{'backbone':13s} " + " ".join(f"{'test ' + v + ' AUC':>19s}" for v in views) + \
+        f" {'samples/s':>10s} {'wall s':>7s} {'peak RSS':>9s}"
+    print("\n" + header)
+    for backbone, runs in rows:
+        print(f"{backbone:13s} " + " ".join(f"{_spread([r['test'][v] for r in runs]):>19s}" for v in views)
+              + f" {statistics.mean(r['samples_per_s'] for r in runs):>10,.0f}"
+              + f" {statistics.mean(r['seconds'] for r in runs):>7.1f}"
+              + f" {max(r['peak_rss_mib'] for r in runs):>6.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
