@@ -132,8 +132,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     from serving.scorer import Scorer, score_parquet
 
     try:
-        scorer = Scorer(load_bundle(args.bundle), intra_op_threads=args.threads)
-        rows = score_parquet(scorer, args.input, args.output)
+        scorer = Scorer(load_bundle(args.bundle), intra_op_threads=1)
+        rows = score_parquet(scorer, args.input, args.output, workers=args.threads)
     except (BundleError, ValueError, OSError) as err:
         raise StageError(str(err)) from None
     print(f"scored {rows:,} rows with bundle {scorer.version} -> {args.output}")
@@ -255,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "bundles) or the feature columns the table was trained on (table bundles)")
     p.add_argument("--output", type=Path, required=True, help="Parquet file to write (atomically): the input + p_<task> per "
                    "task (p_click, p_conversion by default) + score")
-    p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default %(default)s)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                   help="threads scoring chunks of rows at once, each encoding and running the model (default: the cores, %(default)s)")
 
     p = add("serve", cmd_serve, "Serve an exported bundle over HTTP: POST /v1/rank, GET /healthz /readyz /metrics; SIGHUP reloads.")
     p.add_argument("--bundle", type=Path, required=True, help="exported bundle folder (reloaded from the same path)")

@@ -37,6 +37,7 @@ the same numeric transform). There are no users or items to rank: ``score`` (and
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,7 @@ FUNNEL_TASKS = ({"name": "click", "served": "click"}, {"name": "conversion", "se
 # The model runs on slices of this many rows: a few MB of activations stay in cache
 # (measured on 2 cores: 4096-row slices ~1.7x the rows/s of one 200k-row run).
 ONNX_CHUNK_ROWS = 4096
+BATCH_CHUNK_ROWS = 65_536  # score_table's unit of work per thread (large enough to amortise per-call costs)
 CONTEXT_CACHE_SIZE = 100_000
 
 
@@ -419,13 +421,28 @@ class Scorer:
             return tuple(slices[0])
         return tuple(np.concatenate(parts) for parts in zip(*slices))
 
-    def score_table(self, table: pa.Table) -> pa.Table:
+    def score_table(self, table: pa.Table, workers: int = 1) -> pa.Table:
         """``table`` with ``result_names`` appended: p_<task> per task (the default funnel:
-        p_click, p_conversion = P(click and conversion)) and score."""
-        if table.num_rows == 0:
+        p_click, p_conversion = P(click and conversion)) and score.
+
+        ``workers`` > 1: chunks of BATCH_CHUNK_ROWS rows are encoded and scored by that many
+        threads at once (Arrow, numpy and onnxruntime release the GIL), so encoding one
+        chunk overlaps the model on another; build the Scorer with ``intra_op_threads=1``
+        then. On 2 cores this scores ~1.4x the rows/s of one call with 2 onnxruntime
+        threads, whose encoding runs on one core while the other waits."""
+        n = table.num_rows
+        if n == 0:
             outputs = [np.zeros(0, np.float32)] * len(self.result_names)
+        elif workers <= 1 or n <= BATCH_CHUNK_ROWS:
+            outputs = self.run(self.feeds(table), n)
         else:
-            outputs = self.run(self.feeds(table), table.num_rows)
+            def score_chunk(start: int) -> tuple[np.ndarray, ...]:
+                chunk = table.slice(start, BATCH_CHUNK_ROWS)
+                return self.run(self.feeds(chunk), chunk.num_rows)
+
+            with ThreadPoolExecutor(workers) as pool:
+                parts = list(pool.map(score_chunk, range(0, n, BATCH_CHUNK_ROWS)))
+            outputs = tuple(np.concatenate(values) for values in zip(*parts))
         for name, values in zip(self.result_names, outputs):
             table = table.append_column(name, pa.array(values, pa.float32()))
         return table
@@ -500,11 +517,12 @@ def merge_feeds(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return merged
 
 
-def score_parquet(scorer: Scorer, input_path: str | Path, output_path: str | Path, batch_rows: int = 65_536) -> int:
+def score_parquet(scorer: Scorer, input_path: str | Path, output_path: str | Path, batch_rows: int = BATCH_CHUNK_ROWS,
+                  workers: int = 1) -> int:
     """Score every row of a Parquet file (an events bundle: user_id, item_id, context
     columns; a table bundle: its feature columns) into ``output_path`` (the input columns
-    + ``scorer.result_names``), written atomically, in batches
-    of ``batch_rows`` so memory stays bounded. Returns the number of rows."""
+    + ``scorer.result_names``), written atomically, in batches of ``batch_rows`` per worker
+    (``score_table``'s threads) so memory stays bounded. Returns the number of rows."""
     source = pq.ParquetFile(input_path)
     missing = [c for c in scorer.required_columns if c not in source.schema_arrow.names]
     if missing:
@@ -515,8 +533,8 @@ def score_parquet(scorer: Scorer, input_path: str | Path, output_path: str | Pat
     rows = 0
     try:
         writer = None
-        for batch in source.iter_batches(batch_size=batch_rows):
-            scored = scorer.score_table(pa.Table.from_batches([batch]))
+        for batch in source.iter_batches(batch_size=batch_rows * workers):
+            scored = scorer.score_table(pa.Table.from_batches([batch]), workers)
             writer = writer or pq.ParquetWriter(tmp, scored.schema, compression="zstd")
             writer.write_table(scored)
             rows += scored.num_rows

@@ -157,6 +157,19 @@ def test_cli_score_writes_parquet(setup, tmp_path, capsys):
     assert "no column 'item_id'" in capsys.readouterr().err
 
 
+def test_score_table_in_worker_threads_equals_one_call(setup):
+    """Chunks scored by several threads come back whole and in order."""
+    from serving.scorer import BATCH_CHUNK_ROWS
+
+    cfg, _, _, bundle_path, _, _ = setup
+    rows = _request_rows(cfg, START + dt.timedelta(days=3))
+    rows = pa.concat_tables([rows] * (2 * BATCH_CHUNK_ROWS // rows.num_rows + 1))  # > 2 chunks, the last one short
+    scorer = Scorer(load_bundle(bundle_path))
+    one, threaded = scorer.score_table(rows), scorer.score_table(rows, workers=3)
+    assert threaded.num_rows == rows.num_rows > 2 * BATCH_CHUNK_ROWS
+    assert threaded.equals(one)
+
+
 def test_scoring_runs_without_torch_polars_or_mlflow(setup):
     cfg, _, _, bundle_path, _, _ = setup
     users, items = users_and_items(cfg)
