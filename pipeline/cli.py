@@ -37,6 +37,19 @@ def _load(args: argparse.Namespace, overrides: dict | None = None) -> tuple[Funn
     return cfg, args.warehouse or cfg.warehouse
 
 
+def _refuse_table(cfg: FunnelConfig, args: argparse.Namespace) -> None:
+    if cfg.table is not None:
+        raise StageError(f"{args.config} trains on a feature table ([table] section): it has no event logs to "
+                         f"{args.command}; use `funnelrank train`, `evaluate`, `export` and `score` with it")
+
+
+def _load_event_logs(args: argparse.Namespace) -> tuple[FunnelConfig, Path]:
+    """``_load`` for the stages that read event logs: refuses a ``[table]`` config."""
+    cfg, warehouse = _load(args)
+    _refuse_table(cfg, args)
+    return cfg, warehouse
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     flags = {
         "days": args.days, "users": args.users, "items": args.items,
@@ -65,7 +78,7 @@ def cmd_adapt_aliccp(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    cfg, warehouse = _load(args)
+    cfg, warehouse = _load_event_logs(args)
     from features.validate import validate_day
 
     report = validate_day(cfg, warehouse, args.date)
@@ -74,7 +87,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_features(args: argparse.Namespace) -> int:
-    cfg, warehouse = _load(args)
+    cfg, warehouse = _load_event_logs(args)
     from features.aggregates import build_daily_aggregates
 
     manifest = build_daily_aggregates(cfg, warehouse, args.date)
@@ -84,7 +97,7 @@ def cmd_features(args: argparse.Namespace) -> int:
 
 
 def cmd_examples(args: argparse.Namespace) -> int:
-    cfg, warehouse = _load(args)
+    cfg, warehouse = _load_event_logs(args)
     from features.examples import build_training_table
 
     manifest = build_training_table(cfg, warehouse, args.date)
@@ -152,7 +165,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_nightly(args: argparse.Namespace) -> int:
-    cfg, warehouse = _load(args)
+    cfg, warehouse = _load_event_logs(args)
     from pipeline.nightly import run_nights
 
     start, end = (args.date, args.date) if args.date else (args.start, args.end)
@@ -175,6 +188,7 @@ def cmd_night_stage(args: argparse.Namespace) -> int:
         print(f"evaluate: {result['rows']:,} rows of the test split; MLflow run {result['mlflow_run_id']}")
         _print_metrics("test", cfg, result["candidate"])
         return 0
+    _refuse_table(cfg, args)  # promote: the gate compares nights of event logs
     if args.date is None:
         raise StageError(f"{args.command} on event logs needs --date")
     from pipeline.nightly import run_nights

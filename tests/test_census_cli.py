@@ -94,3 +94,7 @@ def test_table_config_used_the_wrong_way(census_config, tmp_path, capsys):
     assert main(["train", "--config", "configs/demo.toml", "--warehouse", str(tmp_path / "wh2")]) == 3
     assert "needs a run date (--date)" in capsys.readouterr().err
     assert main(["train", "--config", str(config.parent / "missing.toml")]) == 2
+    capsys.readouterr()
+    for command in (["nightly", "--date", "2026-11-12"], ["validate", "--date", "2026-11-12"], ["promote", "--date", "2026-11-12"]):
+        assert main([*command, "--config", str(config)]) == 3
+        assert "feature table ([table] section): it has no event logs" in capsys.readouterr().err
