@@ -11,8 +11,10 @@ folder, a demo-sized MMoE with random weights, and its bundle; then measures
    encodes and scores its chunks of rows with one onnxruntime thread)
    (target >= 300,000 rows/s);
 3. HTTP: ``funnelrank serve`` in one process, a load generator in another (loopback),
-   20 concurrent keep-alive clients, p50/p99 and errors (target p99 <= 20 ms, 0 errors),
-   and the server's own mean time per request (from /metrics). The load generator is
+   20 concurrent keep-alive clients in a closed loop (each sends again as soon as it is
+   answered: the saturation throughput), p50/p99 and errors (target p99 <= 20 ms, 0
+   errors), and the server's own mean time per request (from /metrics); then the same
+   clients in an open loop at ``--http-rate`` requests/s (the latency at that load). The load generator is
    asyncio over raw sockets with prebuilt requests, so it takes little of the 2 cores.
 PyTorch eager gets the scorer's feature arrays (so only the model differs) for 1 and 2.
 """
@@ -42,8 +44,14 @@ def _percentiles(ms: list[float]) -> str:
     return f"p50 {np.percentile(a, 50):.3f} ms, p99 {np.percentile(a, 99):.3f} ms"
 
 
-def http_client(port: int, requests: int, clients: int, payload_file: str) -> None:
-    """The load generator (runs in its own process): prints a JSON summary."""
+def http_client(port: int, requests: int, clients: int, payload_file: str, rate: float = 0.0) -> None:
+    """The load generator (runs in its own process): prints a JSON summary.
+
+    ``rate`` 0: closed loop, each client sends its next request when the last answer
+    arrives (the server's saturation throughput; latency = clients / throughput). ``rate``
+    > 0: open loop, request j is due at start + j / rate (spread over the clients) and its
+    latency counts from when it was due, so a server falling behind is not hidden by
+    clients that wait (no coordinated omission)."""
     payloads = [p.encode() for p in json.loads(Path(payload_file).read_text())]
     per_client = requests // clients
     latencies: list[float] = []
@@ -61,6 +69,9 @@ def http_client(port: int, requests: int, clients: int, payload_file: str) -> No
         await one(reader, writer, payloads[k % len(payloads)])  # warm the connection up
         for i in range(per_client):
             t = time.perf_counter()
+            if rate:
+                t = started + (i * clients + k) / rate
+                await asyncio.sleep(max(0.0, t - time.perf_counter()))
             try:
                 ok = await one(reader, writer, payloads[(k * per_client + i) % len(payloads)])
             except (OSError, asyncio.IncompleteReadError):
@@ -72,11 +83,12 @@ def http_client(port: int, requests: int, clients: int, payload_file: str) -> No
         writer.close()
 
     async def run_all() -> float:
-        started = time.perf_counter()
+        begun = time.perf_counter()
         await asyncio.gather(*(client(k) for k in range(clients)))
-        return time.perf_counter() - started
+        return time.perf_counter() - (started if rate else begun)
 
     cpu = time.process_time()
+    started = time.perf_counter() + 0.5  # the open loop's clock starts once every connection is warm
     wall = asyncio.run(run_all())
     print(json.dumps({"requests": len(latencies), "errors": errors[0], "wall_s": wall, "cpu_s": time.process_time() - cpu,
                       "p50_ms": float(np.percentile(latencies, 50)), "p99_ms": float(np.percentile(latencies, 99))}))
@@ -104,10 +116,12 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=200)
     parser.add_argument("--http-requests", type=int, default=10_000)
     parser.add_argument("--http-clients", type=int, default=20)
-    parser.add_argument("--http-client", nargs=2, metavar=("PORT", "PAYLOADS"), help=argparse.SUPPRESS)
+    parser.add_argument("--http-rate", type=float, default=500.0,
+                        help="offered requests/s of the open-loop HTTP run (0: skip it; default %(default)s)")
+    parser.add_argument("--http-client", nargs=3, metavar=("PORT", "PAYLOADS", "RATE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.http_client:
-        http_client(int(args.http_client[0]), args.http_requests, args.http_clients, args.http_client[1])
+        http_client(int(args.http_client[0]), args.http_requests, args.http_clients, args.http_client[1], float(args.http_client[2]))
         return
 
     import pyarrow as pa
@@ -238,17 +252,25 @@ def main() -> None:
             if time.monotonic() > deadline or server.poll() is not None:
                 raise SystemExit(f"server did not start: {server.stderr.read().decode()}")
             time.sleep(0.05)
-        server_cpu = _cpu_seconds(server.pid)
-        client = subprocess.run([sys.executable, __file__, "--http-requests", str(args.http_requests), "--http-clients", str(args.http_clients),
-                                 "--http-client", str(port), str(payloads)], capture_output=True, text=True, check=True)
-        result = json.loads(client.stdout.strip().splitlines()[-1])
-        server_cpu = _cpu_seconds(server.pid) - server_cpu
+        def load(rate: float) -> tuple[dict, float]:
+            cpu = _cpu_seconds(server.pid)
+            client = subprocess.run([sys.executable, __file__, "--http-requests", str(args.http_requests), "--http-clients",
+                                     str(args.http_clients), "--http-client", str(port), str(payloads), str(rate)],
+                                    capture_output=True, text=True, check=True)
+            return json.loads(client.stdout.strip().splitlines()[-1]), _cpu_seconds(server.pid) - cpu
+
+        result, server_cpu = load(0.0)
         print(f"HTTP loopback, {args.http_clients} concurrent clients, {result['requests']:,} requests of {args.candidates} candidates: "
               f"p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms, {result['requests'] / result['wall_s']:,.0f} req/s, "
               f"errors {result['errors']} (target p99 <= 20 ms, 0 errors)")
         print(f"  server's own mean time per request {_server_mean_ms(port):.2f} ms (queueing included); CPU time per request: "
               f"server {1000 * server_cpu / result['requests']:.3f} ms, load generator {1000 * result['cpu_s'] / result['requests']:.3f} ms "
               f"(so {os.cpu_count()} cores serve at most ~{result['requests'] * os.cpu_count() / (server_cpu + result['cpu_s']):,.0f} req/s)")
+        if args.http_rate:
+            result, _ = load(args.http_rate)
+            print(f"HTTP open loop, {args.http_rate:,.0f} req/s offered over {args.http_clients} connections, {result['requests']:,} "
+                  f"requests: p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms (from each request's due time), "
+                  f"{result['requests'] / result['wall_s']:,.0f} req/s served, errors {result['errors']}")
     finally:
         server.terminate()
         server.wait(timeout=10)
