@@ -268,7 +268,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workdir", type=Path, help="where the warehouses go (default: a temporary folder, removed after)")
     p.add_argument("--output", type=Path, default=Path("state/mtl_experiment"),
                    help="writes <output>.md, <output>.csv and <output>-runs.csv (default %(default)s)")
-    p.add_argument("--backbones", nargs="+", choices=BACKBONES, default=list(BACKBONES), help="(default: all)")
+    p.add_argument("--backbones", nargs="+", choices=(*BACKBONES, "soft_sharing", "ple"), default=list(BACKBONES),
+                   help="(default: the MMoE paper's three, %(default)s)")
     p.add_argument("--heads", nargs="+", choices=HEADS, default=list(HEADS), help="(default: both)")
     p.add_argument("--report-only", action="store_true", help="write the table from the runs already in <output>-runs.csv, train nothing")
     args = p.parse_args(argv)
