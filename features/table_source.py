@@ -49,7 +49,7 @@ import pyarrow.parquet as pq
 
 from features.config import FunnelConfig, SparseFeature, TableSourceConfig
 from features.errors import DataContractError, StageError
-from features.examples import DATA_FILE, ROW_GROUP_ROWS, numeric_feature_expr
+from features.examples import DATA_FILE, numeric_feature_expr
 from features.io import atomic_dir, atomic_write_json, sha256_file, write_parquet_dir
 from features.vocab import Vocabulary, read_manifest, update_vocabulary, vocab_dir
 from serving.encoding import as_strings
@@ -64,6 +64,9 @@ BAD_VALUES_SHOWN = 5
 # models.loader.USER_COLUMN, the loader's GAUC grouping column (not imported: the features
 # stages never load torch).
 USER_COLUMN = "raw_user_id"
+# Smaller than the event path's row groups: a torchrun job needs a row group per rank in
+# every split, and a user's table may be small (Census-Income val: 19,952 rows -> 2).
+TABLE_ROW_GROUP_ROWS = 16_384
 ID_TYPES = (pl.String, pl.Categorical)  # besides integers: ids are keyed by their text
 
 
@@ -333,7 +336,7 @@ def prepare_table(cfg: FunnelConfig, warehouse: Path) -> PreparedTable:
             raise DataContractError(f"table {split} split has no row with every label in {path}: all {frame.height:,} rows have a null label")
         quarantine = root / "quarantine" / split
         if quarantined.height:
-            write_parquet_dir(quarantine, quarantined.to_arrow(), row_group_size=ROW_GROUP_ROWS)
+            write_parquet_dir(quarantine, quarantined.to_arrow(), row_group_size=TABLE_ROW_GROUP_ROWS)
         else:
             shutil.rmtree(quarantine, ignore_errors=True)
         splits[split] = {"input": inputs[split], "rows_in": frame.height, "rows_out": good[split].height, "quarantined": quarantined.height}
@@ -342,7 +345,7 @@ def prepare_table(cfg: FunnelConfig, warehouse: Path) -> PreparedTable:
     vocabs = {f.name: update_vocabulary(warehouse, f, TABLE_DAY, sparse_values(f, good["train"])) for f in cfg.features.sparse}
     for split in SPLITS:
         table = encode_split(cfg, good[split], vocabs, schema)
-        write_parquet_dir(root / split, table, row_group_size=ROW_GROUP_ROWS)
+        write_parquet_dir(root / split, table, row_group_size=TABLE_ROW_GROUP_ROWS)
         name = f"{split}/{DATA_FILE}"
         splits[split]["content_sha256"] = {name: sha256_file(root / name)}
 
@@ -351,7 +354,7 @@ def prepare_table(cfg: FunnelConfig, warehouse: Path) -> PreparedTable:
         "spec_sha256": spec_sha,
         "vocab_day": TABLE_DAY.isoformat(),
         "vocab_versions": {name: v.version for name, v in vocabs.items()},
-        "row_group_rows": ROW_GROUP_ROWS,
+        "row_group_rows": TABLE_ROW_GROUP_ROWS,
         "schema": {f.name: str(f.type) for f in schema},
         "columns": {
             "user": USER_COLUMN if cfg.table.user_column else None,

@@ -124,6 +124,9 @@ def training_data(cfg: FunnelConfig, warehouse: Path, run_date: dt.date | None) 
     A ``[table]`` source: its train and val splits, prepared first when their inputs changed
     (``run_date`` is not used)."""
     if cfg.table is not None:
+        if _rank() == 0:  # under torchrun rank 0 writes the tables; the others then find them ready
+            prepare_table(cfg, warehouse)
+        _barrier()
         prepared = prepare_table(cfg, warehouse)
         tags = {"source": "table", **{f"data.{split}.sha256": ",".join(info["content_sha256"].values())
                                       for split, info in prepared.manifest["splits"].items()}}

@@ -98,3 +98,21 @@ def test_table_config_used_the_wrong_way(census_config, tmp_path, capsys):
     for command in (["nightly", "--date", "2026-11-12"], ["validate", "--date", "2026-11-12"], ["promote", "--date", "2026-11-12"]):
         assert main([*command, "--config", str(config)]) == 3
         assert "feature table ([table] section): it has no event logs" in capsys.readouterr().err
+
+
+def test_census_trains_under_torchrun_with_two_ranks(census_config, tmp_path):
+    """`funnelrank train` of a table config under torchrun: rank 0 prepares the table while
+    the other waits, each rank reads its own row groups, metrics cover all rows."""
+    import os
+    import subprocess
+    import sys
+
+    config, _ = census_config
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "pipeline.cli",
+           "train", "--config", str(config), "--warehouse", str(tmp_path / "warehouse"), "--quiet"]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    assert done.stdout.count("train table-") == 1  # rank 0 reports
+    income_auc = float(done.stdout.split("income  auc ")[1].split()[0])
+    assert income_auc > 0.9

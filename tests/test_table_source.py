@@ -18,8 +18,7 @@ import pytest
 
 from features.config import load_config, parse_config
 from features.errors import DataContractError, StageError
-from features.examples import ROW_GROUP_ROWS
-from features.table_source import TABLE_DAY, USER_COLUMN, prepare_table, table_schema
+from features.table_source import TABLE_DAY, TABLE_ROW_GROUP_ROWS, USER_COLUMN, prepare_table, table_schema
 from features.vocab import load_vocabulary, read_manifest, update_vocabulary
 from models import loader as loader_module
 from models.loader import TrainingTableLoader
@@ -53,7 +52,7 @@ def test_census_rows_reconcile(census):
         assert counts["input"]["path"] == str(paths[split])
         assert sum(pq.ParquetFile(f).metadata.num_rows for f in prepared.files[split]) == rows
         meta = pq.ParquetFile(prepared.files[split][0]).metadata
-        assert meta.row_group(0).num_rows == min(rows, ROW_GROUP_ROWS)
+        assert meta.row_group(0).num_rows == min(rows, TABLE_ROW_GROUP_ROWS) and meta.num_row_groups >= 2
         assert pq.read_schema(prepared.files[split][0]) == table_schema(cfg)
     assert set(prepared.manifest["vocab_versions"]) == {f.name for f in cfg.features.sparse}
 
