@@ -165,3 +165,24 @@ def test_a_purchase_without_click_is_quarantined_not_dropped(tmp_path) -> None:
     report = validate_day(cfg, cfg.warehouse, START)
     assert report.tables["conversions"].reasons == {"conversion_without_click": 1}
     assert json.loads((cfg.warehouse / "reports/validate/date=2026-11-01.json").read_text())["tables"]["conversions"]["valid_rows"] == 1
+
+
+def test_the_same_sample_as_a_feature_table_trains_the_funnel_by_config_alone(tmp_path, monkeypatch):
+    """configs/aliccp_table.toml: the CSVs straight through the [table] source, purchase a
+    funnel step after click (ESMM): no adapter, no event logs; export parity holds."""
+    from features.table_source import prepare_table
+    from models.export import export_run
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    table_config = ROOT / "configs" / "aliccp_table.toml"
+    paths = {s: str(DATA / name) for s, name in zip(("train", "val", "test"), ALICCP_SAMPLES)}
+    cfg = load_config(table_config, {"warehouse": str(tmp_path / "warehouse"), "state_dir": str(tmp_path / "state"),
+                                     "table": paths, "train": {"epochs": 1}})
+    prepared = prepare_table(cfg, cfg.warehouse)
+    assert {s: m["rows_out"] for s, m in prepared.manifest["splits"].items()} == {"train": 100, "val": 50, "test": 50}
+    result = train_model(cfg, cfg.warehouse, None, progress=False)
+    assert {"click_auc", "cvr_auc", "ctcvr_auc", "ctcvr_logloss"} <= set(result.val_metrics)
+    assert math.isfinite(result.val_metrics["ctcvr_logloss"])
+    summary = export_run(cfg, cfg.warehouse, None, result.model, result.mlflow_run_id)
+    assert summary["parity_rows"] >= 50 and max(summary["parity_max_abs_diff"].values()) <= 1e-5
+    assert set(summary["parity_max_abs_diff"]) == {"p_click", "p_ctcvr", "p_cvr", "score"}
