@@ -51,7 +51,7 @@ from models.loader import Batch, TrainingTableLoader, parquet_files
 from models.nets import MultiTaskNet
 from models.quiet import library_noise_silenced
 from models.tracking import tracking_uri
-from models.train import run_key, training_window
+from models.train import checkpoint_dir, run_key, training_window
 from serving.bundle import BundleError, load_bundle
 from serving.encoding import join_key_columns, pad_jagged
 
@@ -390,21 +390,17 @@ def export_bundle(
 
 # ---------------------------------------------------------------- the export stage
 
-def checkpoint_dir(cfg: FunnelConfig, warehouse: Path, run_date: dt.date | None) -> Path:
-    """Where ``funnelrank train`` (``--date run_date``; none for a ``[table]`` source) keeps
-    its checkpoints (models/train.py)."""
-    return Path(cfg.state_dir) / "checkpoints" / run_key(cfg, warehouse, run_date)
+def bundle_dir(cfg: FunnelConfig, key: str) -> Path:
+    return Path(cfg.state_dir) / "bundles" / key
 
 
-def bundle_dir(cfg: FunnelConfig, warehouse: Path, run_date: dt.date | None) -> Path:
-    return Path(cfg.state_dir) / "bundles" / run_key(cfg, warehouse, run_date)
-
-
-def load_trained_model(cfg: FunnelConfig, warehouse: Path, run_date: dt.date | None) -> tuple[MultiTaskNet, str | None]:
+def load_trained_model(cfg: FunnelConfig, warehouse: Path, run_date: dt.date | None,
+                       key: str | None = None) -> tuple[MultiTaskNet, str | None]:
     """The best epoch's model of the finished training run for ``run_date`` (a ``[table]``
     source: None) and its MLflow run id; StageError naming the checkpoint and the command
-    when training has not finished."""
-    folder = checkpoint_dir(cfg, warehouse, run_date)
+    when training has not finished. ``key``: the run's key when the caller has it already
+    (computing it hashes the training data's manifests, or a table's files)."""
+    folder = checkpoint_dir(cfg, key or run_key(cfg, warehouse, run_date))
     what = "the table source" if run_date is None else day_str(run_date)
     date_flag = "" if run_date is None else f" --date {day_str(run_date)}"
     command = f"funnelrank train{date_flag}` (same --config and --warehouse)"
@@ -481,10 +477,11 @@ def export_run(
     MLflow run id: nothing is logged. Returns a summary.
     """
     warehouse = Path(warehouse)
+    key = run_key(cfg, warehouse, run_date)
     if model is None:
-        model, trained_run_id = load_trained_model(cfg, warehouse, run_date)
+        model, trained_run_id = load_trained_model(cfg, warehouse, run_date, key)
         mlflow_run_id = mlflow_run_id or trained_run_id
-    inputs = {"run_key": run_key(cfg, warehouse, run_date), "model_sha256": model_sha256(model)}
+    inputs = {"run_key": key, "model_sha256": model_sha256(model)}
     if cfg.table is None:
         _, val_day = training_window(cfg, run_date)
         as_of = run_date + dt.timedelta(days=1)
@@ -493,7 +490,7 @@ def export_run(
     else:
         as_of, val_day = None, None
         parity_files, parity_data = prepare_table(cfg, warehouse).files["test"], "the table's test split"
-    folder = bundle_dir(cfg, warehouse, run_date)
+    folder = bundle_dir(cfg, key)
     skipped = _valid_bundle_with(folder, inputs)
     if not skipped:
         export_bundle(cfg, warehouse, model, folder, parity_files, as_of=as_of, inputs=inputs)

@@ -124,10 +124,10 @@ def training_data(cfg: FunnelConfig, warehouse: Path, run_date: dt.date | None) 
     A ``[table]`` source: its train and val splits, prepared first when their inputs changed
     (``run_date`` is not used)."""
     if cfg.table is not None:
-        if _rank() == 0:  # under torchrun rank 0 writes the tables; the others then find them ready
-            prepare_table(cfg, warehouse)
+        # under torchrun rank 0 writes the tables; the others then find them ready
+        prepared = prepare_table(cfg, warehouse) if _rank() == 0 else None
         _barrier()
-        prepared = prepare_table(cfg, warehouse)
+        prepared = prepared or prepare_table(cfg, warehouse)
         tags = {"source": "table", **{f"data.{split}.sha256": ",".join(info["content_sha256"].values())
                                       for split, info in prepared.manifest["splits"].items()}}
         return TrainingData("table", prepared.files["train"], prepared.files["val"], tags,
@@ -151,6 +151,11 @@ def run_key(cfg: FunnelConfig, warehouse: Path, run_date: dt.date | None, data: 
                 "data": {k: v for k, v in data.tags.items() if k.startswith("data.")}}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     return f"{data.name}-{digest[:12]}"
+
+
+def checkpoint_dir(cfg: FunnelConfig, key: str) -> Path:
+    """Where the training run ``key`` (``run_key``) keeps its checkpoints."""
+    return Path(cfg.state_dir) / "checkpoints" / key
 
 
 # ---------------------------------------------------------------- distributed set-up
@@ -512,7 +517,7 @@ def train_model(
     train_files, val_files = data.train_files, data.val_files
     dense_names = spec.dense_names()
     key = run_key(cfg, warehouse, run_date, data)
-    ckpt_dir = Path(cfg.state_dir) / "checkpoints" / key
+    ckpt_dir = checkpoint_dir(cfg, key)
     resuming = (ckpt_dir / "last.pt").exists()
 
     mean, std = dense_stats(train_files, dense_names)
