@@ -41,16 +41,17 @@ def _run(config: Path, backbone: str, seed: int, epochs: int, batch_size: int, w
     import torch
 
     from features.config import load_config
-    from features.table_source import prepare_table
     from models.loader import TrainingTableLoader
     from models.train import predict, train_model, validation_metrics
+    from pipeline.evaluate import evaluation_table
 
     started = time.perf_counter()
     cfg = load_config(config, {"seed": seed, "warehouse": f"{workdir}/warehouse", "state_dir": f"{workdir}/state-{backbone}-{seed}",
                                "model": {"backbone": backbone}, "train": {"epochs": epochs, "batch_size": batch_size}})
     result = train_model(cfg, cfg.warehouse, None, progress=False)
-    test = TrainingTableLoader(prepare_table(cfg, cfg.warehouse).files["test"], cfg.features.sparse, cfg.features.dense_names(),
-                               8192, shuffle=False, seed=0, labels=[t.label_column for t in cfg.tasks])
+    _, test_files = evaluation_table(cfg, cfg.warehouse, None)
+    test = TrainingTableLoader(test_files, cfg.features.sparse, cfg.features.dense_names(), 8192, shuffle=False, seed=0,
+                               labels=cfg.label_columns)
     metrics = validation_metrics(cfg, predict(result.model, test, torch.device("cpu")))
     out.put({"test": {view: metrics[f"{view}_auc"] for view in cfg.views()},
              "samples_per_s": statistics.mean(h["train/samples_per_s"] for h in result.history),

@@ -383,7 +383,7 @@ class FunnelConfig(_Section):
     def _tasks_and_source_agree(self) -> FunnelConfig:
         names = [t.name for t in self.tasks]
         views = [n for t in self.tasks for n in ((t.joint_name, t.conditional_name) if t.after else (t.name,))]
-        labels = [t.label_column for t in self.tasks]
+        labels = self.label_columns
         for what, values in (("task names and views", names + [v for v in views if v not in names]),
                              ("task labels", labels)):
             if dupes := sorted({v for v in values if values.count(v) > 1}):
@@ -414,6 +414,11 @@ class FunnelConfig(_Section):
 
     def views(self) -> dict[str, tuple[str, str | None]]:
         return task_views(self.tasks)
+
+    @property
+    def label_columns(self) -> list[str]:
+        """The tasks' 0/1 label columns, in task order (what the training tables hold)."""
+        return [t.label_column for t in self.tasks]
 
     @property
     def early_stopping_metric(self) -> str:

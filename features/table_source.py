@@ -138,7 +138,7 @@ def parquet_source(path: Path, sha256: str, warehouse: Path) -> Path:
 def needed_columns(cfg: FunnelConfig) -> list[str]:
     """Input columns the spec reads: features, labels, the user column, the split column."""
     source = cfg.table
-    cols = [*cfg.features.columns_of("table"), *(t.label_column for t in cfg.tasks)]
+    cols = [*cfg.features.columns_of("table"), *cfg.label_columns]
     cols += [c for c in (source.user_column, source.split_column) if c is not None]
     return list(dict.fromkeys(cols))
 
@@ -358,7 +358,7 @@ def prepare_table(cfg: FunnelConfig, warehouse: Path) -> PreparedTable:
         "schema": {f.name: str(f.type) for f in schema},
         "columns": {
             "user": USER_COLUMN if cfg.table.user_column else None,
-            "labels": [t.label_column for t in cfg.tasks],
+            "labels": cfg.label_columns,
             "sparse": [f.name for f in cfg.features.sparse],
             "dense": cfg.features.dense_names(),
         },

@@ -193,10 +193,9 @@ def parity_batches(cfg: FunnelConfig, files: Sequence[Path], min_rows: int = PAR
     """Real rows of ``files``: one batch of each size in PARITY_BATCH_SIZES, then batches
     of the largest size until ``min_rows`` rows (or the table's end)."""
     batches: list[Batch] = []
-    labels = [t.label_column for t in cfg.tasks]
     for size in PARITY_BATCH_SIZES:
         loader = TrainingTableLoader(files, cfg.features.sparse, cfg.features.dense_names(), batch_size=size, shuffle=False,
-                                     seed=cfg.seed, prefetch=0, labels=labels)
+                                     seed=cfg.seed, prefetch=0, labels=cfg.label_columns)
         for batch in loader:
             batches.append(batch)
             if size != PARITY_BATCH_SIZES[-1] or sum(len(b) for b in batches) >= min_rows:

@@ -31,7 +31,7 @@ class ModelOutput:
     logits: dict[str, torch.Tensor]  # task -> [B] its head's logit (a funnel step's: of P(task | after))
     probs: dict[str, torch.Tensor]  # task view -> [B] probability, e.g. click, cvr, ctcvr = click x cvr
     features: torch.Tensor  # [B, in_dim] pooled embeddings + normalised dense (backbone input)
-    gates: dict[str, torch.Tensor] | None = None  # mmoe: task -> [B, n_experts] softmax weights
+    gates: dict[str, torch.Tensor] | None = None  # mmoe, ple: task -> [B, experts] softmax weights
 
 
 class TaskHeads(nn.ModuleDict):
@@ -109,6 +109,13 @@ def mlp(in_dim: int, dims: Sequence[int], dropout: float) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def task_towers(cfg: ModelConfig, tasks: Sequence[str]) -> tuple[nn.ModuleDict, int]:
+    """One tower per task on a shared representation of the experts' (or bottom's) last
+    size, and the size it outputs (that size itself without tower layers)."""
+    towers = nn.ModuleDict({t: mlp(cfg.expert_dims[-1], cfg.tower_dims, cfg.dropout) for t in tasks})
+    return towers, cfg.tower_dims[-1] if cfg.tower_dims else cfg.expert_dims[-1]
+
+
 class Backbone(nn.Module):
     """Maps the shared input [B, in_dim] to one representation per task [B, out_dim].
     Constructed as ``Backbone(in_dim, cfg, tasks)`` with the task names."""
@@ -155,8 +162,7 @@ class SharedBottom(Backbone):
     def __init__(self, in_dim: int, cfg: ModelConfig, tasks: Sequence[str]) -> None:
         super().__init__()
         self.bottom = mlp(in_dim, cfg.expert_dims, cfg.dropout)
-        self.towers = nn.ModuleDict({t: mlp(cfg.expert_dims[-1], cfg.tower_dims, cfg.dropout) for t in tasks})
-        self.out_dim = cfg.tower_dims[-1] if cfg.tower_dims else cfg.expert_dims[-1]
+        self.towers, self.out_dim = task_towers(cfg, tasks)
 
     def shared_parameters(self):
         return list(self.bottom.parameters())
@@ -174,8 +180,7 @@ class MMoE(Backbone):
         self.tasks = list(tasks)
         self.experts = nn.ModuleList(mlp(in_dim, cfg.expert_dims, cfg.dropout) for _ in range(cfg.n_experts))
         self.gates = nn.ModuleDict({t: nn.Linear(in_dim, cfg.n_experts) for t in tasks})
-        self.towers = nn.ModuleDict({t: mlp(cfg.expert_dims[-1], cfg.tower_dims, cfg.dropout) for t in tasks})
-        self.out_dim = cfg.tower_dims[-1] if cfg.tower_dims else cfg.expert_dims[-1]
+        self.towers, self.out_dim = task_towers(cfg, tasks)
 
     def shared_parameters(self):
         return list(self.experts.parameters())
@@ -237,8 +242,7 @@ class PLE(Backbone):
         self.levels = nn.ModuleList(
             CGCLayer(in_dim if i == 0 else cfg.expert_dims[-1], cfg, len(self.tasks), shared_gate=i < cfg.ple_levels - 1)
             for i in range(cfg.ple_levels))
-        self.towers = nn.ModuleDict({t: mlp(cfg.expert_dims[-1], cfg.tower_dims, cfg.dropout) for t in tasks})
-        self.out_dim = cfg.tower_dims[-1] if cfg.tower_dims else cfg.expert_dims[-1]
+        self.towers, self.out_dim = task_towers(cfg, tasks)
 
     def shared_parameters(self):
         # Non-final levels' task experts also feed the shared gate and so reach every task's

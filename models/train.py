@@ -538,7 +538,7 @@ def train_model(
         [{"params": dense_params}, {"params": list(weighting.parameters()), "weight_decay": 0.0}],
         lr=tcfg.dense_lr, weight_decay=tcfg.weight_decay,
     )
-    loaders = dict(sparse=spec.sparse, dense_names=dense_names, labels=[t.label_column for t in cfg.tasks],
+    loaders = dict(sparse=spec.sparse, dense_names=dense_names, labels=cfg.label_columns,
                    seed=cfg.seed, pin_memory=device.type == "cuda")
     mine = dict(batch_size=tcfg.batch_size // world, shard=(rank, world), **loaders)
     train_loader = TrainingTableLoader(train_files, shuffle=True, shuffle_buffer_rows=tcfg.shuffle_buffer_rows, **mine)

@@ -64,7 +64,7 @@ def evaluate_models(
     reliability plots of both. Returns {"candidate": metrics, "champion": metrics | None, ...}."""
     name, files = evaluation_table(cfg, warehouse, run_date)
     loader = TrainingTableLoader(files, cfg.features.sparse, cfg.features.dense_names(), batch_size=16_384, shuffle=False,
-                                 seed=cfg.seed, labels=[t.label_column for t in cfg.tasks])
+                                 seed=cfg.seed, labels=cfg.label_columns)
     models = {"candidate": candidate.eval(), **({"champion": champion} if champion is not None else {})}
     preds = {who: predict(model, loader, torch.device("cpu")) for who, model in models.items()}
     metrics = {who: validation_metrics(cfg, pred) for who, pred in preds.items()}
@@ -75,7 +75,7 @@ def evaluate_models(
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     tracker = RunTracker(cfg.state_dir, f"evaluate-{run_name}", tags)
-    logged = {f"{name}/{k}": v for name, m in metrics.items() for k, v in m.items()}
+    logged = {f"{who}/{k}": v for who, m in metrics.items() for k, v in m.items()}
     if "champion" in metrics:
         logged |= {f"delta/{k}": v - metrics["champion"][k] for k, v in metrics["candidate"].items()}
     tracker.log_metrics(logged, 0)
