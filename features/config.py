@@ -11,6 +11,8 @@ from __future__ import annotations
 import datetime as dt
 import math
 import tomllib
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -19,6 +21,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 DEFAULT_CONFIG = Path("configs/demo.toml")
 # Point-in-time metrics kept per aggregate key and window (see FeaturesConfig.dense_names).
 AGGREGATE_METRICS = ("imps", "clicks", "convs", "ctr", "cvr")
+
+
+def repeated(values: Sequence[str]) -> list[str]:
+    """The values that occur more than once, sorted."""
+    return sorted(v for v, n in Counter(values).items() if n > 1)
 
 
 class ConfigError(ValueError):
@@ -147,8 +154,7 @@ class FeaturesConfig(_Section):
     @model_validator(mode="after")
     def _unique_names(self) -> FeaturesConfig:
         names = [f.name for f in self.sparse] + [f.name for f in self.numeric] + [k.name for k in self.aggregate_keys]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
+        if dupes := repeated(names):
             raise ValueError(f"feature names must be unique; repeated: {', '.join(dupes)}")
         return self
 
@@ -386,7 +392,7 @@ class FunnelConfig(_Section):
         labels = self.label_columns
         for what, values in (("task names and views", names + [v for v in views if v not in names]),
                              ("task labels", labels)):
-            if dupes := sorted({v for v in values if values.count(v) > 1}):
+            if dupes := repeated(values):
                 raise ValueError(f"{what} must be unique; repeated: {', '.join(dupes)}")
         for t in self.tasks:
             if t.after is not None and t.after not in names:

@@ -47,7 +47,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from features.config import FunnelConfig, SparseFeature, TableSourceConfig
+from features.config import FunnelConfig, SparseFeature, TableSourceConfig, repeated
 from features.errors import DataContractError, StageError
 from features.examples import DATA_FILE, numeric_feature_expr
 from features.io import atomic_dir, atomic_write_json, sha256_file, write_parquet_dir
@@ -115,7 +115,7 @@ def header_names(path: Path) -> list[str]:
 
 
 def check_unique_header(path: Path, names: list[str]) -> None:
-    if dupes := sorted({n for n in names if names.count(n) > 1}):
+    if dupes := repeated(names):
         raise DataContractError(f"table file {path}: column {dupes[0]!r} is named {names.count(dupes[0])} times in the header"
                                 + (f" (also repeated: {', '.join(map(repr, dupes[1:]))})" if dupes[1:] else ""))
 
@@ -243,8 +243,7 @@ def table_schema(cfg: FunnelConfig) -> pa.Schema:
     fields += [pa.field(t.label_column, pa.int8()) for t in cfg.tasks]
     fields += [pa.field(f.name, pa.large_list(pa.int64()) if f.kind == "list" else pa.int64()) for f in spec.sparse]
     fields += [pa.field(name, pa.float32()) for name in spec.dense_names()]
-    names = [f.name for f in fields]
-    if dupes := sorted({n for n in names if names.count(n) > 1}):
+    if dupes := repeated([f.name for f in fields]):
         raise StageError(f"training table columns must be unique; repeated: {', '.join(dupes)} "
                          "(a feature named like a label column or like raw_user_id): rename the feature")
     return pa.schema(fields)
