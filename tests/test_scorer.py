@@ -115,6 +115,12 @@ def test_score_is_sorted_and_equals_score_table(setup):
     # the context matters: another slot changes the scores
     other = scorer.score(request | {"context": {"device": "ios", "slot": 7}})
     assert {r["item_id"]: r["score"] for r in other} != {r["item_id"]: r["score"] for r in ranked}
+    # context values are cached per request path: a repeat, slot "2" as text (ids are keyed by
+    # their text), and slot 7 asked again each give what they gave the first time
+    assert scorer.score(request) == ranked
+    assert scorer.score(request | {"context": {"device": "ios", "slot": "2"}}) == ranked
+    assert scorer.score(request | {"context": {"device": "ios", "slot": 7}}) == other
+    assert scorer.score(request | {"context": {"device": None, "slot": 2}}) == scorer.score(request | {"context": {"slot": 2}})
 
 
 def test_tampered_missing_and_extra_files_are_refused(setup, tmp_path):
