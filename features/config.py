@@ -98,7 +98,10 @@ class ValidateConfig(_Section):
 
 
 class SparseFeature(_Section):
-    """One sparse feature: a raw column encoded through an append-only vocabulary.
+    """One sparse feature: a raw column encoded through an append-only vocabulary (kind
+    ``id``, ``list``), or a numeric column cut into buckets at fixed ``boundaries`` (kind
+    ``bucket``: one embedding row per bucket, so the model learns any shape of response to
+    the number, as feature-column APIs' bucketized columns do).
 
     Mirrors torchrec's ``EmbeddingBagConfig``: every knob has a name.
     """
@@ -107,7 +110,10 @@ class SparseFeature(_Section):
     # "table": a column of the user's own feature table ([table] section)
     table: Literal["impressions", "users", "items", "table"]
     column: str
-    kind: Literal["id", "list"] = "id"
+    kind: Literal["id", "list", "bucket"] = "id"
+    # kind = "bucket": ascending cut points; bucket 1 holds values below the first, a value
+    # equal to a boundary goes to the bucket above it; null or NaN is padding (row 0)
+    boundaries: list[float] = Field(default_factory=list)
     # FBGEMM's table-batched kernels need embedding dims in multiples of 4.
     dim: int = Field(16, ge=4, multiple_of=4)
     capacity: int = Field(100_000, ge=1, description="max in-vocabulary ids (excl. padding and OOV)")
@@ -115,9 +121,25 @@ class SparseFeature(_Section):
     oov_buckets: int = Field(8, ge=1)
     pooling: Literal["sum", "mean"] = "sum"
 
+    @model_validator(mode="after")
+    def _boundaries_for_buckets(self) -> SparseFeature:
+        if self.kind != "bucket":
+            if self.boundaries:
+                raise ValueError(f"feature {self.name!r}: boundaries are for kind = 'bucket', not {self.kind!r}")
+            return self
+        b = self.boundaries
+        if not b:
+            raise ValueError(f"feature {self.name!r}: kind = 'bucket' needs boundaries (ascending cut points)")
+        if not all(math.isfinite(x) for x in b) or any(x >= y for x, y in zip(b, b[1:])):
+            raise ValueError(f"feature {self.name!r}: boundaries must be finite and strictly ascending, got {b}")
+        return self
+
     @property
     def num_embeddings(self) -> int:
-        """Rows of the embedding table: padding (0) + capacity + OOV buckets."""
+        """Rows of the embedding table: padding (0) + capacity + OOV buckets; for a bucket
+        feature padding + one row per bucket."""
+        if self.kind == "bucket":
+            return len(self.boundaries) + 2
         return 1 + self.capacity + self.oov_buckets
 
 

@@ -172,6 +172,13 @@ def numeric_feature_expr(column: str, transform: str) -> pl.Expr:
 
 def _encode_sparse(warehouse: Path, feature: SparseFeature, day: dt.date, values: pa.ChunkedArray) -> tuple[pa.Array, int]:
     """Apply the day's ids to the feature's vocabulary, then encode them with it."""
+    if feature.kind == "bucket":  # numbers, not ids: no vocabulary to apply
+        buckets = update_vocabulary(warehouse, feature, day, values)
+        try:
+            return pa.array(buckets.encode(values), pa.int64()), buckets.version
+        except TypeError as err:
+            raise DataContractError(f"feature {feature.name!r} (kind bucket): validated {feature.table} column "
+                                    f"{feature.column!r} of {day_str(day)}: {err}") from None
     if feature.kind == "list":
         vocab = update_vocabulary(warehouse, feature, day, values)
         return vocab.encode_list(values), vocab.version

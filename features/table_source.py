@@ -51,7 +51,7 @@ from features.config import FunnelConfig, SparseFeature, TableSourceConfig, repe
 from features.errors import DataContractError, StageError
 from features.examples import DATA_FILE, numeric_feature_expr
 from features.io import atomic_dir, atomic_write_json, sha256_file, write_parquet_dir
-from features.vocab import Vocabulary, read_manifest, update_vocabulary, vocab_dir
+from features.vocab import Buckets, Vocabulary, read_manifest, update_vocabulary, vocab_dir
 from serving.encoding import as_strings
 
 SPLITS = ("train", "val", "test")
@@ -187,6 +187,8 @@ def check_types(cfg: FunnelConfig, path: Path, schema: pl.Schema) -> None:
     """Ids are integers or strings (lists of them), numerics and labels are numbers."""
     for f in cfg.features.sparse:
         dtype = schema[f.column]
+        if f.kind == "bucket" and not (dtype.is_numeric() or dtype == pl.Boolean):
+            raise DataContractError(f"table file {path}: column {f.column!r} (feature {f.name!r}, kind bucket) has type {dtype}, expected numbers")
         if f.kind == "id" and not _is_id_type(dtype):
             raise DataContractError(f"table file {path}: column {f.column!r} (feature {f.name!r}) has type {dtype}, expected integer or string ids")
         # a list: a list column, or a CSV string of delimited ids
@@ -249,7 +251,7 @@ def table_schema(cfg: FunnelConfig) -> pa.Schema:
     return pa.schema(fields)
 
 
-def encode_split(cfg: FunnelConfig, frame: pl.DataFrame, vocabs: dict[str, Vocabulary], schema: pa.Schema) -> pa.Table:
+def encode_split(cfg: FunnelConfig, frame: pl.DataFrame, vocabs: dict[str, Vocabulary | Buckets], schema: pa.Schema) -> pa.Table:
     """One split's rows (labels all present) as a training table of ``schema``."""
     columns: dict[str, pa.Array] = {}
     if cfg.table.user_column:
@@ -260,6 +262,8 @@ def encode_split(cfg: FunnelConfig, frame: pl.DataFrame, vocabs: dict[str, Vocab
         values = sparse_values(f, frame)
         if f.kind == "list":
             columns[f.name] = vocabs[f.name].encode_list(values)
+        elif f.kind == "bucket":
+            columns[f.name] = pa.array(vocabs[f.name].encode(values), pa.int64())
         else:  # one lookup per distinct id
             columns[f.name] = pa.array(vocabs[f.name].encode(pc.dictionary_encode(as_strings(values))), pa.int64())
     numeric = {f.name: numeric_feature_expr(f.column, f.transform).alias(f.name) for f in cfg.features.numeric}

@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 from features.config import SparseFeature
 from features.errors import StageError
 from features.io import atomic_write_bytes, atomic_write_json, sha256_file
-from serving.encoding import as_strings, encode_ids, encode_list_ids
+from serving.encoding import as_strings, bucket_ids, encode_ids, encode_list_ids
 
 VOCAB_SCHEMA = pa.schema([("key", pa.large_string()), ("index", pa.int64()), ("count", pa.int64())])
 
@@ -85,6 +85,20 @@ class Vocabulary:
         return encode_list_ids(values, self.admitted_keys, self.admitted_indices, self.capacity, self.oov_buckets)
 
 
+@dataclass(frozen=True)
+class Buckets:
+    """What stands in for a vocabulary for a kind = "bucket" feature: its boundaries come
+    from the config, so nothing is learned from the data or stored (version 0)."""
+
+    name: str
+    boundaries: tuple[float, ...]
+    version: int = 0
+
+    def encode(self, values: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        """Embedding rows (int64) of a numeric column."""
+        return bucket_ids(values, self.boundaries)
+
+
 def read_manifest(warehouse: Path, name: str) -> dict:
     """The feature's vocabulary manifest; an empty one when none was written yet."""
     path = vocab_dir(warehouse, name) / "manifest.json"
@@ -96,8 +110,10 @@ def read_manifest(warehouse: Path, name: str) -> dict:
         raise StageError(f"vocabulary manifest {path} is unreadable: {err}") from None
 
 
-def load_vocabulary(warehouse: Path, feature: SparseFeature, version: int | None = None) -> Vocabulary:
+def load_vocabulary(warehouse: Path, feature: SparseFeature, version: int | None = None) -> Vocabulary | Buckets:
     """A version of ``feature``'s vocabulary (default: the current one; 0: empty)."""
+    if feature.kind == "bucket":
+        return Buckets(feature.name, tuple(feature.boundaries))
     if version is None:
         version = read_manifest(warehouse, feature.name)["current_version"]
     if version == 0:
@@ -159,13 +175,16 @@ def merge_counts(previous: pa.Table, keys: pa.Array, counts: np.ndarray, feature
     return pl.concat([admitted, rest]).to_arrow().cast(VOCAB_SCHEMA)
 
 
-def update_vocabulary(warehouse: Path, feature: SparseFeature, day: dt.date, values: pa.Array | pa.ChunkedArray) -> Vocabulary:
-    """Apply one day's values of ``feature`` and return the vocabulary to encode that day with.
+def update_vocabulary(warehouse: Path, feature: SparseFeature, day: dt.date, values: pa.Array | pa.ChunkedArray) -> Vocabulary | Buckets:
+    """Apply one day's values of ``feature`` and return the vocabulary to encode that day with
+    (a bucket feature: its Buckets, nothing written).
 
     Idempotent per day: a day already applied returns the version it produced, untouched.
     The version file is written before the manifest that points to it, both atomically, so
     a run killed in between rewrites the same file on rerun.
     """
+    if feature.kind == "bucket":
+        return Buckets(feature.name, tuple(feature.boundaries))
     manifest = read_manifest(warehouse, feature.name)
     day_s = day.isoformat()
     if day_s in manifest["applied_days"]:

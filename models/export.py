@@ -100,7 +100,7 @@ class OnnxRanker(nn.Module):
     def forward(self, dense: torch.Tensor, sparse: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         pooled = []
         for table, kind, mean, ids in zip(self.tables, self.kinds, self.means, sparse):
-            if kind == "id":
+            if kind != "list":  # one id per row: id, bucket
                 pooled.append(table(ids))
                 continue
             mask = (ids >= 0).to(torch.float32).unsqueeze(-1)  # [B, L, 1]
@@ -269,7 +269,8 @@ def serving_spec(cfg: FunnelConfig, vocab_versions: dict) -> dict:
         "tasks": [{"name": t.name, "served": t.served_name, "score_exponent": t.score_exponent} for t in cfg.tasks],
         "sparse": [
             {"name": f.name, "table": f.table, "column": f.column, "kind": f.kind, "capacity": f.capacity,
-             "oov_buckets": f.oov_buckets, "pooling": f.pooling, "vocab": f"vocab/{f.name}.parquet", "vocab_version": vocab_versions[f.name]}
+             "oov_buckets": f.oov_buckets, "pooling": f.pooling, "vocab_version": vocab_versions[f.name],
+             **({"boundaries": f.boundaries} if f.kind == "bucket" else {"vocab": f"vocab/{f.name}.parquet"})}
             for f in spec.sparse
         ],
         "dense": dense,
@@ -367,8 +368,9 @@ def export_bundle(
         parity = check_parity(model, onnx_path, parity_batches(cfg, parity_files), spec, cfg.tasks)
         (tmp / "vocab").mkdir()
         for f in spec.sparse:
-            vocab = load_vocabulary(warehouse, f, vocab_versions[f.name])
-            pq.write_table(vocab.table, tmp / "vocab" / f"{f.name}.parquet", compression="zstd")
+            if f.kind != "bucket":  # a bucket feature's boundaries are in spec.json
+                vocab = load_vocabulary(warehouse, f, vocab_versions[f.name])
+                pq.write_table(vocab.table, tmp / "vocab" / f"{f.name}.parquet", compression="zstd")
         if cfg.table is None:
             serving["defaults"] = _write_event_features(cfg, warehouse, tmp, key_sources, snapshot_day, as_of, vocab_versions)
         (tmp / "spec.json").write_text(json.dumps(serving, indent=2, sort_keys=True) + "\n")

@@ -134,7 +134,7 @@ def _check_schema(path: Path, schema: pa.Schema, sparse: Sequence[SparseFeature]
         return StageError(f"training table {path}: column '{name}' has type {got}, expected {wanted}")
 
     for feature in sparse:
-        if feature.kind == "id":
+        if feature.kind != "list":  # id, bucket
             t = column_type(feature.name, "integer ids")
             if not pa.types.is_integer(t):
                 raise bad(feature.name, "integer ids", t)
@@ -296,7 +296,7 @@ class TrainingTableLoader:
         self.pin_memory = pin_memory
         self.keys = [f.name for f in self.sparse]
         self.label_names = tuple(dict.fromkeys(labels))
-        self._id_features = [f.name for f in self.sparse if f.kind == "id"]
+        self._id_features = [f.name for f in self.sparse if f.kind != "list"]  # one id per row: id, bucket
         self._list_features = [f.name for f in self.sparse if f.kind == "list"]
 
         row_groups: list[_RowGroup] = []

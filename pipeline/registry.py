@@ -81,9 +81,9 @@ def same_architecture(a: FunnelConfig | None, b: FunnelConfig) -> str | None:
         return "the tasks differ"
     if a.features.dense_names() != b.features.dense_names():
         return "the dense features differ"
-    shape = [(f.name, f.kind, f.dim, f.pooling) for f in a.features.sparse]
-    if shape != [(f.name, f.kind, f.dim, f.pooling) for f in b.features.sparse]:
-        return "the sparse features (names, kinds, dims or pooling) differ"
+    shape = [(f.name, f.kind, f.dim, f.pooling, f.boundaries) for f in a.features.sparse]  # new boundaries: new buckets
+    if shape != [(f.name, f.kind, f.dim, f.pooling, f.boundaries) for f in b.features.sparse]:
+        return "the sparse features (names, kinds, dims, pooling or bucket boundaries) differ"
     return None
 
 

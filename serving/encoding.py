@@ -1,5 +1,6 @@
 """Id encoding shared by training (features/vocab.py) and the scorer: one code path, so
-offline and online encodings cannot differ.
+offline and online encodings cannot differ. Numeric columns bucketised into embedding rows
+(``bucket_ids``) share it too.
 
 Only numpy and pyarrow are imported here (the scorer runs without torch or polars).
 
@@ -107,6 +108,19 @@ def encode_ids(values: pa.Array | pa.ChunkedArray, keys: pa.Array, indices: np.n
         missed = vals.filter(pa.array(unknown))
         out[unknown] = oov_index(stable_hash(missed), capacity, oov_buckets)
     return out
+
+
+def bucket_ids(values: pa.Array | pa.ChunkedArray, boundaries) -> np.ndarray:
+    """Embedding rows (int64) of a bucketised numeric column: 1 + the number of
+    ``boundaries`` (ascending) at or below the value, so buckets are 1 .. len(boundaries) + 1
+    and a value equal to a boundary falls in the bucket above it; 0 (padding) for null or NaN."""
+    try:
+        x = pc.cast(values, pa.float64()).to_numpy(zero_copy_only=False)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+        raise TypeError(f"bucketised values must be numbers, got Arrow type {values.type}: {err}") from None
+    ids = np.searchsorted(np.asarray(boundaries, dtype=np.float64), x, side="right").astype(np.int64) + 1
+    ids[np.isnan(x)] = 0  # nulls arrive as NaN
+    return ids
 
 
 def list_elements(values: pa.Array | pa.ChunkedArray, delimiter: str | None = None) -> tuple[np.ndarray, pa.Array]:

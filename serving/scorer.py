@@ -47,7 +47,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from serving.bundle import Bundle
-from serving.encoding import KeyIndex, as_strings, join_key_columns, list_elements, pad_jagged, vocab_encoder
+from serving.encoding import KeyIndex, as_strings, bucket_ids, join_key_columns, list_elements, pad_jagged, vocab_encoder
 
 REQUIRED_COLUMNS = ("user_id", "item_id")  # of an events bundle's rows
 SCORE = "score"
@@ -75,7 +75,11 @@ class BatchOnlyError(ValueError):
 
 
 def _vocab_encoder(bundle: Bundle, feature: dict):
-    """The feature's bundled vocabulary as a function raw ids -> embedding rows."""
+    """The feature's bundled vocabulary as a function raw ids -> embedding rows (a bucket
+    feature: its boundaries, raw numbers -> bucket rows)."""
+    if feature["kind"] == "bucket":
+        boundaries = np.asarray(feature["boundaries"], np.float64)
+        return lambda values: bucket_ids(values, boundaries)
     vocab = pq.read_table(bundle.file(feature["vocab"]), columns=["key", "index"])
     admitted = pc.greater(vocab.column("index"), 0)
     return vocab_encoder(vocab.column("key").filter(admitted), vocab.column("index").filter(admitted).to_numpy(),

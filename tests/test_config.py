@@ -39,6 +39,11 @@ def test_demo_config_loads():
         (lambda d: d["features"].update(windows_days=[7, 1]), "features.windows_days"),
         (lambda d: d["features"]["sparse"][1].update(name="user_id"), "repeated: user_id"),
         (lambda d: d.pop("features"), "features: required value missing"),
+        (lambda d: d["features"]["sparse"].append({"name": "price_bucket", "table": "items", "column": "price", "kind": "bucket"}),
+         "kind = 'bucket' needs boundaries"),
+        (lambda d: d["features"]["sparse"].append({"name": "price_bucket", "table": "items", "column": "price", "kind": "bucket",
+                                                   "boundaries": [10.0, 10.0, 20.0]}), "strictly ascending, got [10.0, 10.0, 20.0]"),
+        (lambda d: d["features"]["sparse"][4].update(boundaries=[1.0]), "boundaries are for kind = 'bucket', not 'id'"),
     ],
 )
 def test_bad_config_names_the_key(edit, message):
@@ -48,6 +53,14 @@ def test_bad_config_names_the_key(edit, message):
         parse_config(data, "bad.toml")
     assert "bad.toml" in str(err.value)
     assert message in str(err.value)
+
+
+def test_bucket_feature_has_a_row_per_bucket_and_padding():
+    data = demo_dict()
+    data["features"]["sparse"].append({"name": "price_bucket", "table": "items", "column": "price", "kind": "bucket",
+                                       "boundaries": [10, 20.5, 40], "dim": 4})
+    feature = parse_config(data).features.sparse[-1]
+    assert feature.boundaries == [10.0, 20.5, 40.0] and feature.num_embeddings == 5  # padding + 4 buckets
 
 
 def test_ints_are_accepted_where_floats_are_expected():

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from serving.encoding import KeyIndex, encode_ids, list_elements, per_distinct, vocab_encoder
+from serving.encoding import KeyIndex, bucket_ids, encode_ids, list_elements, per_distinct, vocab_encoder
 
 
 def _random_values(rng: np.random.Generator, keys: list[str], n: int) -> pa.Array:
@@ -84,3 +84,12 @@ def test_list_elements_of_delimited_text_split_as_the_table_source_does():
     assert lengths.tolist() == [2, 0, 0] and elements.to_pylist() == ["a", None]
     with pytest.raises(TypeError, match="expected a list column"):
         list_elements(pa.array(["a|b"]))  # text without a delimiter is not a list
+
+
+def test_bucket_ids_put_a_boundary_in_the_bucket_above_and_nulls_in_padding():
+    boundaries = [0.0, 10.0, 20.0]
+    values = pa.array([-5.0, 0.0, 9.99, 10.0, 15.0, 20.0, 1e9, None, float("nan"), -np.inf, np.inf])
+    assert bucket_ids(values, boundaries).tolist() == [1, 2, 2, 3, 3, 4, 4, 0, 0, 1, 4]
+    assert bucket_ids(pa.chunked_array([pa.array([3, 25], pa.int64()), pa.array([None], pa.int64())]), boundaries).tolist() == [2, 4, 0]
+    with pytest.raises(TypeError, match="bucketised values must be numbers, got Arrow type string"):
+        bucket_ids(pa.array(["a"]), boundaries)

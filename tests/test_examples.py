@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from features.aggregates import build_daily_aggregates, rolling_state_dir
-from features.config import load_config
+from features.config import load_config, parse_config
 from features.contract import TS, report_path, validated_dir
 from features.errors import DataContractError
 from features.examples import build_training_table, training_dir, training_schema
@@ -243,6 +243,21 @@ def test_rerun_skips_and_rebuild_after_kill_is_identical(setup, tmp_path):
     changed = build_training_table(cfg, warehouse, D3)
     assert not changed["skipped"] and changed["content_sha256"] != first["content_sha256"]
     assert read(warehouse, D2)["price"][0] == pytest.approx(math.log(100), rel=1e-6)
+
+
+def test_bucket_features_encode_snapshot_numbers_and_name_a_text_column(setup):
+    cfg, warehouse, _ = setup
+    bucket = {"name": "price_bucket", "table": "items", "column": "price", "kind": "bucket", "boundaries": [1.0, 9.0]}
+    data = cfg.model_dump(by_alias=True)
+    data["features"]["sparse"].append(bucket)
+    bucketed = parse_config(data)
+    build_training_table(bucketed, warehouse, D3)
+    rows = read(warehouse, D2)  # items i1 9.0 (a boundary: the bucket above), i2 0.0, i3 null (padding)
+    assert rows["price_bucket"] == [{"i1": 3, "i2": 1, "i3": 0}[item] for item in ("i1", "i2", "i3")]
+    data["features"]["sparse"][-1] = bucket | {"name": "category_bucket", "column": "category_id"}
+    with pytest.raises(DataContractError, match=r"feature 'category_bucket' \(kind bucket\): validated items column "
+                                                 r"'category_id' of 2026-05-02: bucketised values must be numbers"):
+        build_training_table(parse_config(data), warehouse, D3)
 
 
 def test_immature_day_is_refused(setup):

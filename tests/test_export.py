@@ -100,7 +100,9 @@ def test_bundle_files_manifest_and_spec(warehouse):
     manifest = json.loads((bundle / "manifest.json").read_text())
     on_disk = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file()} - {"manifest.json"}
     assert set(manifest["files"]) == on_disk
-    assert {f"vocab/{f.name}.parquet" for f in cfg.features.sparse} | {"model.onnx", "spec.json", "features/users.parquet", "features/items.parquet"} <= on_disk
+    vocabs = {f"vocab/{f.name}.parquet" for f in cfg.features.sparse if f.kind != "bucket"}
+    assert vocabs | {"model.onnx", "spec.json", "features/users.parquet", "features/items.parquet"} <= on_disk
+    assert "vocab/price_bucket.parquet" not in on_disk  # a bucket feature's boundaries are in spec.json
     for name, digest in manifest["files"].items():
         assert sha256_file(bundle / name) == digest
     assert set(manifest["versions"]) == {"funnelrank", "torch", "onnx", "onnxruntime"}
@@ -109,6 +111,7 @@ def test_bundle_files_manifest_and_spec(warehouse):
     spec = json.loads((bundle / "spec.json").read_text())
     assert [d["name"] for d in spec["dense"]] == cfg.features.dense_names()
     assert spec["inputs"] == ["dense", *[f.name for f in cfg.features.sparse]]
+    assert [f["boundaries"] for f in spec["sparse"] if f["kind"] == "bucket"] == [[20.0, 40.0, 80.0, 160.0]]
     assert spec["source"] == "events" and spec["outputs"] == ["p_click", "p_ctcvr", "p_cvr", "score"]
     assert spec["tasks"] == [{"name": "click", "served": "click", "score_exponent": 1.0},
                              {"name": "conversion", "served": "ctcvr", "score_exponent": 1.0}]

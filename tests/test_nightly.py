@@ -240,3 +240,7 @@ def test_same_architecture_names_what_does_not_fit():
                             "conditional_name": "cvr"}]}))
     assert "[model]" in same_architecture(cfg, parse_config({**base, "model": {"backbone": "ple"}}))
     assert "does not validate" in same_architecture(None, cfg)  # a champion of an older config schema
+    bucket = {"name": "p", "table": "items", "column": "price", "kind": "bucket", "boundaries": [1.0, 2.0]}
+    with_buckets = parse_config({"features": {"sparse": [*base["features"]["sparse"], bucket]}})
+    moved = parse_config({"features": {"sparse": [*base["features"]["sparse"], bucket | {"boundaries": [1.0, 3.0]}]}})
+    assert "bucket boundaries" in same_architecture(with_buckets, moved)  # the rows would mean other buckets

@@ -30,6 +30,7 @@ from serving.http import HttpServer, RankingService
 from serving.scorer import BatchOnlyError, Scorer
 
 ROWS = {"train": 3000, "val": 600, "test": 700}
+PRICE_BOUNDARIES = [5.0, 10.0, 20.0, 40.0]
 
 
 def _split(rng: np.random.Generator, n: int, test: bool) -> pa.Table:
@@ -77,6 +78,7 @@ def trained(tmp_path_factory):
                 {"name": "item_id", "table": "table", "column": "item", "dim": 8, "capacity": 200, "oov_buckets": 4},
                 {"name": "tags", "table": "table", "column": "tags", "kind": "list", "dim": 4, "capacity": 30,
                  "oov_buckets": 2, "pooling": "mean"},
+                {"name": "price_bucket", "table": "table", "column": "price", "kind": "bucket", "boundaries": PRICE_BOUNDARIES, "dim": 4},
             ],
             "numeric": [{"name": "price", "table": "table", "column": "price", "transform": "log1p"},
                         {"name": "age", "table": "table", "column": "age"}],
@@ -112,9 +114,9 @@ def test_export_checks_parity_on_the_test_split_and_logs_the_bundle(trained):
     assert bundle.manifest["parity_files"] == [str(f) for f in prepare_table(cfg, cfg.warehouse).files["test"]]
     spec = bundle.spec
     assert spec["source"] == "table" and "snapshots" not in spec and "aggregate_keys" not in spec
-    assert [(f["name"], f["column"], f["kind"], f["vocab"]) for f in spec["sparse"]] == [
-        ("user_id", "user", "id", "vocab/user_id.parquet"), ("item_id", "item", "id", "vocab/item_id.parquet"),
-        ("tags", "tags", "list", "vocab/tags.parquet")]
+    assert [(f["name"], f["column"], f["kind"], f.get("vocab"), f.get("boundaries")) for f in spec["sparse"]] == [
+        ("user_id", "user", "id", "vocab/user_id.parquet", None), ("item_id", "item", "id", "vocab/item_id.parquet", None),
+        ("tags", "tags", "list", "vocab/tags.parquet", None), ("price_bucket", "price", "bucket", None, PRICE_BOUNDARIES)]
     assert [(d["name"], d["column"], d["transform"]) for d in spec["dense"]] == [("price", "price", "log1p"), ("age", "age", "none")]
     assert spec["tasks"] == [{"name": "click", "served": "click", "score_exponent": 1.0},
                              {"name": "purchase", "served": "purchase", "score_exponent": 0.5}]
@@ -140,6 +142,10 @@ def test_score_table_on_raw_rows_equals_the_torch_model_on_prepared_rows(trained
     for name in ("user_id", "item_id"):
         np.testing.assert_array_equal(feeds[name], prepared.column(name).to_numpy(), err_msg=name)
     assert [[int(v) for v in row if v >= 0] for row in feeds["tags"]] == prepared.column("tags").to_pylist()
+    np.testing.assert_array_equal(feeds["price_bucket"], prepared.column("price_bucket").to_numpy())
+    price = raw.column("price").to_numpy(zero_copy_only=False)
+    want = [0 if np.isnan(p) else 1 + sum(p >= b for b in PRICE_BOUNDARIES) for p in price]  # a boundary starts its bucket
+    assert feeds["price_bucket"].tolist() == want and set(want) == {0, 1, 2, 3, 4, 5}
     np.testing.assert_array_equal(feeds["dense"], np.column_stack([prepared.column(n).to_numpy() for n in ("price", "age")]))
     capacity = {f.name: f.capacity for f in cfg.features.sparse}
     assert (feeds["user_id"][:50] > capacity["user_id"]).all() and (feeds["item_id"][50:80] > capacity["item_id"]).all()

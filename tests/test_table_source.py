@@ -242,6 +242,16 @@ def test_bad_tables_name_file_and_column(tmp_path, csv_files, split, text, messa
         prepare_table(tiny_config(csv_files), tmp_path / "wh")
 
 
+def test_bucket_feature_encodes_numbers_and_refuses_a_text_column(tmp_path, csv_files):
+    bucket = {"name": "price_bucket", "table": "table", "column": "price", "kind": "bucket", "boundaries": [0.0, 2.0]}
+    prepared = prepare_table(tiny_config(csv_files, extra_sparse=[bucket]), tmp_path / "wh")
+    # train prices 1.0, 3.0, 0.0, -2.0 (a boundary starts its bucket); no vocabulary is written for it
+    assert pl.read_parquet(prepared.files["train"])["price_bucket"].to_list() == [2, 3, 2, 1]
+    assert not (tmp_path / "wh" / "vocab" / "price_bucket").exists()
+    with pytest.raises(DataContractError, match=r"train\.csv: column 'item' \(feature 'item_bucket', kind bucket\) has type String, expected numbers"):
+        prepare_table(tiny_config(csv_files, extra_sparse=[bucket | {"name": "item_bucket", "column": "item"}]), tmp_path / "wh2")
+
+
 def test_label_used_as_feature_is_refused(tmp_path, csv_files):
     cfg = tiny_config(csv_files, extra_sparse=[{"name": "clicked", "table": "table", "column": "click"}])
     with pytest.raises(DataContractError, match=r"train\.csv: column 'click' is the label of task 'click' and also feature 'clicked'"):
