@@ -361,7 +361,10 @@ class HttpServer:
                 except BatchOnlyError as err:  # a table bundle: nothing wrong with the request itself
                     raise RequestError(501, str(err)) from None
                 rank = parse_rank_request(body, service.max_candidates)
-                item_ids, feeds = scorer.request_feeds(rank)
+                try:
+                    item_ids, feeds = scorer.request_feeds(rank)
+                except ValueError as err:  # a context value the features cannot take
+                    raise RequestError(400, str(err)) from None
                 outputs = await self.batcher.run(scorer, feeds, len(item_ids))
                 return 200, rank_response(scorer.version, item_ids, scorer.result_names, outputs)
             if path == "/admin/reload":

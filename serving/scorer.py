@@ -375,7 +375,10 @@ class Scorer:
         for f in self.spec["sparse"]:
             name, source = f["name"], f["table"]
             if source == "impressions" and f["column"] not in self.key_snapshot:
-                feeds[name] = _expand(self._encode_context(name, context(f["column"])), n)
+                try:
+                    feeds[name] = _expand(self._encode_context(name, context(f["column"])), n)
+                except TypeError as err:  # e.g. text for a bucketised number
+                    raise ValueError(f"context.{f['column']} (feature {name!r}): {err}") from None
             elif source == "impressions":
                 table = self.key_snapshot[f["column"]]
                 feeds[name] = _expand(self.snapshots[table].ids[name][rows[table]], n)

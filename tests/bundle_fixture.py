@@ -34,15 +34,15 @@ OVERRIDES = {
 CAPACITY = {"user_id": 200, "item_id": 80, "city": 5}
 
 
-# A bucketised snapshot attribute rides along, so the event path (examples, the bundle's
-# snapshot, the scorer) carries a kind = "bucket" feature too.
-PRICE_BUCKET = SparseFeature(name="price_bucket", table="items", column="price", kind="bucket",
-                             boundaries=[20.0, 40.0, 80.0, 160.0], dim=4)
+# A bucketised snapshot attribute and a bucketised request column ride along, so the event
+# path (examples, the bundle's snapshot, the scorer's context) carries kind = "bucket" features too.
+BUCKETS = [SparseFeature(name="price_bucket", table="items", column="price", kind="bucket", boundaries=[20.0, 40.0, 80.0, 160.0], dim=4),
+           SparseFeature(name="slot_bucket", table="impressions", column="slot", kind="bucket", boundaries=[2.0, 5.0], dim=4)]
 
 
 def tiny_config(tmp: Path, backbone: str = "mmoe") -> FunnelConfig:
     cfg = load_config(ROOT / "configs" / "demo.toml", OVERRIDES | {"model": OVERRIDES["model"] | {"backbone": backbone}})
-    sparse = [f.model_copy(update={"capacity": CAPACITY.get(f.name, f.capacity)}) for f in cfg.features.sparse] + [PRICE_BUCKET]
+    sparse = [f.model_copy(update={"capacity": CAPACITY.get(f.name, f.capacity)}) for f in cfg.features.sparse] + BUCKETS
     features = cfg.features.model_copy(update={"sparse": sparse})
     return cfg.model_copy(update={"features": features, "warehouse": tmp / "warehouse", "state_dir": tmp / "state"})
 

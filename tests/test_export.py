@@ -111,7 +111,8 @@ def test_bundle_files_manifest_and_spec(warehouse):
     spec = json.loads((bundle / "spec.json").read_text())
     assert [d["name"] for d in spec["dense"]] == cfg.features.dense_names()
     assert spec["inputs"] == ["dense", *[f.name for f in cfg.features.sparse]]
-    assert [f["boundaries"] for f in spec["sparse"] if f["kind"] == "bucket"] == [[20.0, 40.0, 80.0, 160.0]]
+    assert [(f["name"], f["boundaries"]) for f in spec["sparse"] if f["kind"] == "bucket"] == [
+        ("price_bucket", [20.0, 40.0, 80.0, 160.0]), ("slot_bucket", [2.0, 5.0])]
     assert spec["source"] == "events" and spec["outputs"] == ["p_click", "p_ctcvr", "p_cvr", "score"]
     assert spec["tasks"] == [{"name": "click", "served": "click", "score_exponent": 1.0},
                              {"name": "conversion", "served": "ctcvr", "score_exponent": 1.0}]

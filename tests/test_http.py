@@ -103,6 +103,8 @@ BAD_REQUESTS = [
     (json.dumps({"user_id": "u1", "candidates": [{"item_id": 3}]}).encode(), 400, "candidates[0] must be an object"),
     (json.dumps({"user_id": "u1", "context": [1], "candidates": [{"item_id": "i"}]}).encode(), 400, "context must be an object"),
     (json.dumps({"user_id": "u1", "context": {"slot": [1]}, "candidates": [{"item_id": "i"}]}).encode(), 400, "context.slot must be"),
+    (json.dumps({"user_id": "u1", "context": {"slot": "top"}, "candidates": [{"item_id": "i"}]}).encode(), 400,
+     "context.slot (feature 'slot_bucket'): bucketised values must be numbers"),
     (json.dumps({"user_id": "u1", "candidates": [{"item_id": "i"}] * 301}).encode(), 413, "above the limit of 300"),
     (b"x" * ((1 << 20) + 1), 413, "above the limit of 1048576"),
 ]
