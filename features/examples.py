@@ -16,6 +16,7 @@ Columns of ``<warehouse>/training/date=L/part-0.parquet``, in this order:
 * labels: ``click``, ``conversion`` Int8, ``conversion_value`` Float64;
 * sparse features, named as in the spec: Int64 embedding rows (kind=id) or
   List(Int64) (kind=list), encoded with the vocabularies after applying day L's ids;
+  Int64 bucket rows of a number (kind=bucket, serving.encoding.bucket_ids);
 * dense features, Float32, in ``cfg.features.dense_names()`` order.
 
 Null handling: a null id encodes to 0 (padding), a null list to an empty list; a key with

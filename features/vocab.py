@@ -1,4 +1,5 @@
-"""Append-only vocabularies, one per sparse feature of the spec.
+"""Append-only vocabularies, one per sparse id or list feature of the spec (a kind = "bucket"
+feature has none: its configured boundaries, ``Buckets``, stand in).
 
 An id keeps its index forever, so yesterday's embedding rows stay valid for a warm start:
 
