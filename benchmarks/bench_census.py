@@ -4,6 +4,7 @@ otherwise pick.
 
     python -m benchmarks.bench_census                      # 4 backbones x 3 seeds, 5 epochs, batch 1024
     python -m benchmarks.bench_census --backbones mmoe --seeds 1
+    python -m benchmarks.bench_census --backbones mmoe --bucket-numeric 32   # + bucketised numbers
 
 Data: ``configs/census.toml`` (the fixed torch-rechub split of the UCI Census-Income (KDD)
 test file in ``../shared/data/census-income/derived_rechub_split``: 59,857 train / 19,952
@@ -34,7 +35,7 @@ from benchmarks.common import in_child, peak_rss_mib
 BACKBONES = ("single_task", "shared_bottom", "mmoe", "ple")
 
 
-def _run(config: Path, backbone: str, seed: int, epochs: int, batch_size: int, workdir: str, out) -> None:
+def _run(config: Path, backbone: str, seed: int, epochs: int, batch_size: int, workdir: str, sparse: list[dict], out) -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -47,7 +48,8 @@ def _run(config: Path, backbone: str, seed: int, epochs: int, batch_size: int, w
 
     started = time.perf_counter()
     cfg = load_config(config, {"seed": seed, "warehouse": f"{workdir}/warehouse", "state_dir": f"{workdir}/state-{backbone}-{seed}",
-                               "model": {"backbone": backbone}, "train": {"epochs": epochs, "batch_size": batch_size}})
+                               "model": {"backbone": backbone}, "train": {"epochs": epochs, "batch_size": batch_size},
+                               "features": {"sparse": sparse}})
     result = train_model(cfg, cfg.warehouse, None, progress=False)
     _, test_files = evaluation_table(cfg, cfg.warehouse, None)
     test = TrainingTableLoader(test_files, cfg.features.sparse, cfg.features.dense_names(), 8192, shuffle=False, seed=0,
@@ -57,6 +59,31 @@ def _run(config: Path, backbone: str, seed: int, epochs: int, batch_size: int, w
              "samples_per_s": statistics.mean(h["train/samples_per_s"] for h in result.history),
              "epochs": result.epochs_run, "best_epoch": result.best_epoch, "seconds": time.perf_counter() - started,
              "peak_rss_mib": peak_rss_mib()})
+
+
+def bucketised_numeric(config: Path, buckets: int) -> list[dict]:
+    """The config's sparse features plus, when ``buckets`` > 1, a kind = "bucket" feature per
+    numeric feature cut at the train split's ``buckets``-quantiles (ties merged)."""
+    import numpy as np
+    import polars as pl
+
+    from features.config import load_config
+    from features.table_source import is_csv, split_inputs
+
+    cfg = load_config(config)
+    sparse = [f.model_dump(mode="json") for f in cfg.features.sparse]
+    if buckets <= 1:
+        return sparse
+    train = split_inputs(cfg.table)["train"]
+    frame = pl.read_csv(train, infer_schema_length=None) if is_csv(train) else pl.read_parquet(train)
+    if cfg.table.split_column is not None:
+        frame = frame.filter(pl.col(cfg.table.split_column).cast(pl.String) == cfg.table.split_values["train"])
+    for f in cfg.features.numeric:
+        values = frame.get_column(f.column).drop_nulls().cast(pl.Float64).to_numpy()
+        cuts = np.unique(np.quantile(values, np.linspace(0.0, 1.0, buckets + 1)[1:-1]))
+        sparse.append({"name": f"{f.name}_bucket", "table": f.table, "column": f.column, "kind": "bucket",
+                       "boundaries": cuts.tolist(), "dim": 8})
+    return sparse
 
 
 def _spread(values: list[float]) -> str:
@@ -71,14 +98,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=3, help="runs per backbone, seeds 0..N-1 (default %(default)s)")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--bucket-numeric", type=int, default=0, metavar="N",
+                        help="also feed each numeric column as a kind = \"bucket\" feature cut at the train split's N-quantiles")
     args = parser.parse_args(argv)
+    sparse = bucketised_numeric(args.config, args.bucket_numeric)
 
-    print(f"config {args.config}  epochs {args.epochs}  batch {args.batch_size}  seeds {args.seeds}  "
+    print(f"config {args.config}  epochs {args.epochs}  batch {args.batch_size}  seeds {args.seeds}  sparse features {len(sparse)}  "
           f"cores {os.cpu_count()}  load avg {os.getloadavg()[0]:.2f}", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as workdir:  # one warehouse: the table is prepared once
         for backbone in args.backbones:
-            runs = [in_child(_run, args.config, backbone, seed, args.epochs, args.batch_size, workdir) for seed in range(args.seeds)]
+            runs = [in_child(_run, args.config, backbone, seed, args.epochs, args.batch_size, workdir, sparse) for seed in range(args.seeds)]
             for seed, r in enumerate(runs):
                 print(f"  {backbone:13s} seed {seed}: " + "  ".join(f"{v} {a:.4f}" for v, a in r["test"].items())
                       + f"  {r['samples_per_s']:,.0f} samples/s  best epoch {r['best_epoch']}  {r['seconds']:.1f} s", flush=True)
