@@ -113,10 +113,14 @@ def per_feature_embedding_model(spec: FeaturesConfig, cfg, tasks, dense_mean: np
                 pooled.append(rows)
             return torch.cat([*pooled, self.normalizer(dense)], dim=1)
 
+        def from_backbone_input(self, x: torch.Tensor) -> ModelOutput:
+            """Cross layers, backbone and heads on ``backbone_input``'s output."""
+            features = self.cross(x)
+            hidden, gates = self.backbone(features)
+            return ModelOutput(*self.heads(hidden), features, gates)
+
         def forward(self, dense: torch.Tensor, ids: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> ModelOutput:
-            x = self.cross(self.backbone_input(dense, ids, masks))
-            hidden, gates = self.backbone(x)
-            return ModelOutput(*self.heads(hidden), x, gates)
+            return self.from_backbone_input(self.backbone_input(dense, ids, masks))
 
     return PerFeatureEmbeddingNet()
 
@@ -167,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     from features.config import load_config, parse_config
     from models.loader import TrainingTableLoader
     from models.losses import LossWeighting, training_loss
-    from models.nets import ModelOutput, MultiTaskNet, dense_stats
+    from models.nets import MultiTaskNet, dense_stats
     from models.train import _init_process_group, distribute
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -200,53 +204,38 @@ def main(argv: list[str] | None = None) -> None:
         baseline = per_feature_embedding_model(spec, mcfg, cfg.tasks, mean, std)
         check_same_function(net, baseline, batches[0], padded[0])
         model = distribute(net, tcfg, torch.device("cpu"))
-        weighting = LossWeighting(mcfg, cfg.tasks)
         dense_opt = torch.optim.AdamW([q for _, q in in_backward_optimizer_filter(model.named_parameters())],
                                       lr=tcfg.dense_lr, weight_decay=tcfg.weight_decay)
 
-        def torchrec_step(i: int) -> None:
-            b = batches[i]
-            out = model(b.dense, b.sparse)
-            loss, _ = training_loss(out, b.labels, cfg.tasks, mcfg.conversion_head, weighting, net.backbone.penalty(), 0.0)
-            dense_opt.zero_grad()
-            loss.backward()  # also updates the embedding rows (fused row-wise Adagrad)
-            dense_opt.step()
+        def stepper(forward, penalty, optimizers):
+            """One training step on batch i: ``forward(i)``, the shared loss, backward, step."""
+            weighting = LossWeighting(mcfg, cfg.tasks)
 
-        base_weighting = LossWeighting(mcfg, cfg.tasks)
-        base_opts = [
-            torch.optim.Adagrad(baseline.tables.parameters(), lr=tcfg.sparse_lr),
-            torch.optim.AdamW([q for n, q in baseline.named_parameters() if not n.startswith("tables.")],
-                              lr=tcfg.dense_lr, weight_decay=tcfg.weight_decay),
-        ]
+            def step(i: int) -> None:
+                loss, _ = training_loss(forward(i), batches[i].labels, cfg.tasks, mcfg.conversion_head, weighting, penalty(), 0.0)
+                for o in optimizers:
+                    o.zero_grad()
+                loss.backward()  # torchrec: also updates the embedding rows (fused row-wise Adagrad)
+                for o in optimizers:
+                    o.step()
 
-        def baseline_step(i: int) -> None:
-            b = batches[i]
-            out = baseline(b.dense, *padded[i])
-            loss, _ = training_loss(out, b.labels, cfg.tasks, mcfg.conversion_head, base_weighting, baseline.backbone.penalty(), 0.0)
-            for o in base_opts:
-                o.zero_grad()
-            loss.backward()  # dense gradients of every table
-            for o in base_opts:
-                o.step()
+            return step
+
+        def baseline_dense_optimizer() -> torch.optim.Optimizer:
+            return torch.optim.AdamW([q for n, q in baseline.named_parameters() if not n.startswith("tables.")],
+                                     lr=tcfg.dense_lr, weight_decay=tcfg.weight_decay)
+
+        torchrec_step = stepper(lambda i: model(batches[i].dense, batches[i].sparse), net.backbone.penalty, [dense_opt])
+        baseline_step = stepper(lambda i: baseline(batches[i].dense, *padded[i]), baseline.backbone.penalty,
+                                [torch.optim.Adagrad(baseline.tables.parameters(), lr=tcfg.sparse_lr), baseline_dense_optimizer()])
 
         # The dense layers alone, on the pooled embeddings precomputed (with a gradient, as
         # the embeddings would take it): what any embedding implementation, even a free one,
         # adds its own time to. baseline / this is the ceiling of the ratio for this model.
         with torch.no_grad():
             inputs = [baseline.backbone_input(b.dense, *padded[i]) for i, b in enumerate(batches)]
-        dense_weighting = LossWeighting(mcfg, cfg.tasks)
-        dense_only_opt = torch.optim.AdamW([q for n, q in baseline.named_parameters() if not n.startswith("tables.")],
-                                           lr=tcfg.dense_lr, weight_decay=tcfg.weight_decay)
-
-        def dense_only_step(i: int) -> None:
-            x = inputs[i].clone().requires_grad_(True)
-            features = baseline.cross(x)
-            hidden, gates = baseline.backbone(features)
-            out = ModelOutput(*baseline.heads(hidden), features, gates)
-            loss, _ = training_loss(out, batches[i].labels, cfg.tasks, mcfg.conversion_head, dense_weighting, baseline.backbone.penalty(), 0.0)
-            dense_only_opt.zero_grad()
-            loss.backward()
-            dense_only_opt.step()
+        dense_only_step = stepper(lambda i: baseline.from_backbone_input(inputs[i].clone().requires_grad_(True)),
+                                  baseline.backbone.penalty, [baseline_dense_optimizer()])
 
         print(f"rows {args.rows:,}  batch {args.batch_size}  backbone {mcfg.backbone}  head {mcfg.conversion_head}  "
               f"sparse features {len(spec.sparse)} ({sum(f.num_embeddings * f.dim for f in spec.sparse):,} embedding params)  "
