@@ -184,8 +184,8 @@ def update_vocabulary(warehouse: Path, feature: SparseFeature, day: dt.date, val
     The version file is written before the manifest that points to it, both atomically, so
     a run killed in between rewrites the same file on rerun.
     """
-    if feature.kind == "bucket":
-        return Buckets(feature.name, tuple(feature.boundaries))
+    if feature.kind == "bucket":  # nothing to apply
+        return load_vocabulary(warehouse, feature)
     manifest = read_manifest(warehouse, feature.name)
     day_s = day.isoformat()
     if day_s in manifest["applied_days"]:

@@ -110,16 +110,22 @@ def encode_ids(values: pa.Array | pa.ChunkedArray, keys: pa.Array, indices: np.n
     return out
 
 
+def float_values(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A numeric column as float64, null as NaN (ArrowInvalid / ArrowNotImplementedError
+    for values that are not numbers)."""
+    return pc.cast(values, pa.float64()).to_numpy(zero_copy_only=False)
+
+
 def bucket_ids(values: pa.Array | pa.ChunkedArray, boundaries) -> np.ndarray:
     """Embedding rows (int64) of a bucketised numeric column: 1 + the number of
     ``boundaries`` (ascending) at or below the value, so buckets are 1 .. len(boundaries) + 1
     and a value equal to a boundary falls in the bucket above it; 0 (padding) for null or NaN."""
     try:
-        x = pc.cast(values, pa.float64()).to_numpy(zero_copy_only=False)
+        x = float_values(values)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
         raise TypeError(f"bucketised values must be numbers, got Arrow type {values.type}: {err}") from None
     ids = np.searchsorted(np.asarray(boundaries, dtype=np.float64), x, side="right").astype(np.int64) + 1
-    ids[np.isnan(x)] = 0  # nulls arrive as NaN
+    ids[np.isnan(x)] = 0
     return ids
 
 

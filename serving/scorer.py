@@ -47,7 +47,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from serving.bundle import Bundle
-from serving.encoding import KeyIndex, as_strings, bucket_ids, join_key_columns, list_elements, pad_jagged, vocab_encoder
+from serving.encoding import KeyIndex, as_strings, bucket_ids, float_values, join_key_columns, list_elements, pad_jagged, vocab_encoder
 
 REQUIRED_COLUMNS = ("user_id", "item_id")  # of an events bundle's rows
 SCORE = "score"
@@ -63,8 +63,8 @@ CONTEXT_CACHE_SIZE = 100_000
 def _numeric(values: pa.Array | pa.ChunkedArray, transform: str) -> np.ndarray:
     """A raw numeric column as the model's dense input (features.examples' rule):
     float, log1p of the value clipped at 0 when asked, null/NaN -> 0."""
-    x = pc.cast(values, pa.float64()).to_numpy(zero_copy_only=False)
-    x = np.where(np.isnan(x), 0.0, x)  # nulls arrive as NaN
+    x = float_values(values)
+    x = np.where(np.isnan(x), 0.0, x)
     if transform == "log1p":
         x = np.log1p(np.maximum(x, 0.0))
     return x.astype(np.float32)
