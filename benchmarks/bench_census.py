@@ -61,23 +61,25 @@ def _run(config: Path, backbone: str, seed: int, epochs: int, batch_size: int, w
              "peak_rss_mib": peak_rss_mib()})
 
 
-def bucketised_numeric(config: Path, buckets: int) -> list[dict]:
+def bucketised_numeric(config: Path, buckets: int, warehouse: Path) -> list[dict]:
     """The config's sparse features plus, when ``buckets`` > 1, a kind = "bucket" feature per
-    numeric feature cut at the train split's ``buckets``-quantiles (ties merged)."""
+    numeric feature cut at the train split's ``buckets``-quantiles (ties merged). The train
+    rows are read the way the table source reads them (a CSV converted once, into
+    ``warehouse``, where preparing the table finds it again)."""
     import numpy as np
     import polars as pl
 
     from features.config import load_config
-    from features.table_source import is_csv, split_inputs
+    from features.io import sha256_file
+    from features.table_source import parquet_source, read_splits, split_inputs
 
     cfg = load_config(config)
     sparse = [f.model_dump(mode="json") for f in cfg.features.sparse]
     if buckets <= 1:
         return sparse
-    train = split_inputs(cfg.table)["train"]
-    frame = pl.read_csv(train, infer_schema_length=None) if is_csv(train) else pl.read_parquet(train)
-    if cfg.table.split_column is not None:
-        frame = frame.filter(pl.col(cfg.table.split_column).cast(pl.String) == cfg.table.split_values["train"])
+    paths = split_inputs(cfg.table)
+    sources = {split: parquet_source(path, sha256_file(path), warehouse) for split, path in paths.items()}
+    frame = read_splits(cfg, paths, sources)["train"]
     for f in cfg.features.numeric:
         values = frame.get_column(f.column).drop_nulls().cast(pl.Float64).to_numpy()
         cuts = np.unique(np.quantile(values, np.linspace(0.0, 1.0, buckets + 1)[1:-1]))
@@ -101,12 +103,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bucket-numeric", type=int, default=0, metavar="N",
                         help="also feed each numeric column as a kind = \"bucket\" feature cut at the train split's N-quantiles")
     args = parser.parse_args(argv)
-    sparse = bucketised_numeric(args.config, args.bucket_numeric)
 
-    print(f"config {args.config}  epochs {args.epochs}  batch {args.batch_size}  seeds {args.seeds}  sparse features {len(sparse)}  "
-          f"cores {os.cpu_count()}  load avg {os.getloadavg()[0]:.2f}", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as workdir:  # one warehouse: the table is prepared once
+        sparse = bucketised_numeric(args.config, args.bucket_numeric, Path(workdir) / "warehouse")
+        print(f"config {args.config}  epochs {args.epochs}  batch {args.batch_size}  seeds {args.seeds}  sparse features {len(sparse)}  "
+              f"cores {os.cpu_count()}  load avg {os.getloadavg()[0]:.2f}", flush=True)
         for backbone in args.backbones:
             runs = [in_child(_run, args.config, backbone, seed, args.epochs, args.batch_size, workdir, sparse) for seed in range(args.seeds)]
             for seed, r in enumerate(runs):
