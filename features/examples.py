@@ -37,19 +37,22 @@ import datetime as dt
 import hashlib
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from features.aggregates import column_codes, daily_dir, daily_root, rolling_state, state_features
+from features.aggregates import RollingState, daily_dir, daily_root, dictionary_codes, rolling_state, state_features, value_hashes
 from features.config import FunnelConfig, SparseFeature
 from features.contract import SNAPSHOT_TABLES, day_str, report_path, scan_validated, validated_dir
 from features.errors import DataContractError, StageError
-from features.io import atomic_dir, sha256_dir, sha256_file
+from features.io import atomic_dir, record_sha256, recorded_sha256, sha256_dir
 from features.labels import build_labels
-from features.vocab import update_vocabulary
+from features.vocab import load_vocabulary, update_vocabulary
 from serving.encoding import as_strings
 
 ID_COLUMNS = ("impression_id", "ts", "raw_user_id")
@@ -130,38 +133,102 @@ def _snapshot_columns(cfg: FunnelConfig, schemas: dict[str, pl.Schema]) -> dict[
     return wanted
 
 
-def joined_rows(cfg: FunnelConfig, warehouse: Path, day: dt.date) -> pl.DataFrame:
-    """Validated impressions of ``day`` with snapshot attributes and labels, in impression order."""
+@dataclass
+class DayRows:
+    """A day's validated impressions, in order, and the snapshot row each one joins to.
+
+    Snapshot columns are not copied onto the impressions: ``snapshots[t]`` holds table t's
+    wanted columns plus one all-null row at the end, and ``snapshot_row[t][i]`` is
+    impression i's row there (the null row when the snapshot lacks its key). A feature reads
+    a column per impression (``column``) or encodes it once per snapshot row and gathers the
+    codes (``codes``): a user's attributes are encoded once, not once per impression.
+    """
+
+    impressions: pl.DataFrame
+    snapshots: dict[str, pl.DataFrame]
+    snapshot_row: dict[str, np.ndarray]
+    table_of: dict[str, str]  # column -> the table it is read from
+    _codes: dict[str, tuple[pa.Array, np.ndarray]] = field(default_factory=dict)
+
+    @property
+    def height(self) -> int:
+        return self.impressions.height
+
+    def source(self, column: str) -> tuple[pl.Series, np.ndarray | None]:
+        """The column as stored in its table and each impression's row in it (None: the
+        impressions themselves)."""
+        table = self.table_of[column]
+        if table == "impressions":
+            return self.impressions[column], None
+        return self.snapshots[table][column], self.snapshot_row[table]
+
+    def column(self, column: str) -> pl.Series:
+        """The column's value per impression."""
+        values, rows = self.source(column)
+        return values if rows is None else values.gather(rows)
+
+    def codes(self, column: str) -> tuple[pa.Array, np.ndarray]:
+        """The column's distinct values and each impression's code into them (null:
+        len(values)); computed once per column."""
+        if column not in self._codes:
+            values, rows = self.source(column)
+            distinct, codes = dictionary_codes(values)
+            self._codes[column] = distinct, codes if rows is None else codes[rows]
+        return self._codes[column]
+
+
+def _snapshot_rows(key: tuple[pa.Array, np.ndarray], snapshot: pl.DataFrame, on: str, path: Path) -> np.ndarray:
+    """Each impression's row in ``snapshot`` from the impressions' codes of the join key
+    (``DayRows.codes``); len(snapshot) where it has no row. Looked up once per distinct key."""
+    distinct, codes = key
+    found = pl.DataFrame({on: pl.Series(distinct)}).join(
+        snapshot.select(on).with_row_index("row"), on=on, how="left", maintain_order="left"
+    )
+    if found.height != len(distinct):
+        raise StageError(f"{path} holds some {on} more than once: a snapshot has one row per key")
+    return np.append(found["row"].fill_null(snapshot.height).to_numpy(), snapshot.height)[codes]
+
+
+def day_rows(cfg: FunnelConfig, warehouse: Path, day: dt.date) -> DayRows:
+    """The validated impressions of ``day`` (the columns the spec reads) joined to the users /
+    items snapshots accepted that day."""
     frames = {t: scan_validated(warehouse, t, day) for t in ("impressions", *SNAPSHOT_TABLES)}
     wanted = _snapshot_columns(cfg, {t: f.collect_schema() for t, f in frames.items()})
     base = ["impression_id", "ts", "user_id", "item_id"]
-    # One day's rows fit in memory easily; the streaming engine is ~4x slower on these
-    # order-keeping joins.
+    table_of = dict.fromkeys(base, "impressions")
+    for table, cols in wanted.items():
+        table_of.update({c: table for c in cols if c not in table_of})
     impressions = frames["impressions"].select(*dict.fromkeys(base + wanted["impressions"])).collect()
-    rows = impressions.lazy()
+    rows = DayRows(impressions, {}, {}, table_of)
     for table in SNAPSHOT_TABLES:
         on = SNAPSHOT_JOIN_KEY[table]
         extra = [c for c in wanted[table] if c != on]
         if extra:
-            rows = rows.join(frames[table].select(on, *extra), on=on, how="left", maintain_order="left")
-    rows, labels = pl.collect_all([rows, build_labels(cfg, warehouse, day, impressions=impressions.lazy())])
-    # Both keep the impressions' order: the labels line up without a join on the ids.
-    if not labels["impression_id"].equals(rows["impression_id"]):
-        raise StageError(f"labels of {day_str(day)} are not in the order of {validated_dir(warehouse, 'impressions', day)}")
-    return rows.hstack(labels.drop("impression_id").get_columns())
+            snapshot = frames[table].select(on, *extra).collect()
+            rows.snapshot_row[table] = _snapshot_rows(rows.codes(on), snapshot, on, validated_dir(warehouse, table, day))
+            rows.snapshots[table] = pl.concat([snapshot, pl.DataFrame(schema=snapshot.schema).clear(1)])
+    return rows
 
 
-def rolled_columns(cfg: FunnelConfig, warehouse: Path, day: dt.date, rows: pl.DataFrame, inputs: dict[str, str]) -> pl.DataFrame:
-    """Every aggregate key's dense features of ``rows`` as of the start of ``day``, from the
-    keys' rolling states (``inputs``: the input hashes, which hold the daily partitions')."""
-    keys = cfg.features.aggregate_keys
-    codes = column_codes(rows, list(dict.fromkeys(c for key in keys for c in key.columns)))  # shared by the keys
-    features = []
-    for key in keys:
+def rolling_states(cfg: FunnelConfig, warehouse: Path, day: dt.date, inputs: dict[str, str]) -> dict[str, RollingState]:
+    """Every aggregate key's rolling state as of the start of ``day`` (``inputs``: the input
+    hashes, which hold the daily partitions')."""
+    states = {}
+    for key in cfg.features.aggregate_keys:
         prefix = daily_root(warehouse, key.name).relative_to(warehouse).as_posix() + "/"
         daily_sha = {path: sha for path, sha in inputs.items() if path.startswith(prefix)}
-        features.append(state_features(cfg, key, rolling_state(cfg, warehouse, key, day, daily_sha), codes))
-    return pl.concat(features, how="horizontal")
+        states[key.name] = rolling_state(cfg, warehouse, key, day, daily_sha)
+    return states
+
+
+def rolled_columns(cfg: FunnelConfig, rows: DayRows, states: dict[str, RollingState]) -> pl.DataFrame:
+    """Every aggregate key's dense features of ``rows``, looked up in the keys' states."""
+    keys = cfg.features.aggregate_keys
+    codes = {}
+    for column in dict.fromkeys(c for key in keys for c in key.columns):
+        distinct, row_codes = rows.codes(column)
+        codes[column] = row_codes, value_hashes(distinct)
+    return pl.concat([state_features(cfg, key, states[key.name], codes) for key in keys], how="horizontal")
 
 
 def numeric_feature_expr(column: str, transform: str) -> pl.Expr:
@@ -171,22 +238,28 @@ def numeric_feature_expr(column: str, transform: str) -> pl.Expr:
     return value.fill_nan(None).fill_null(0.0).cast(pl.Float32)
 
 
-def _encode_sparse(warehouse: Path, feature: SparseFeature, day: dt.date, values: pa.ChunkedArray) -> tuple[pa.Array, int]:
+def _encode_sparse(warehouse: Path, feature: SparseFeature, day: dt.date, rows: DayRows) -> tuple[pa.Array, int]:
     """Apply the day's ids to the feature's vocabulary, then encode them with it."""
     if feature.kind == "bucket":  # numbers, not ids: no vocabulary to apply
-        buckets = update_vocabulary(warehouse, feature, day, values)
+        buckets = load_vocabulary(warehouse, feature)
+        values = rows.column(feature.column).to_arrow()
         try:
             return pa.array(buckets.encode(values), pa.int64()), buckets.version
         except TypeError as err:
             raise DataContractError(f"feature {feature.name!r} (kind bucket): validated {feature.table} column "
                                     f"{feature.column!r} of {day_str(day)}: {err}") from None
     if feature.kind == "list":
-        vocab = update_vocabulary(warehouse, feature, day, values)
-        return vocab.encode_list(values), vocab.version
-    # One hash pass: the dictionary gives both the day's counts and the distinct values to look up.
-    distinct = pc.dictionary_encode(as_strings(values))
-    vocab = update_vocabulary(warehouse, feature, day, distinct)
-    return pa.array(vocab.encode(distinct), pa.int64()), vocab.version
+        # Encoded per row of its table; a snapshot row counts once per impression joined to it.
+        values, source_rows = rows.source(feature.column)
+        weights = None if source_rows is None else np.bincount(source_rows, minlength=len(values))
+        vocab = update_vocabulary(warehouse, feature, day, values.to_arrow(), weights)
+        encoded = vocab.encode_list(values.to_arrow())
+        return (encoded if source_rows is None else encoded.take(pa.array(source_rows))), vocab.version
+    # Codes into the distinct values give both the day's counts and the values to look up.
+    distinct, codes = rows.codes(feature.column)
+    ids = pa.DictionaryArray.from_arrays(pa.array(codes, mask=codes == len(distinct)), as_strings(distinct))
+    vocab = update_vocabulary(warehouse, feature, day, ids)
+    return pa.array(vocab.encode(ids), pa.int64()), vocab.version
 
 
 def training_schema(cfg: FunnelConfig) -> pa.Schema:
@@ -224,38 +297,43 @@ def build_training_table(cfg: FunnelConfig, warehouse: Path, run_date: dt.date) 
     timings["hash_inputs"] = time.perf_counter() - started
 
     previous = _read_manifest(target / "manifest.json")
-    if previous and previous.get("inputs") == inputs and (target / DATA_FILE).exists() and sha256_file(target / DATA_FILE) == previous.get("content_sha256"):
+    if previous and previous.get("inputs") == inputs and (target / DATA_FILE).exists() and recorded_sha256(target / DATA_FILE) == previous.get("content_sha256"):
         return previous | {"skipped": True}
 
     t = time.perf_counter()
-    rows = joined_rows(cfg, warehouse, day)
-    timings["join"] = time.perf_counter() - t
-    t = time.perf_counter()
-    rows = rows.hstack(rolled_columns(cfg, warehouse, day, rows, inputs))
+    # The rolling states depend on the daily partitions only: they advance in a second
+    # thread while this one joins (numpy and polars release the GIL in their loops).
+    with ThreadPoolExecutor(1) as pool:
+        states = pool.submit(rolling_states, cfg, warehouse, day, inputs)
+        rows = day_rows(cfg, warehouse, day)
+        labels = build_labels(cfg, warehouse, day, impressions=rows.impressions)
+        timings["join"] = time.perf_counter() - t
+        t = time.perf_counter()
+        spec = cfg.features
+        columns: dict[str, pa.Array | pa.ChunkedArray] = {}
+        ids = rows.impressions.select("impression_id", "ts", pl.col("user_id").alias("raw_user_id")).hstack(labels.drop("impression_id").get_columns())
+        columns.update(zip(ids.columns, ids.to_arrow().columns, strict=True))
+        vocab_versions: dict[str, int] = {}
+        for feature in spec.sparse:
+            columns[feature.name], vocab_versions[feature.name] = _encode_sparse(warehouse, feature, day, rows)
+        timings["vocab_encode"] = time.perf_counter() - t
+        t = time.perf_counter()
+        rolled = rolled_columns(cfg, rows, states.result())
     timings["rolling"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    spec = cfg.features
-    columns: dict[str, pa.Array | pa.ChunkedArray] = {}
-    ids = rows.select("impression_id", "ts", pl.col("user_id").alias("raw_user_id"), *LABEL_COLUMNS).to_arrow()
-    columns.update(zip(ids.column_names, ids.columns, strict=True))
-    vocab_versions: dict[str, int] = {}
-    for feature in spec.sparse:
-        columns[feature.name], vocab_versions[feature.name] = _encode_sparse(warehouse, feature, day, rows[feature.column].to_arrow())
-    timings["vocab_encode"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    numeric = {f.name: numeric_feature_expr(f.column, f.transform).alias(f.name) for f in spec.numeric}
-    dense = rows.select(numeric.get(name, pl.col(name)) for name in spec.dense_names()).to_arrow()
+    numeric = pl.DataFrame([rows.column(f.column).alias(f.name) for f in spec.numeric])
+    numeric = numeric.select(numeric_feature_expr(f.name, f.transform) for f in spec.numeric)
+    dense = pl.concat([numeric, rolled], how="horizontal").select(spec.dense_names()).to_arrow()
     columns.update(zip(dense.column_names, dense.columns, strict=True))
     schema = training_schema(cfg)
     table = pa.table([columns[f.name] for f in schema], schema=schema)
-    del rows, columns, dense, ids
+    del rows, columns, dense, ids, rolled
 
     with atomic_dir(target) as tmp:
         # polars writes the columns in parallel: ~2x faster than pyarrow's writer here.
         pl.from_arrow(table).write_parquet(tmp / DATA_FILE, compression="zstd", compression_level=1, row_group_size=ROW_GROUP_ROWS)
-        content_sha = sha256_file(tmp / DATA_FILE)
+        content_sha = record_sha256(tmp / DATA_FILE)
         timings["write"] = time.perf_counter() - t
         manifest = {
             "stage": "examples",

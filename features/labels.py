@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 from features.config import FunnelConfig
@@ -71,8 +72,8 @@ def _scan_label_events(
 
 
 def build_labels(
-    cfg: FunnelConfig, warehouse: Path, day: dt.date, allow_immature: bool = False, impressions: pl.LazyFrame | None = None
-) -> pl.LazyFrame:
+    cfg: FunnelConfig, warehouse: Path, day: dt.date, allow_immature: bool = False, impressions: pl.DataFrame | None = None
+) -> pl.DataFrame:
     """impression_id, click (Int8), conversion (Int8), conversion_value (Float64) for every
     validated impression of ``day``, in the impressions' order.
 
@@ -82,24 +83,18 @@ def build_labels(
     """
     contract = cfg.contract
     if impressions is None:
-        impressions = scan_validated(warehouse, "impressions", day)
-    impressions = impressions.select("impression_id", "ts")
+        impressions = scan_validated(warehouse, "impressions", day).select("impression_id", "ts").collect()
     clicks = _scan_label_events(warehouse, "clicks", day, contract.click_lag_days, allow_immature)
     conversions = _scan_label_events(warehouse, "conversions", day, contract.maturity_lag_days, allow_immature)
 
-    clicked = first_clicks(impressions, clicks, contract.click_window).select("impression_id", "first_click")
-    converted = (
-        attributed_conversions(clicked, conversions, contract.attribution_window)
-        .group_by("impression_id")
-        .agg(pl.col("value").sum().alias("conversion_value"))
-    )
-    return (
-        impressions.join(clicked, on="impression_id", how="left", maintain_order="left")
-        .join(converted, on="impression_id", how="left", maintain_order="left")
-        .select(
-            "impression_id",
-            pl.col("first_click").is_not_null().cast(pl.Int8).alias("click"),
-            pl.col("conversion_value").is_not_null().cast(pl.Int8).alias("conversion"),
-            pl.col("conversion_value").fill_null(0.0).cast(pl.Float64),
-        )
-    )
+    # Only the few clicked rows are joined; their labels are then set by row position,
+    # which spares two joins of every impression on its string id.
+    rows = impressions.lazy().select("impression_id", "ts").with_row_index("row")
+    clicked = first_clicks(rows, clicks, contract.click_window).select("impression_id", "row", "first_click")
+    converted = attributed_conversions(clicked, conversions, contract.attribution_window).group_by("row").agg(pl.col("value").sum())
+    clicked, converted = pl.collect_all([clicked.select("row"), converted])
+    click, conversion, value = np.zeros(impressions.height, np.int8), np.zeros(impressions.height, np.int8), np.zeros(impressions.height)
+    click[clicked["row"].to_numpy()] = 1
+    conversion[converted["row"].to_numpy()] = 1
+    value[converted["row"].to_numpy()] = converted["value"].to_numpy()
+    return pl.DataFrame({"impression_id": impressions["impression_id"], "click": click, "conversion": conversion, "conversion_value": value})

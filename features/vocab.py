@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 from features.config import SparseFeature
 from features.errors import StageError
 from features.io import atomic_write_bytes, atomic_write_json, sha256_file
-from serving.encoding import as_strings, bucket_ids, encode_ids, encode_list_ids
+from serving.encoding import as_strings, bucket_ids, encode_ids, encode_list_ids, list_elements
 
 VOCAB_SCHEMA = pa.schema([("key", pa.large_string()), ("index", pa.int64()), ("count", pa.int64())])
 
@@ -126,17 +126,21 @@ def load_vocabulary(warehouse: Path, feature: SparseFeature, version: int | None
     return Vocabulary(feature.name, feature.capacity, feature.oov_buckets, version, table)
 
 
-def day_counts(values: pa.Array | pa.ChunkedArray, kind: str) -> tuple[pa.Array, np.ndarray]:
+def day_counts(values: pa.Array | pa.ChunkedArray, kind: str, weights: np.ndarray | None = None) -> tuple[pa.Array, np.ndarray]:
     """Distinct keys of a column and how often each occurs (list columns flattened, nulls
-    dropped). A dictionary-encoded column is counted from its codes without rehashing."""
+    dropped). ``weights``: how many rows each value stands for (default 1 each). A
+    dictionary-encoded column is counted from its codes without rehashing."""
     if isinstance(values, pa.ChunkedArray):
         values = values.combine_chunks()
     if kind == "list":
-        values = values.flatten()
+        lengths, values = list_elements(values)
+        weights = None if weights is None else np.repeat(weights, lengths)
     if not pa.types.is_dictionary(values.type):
         values = pc.dictionary_encode(as_strings(values))
-    codes = values.indices.drop_null().to_numpy()
-    return as_strings(values.dictionary), np.bincount(codes, minlength=len(values.dictionary)).astype(np.int64)
+    valid = values.is_valid().to_numpy(zero_copy_only=False)
+    codes = pc.fill_null(values.indices, 0).to_numpy(zero_copy_only=False)[valid]
+    counts = np.bincount(codes, weights=None if weights is None else weights[valid], minlength=len(values.dictionary))
+    return as_strings(values.dictionary), counts.round().astype(np.int64)
 
 
 def merge_counts(previous: pa.Table, keys: pa.Array, counts: np.ndarray, feature: SparseFeature) -> pa.Table:
@@ -176,9 +180,12 @@ def merge_counts(previous: pa.Table, keys: pa.Array, counts: np.ndarray, feature
     return pl.concat([admitted, rest]).to_arrow().cast(VOCAB_SCHEMA)
 
 
-def update_vocabulary(warehouse: Path, feature: SparseFeature, day: dt.date, values: pa.Array | pa.ChunkedArray) -> Vocabulary | Buckets:
+def update_vocabulary(
+    warehouse: Path, feature: SparseFeature, day: dt.date, values: pa.Array | pa.ChunkedArray, weights: np.ndarray | None = None
+) -> Vocabulary | Buckets:
     """Apply one day's values of ``feature`` and return the vocabulary to encode that day with
-    (a bucket feature: its Buckets, nothing written).
+    (a bucket feature: its Buckets, nothing written). ``weights``: how many rows each value
+    stands for (a snapshot row: the impressions joined to it), default 1 each.
 
     Idempotent per day: a day already applied returns the version it produced, untouched.
     The version file is written before the manifest that points to it, both atomically, so
@@ -191,7 +198,7 @@ def update_vocabulary(warehouse: Path, feature: SparseFeature, day: dt.date, val
     if day_s in manifest["applied_days"]:
         return load_vocabulary(warehouse, feature, manifest["applied_days"][day_s])
     current = load_vocabulary(warehouse, feature, manifest["current_version"])
-    table = merge_counts(current.table, *day_counts(values, feature.kind), feature)
+    table = merge_counts(current.table, *day_counts(values, feature.kind, weights), feature)
     version = current.version
     if not table.equals(current.table):
         version += 1

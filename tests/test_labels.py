@@ -108,8 +108,7 @@ def label_world(warehouse: Path) -> None:
     write_validated_days(warehouse, days, impressions, clicks, conversions)
 
 
-def labels_by_id(frame: pl.LazyFrame) -> dict[str, tuple[int, int, float]]:
-    df = frame.collect()
+def labels_by_id(df: pl.DataFrame) -> dict[str, tuple[int, int, float]]:
     assert df.schema == pl.Schema({"impression_id": pl.String, "click": pl.Int8, "conversion": pl.Int8, "conversion_value": pl.Float64})
     return {r[0]: r[1:] for r in df.iter_rows()}
 
@@ -132,7 +131,7 @@ def test_labels_window_edges_late_events_and_attribution(tmp_path):
 
 def test_labels_keep_impression_order(tmp_path):
     label_world(tmp_path)
-    ids = build_labels(CFG, tmp_path, D).collect()["impression_id"].to_list()
+    ids = build_labels(CFG, tmp_path, D)["impression_id"].to_list()
     written = pl.read_parquet(validated_dir(tmp_path, "impressions", D))["impression_id"].to_list()
     assert ids == written
 
