@@ -16,7 +16,9 @@ wait for. Then, each in a fresh process (so peak RSS is per stage):
   L + 1: the steady state, each key's rolling state advanced by one day.
 
 Each line shows wall seconds and the stage's CPU seconds (user + system, all threads):
-on a busy machine the wall time grows, the CPU time much less.
+on a busy machine the wall time grows, the CPU time much less. The last line times the
+training table's own write once more on the rows just written: no examples stage can be
+faster than that write, so it bounds the stage's impressions/s.
 
 Targets on the 2-core dev machine: features >= 2M impressions/s, examples >= 1M
 impressions/s, peak RSS < 4 GiB per stage.
@@ -146,11 +148,22 @@ def _stage_features(cfg: FunnelConfig, warehouse: Path, days: list[dt.date], out
 
 
 def _stage_examples(cfg: FunnelConfig, warehouse: Path, run_date: dt.date, out: mp.Queue) -> None:
-    from features.examples import build_training_table
+    import polars as pl
+
+    from features.examples import DATA_FILE, build_training_table, training_dir, write_training_file
 
     started = time.perf_counter()
     manifest = build_training_table(cfg, warehouse, run_date)
-    out.put((time.perf_counter() - started, _cpu_seconds(), peak_rss_mib(), manifest["timings_s"]))
+    seconds, cpu, rss = time.perf_counter() - started, _cpu_seconds(), peak_rss_mib()
+    # The table's own write, repeated on its rows: what the stage costs at the least, however
+    # fast everything before the write.
+    frame = pl.read_parquet(training_dir(warehouse, dt.date.fromisoformat(manifest["date"])) / DATA_FILE)
+    scratch = Path(tempfile.mkdtemp(prefix="write-alone-", dir=warehouse))
+    started = time.perf_counter()
+    write_training_file(frame, scratch / DATA_FILE)
+    write_alone = time.perf_counter() - started
+    shutil.rmtree(scratch)
+    out.put((seconds, cpu, rss, manifest["timings_s"], write_alone))
 
 
 def _cpu_seconds() -> float:
@@ -184,12 +197,13 @@ def main(argv: list[str] | None = None) -> None:
         for night, day in (("first night", day_l), ("next night", day_l + dt.timedelta(days=1))):
             if day > day_l:
                 in_child(_stage_features, cfg, warehouse, [day - dt.timedelta(days=1)])
-            secs, cpu, rss, timings = in_child(_stage_examples, cfg, warehouse, day + dt.timedelta(days=lag))
+            secs, cpu, rss, timings, write_alone = in_child(_stage_examples, cfg, warehouse, day + dt.timedelta(days=lag))
             print(
                 f"examples, {night}: {args.impressions:,} impressions in {secs:.2f} s (CPU {cpu:.1f} s) = "
                 f"{args.impressions / secs:,.0f} impressions/s, peak RSS {rss:,.0f} MiB"
             )
             print(f"examples phases, {night} (s): {timings}")
+        print(f"writing the table alone, once more: {write_alone:.2f} s = a ceiling of {args.impressions / write_alone:,.0f} impressions/s for the stage")
         print(f"load average after the stages: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     finally:
         if args.warehouse is None:

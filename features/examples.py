@@ -38,7 +38,6 @@ import hashlib
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -46,14 +45,14 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from features.aggregates import RollingState, daily_dir, daily_root, dictionary_codes, rolling_state, state_features, value_hashes
+from features.aggregates import RollingState, daily_dir, daily_root, rolling_state, state_features
 from features.config import FunnelConfig, SparseFeature
 from features.contract import SNAPSHOT_TABLES, day_str, report_path, scan_validated, validated_dir
 from features.errors import DataContractError, StageError
 from features.io import atomic_dir, record_sha256, recorded_sha256, sha256_dir
 from features.labels import build_labels
+from features.snapshots import SNAPSHOT_JOIN_KEY, JoinedRows, join_snapshots
 from features.vocab import load_vocabulary, update_vocabulary
-from serving.encoding import as_strings
 
 ID_COLUMNS = ("impression_id", "ts", "raw_user_id")
 LABEL_COLUMNS = ("click", "conversion", "conversion_value")
@@ -62,7 +61,6 @@ DATA_FILE = "part-0.parquet"
 # ~30 MB decoded, large enough for efficient zstd column chunks and few seeks, small
 # enough that a loader holds a handful in memory and shuffles across them.
 ROW_GROUP_ROWS = 131_072
-SNAPSHOT_JOIN_KEY = {"users": "user_id", "items": "item_id"}
 
 
 def training_dir(warehouse: Path, day: dt.date) -> Path:
@@ -133,81 +131,19 @@ def _snapshot_columns(cfg: FunnelConfig, schemas: dict[str, pl.Schema]) -> dict[
     return wanted
 
 
-@dataclass
-class DayRows:
-    """A day's validated impressions, in order, and the snapshot row each one joins to.
-
-    Snapshot columns are not copied onto the impressions: ``snapshots[t]`` holds table t's
-    wanted columns plus one all-null row at the end, and ``snapshot_row[t][i]`` is
-    impression i's row there (the null row when the snapshot lacks its key). A feature reads
-    a column per impression (``column``) or encodes it once per snapshot row and gathers the
-    codes (``codes``): a user's attributes are encoded once, not once per impression.
-    """
-
-    impressions: pl.DataFrame
-    snapshots: dict[str, pl.DataFrame]
-    snapshot_row: dict[str, np.ndarray]
-    table_of: dict[str, str]  # column -> the table it is read from
-    _codes: dict[str, tuple[pa.Array, np.ndarray]] = field(default_factory=dict)
-
-    @property
-    def height(self) -> int:
-        return self.impressions.height
-
-    def source(self, column: str) -> tuple[pl.Series, np.ndarray | None]:
-        """The column as stored in its table and each impression's row in it (None: the
-        impressions themselves)."""
-        table = self.table_of[column]
-        if table == "impressions":
-            return self.impressions[column], None
-        return self.snapshots[table][column], self.snapshot_row[table]
-
-    def column(self, column: str) -> pl.Series:
-        """The column's value per impression."""
-        values, rows = self.source(column)
-        return values if rows is None else values.gather(rows)
-
-    def codes(self, column: str) -> tuple[pa.Array, np.ndarray]:
-        """The column's distinct values and each impression's code into them (null:
-        len(values)); computed once per column."""
-        if column not in self._codes:
-            values, rows = self.source(column)
-            distinct, codes = dictionary_codes(values)
-            self._codes[column] = distinct, codes if rows is None else codes[rows]
-        return self._codes[column]
-
-
-def _snapshot_rows(key: tuple[pa.Array, np.ndarray], snapshot: pl.DataFrame, on: str, path: Path) -> np.ndarray:
-    """Each impression's row in ``snapshot`` from the impressions' codes of the join key
-    (``DayRows.codes``); len(snapshot) where it has no row. Looked up once per distinct key."""
-    distinct, codes = key
-    found = pl.DataFrame({on: pl.Series(distinct)}).join(
-        snapshot.select(on).with_row_index("row"), on=on, how="left", maintain_order="left"
-    )
-    if found.height != len(distinct):
-        raise StageError(f"{path} holds some {on} more than once: a snapshot has one row per key")
-    return np.append(found["row"].fill_null(snapshot.height).to_numpy(), snapshot.height)[codes]
-
-
-def day_rows(cfg: FunnelConfig, warehouse: Path, day: dt.date) -> DayRows:
+def day_rows(cfg: FunnelConfig, warehouse: Path, day: dt.date) -> JoinedRows:
     """The validated impressions of ``day`` (the columns the spec reads) joined to the users /
-    items snapshots accepted that day."""
+    items snapshots accepted that day (features.snapshots)."""
     frames = {t: scan_validated(warehouse, t, day) for t in ("impressions", *SNAPSHOT_TABLES)}
     wanted = _snapshot_columns(cfg, {t: f.collect_schema() for t, f in frames.items()})
     base = ["impression_id", "ts", "user_id", "item_id"]
     table_of = dict.fromkeys(base, "impressions")
     for table, cols in wanted.items():
         table_of.update({c: table for c in cols if c not in table_of})
-    impressions = frames["impressions"].select(*dict.fromkeys(base + wanted["impressions"])).collect()
-    rows = DayRows(impressions, {}, {}, table_of)
-    for table in SNAPSHOT_TABLES:
-        on = SNAPSHOT_JOIN_KEY[table]
-        extra = [c for c in wanted[table] if c != on]
-        if extra:
-            snapshot = frames[table].select(on, *extra).collect()
-            rows.snapshot_row[table] = _snapshot_rows(rows.codes(on), snapshot, on, validated_dir(warehouse, table, day))
-            rows.snapshots[table] = pl.concat([snapshot, pl.DataFrame(schema=snapshot.schema).clear(1)])
-    return rows
+    extra = {t: [c for c in wanted[t] if c != SNAPSHOT_JOIN_KEY[t]] for t in SNAPSHOT_TABLES}
+    snapshots = {t: frames[t].select(SNAPSHOT_JOIN_KEY[t], *extra[t]) for t in SNAPSHOT_TABLES if extra[t]}
+    impressions, *collected = pl.collect_all([frames["impressions"].select(*dict.fromkeys(base + wanted["impressions"])), *snapshots.values()])
+    return join_snapshots(impressions, table_of, dict(zip(snapshots, collected, strict=True)), {t: validated_dir(warehouse, t, day) for t in snapshots})
 
 
 def rolling_states(cfg: FunnelConfig, warehouse: Path, day: dt.date, inputs: dict[str, str]) -> dict[str, RollingState]:
@@ -221,14 +157,11 @@ def rolling_states(cfg: FunnelConfig, warehouse: Path, day: dt.date, inputs: dic
     return states
 
 
-def rolled_columns(cfg: FunnelConfig, rows: DayRows, states: dict[str, RollingState]) -> pl.DataFrame:
+def rolled_columns(cfg: FunnelConfig, rows: JoinedRows, states: dict[str, RollingState]) -> pl.DataFrame:
     """Every aggregate key's dense features of ``rows``, looked up in the keys' states."""
     keys = cfg.features.aggregate_keys
-    codes = {}
-    for column in dict.fromkeys(c for key in keys for c in key.columns):
-        distinct, row_codes = rows.codes(column)
-        codes[column] = row_codes, value_hashes(distinct)
-    return pl.concat([state_features(cfg, key, states[key.name], codes) for key in keys], how="horizontal")
+    coded = {column: rows.coded(column) for key in keys for column in key.columns}
+    return pl.concat([state_features(cfg, key, states[key.name], coded) for key in keys], how="horizontal")
 
 
 def numeric_feature_expr(column: str, transform: str) -> pl.Expr:
@@ -238,7 +171,7 @@ def numeric_feature_expr(column: str, transform: str) -> pl.Expr:
     return value.fill_nan(None).fill_null(0.0).cast(pl.Float32)
 
 
-def _encode_sparse(warehouse: Path, feature: SparseFeature, day: dt.date, rows: DayRows) -> tuple[pa.Array, int]:
+def _encode_sparse(warehouse: Path, feature: SparseFeature, day: dt.date, rows: JoinedRows) -> tuple[pa.Array, int]:
     """Apply the day's ids to the feature's vocabulary, then encode them with it."""
     if feature.kind == "bucket":  # numbers, not ids: no vocabulary to apply
         buckets = load_vocabulary(warehouse, feature)
@@ -256,8 +189,7 @@ def _encode_sparse(warehouse: Path, feature: SparseFeature, day: dt.date, rows: 
         encoded = vocab.encode_list(values.to_arrow())
         return (encoded if source_rows is None else encoded.take(pa.array(source_rows))), vocab.version
     # Codes into the distinct values give both the day's counts and the values to look up.
-    distinct, codes = rows.codes(feature.column)
-    ids = pa.DictionaryArray.from_arrays(pa.array(codes, mask=codes == len(distinct)), as_strings(distinct))
+    ids = rows.coded(feature.column).dictionary_array()
     vocab = update_vocabulary(warehouse, feature, day, ids)
     return pa.array(vocab.encode(ids), pa.int64()), vocab.version
 
@@ -276,6 +208,12 @@ def training_schema(cfg: FunnelConfig) -> pa.Schema:
     fields += [pa.field(f.name, pa.large_list(pa.int64()) if f.kind == "list" else pa.int64()) for f in spec.sparse]
     fields += [pa.field(name, pa.float32()) for name in spec.dense_names()]
     return pa.schema(fields)
+
+
+def write_training_file(frame: pl.DataFrame, path: Path) -> None:
+    """Write a training table's rows as one Parquet file, in ROW_GROUP_ROWS row groups."""
+    # polars writes the columns in parallel: ~2x faster than pyarrow's writer here.
+    frame.write_parquet(path, compression="zstd", compression_level=1, row_group_size=ROW_GROUP_ROWS)
 
 
 def _read_manifest(path: Path) -> dict | None:
@@ -306,12 +244,12 @@ def build_training_table(cfg: FunnelConfig, warehouse: Path, run_date: dt.date) 
     with ThreadPoolExecutor(1) as pool:
         states = pool.submit(rolling_states, cfg, warehouse, day, inputs)
         rows = day_rows(cfg, warehouse, day)
-        labels = build_labels(cfg, warehouse, day, impressions=rows.impressions)
+        labels = build_labels(cfg, warehouse, day, impressions=rows.rows)
         timings["join"] = time.perf_counter() - t
         t = time.perf_counter()
         spec = cfg.features
         columns: dict[str, pa.Array | pa.ChunkedArray] = {}
-        ids = rows.impressions.select("impression_id", "ts", pl.col("user_id").alias("raw_user_id")).hstack(labels.drop("impression_id").get_columns())
+        ids = rows.rows.select("impression_id", "ts", pl.col("user_id").alias("raw_user_id")).hstack(labels.drop("impression_id").get_columns())
         columns.update(zip(ids.columns, ids.to_arrow().columns, strict=True))
         vocab_versions: dict[str, int] = {}
         for feature in spec.sparse:
@@ -331,8 +269,7 @@ def build_training_table(cfg: FunnelConfig, warehouse: Path, run_date: dt.date) 
     del rows, columns, dense, ids, rolled
 
     with atomic_dir(target) as tmp:
-        # polars writes the columns in parallel: ~2x faster than pyarrow's writer here.
-        pl.from_arrow(table).write_parquet(tmp / DATA_FILE, compression="zstd", compression_level=1, row_group_size=ROW_GROUP_ROWS)
+        write_training_file(pl.from_arrow(table), tmp / DATA_FILE)
         content_sha = record_sha256(tmp / DATA_FILE)
         timings["write"] = time.perf_counter() - t
         manifest = {

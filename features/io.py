@@ -14,6 +14,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -53,11 +54,15 @@ def atomic_write_json(target: Path, obj: object) -> None:
     atomic_write_bytes(target, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
-def write_parquet_dir(target: Path, table: pa.Table, row_group_size: int = 1 << 20) -> Path:
+def write_parquet_dir(target: Path, table: pa.Table | pl.DataFrame, row_group_size: int = 1 << 20) -> Path:
     """Write ``table`` as ``target/part-0.parquet`` atomically (replacing the folder), with
-    its recorded sha256 (``record_sha256``)."""
+    its recorded sha256 (``record_sha256``). A polars frame is written by polars, which
+    encodes the columns in parallel (about twice as fast as pyarrow's writer)."""
     with atomic_dir(target) as tmp:
-        pq.write_table(table, tmp / "part-0.parquet", row_group_size=row_group_size, compression="zstd")
+        if isinstance(table, pl.DataFrame):
+            table.write_parquet(tmp / "part-0.parquet", compression="zstd", row_group_size=row_group_size)
+        else:
+            pq.write_table(table, tmp / "part-0.parquet", row_group_size=row_group_size, compression="zstd")
         record_sha256(tmp / "part-0.parquet")
     return Path(target)
 

@@ -17,7 +17,6 @@ from test_labels import write_validated_days
 
 from features.aggregates import (
     KEY_HASH_STEP,
-    NULL_HASH,
     STATE_FILE,
     _recomputed_state,
     attach_rolling_features,
@@ -33,6 +32,7 @@ from features.aggregates import (
 )
 from features.config import AggregateKey, parse_config
 from features.errors import DataContractError
+from features.snapshots import NULL_HASH
 from features.io import write_parquet_dir
 from serving.encoding import _mix64, stable_hash
 
