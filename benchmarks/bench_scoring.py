@@ -27,6 +27,7 @@ import http.client
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -274,6 +275,7 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(timeout=10)
+        shutil.rmtree(tmp, ignore_errors=True)
     print(f"load average during the run: {os.getloadavg()}; cores: {os.cpu_count()}")
 
 

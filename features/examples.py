@@ -189,7 +189,7 @@ def _encode_sparse(warehouse: Path, feature: SparseFeature, day: dt.date, rows: 
         encoded = vocab.encode_list(values.to_arrow())
         return (encoded if source_rows is None else encoded.take(pa.array(source_rows))), vocab.version
     # Codes into the distinct values give both the day's counts and the values to look up.
-    ids = rows.coded(feature.column).dictionary_array()
+    ids = rows.coded(feature.column)
     vocab = update_vocabulary(warehouse, feature, day, ids)
     return pa.array(vocab.encode(ids), pa.int64()), vocab.version
 

@@ -54,10 +54,6 @@ class CodedColumn:
         codes = self.codes[rows]
         return pl.Series(self.values.take(pa.array(codes, mask=codes == self.null_code)))
 
-    def dictionary_array(self) -> pa.DictionaryArray:
-        """The column as an Arrow dictionary array of its key texts (null rows null)."""
-        return pa.DictionaryArray.from_arrays(pa.array(self.codes, mask=self.codes == self.null_code), as_strings(self.values))
-
     def gathered(self, rows: np.ndarray) -> CodedColumn:
         """The column at ``rows`` (same distinct values)."""
         return CodedColumn(self.codes[rows], self.values)

@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 
 from features.config import SparseFeature
 from features.errors import StageError
+from features.snapshots import CodedColumn
 from features.io import atomic_write_bytes, atomic_write_json, sha256_file
 from serving.encoding import as_strings, bucket_ids, encode_ids, encode_list_ids, list_elements
 
@@ -77,8 +78,10 @@ class Vocabulary:
     def num_embeddings(self) -> int:
         return 1 + self.capacity + self.oov_buckets
 
-    def encode(self, values: pa.Array | pa.ChunkedArray) -> np.ndarray:
-        """Embedding rows (int64) of an id column."""
+    def encode(self, values: pa.Array | pa.ChunkedArray | CodedColumn) -> np.ndarray:
+        """Embedding rows (int64) of an id column (a coded one: once per distinct value)."""
+        if isinstance(values, CodedColumn):
+            return np.append(self.encode(as_strings(values.values)), 0)[values.codes]  # null: padding
         return encode_ids(values, self.admitted_keys, self.admitted_indices, self.capacity, self.oov_buckets)
 
     def encode_list(self, values: pa.Array | pa.ChunkedArray) -> pa.LargeListArray:
@@ -126,10 +129,12 @@ def load_vocabulary(warehouse: Path, feature: SparseFeature, version: int | None
     return Vocabulary(feature.name, feature.capacity, feature.oov_buckets, version, table)
 
 
-def day_counts(values: pa.Array | pa.ChunkedArray, kind: str, weights: np.ndarray | None = None) -> tuple[pa.Array, np.ndarray]:
+def day_counts(values: pa.Array | pa.ChunkedArray | CodedColumn, kind: str, weights: np.ndarray | None = None) -> tuple[pa.Array, np.ndarray]:
     """Distinct keys of a column and how often each occurs (list columns flattened, nulls
     dropped). ``weights``: how many rows each value stands for (default 1 each). A
-    dictionary-encoded column is counted from its codes without rehashing."""
+    dictionary-encoded or coded column is counted from its codes without rehashing."""
+    if isinstance(values, CodedColumn):
+        return as_strings(values.values), np.bincount(values.codes, minlength=values.null_code + 1)[:-1].astype(np.int64)
     if isinstance(values, pa.ChunkedArray):
         values = values.combine_chunks()
     if kind == "list":
@@ -181,7 +186,7 @@ def merge_counts(previous: pa.Table, keys: pa.Array, counts: np.ndarray, feature
 
 
 def update_vocabulary(
-    warehouse: Path, feature: SparseFeature, day: dt.date, values: pa.Array | pa.ChunkedArray, weights: np.ndarray | None = None
+    warehouse: Path, feature: SparseFeature, day: dt.date, values: pa.Array | pa.ChunkedArray | CodedColumn, weights: np.ndarray | None = None
 ) -> Vocabulary | Buckets:
     """Apply one day's values of ``feature`` and return the vocabulary to encode that day with
     (a bucket feature: its Buckets, nothing written). ``weights``: how many rows each value

@@ -8,12 +8,14 @@ import subprocess
 import sys
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
 from features.config import SparseFeature
 from features.errors import StageError
+from features.snapshots import CodedColumn
 from features.vocab import load_vocabulary, read_manifest, update_vocabulary, version_path
 from serving.encoding import encode_ids, encode_list_ids, stable_hash
 
@@ -72,14 +74,17 @@ def test_encode_ids_known_unknown_null_and_ints():
     assert encode_ids(pa.array([3, 7, None]), keys, indices, 10, 4).tolist() == [3, 11 + reference_hash("7") % 4, 0]
 
 
-def test_dictionary_encoded_values_encode_and_count_like_plain_ones(tmp_path):
+def test_dictionary_encoded_and_coded_values_encode_and_count_like_plain_ones(tmp_path):
     keys, indices = pa.array(["a", "b"]), np.array([1, 2])
     plain = pa.array(["b", "zz", None, "a", "zz"])
     encoded = pc.dictionary_encode(plain)
     assert encode_ids(encoded, keys, indices, 10, 4).tolist() == encode_ids(plain, keys, indices, 10, 4).tolist()
     one = update_vocabulary(tmp_path / "one", feature(), DAY1, plain)
     two = update_vocabulary(tmp_path / "two", feature(), DAY1, encoded)
-    assert one.table.equals(two.table)
+    coded = CodedColumn.encode(pl.Series(plain))
+    three = update_vocabulary(tmp_path / "three", feature(), DAY1, coded)
+    assert one.table.equals(two.table) and one.table.equals(three.table)
+    assert three.encode(coded).tolist() == one.encode(plain).tolist()
 
 
 def test_encode_list_ids_keeps_offsets():
