@@ -565,12 +565,13 @@ def _advanced_state(warehouse: Path, key: AggregateKey, previous: RollingState) 
     old_rows = np.ones(len(keys) + int(new.sum()), bool)
     old_rows[added_rows[new]] = False
     keys = _merged(keys, added[new], old_rows, added_rows[new])
-    # Int32 halves the memory traffic of these passes over every key; Int64 where a sum might not fit.
-    added_max = added_counts.max(axis=0, initial=0)
+    # Int32 halves the memory traffic of these passes over every key; Int64 where a sum might
+    # not fit (a column's total bounds its largest value: counts are >= 0).
+    added_total = added_counts.sum(axis=0)
     counts = []
-    for i, column in enumerate(previous.counts):
+    for i, (name, column) in enumerate(zip(_state_columns(windows), previous.counts, strict=True)):
         metric, window = i % len(COUNTS), windows[i // len(COUNTS)]
-        fits = (0 if window == 1 else int(column.max(initial=0))) + int(added_max[metric]) <= INT32_MAX
+        fits = (0 if window == 1 else previous.totals[name]) + int(added_total[metric]) <= INT32_MAX
         if window == 1:
             column = np.zeros(len(keys), np.int32 if fits else np.int64)
             column[added_rows] = added_counts[:, metric]
@@ -606,7 +607,7 @@ def _write_state(warehouse: Path, key: AggregateKey, state: RollingState, daily_
     """Write the state atomically, uncompressed (so it can be memory-mapped); a count
     column is stored as Int32 when its values fit."""
     columns = {
-        name: column.astype(np.int32, copy=False) if column.max(initial=0) <= INT32_MAX else column  # counts are >= 0
+        name: column if column.dtype == np.int32 or column.max(initial=0) > INT32_MAX else column.astype(np.int32)  # counts are >= 0
         for name, column in zip(_state_columns(list(state.windows)), state.counts, strict=True)
     }
     table = pa.table({"key_hash": state.key_hash, **columns})
