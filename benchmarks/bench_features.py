@@ -18,7 +18,8 @@ wait for. Then, each in a fresh process (so peak RSS is per stage):
 Each line shows wall seconds and the stage's CPU seconds (user + system, all threads):
 on a busy machine the wall time grows, the CPU time much less. The last line times the
 training table's own write once more on the rows just written: no examples stage can be
-faster than that write, so it bounds the stage's impressions/s.
+faster than that write, so it bounds the stage's impressions/s, and its CPU seconds show
+how much of the machine's time it leaves to everything else at a given rate.
 
 Targets on the 2-core dev machine: features >= 2M impressions/s, examples >= 1M
 impressions/s, peak RSS < 4 GiB per stage.
@@ -159,9 +160,9 @@ def _stage_examples(cfg: FunnelConfig, warehouse: Path, run_date: dt.date, out: 
     # fast everything before the write.
     frame = pl.read_parquet(training_dir(warehouse, dt.date.fromisoformat(manifest["date"])) / DATA_FILE)
     scratch = Path(tempfile.mkdtemp(prefix="write-alone-", dir=warehouse))
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), _cpu_seconds()
     write_training_file(frame, scratch / DATA_FILE)
-    write_alone = time.perf_counter() - started
+    write_alone = (time.perf_counter() - started, _cpu_seconds() - cpu_started)
     shutil.rmtree(scratch)
     out.put((seconds, cpu, rss, manifest["timings_s"], write_alone))
 
@@ -203,7 +204,12 @@ def main(argv: list[str] | None = None) -> None:
                 f"{args.impressions / secs:,.0f} impressions/s, peak RSS {rss:,.0f} MiB"
             )
             print(f"examples phases, {night} (s): {timings}")
-        print(f"writing the table alone, once more: {write_alone:.2f} s = a ceiling of {args.impressions / write_alone:,.0f} impressions/s for the stage")
+        (write_s, write_cpu), cores = write_alone, os.cpu_count()
+        print(
+            f"writing the table alone, once more: {write_s:.2f} s (CPU {write_cpu:.2f} s) = a ceiling of {args.impressions / write_s:,.0f} "
+            f"impressions/s for the stage; at 1M impressions/s the write alone takes {write_cpu * 1e6 / args.impressions / cores:.0%} of "
+            f"the {cores} cores' time"
+        )
         print(f"load average after the stages: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     finally:
         if args.warehouse is None:

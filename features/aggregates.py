@@ -17,7 +17,8 @@ accepted on D.
 
 Layout: ``<warehouse>/features/daily/<key name>/date=D/part-0.parquet``; each row also
 carries ``key_hash``, a stable 64-bit hash of its key tuple, which the rolling states
-(``<warehouse>/features/rolling/``, described further down) are keyed by.
+(``<warehouse>/features/rolling/``, described further down) are keyed by, and the rows are
+in ascending key_hash order, the states' order.
 """
 
 from __future__ import annotations

@@ -2,11 +2,12 @@
 
 The nightly run for D builds day L = D - ``contract.maturity_lag_days``: validated
 impressions of L joined (left, in impression order) with the users / items snapshots
-accepted on L, the labels of L (features.labels) and, per aggregate key, the rolling
-point-in-time features as of the start of L, looked up in the key's rolling state
-(features.aggregates: advanced by one day from the previous night's state, or recomputed
-from the daily partitions when there is none). Which raw column feeds which feature
-comes from ``cfg.features`` only.
+accepted on L (by row position, features.snapshots), the labels of L (features.labels)
+and, per aggregate key, the rolling point-in-time features as of the start of L, looked
+up in the key's rolling state (features.aggregates: advanced by one day from the previous
+night's state, or recomputed from the daily partitions when there is none; in a second
+thread, as it needs none of L's rows). Which raw column feeds which feature comes from
+``cfg.features`` only.
 
 Columns of ``<warehouse>/training/date=L/part-0.parquet``, in this order:
 
