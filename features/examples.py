@@ -44,7 +44,6 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from features.aggregates import RollingState, daily_dir, daily_root, rolling_state, state_features
 from features.config import FunnelConfig, SparseFeature
@@ -162,7 +161,7 @@ def rolled_columns(cfg: FunnelConfig, rows: JoinedRows, states: dict[str, Rollin
     """Every aggregate key's dense features of ``rows``, looked up in the keys' states."""
     keys = cfg.features.aggregate_keys
     coded = {column: rows.coded(column) for key in keys for column in key.columns}
-    return pl.concat([state_features(cfg, key, states[key.name], coded) for key in keys], how="horizontal")
+    return pl.concat([pl.DataFrame(), *(state_features(cfg, key, states[key.name], coded) for key in keys)], how="horizontal")
 
 
 def numeric_feature_expr(column: str, transform: str) -> pl.Expr:
