@@ -2,11 +2,11 @@
 
 A day's impressions (the ``examples`` stage) or events (the ``features`` stage) name a user
 and an item; their attributes live in the snapshots accepted that day. Copying each
-attribute onto every row and then hashing it again to encode or group it was most of both
-stages' time. Here each row keeps its row number in the snapshot instead, and a column is
-encoded once (a snapshot column once per snapshot row) as a ``CodedColumn``: each row's
-code into the column's distinct values, which vocabularies, aggregate keys and rolling
-lookups all work from.
+attribute onto every row, then hashing it again to encode or group it, took more than
+half of the examples stage's time. Here each row keeps its row number in the snapshot
+instead, and a column is encoded once (a snapshot column once per snapshot row) as a
+``CodedColumn``: each row's code into the column's distinct values, which vocabularies,
+aggregate keys and rolling lookups all work from.
 """
 
 from __future__ import annotations
