@@ -40,7 +40,7 @@ from features.contract import SNAPSHOT_TABLES, day_start, day_str, in_day, scan_
 from features.errors import DataContractError, StageError
 from features.io import atomic_dir, atomic_write_json, sha256_dir, write_parquet_dir
 from features.labels import attributed_conversions, first_clicks, scan_events
-from features.snapshots import SNAPSHOT_JOIN_KEY, CodedColumn, JoinedRows, join_snapshots
+from features.snapshots import SNAPSHOT_JOIN_KEY, CodedColumn, JoinedRows, join_snapshots, snapshot_scans
 from serving.encoding import _mix64 as mix64
 
 COUNTS = ("imps", "clicks", "convs")
@@ -152,17 +152,11 @@ def daily_events(cfg: FunnelConfig, warehouse: Path, day: dt.date) -> tuple[Join
         how="diagonal",
     ).with_columns(pl.col(*COUNTS).fill_null(0), pl.col("conv_value").fill_null(0.0))
 
-    snapshots = {}
-    for table in SNAPSHOT_TABLES:
-        attrs = [c for c, t in sources.items() if t == table]
-        if attrs:
-            snapshots[table] = scan_validated(warehouse, table, day).select(SNAPSHOT_JOIN_KEY[table], *attrs)
-            inputs.append(str(validated_dir(warehouse, table, day)))
-    frames = pl.collect_all([events, *snapshots.values()])
+    scans = snapshot_scans(warehouse, day, sources)
+    inputs += [str(validated_dir(warehouse, table, day)) for table in scans]
+    events, *snapshots = pl.collect_all([events, *scans.values()])
     # One chunk per column: gathers on it are ~5x faster.
-    events = join_snapshots(frames[0].rechunk(), sources, dict(zip(snapshots, frames[1:], strict=True)),
-                            {t: validated_dir(warehouse, t, day) for t in snapshots})
-    return events, inputs
+    return join_snapshots(events.rechunk(), sources, dict(zip(scans, snapshots, strict=True)), warehouse, day), inputs
 
 
 def combine_hashes(column_hashes: list[np.ndarray]) -> np.ndarray:
@@ -211,6 +205,13 @@ def row_groups(column_codes: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return group, first_row
 
 
+def key_groups(coded: dict[str, CodedColumn], columns: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows grouped by their key tuple of ``columns``: each row's group, one row of each
+    group (``row_groups``) and each group's key hash (as in the daily partitions' ``key_hash``)."""
+    group, first_row = row_groups([coded[c].codes for c in columns])
+    return group, first_row, combine_hashes([coded[c].hashes[coded[c].codes[first_row]] for c in columns])
+
+
 def counters_by_key(events: pl.DataFrame, columns: list[str], coded: dict[str, CodedColumn]) -> pl.DataFrame:
     """The key columns, ``key_hash`` (UInt64), then summed imps, clicks, convs (Int64) and
     conv_value (Float64) per distinct key, in ascending key_hash order (the rolling states'
@@ -220,8 +221,7 @@ def counters_by_key(events: pl.DataFrame, columns: list[str], coded: dict[str, C
     Same sums as ``group_by(columns).agg(sum)``, but each string column is hashed once
     (dictionary encoding) and the grouping runs on the integer codes.
     """
-    group, first_row = row_groups([coded[c].codes for c in columns])
-    key_hash = combine_hashes([coded[c].hashes[coded[c].codes[first_row]] for c in columns])
+    group, first_row, key_hash = key_groups(coded, columns)
     order = np.argsort(key_hash)
     # float64 sums are exact for counts below 2**53.
     sums = {metric: np.bincount(group, weights=events[metric].to_numpy(), minlength=len(first_row))[order] for metric in (*COUNTS, "conv_value")}
@@ -666,8 +666,7 @@ def state_features(cfg: FunnelConfig, key: AggregateKey, state: RollingState, co
     null key column, like the left join of ``attach_rolling_features``), smoothed and
     log1p'd. Computed once per distinct key, then spread over its rows."""
     windows = list(state.windows)
-    group, first_row = row_groups([coded[c].codes for c in key.columns])
-    group_hash = combine_hashes([coded[c].hashes[coded[c].codes[first_row]] for c in key.columns])
+    group, first_row, group_hash = key_groups(coded, key.columns)
     group_null = np.zeros(len(first_row), bool)
     for c in key.columns:
         group_null |= coded[c].codes[first_row] == coded[c].null_code

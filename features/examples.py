@@ -51,7 +51,7 @@ from features.contract import SNAPSHOT_TABLES, day_str, report_path, scan_valida
 from features.errors import DataContractError, StageError
 from features.io import atomic_dir, record_sha256, recorded_sha256, sha256_dir
 from features.labels import build_labels
-from features.snapshots import SNAPSHOT_JOIN_KEY, JoinedRows, join_snapshots
+from features.snapshots import SNAPSHOT_JOIN_KEY, JoinedRows, join_snapshots, snapshot_scans
 from features.vocab import load_vocabulary, update_vocabulary
 
 ID_COLUMNS = ("impression_id", "ts", "raw_user_id")
@@ -140,10 +140,9 @@ def day_rows(cfg: FunnelConfig, warehouse: Path, day: dt.date) -> JoinedRows:
     table_of = dict.fromkeys(base, "impressions")
     for table, cols in wanted.items():
         table_of.update({c: table for c in cols if c not in table_of})
-    extra = {t: [c for c in wanted[t] if c != SNAPSHOT_JOIN_KEY[t]] for t in SNAPSHOT_TABLES}
-    snapshots = {t: frames[t].select(SNAPSHOT_JOIN_KEY[t], *extra[t]) for t in SNAPSHOT_TABLES if extra[t]}
-    impressions, *collected = pl.collect_all([frames["impressions"].select(*dict.fromkeys(base + wanted["impressions"])), *snapshots.values()])
-    return join_snapshots(impressions, table_of, dict(zip(snapshots, collected, strict=True)), {t: validated_dir(warehouse, t, day) for t in snapshots})
+    scans = snapshot_scans(warehouse, day, table_of)
+    impressions, *snapshots = pl.collect_all([frames["impressions"].select(*dict.fromkeys(base + wanted["impressions"])), *scans.values()])
+    return join_snapshots(impressions, table_of, dict(zip(scans, snapshots, strict=True)), warehouse, day)
 
 
 def rolling_states(cfg: FunnelConfig, warehouse: Path, day: dt.date, inputs: dict[str, str]) -> dict[str, RollingState]:

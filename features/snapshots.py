@@ -11,6 +11,7 @@ aggregate keys and rolling lookups all work from.
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -20,6 +21,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from features.contract import scan_validated, validated_dir
 from features.errors import StageError
 from serving.encoding import as_strings, stable_hash
 
@@ -100,10 +102,19 @@ class JoinedRows:
         return self._coded[column]
 
 
-def join_snapshots(rows: pl.DataFrame, table_of: dict[str, str], snapshots: dict[str, pl.DataFrame], paths: dict[str, Path]) -> JoinedRows:
-    """``rows`` joined to each of ``snapshots`` (its wanted columns, join key included) on
-    the table's join key, which ``rows`` must hold. ``paths``: the snapshots' folders, for
-    errors."""
+def snapshot_scans(warehouse: Path, day: dt.date, table_of: dict[str, str]) -> dict[str, pl.LazyFrame]:
+    """The validated snapshots of ``day`` that ``table_of`` reads columns from: each one's
+    join key and those columns."""
+    return {
+        table: scan_validated(warehouse, table, day).select(SNAPSHOT_JOIN_KEY[table], *columns)
+        for table in SNAPSHOT_JOIN_KEY
+        if (columns := [c for c, t in table_of.items() if t == table])
+    }
+
+
+def join_snapshots(rows: pl.DataFrame, table_of: dict[str, str], snapshots: dict[str, pl.DataFrame], warehouse: Path, day: dt.date) -> JoinedRows:
+    """``rows`` joined to each of ``snapshots`` (``snapshot_scans`` of ``day``, collected)
+    on the table's join key, which ``rows`` must hold."""
     joined = JoinedRows(rows, {}, {}, table_of)
     for table, snapshot in snapshots.items():
         on = SNAPSHOT_JOIN_KEY[table]
@@ -113,7 +124,7 @@ def join_snapshots(rows: pl.DataFrame, table_of: dict[str, str], snapshots: dict
             snapshot.select(on).with_row_index("row"), on=on, how="left", maintain_order="left"
         )
         if found.height != len(key.values):
-            raise StageError(f"{paths[table]} holds some {on} more than once: a snapshot has one row per key")
+            raise StageError(f"{validated_dir(warehouse, table, day)} holds some {on} more than once: a snapshot has one row per key")
         joined.snapshot_row[table] = np.append(found["row"].fill_null(snapshot.height).to_numpy(), snapshot.height)[key.codes]
         joined.snapshots[table] = pl.concat([snapshot, pl.DataFrame(schema=snapshot.schema).clear(1)])
     return joined

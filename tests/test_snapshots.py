@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ USERS = pl.DataFrame({"user_id": ["u1", "u2", "u3"], "city": ["paris", None, "ro
 
 
 def joined(users: pl.DataFrame = USERS):
-    return join_snapshots(ROWS, {"city": "users", "age": "users"}, {"users": users}, {"users": Path("validated/users/date=X")})
+    return join_snapshots(ROWS, {"city": "users", "age": "users"}, {"users": users}, Path("wh"), dt.date(2026, 5, 1))
 
 
 def test_columns_equal_a_left_join_and_codes_come_from_the_snapshot_rows():
@@ -41,5 +42,5 @@ def test_coded_column_null_code_and_hashes():
 
 def test_a_snapshot_with_a_key_twice_is_refused_by_name():
     twice = pl.concat([USERS, USERS.head(1)])
-    with pytest.raises(StageError, match=r"validated/users/date=X holds some user_id more than once"):
+    with pytest.raises(StageError, match=r"wh/validated/users/date=2026-05-01 holds some user_id more than once"):
         joined(twice)
