@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     from models.loader import TrainingTableLoader
     from models.losses import LossWeighting, training_loss
     from models.nets import MultiTaskNet, dense_stats
-    from models.train import _init_process_group, distribute
+    from models.train import _init_process_group, dense_optimizer, distribute
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=400_000)
@@ -204,8 +204,7 @@ def main(argv: list[str] | None = None) -> None:
         baseline = per_feature_embedding_model(spec, mcfg, cfg.tasks, mean, std)
         check_same_function(net, baseline, batches[0], padded[0])
         model = distribute(net, tcfg, torch.device("cpu"))
-        dense_opt = torch.optim.AdamW([q for _, q in in_backward_optimizer_filter(model.named_parameters())],
-                                      lr=tcfg.dense_lr, weight_decay=tcfg.weight_decay)
+        dense_opt = dense_optimizer([q for _, q in in_backward_optimizer_filter(model.named_parameters())], tcfg)
 
         def stepper(forward, penalty, optimizers):
             """One training step on batch i: ``forward(i)``, the shared loss, backward, step."""
@@ -222,8 +221,7 @@ def main(argv: list[str] | None = None) -> None:
             return step
 
         def baseline_dense_optimizer() -> torch.optim.Optimizer:
-            return torch.optim.AdamW([q for n, q in baseline.named_parameters() if not n.startswith("tables.")],
-                                     lr=tcfg.dense_lr, weight_decay=tcfg.weight_decay)
+            return dense_optimizer([q for n, q in baseline.named_parameters() if not n.startswith("tables.")], tcfg)
 
         torchrec_step = stepper(lambda i: model(batches[i].dense, batches[i].sparse), net.backbone.penalty, [dense_opt])
         baseline_step = stepper(lambda i: baseline(batches[i].dense, *padded[i]), baseline.backbone.penalty,
