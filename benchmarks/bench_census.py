@@ -12,7 +12,8 @@ val / 19,953 test rows), read through the ``[table]`` source. Each run is a fres
 (so peak RSS is its own) that trains with ``funnelrank train``'s code path (``train_model``:
 torchrec EBC, fused row-wise Adagrad, AdamW; the val split early-stops) and scores the best
 epoch on the test split. Printed per backbone: test AUC per task (mean and spread over
-seeds), training samples/s (mean over epochs, validation excluded), wall seconds of the
+seeds, and the DeLong standard error that the test split's 19,953 rows alone put on
+one run's AUC), training samples/s (mean over epochs, validation excluded), wall seconds of the
 run (training and test scoring) and peak RSS.
 
 Reference on this 2-core machine and split (issue 8), 5 epochs at batch 1024: other
@@ -43,6 +44,7 @@ def _run(config: Path, backbone: str, seed: int, epochs: int, batch_size: int, w
 
     from features.config import load_config
     from models.loader import TrainingTableLoader
+    from models.metrics import auc_standard_error
     from models.train import predict, train_model, validation_metrics
     from pipeline.evaluate import evaluation_table
 
@@ -54,8 +56,13 @@ def _run(config: Path, backbone: str, seed: int, epochs: int, batch_size: int, w
     _, test_files = evaluation_table(cfg, cfg.warehouse, None)
     test = TrainingTableLoader(test_files, cfg.features.sparse, cfg.features.dense_names(), 8192, shuffle=False, seed=0,
                                labels=cfg.label_columns)
-    metrics = validation_metrics(cfg, predict(result.model, test, torch.device("cpu")))
-    out.put({"test": {view: metrics[f"{view}_auc"] for view in cfg.views()},
+    pred = predict(result.model, test, torch.device("cpu"))
+    metrics = validation_metrics(cfg, pred)
+    standard_error = {}
+    for view, (label, mask) in cfg.views().items():
+        keep = pred[f"label_{mask}"] > 0 if mask else slice(None)
+        standard_error[view] = auc_standard_error(pred[f"label_{label}"][keep], pred[f"p_{view}"][keep])
+    out.put({"test": {view: metrics[f"{view}_auc"] for view in cfg.views()}, "test_se": standard_error,
              "samples_per_s": statistics.mean(h["train/samples_per_s"] for h in result.history),
              "epochs": result.epochs_run, "best_epoch": result.best_epoch, "seconds": time.perf_counter() - started,
              "peak_rss_mib": peak_rss_mib()})
@@ -112,19 +119,22 @@ def main(argv: list[str] | None = None) -> None:
         for backbone in args.backbones:
             runs = [in_child(_run, args.config, backbone, seed, args.epochs, args.batch_size, workdir, sparse) for seed in range(args.seeds)]
             for seed, r in enumerate(runs):
-                print(f"  {backbone:13s} seed {seed}: " + "  ".join(f"{v} {a:.4f}" for v, a in r["test"].items())
+                print(f"  {backbone:13s} seed {seed}: " + "  ".join(f"{v} {a:.4f} (SE {r['test_se'][v]:.4f})" for v, a in r["test"].items())
                       + f"  {r['samples_per_s']:,.0f} samples/s  best epoch {r['best_epoch']}  {r['seconds']:.1f} s", flush=True)
             rows.append((backbone, runs))
 
     views = list(rows[0][1][0]["test"])
-    header = f"{'backbone':13s} " + " ".join(f"{'test ' + v + ' AUC':>19s}" for v in views) + \
+    header = f"{'backbone':13s} " + " ".join(f"{'test ' + v + ' AUC':>19s} {'SE':>6s}" for v in views) + \
         f" {'samples/s':>10s} {'wall s':>7s} {'peak RSS':>9s}"
     print("\n" + header)
     for backbone, runs in rows:
-        print(f"{backbone:13s} " + " ".join(f"{_spread([r['test'][v] for r in runs]):>19s}" for v in views)
+        print(f"{backbone:13s} " + " ".join(f"{_spread([r['test'][v] for r in runs]):>19s} "
+                                            f"{statistics.mean(r['test_se'][v] for r in runs):6.4f}" for v in views)
               + f" {statistics.mean(r['samples_per_s'] for r in runs):>10,.0f}"
               + f" {statistics.mean(r['seconds'] for r in runs):>7.1f}"
               + f" {max(r['peak_rss_mib'] for r in runs):>6.0f} MiB")
+    print("AUC: mean ± std over seeds.  SE: standard error of one run's test AUC, from the test split's finite "
+          "sample (DeLong), mean over seeds.")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,15 @@ def _average_ranks_sorted(sorted_keys: tuple[np.ndarray, ...]) -> tuple[np.ndarr
     return average_position[run_id], run_starts
 
 
+def _average_ranks(scores: np.ndarray) -> np.ndarray:
+    """1-based ranks of ``scores`` in their own order; tied scores share their average rank."""
+    order = np.argsort(scores, kind="stable")
+    position, _ = _average_ranks_sorted((scores[order],))
+    ranks = np.empty(len(scores))
+    ranks[order] = position + 1.0
+    return ranks
+
+
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:
     """ROC AUC by the rank-sum (Mann-Whitney) formula; ties get average ranks.
 
@@ -50,10 +59,29 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
     n_neg = float(len(y) - n_pos)
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    order = np.argsort(s, kind="stable")
-    position, _ = _average_ranks_sorted((s[order],))
-    rank_sum_pos = float(((position + 1.0) * y[order]).sum())
+    rank_sum_pos = float(_average_ranks(s)[y > 0].sum())
     return (rank_sum_pos - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+
+
+def auc_standard_error(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Standard error of ``auc`` over resamples of the rows (DeLong et al., Biometrics 1988).
+
+    Each positive's placement is the share of negatives it outranks (ties count one half),
+    each negative's the share of positives that outrank it; the AUC is their mean and its
+    variance is var(placements of positives) / n_pos + var(placements of negatives) / n_neg.
+    Placements come from three rankings (all rows, positives alone, negatives alone), so
+    no pair is formed. ``nan`` with fewer than two rows of either class.
+    """
+    y = _as_labels(labels) > 0
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos < 2 or n_neg < 2:
+        return float("nan")
+    ranks = _average_ranks(s)
+    # a row's rank among all rows minus its rank within its class = rows of the other class below it
+    pos_placement = (ranks[y] - _average_ranks(s[y])) / n_neg
+    neg_placement = 1.0 - (ranks[~y] - _average_ranks(s[~y])) / n_pos
+    return float(np.sqrt(pos_placement.var(ddof=1) / n_pos + neg_placement.var(ddof=1) / n_neg))
 
 
 def gauc(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> float:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from features.config import TaskConfig, task_views
-from models.metrics import auc, calibration, ece, gauc, logloss, reliability_curve, roc_curve, view_metrics
+from models.metrics import auc, auc_standard_error, calibration, ece, gauc, logloss, reliability_curve, roc_curve, view_metrics
 
 
 def _pairwise_auc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -26,6 +26,35 @@ def test_auc_matches_pairwise_count_with_ties(seed: int):
     labels = (rng.random(300) < 0.3).astype(np.int8)
     scores = rng.integers(0, 12, 300) / 11.0  # few distinct values: many ties
     assert auc(labels, scores) == pytest.approx(_pairwise_auc(labels, scores), abs=1e-12)
+
+
+def _pairwise_delong_se(labels: np.ndarray, scores: np.ndarray) -> float:
+    """DeLong's variance written out over every positive/negative pair."""
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    kernel = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
+    return math.sqrt(kernel.mean(1).var(ddof=1) / len(pos) + kernel.mean(0).var(ddof=1) / len(neg))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_auc_standard_error_matches_pairwise_delong_with_ties(seed: int):
+    rng = np.random.default_rng(seed)
+    labels = (rng.random(400) < 0.4).astype(np.int8)
+    scores = rng.integers(0, 9, 400) / 8.0 + 0.3 * labels  # informative, many ties
+    assert auc_standard_error(labels, scores) == pytest.approx(_pairwise_delong_se(labels, scores), rel=1e-10)
+
+
+def test_auc_standard_error_predicts_the_spread_of_resampled_auc():
+    rng = np.random.default_rng(0)
+    labels = (rng.random(4000) < 0.3).astype(np.int8)
+    scores = rng.normal(size=4000) + 1.2 * labels
+    resampled = [auc(labels[i], scores[i]) for i in rng.integers(0, 4000, (400, 4000))]
+    assert auc_standard_error(labels, scores) == pytest.approx(np.std(resampled), rel=0.15)
+
+
+def test_auc_standard_error_edge_cases():
+    assert auc_standard_error([0, 0, 1, 1], [0.1, 0.2, 0.3, 0.4]) == 0.0  # perfectly separated: no spread
+    assert math.isnan(auc_standard_error([0, 1, 1], [0.1, 0.2, 0.3]))  # one negative
+    assert math.isnan(auc_standard_error([], []))
 
 
 def test_auc_edge_cases():
