@@ -5,6 +5,7 @@ otherwise pick.
     python -m benchmarks.bench_census                      # 4 backbones x 3 seeds, 5 epochs, batch 1024
     python -m benchmarks.bench_census --backbones mmoe --seeds 1
     python -m benchmarks.bench_census --backbones mmoe --bucket-numeric 32   # + bucketised numbers
+    python -m benchmarks.bench_census --backbones mmoe --train-fraction 0.5 --epochs 10   # half the rows, same steps
 
 Data: ``configs/census.toml`` (the fixed torch-rechub split of the UCI Census-Income (KDD)
 test file in ``../shared/data/census-income/derived_rechub_split``: 59,857 train / 19,952
@@ -36,7 +37,8 @@ from benchmarks.common import in_child, peak_rss_mib
 BACKBONES = ("single_task", "shared_bottom", "mmoe", "ple")
 
 
-def _run(config: Path, backbone: str, seed: int, epochs: int, batch_size: int, workdir: str, sparse: list[dict], out) -> None:
+def _run(config: Path, backbone: str, seed: int, epochs: int, batch_size: int, workdir: str, table: dict, sparse: list[dict],
+         out) -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -51,7 +53,7 @@ def _run(config: Path, backbone: str, seed: int, epochs: int, batch_size: int, w
     started = time.perf_counter()
     cfg = load_config(config, {"seed": seed, "warehouse": f"{workdir}/warehouse", "state_dir": f"{workdir}/state-{backbone}-{seed}",
                                "model": {"backbone": backbone}, "train": {"epochs": epochs, "batch_size": batch_size},
-                               "features": {"sparse": sparse}})
+                               "table": table, "features": {"sparse": sparse}})
     result = train_model(cfg, cfg.warehouse, None, progress=False)
     _, test_files = evaluation_table(cfg, cfg.warehouse, None)
     test = TrainingTableLoader(test_files, cfg.features.sparse, cfg.features.dense_names(), 8192, shuffle=False, seed=0,
@@ -68,25 +70,49 @@ def _run(config: Path, backbone: str, seed: int, epochs: int, batch_size: int, w
              "peak_rss_mib": peak_rss_mib()})
 
 
-def bucketised_numeric(config: Path, buckets: int, warehouse: Path) -> list[dict]:
+def _train_rows(config: Path, table: dict, warehouse: Path):
+    """The train split's rows, read the way the table source reads them (a CSV converted
+    once, into ``warehouse``, where preparing the table finds it again)."""
+    from features.config import load_config
+    from features.io import sha256_file
+    from features.table_source import parquet_source, read_splits, split_inputs
+
+    cfg = load_config(config, {"table": table})
+    paths = split_inputs(cfg.table)
+    sources = {split: parquet_source(path, sha256_file(path), warehouse) for split, path in paths.items()}
+    return cfg, read_splits(cfg, paths, sources)["train"]
+
+
+def train_subset(config: Path, fraction: float, workdir: Path) -> dict:
+    """A ``[table]`` override that trains on a seeded random ``fraction`` of the train split
+    (val and test unchanged), written as Parquet under ``workdir``; {} for the whole split."""
+    if not 0.0 < fraction <= 1.0:
+        raise SystemExit(f"--train-fraction must lie in (0, 1], got {fraction}")
+    if fraction == 1.0:
+        return {}
+    from features.config import load_config
+
+    if load_config(config).table.train is None:
+        raise SystemExit(f"--train-fraction needs separate train/val/test files in {config}'s [table]")
+    _, rows = _train_rows(config, {}, workdir / "warehouse")
+    path = workdir / f"train-{fraction:g}.parquet"
+    rows.sample(fraction=fraction, seed=0).write_parquet(path)
+    return {"train": str(path)}
+
+
+def bucketised_numeric(config: Path, buckets: int, warehouse: Path, table: dict) -> list[dict]:
     """The config's sparse features plus, when ``buckets`` > 1, a kind = "bucket" feature per
-    numeric feature cut at the train split's ``buckets``-quantiles (ties merged). The train
-    rows are read the way the table source reads them (a CSV converted once, into
-    ``warehouse``, where preparing the table finds it again)."""
+    numeric feature cut at the train split's ``buckets``-quantiles (ties merged)."""
     import numpy as np
     import polars as pl
 
     from features.config import load_config
-    from features.io import sha256_file
-    from features.table_source import parquet_source, read_splits, split_inputs
 
     cfg = load_config(config)
     sparse = [f.model_dump(mode="json") for f in cfg.features.sparse]
     if buckets <= 1:
         return sparse
-    paths = split_inputs(cfg.table)
-    sources = {split: parquet_source(path, sha256_file(path), warehouse) for split, path in paths.items()}
-    frame = read_splits(cfg, paths, sources)["train"]
+    cfg, frame = _train_rows(config, table, warehouse)
     for f in cfg.features.numeric:
         values = frame.get_column(f.column).drop_nulls().cast(pl.Float64).to_numpy()
         cuts = np.unique(np.quantile(values, np.linspace(0.0, 1.0, buckets + 1)[1:-1]))
@@ -109,15 +135,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--bucket-numeric", type=int, default=0, metavar="N",
                         help="also feed each numeric column as a kind = \"bucket\" feature cut at the train split's N-quantiles")
+    parser.add_argument("--train-fraction", type=float, default=1.0, metavar="F",
+                        help="train on a seeded random share F of the train split (val and test unchanged): "
+                             "how test AUC grows with training rows")
     args = parser.parse_args(argv)
 
     rows = []
     with tempfile.TemporaryDirectory() as workdir:  # one warehouse: the table is prepared once
-        sparse = bucketised_numeric(args.config, args.bucket_numeric, Path(workdir) / "warehouse")
-        print(f"config {args.config}  epochs {args.epochs}  batch {args.batch_size}  seeds {args.seeds}  sparse features {len(sparse)}  "
+        table = train_subset(args.config, args.train_fraction, Path(workdir))
+        sparse = bucketised_numeric(args.config, args.bucket_numeric, Path(workdir) / "warehouse", table)
+        print(f"config {args.config}  train fraction {args.train_fraction:g}  epochs {args.epochs}  batch {args.batch_size}  "
+              f"seeds {args.seeds}  sparse features {len(sparse)}  "
               f"cores {os.cpu_count()}  load avg {os.getloadavg()[0]:.2f}", flush=True)
         for backbone in args.backbones:
-            runs = [in_child(_run, args.config, backbone, seed, args.epochs, args.batch_size, workdir, sparse) for seed in range(args.seeds)]
+            runs = [in_child(_run, args.config, backbone, seed, args.epochs, args.batch_size, workdir, table, sparse)
+                    for seed in range(args.seeds)]
             for seed, r in enumerate(runs):
                 print(f"  {backbone:13s} seed {seed}: " + "  ".join(f"{v} {a:.4f} (SE {r['test_se'][v]:.4f})" for v, a in r["test"].items())
                       + f"  {r['samples_per_s']:,.0f} samples/s  best epoch {r['best_epoch']}  {r['seconds']:.1f} s", flush=True)
