@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import numpy as np
 
 LOGLOSS_EPS = 1e-7
-METRIC_NAMES = ("auc", "gauc", "logloss", "calibration", "ece")
+METRIC_NAMES = ("auc", "auc_se", "gauc", "logloss", "calibration", "ece")
 
 
 def _as_labels(labels: np.ndarray) -> np.ndarray:
@@ -186,6 +186,7 @@ def _task(labels: np.ndarray, probs: np.ndarray | None, groups: np.ndarray | Non
         return dict.fromkeys(METRIC_NAMES, nan)
     return {
         "auc": auc(labels, probs),
+        "auc_se": auc_standard_error(labels, probs),
         "gauc": gauc(labels, probs, groups) if groups is not None else nan,
         "logloss": logloss(labels, probs),
         "calibration": calibration(labels, probs),
@@ -204,8 +205,9 @@ def view_metrics(
     ``views``: view -> (label column, mask column or None), as ``features.config.task_views``
     gives them; e.g. click (label click, all rows), cvr (label conversion, only the rows
     whose click is 1: conversion given click), ctcvr (label conversion, all rows).
-    ``labels``: column -> 0/1 array; ``probs``: view -> predictions. Metrics: auc, gauc
-    (grouped by ``groups``, e.g. user codes), logloss, calibration, ece. A view missing
+    ``labels``: column -> 0/1 array; ``probs``: view -> predictions. Metrics: auc, auc_se
+    (its standard error over resamples of these rows, ``auc_standard_error``), gauc (grouped by ``groups``, e.g. user codes), logloss,
+    calibration, ece. A view missing
     from ``probs`` (or None) or ``groups=None`` gives ``nan`` for its keys, so the key set is
     always the same.
     """

@@ -57,15 +57,22 @@ def comparison_rows(runs: Sequence, metrics: Sequence[str]) -> list[tuple[str, l
     rows = [("run", [f"{r.info.run_name} ({r.info.run_id[:8]})" for r in runs])]
     rows += [(tag, [r.data.tags.get(tag, "-") for r in runs]) for tag in KEY_TAGS]
     for metric in metrics:
-        cells = [r.data.metrics.get(f"best/{metric}") for r in runs]
-        rows.append((metric, [f"{c:.4f}" if c is not None else "-" for c in cells]))
+        rows.append((metric, [_cell(r.data.metrics, metric) for r in runs]))
     rows += [(f"config: {k}", v) for k, v in differing_params(runs).items()]
     return rows
 
 
+def _cell(logged: dict[str, float], metric: str) -> str:
+    """A run's best-epoch value of ``metric``; an AUC with its standard error where logged."""
+    value, se = logged.get(f"best/{metric}"), logged.get(f"best/{metric}_se")
+    if value is None:
+        return "-"
+    return f"{value:.4f} ± {se:.4f}" if se is not None else f"{value:.4f}"
+
+
 def plot_trends(runs: Sequence, metrics: Sequence[str]):
     """``metrics`` (e.g. the AUC of each task view) over the runs' nights (x: run date, or
-    run name without one)."""
+    run name without one), with 95% error bars where a standard error is logged."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -75,10 +82,12 @@ def plot_trends(runs: Sequence, metrics: Sequence[str]):
     fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.5), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         values = [r.data.metrics.get(f"best/{metric}", float("nan")) for r in runs]
-        ax.plot(range(len(runs)), values, marker="o")
+        # 95% interval of each value where its standard error is logged (AUCs); none otherwise
+        spread = [1.96 * r.data.metrics.get(f"best/{metric}_se", 0.0) for r in runs]
+        ax.errorbar(range(len(runs)), values, yerr=spread, marker="o", capsize=3)
         ax.set_xticks(range(len(runs)), labels, rotation=45, ha="right")
         ax.set(title=metric, ylabel="validation (best epoch)")
-    fig.suptitle("funnelrank: metrics over nights")
+    fig.suptitle("funnelrank: metrics over nights (bars: 95% interval from the validation rows)")
     fig.tight_layout()
     return fig
 
@@ -109,7 +118,7 @@ def render(rows: list[tuple[str, list[str]]]) -> None:
     from rich.table import Table
 
     header, *body = rows
-    table = Table(title="funnelrank runs (validation metrics of the best epoch; config keys that differ)")
+    table = Table(title="funnelrank runs (validation metrics of the best epoch, AUC ± its standard error; config keys that differ)")
     table.add_column(header[0])
     for cell in header[1]:
         table.add_column(cell, justify="right")

@@ -77,7 +77,8 @@ def evaluate_models(
     tracker = RunTracker(cfg.state_dir, f"evaluate-{run_name}", tags)
     logged = {f"{who}/{k}": v for who, m in metrics.items() for k, v in m.items()}
     if "champion" in metrics:
-        logged |= {f"delta/{k}": v - metrics["champion"][k] for k, v in metrics["candidate"].items()}
+        logged |= {f"delta/{k}": v - metrics["champion"][k] for k, v in metrics["candidate"].items()
+                   if not k.endswith("_auc_se")}  # a difference of standard errors means nothing
     tracker.log_metrics(logged, 0)
     curves = {f"{who} {view}": curve for who, pred in preds.items() for view, curve in view_curves(cfg, pred).items()}
     tracker.log_figure(plot_roc(curves), "plots/roc_candidate_vs_champion.png")

@@ -132,12 +132,14 @@ def test_view_metrics_names_and_cvr_on_clicked_rows_only():
     groups = np.array([0, 0, 1, 1, 0, 0, 1, 1])
     labels = {"click": click, "conversion": conversion}
     metrics = view_metrics(FUNNEL, labels, {"click": p_click, "cvr": p_cvr, "ctcvr": p_ctcvr}, groups)
-    names = [f"{t}_{m}" for t in ("click", "ctcvr", "cvr") for m in ("auc", "gauc", "logloss", "calibration", "ece")]
+    names = [f"{t}_{m}" for t in ("click", "ctcvr", "cvr") for m in ("auc", "auc_se", "gauc", "logloss", "calibration", "ece")]
     assert list(metrics) == names
     assert metrics["click_auc"] == 1.0
     assert metrics["cvr_auc"] == 1.0 and metrics["cvr_gauc"] == 1.0
     assert metrics["cvr_calibration"] == pytest.approx(np.mean(p_cvr[:4]) / 0.5)
     assert metrics["ctcvr_auc"] == pytest.approx(auc(conversion, p_ctcvr))
+    assert metrics["ctcvr_auc_se"] == pytest.approx(auc_standard_error(conversion, p_ctcvr))
+    assert metrics["cvr_auc_se"] == 0.0  # perfectly ranked on the clicked rows
     assert metrics["ctcvr_logloss"] == pytest.approx(logloss(conversion, p_ctcvr))
 
     without_heads = view_metrics(FUNNEL, labels, {"click": p_click}, None)

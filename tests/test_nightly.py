@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -215,6 +216,7 @@ def test_runs_compare_prints_metrics_differing_config_and_writes_the_trend(night
     out = capsys.readouterr().out
     assert f"train-{DAYS[5]}" in out and f"train-{DAYS[6]}" in out
     assert "click_auc" in out and "ctcvr_calibration" in out
+    assert re.search(r"0\.\d{4} ± 0\.0\d{3}", out)  # an AUC with its standard error
     assert "config: train.window_days" in out  # the warm start trained on a shorter window
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # explicit run ids; the trend goes to the newest run's artifacts
