@@ -46,7 +46,6 @@ def _run(config: Path, backbone: str, seed: int, epochs: int, batch_size: int, w
 
     from features.config import load_config
     from models.loader import TrainingTableLoader
-    from models.metrics import auc_standard_error
     from models.train import predict, train_model, validation_metrics
     from pipeline.evaluate import evaluation_table
 
@@ -58,13 +57,9 @@ def _run(config: Path, backbone: str, seed: int, epochs: int, batch_size: int, w
     _, test_files = evaluation_table(cfg, cfg.warehouse, None)
     test = TrainingTableLoader(test_files, cfg.features.sparse, cfg.features.dense_names(), 8192, shuffle=False, seed=0,
                                labels=cfg.label_columns)
-    pred = predict(result.model, test, torch.device("cpu"))
-    metrics = validation_metrics(cfg, pred)
-    standard_error = {}
-    for view, (label, mask) in cfg.views().items():
-        keep = pred[f"label_{mask}"] > 0 if mask else slice(None)
-        standard_error[view] = auc_standard_error(pred[f"label_{label}"][keep], pred[f"p_{view}"][keep])
-    out.put({"test": {view: metrics[f"{view}_auc"] for view in cfg.views()}, "test_se": standard_error,
+    metrics = validation_metrics(cfg, predict(result.model, test, torch.device("cpu")))
+    out.put({"test": {view: metrics[f"{view}_auc"] for view in cfg.views()},
+             "test_se": {view: metrics[f"{view}_auc_se"] for view in cfg.views()},
              "samples_per_s": statistics.mean(h["train/samples_per_s"] for h in result.history),
              "epochs": result.epochs_run, "best_epoch": result.best_epoch, "seconds": time.perf_counter() - started,
              "peak_rss_mib": peak_rss_mib()})
