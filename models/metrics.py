@@ -63,25 +63,36 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
     return (rank_sum_pos - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
 
 
-def auc_standard_error(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Standard error of ``auc`` over resamples of the rows (DeLong et al., Biometrics 1988).
+def _placements(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """DeLong's placements: each positive's share of negatives it outranks, each negative's
+    share of positives that outrank it (ties count one half). Both average to the AUC.
+    From three rankings (all rows, positives alone, negatives alone): a row's rank among
+    all rows minus its rank within its class counts the other class's rows below it."""
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    ranks = _average_ranks(s)
+    return (ranks[y] - _average_ranks(s[y])) / n_neg, 1.0 - (ranks[~y] - _average_ranks(s[~y])) / n_pos
 
-    Each positive's placement is the share of negatives it outranks (ties count one half),
-    each negative's the share of positives that outrank it; the AUC is their mean and its
-    variance is var(placements of positives) / n_pos + var(placements of negatives) / n_neg.
-    Placements come from three rankings (all rows, positives alone, negatives alone), so
-    no pair is formed. ``nan`` with fewer than two rows of either class.
-    """
+
+def auc_standard_error(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Standard error of ``auc`` over resamples of the rows (DeLong et al., Biometrics 1988):
+    var(placements of positives) / n_pos + var(placements of negatives) / n_neg, with no
+    pair formed. ``nan`` with fewer than two rows of either class."""
+    return auc_difference_standard_error(labels, scores, None)
+
+
+def auc_difference_standard_error(labels: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray | None) -> float:
+    """Standard error of auc(a) - auc(b), two models scored on the same rows (DeLong's paired
+    test): the placements' differences take the placements' place, so what the two models
+    share (the rows' difficulty) cancels. ``scores_b=None``: the standard error of auc(a)."""
     y = _as_labels(labels) > 0
-    s = np.asarray(scores, dtype=np.float64).ravel()
     n_pos, n_neg = int(y.sum()), int((~y).sum())
     if n_pos < 2 or n_neg < 2:
         return float("nan")
-    ranks = _average_ranks(s)
-    # a row's rank among all rows minus its rank within its class = rows of the other class below it
-    pos_placement = (ranks[y] - _average_ranks(s[y])) / n_neg
-    neg_placement = 1.0 - (ranks[~y] - _average_ranks(s[~y])) / n_pos
-    return float(np.sqrt(pos_placement.var(ddof=1) / n_pos + neg_placement.var(ddof=1) / n_neg))
+    pos, neg = _placements(y, np.asarray(scores_a, dtype=np.float64).ravel())
+    if scores_b is not None:
+        pos_b, neg_b = _placements(y, np.asarray(scores_b, dtype=np.float64).ravel())
+        pos, neg = pos - pos_b, neg - neg_b
+    return float(np.sqrt(pos.var(ddof=1) / n_pos + neg.var(ddof=1) / n_neg))
 
 
 def gauc(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> float:
@@ -206,20 +217,38 @@ def view_metrics(
     gives them; e.g. click (label click, all rows), cvr (label conversion, only the rows
     whose click is 1: conversion given click), ctcvr (label conversion, all rows).
     ``labels``: column -> 0/1 array; ``probs``: view -> predictions. Metrics: auc, auc_se
-    (its standard error over resamples of these rows, ``auc_standard_error``), gauc (grouped by ``groups``, e.g. user codes), logloss,
-    calibration, ece. A view missing
-    from ``probs`` (or None) or ``groups=None`` gives ``nan`` for its keys, so the key set is
-    always the same.
+    (its standard error over resamples of these rows, ``auc_standard_error``), gauc
+    (grouped by ``groups``, e.g. user codes), logloss, calibration, ece. A view missing
+    from ``probs`` (or None) or ``groups=None`` gives ``nan`` for its keys, so the key set
+    is always the same.
     """
     groups_all = None if groups is None else np.asarray(groups).ravel()
     out: dict[str, float] = {}
     for view, (label, mask_column) in views.items():
-        y = _as_labels(labels[label])
         p = probs.get(view)
         p = None if p is None else np.asarray(p, dtype=np.float64).ravel()
-        g = groups_all
-        if mask_column is not None:
-            keep = _as_labels(labels[mask_column]) > 0
-            y, p, g = y[keep], None if p is None else p[keep], None if g is None else g[keep]
-        out.update({f"{view}_{name}": value for name, value in _task(y, p, g).items()})
+        keep = _view_rows(labels, mask_column)
+        y, g = _as_labels(labels[label])[keep], None if groups_all is None else groups_all[keep]
+        out.update({f"{view}_{name}": value for name, value in _task(y, None if p is None else p[keep], g).items()})
     return out
+
+
+def view_auc_difference_standard_errors(
+    views: Mapping[str, tuple[str, str | None]],
+    labels: Mapping[str, np.ndarray],
+    probs_a: Mapping[str, np.ndarray],
+    probs_b: Mapping[str, np.ndarray],
+) -> dict[str, float]:
+    """Per task view (as in ``view_metrics``), the standard error of auc(a) - auc(b) for two
+    models' predictions on the same rows: ``auc_difference_standard_error``."""
+    out = {}
+    for view, (label, mask_column) in views.items():
+        keep = _view_rows(labels, mask_column)
+        out[view] = auc_difference_standard_error(_as_labels(labels[label])[keep], np.asarray(probs_a[view]).ravel()[keep],
+                                                  np.asarray(probs_b[view]).ravel()[keep])
+    return out
+
+
+def _view_rows(labels: Mapping[str, np.ndarray], mask_column: str | None) -> np.ndarray | slice:
+    """The rows a view is measured on: all, or those whose ``mask_column`` label is 1."""
+    return slice(None) if mask_column is None else _as_labels(labels[mask_column]) > 0

@@ -70,7 +70,7 @@ from features.io import atomic_write_bytes
 from features.table_source import prepare_table
 from models.loader import Batch, TrainingTableLoader, parquet_files
 from models.losses import LossWeighting, task_losses, training_loss
-from models.metrics import view_metrics
+from models.metrics import view_auc_difference_standard_errors, view_metrics
 from models.nets import ModelOutput, MultiTaskNet, dense_stats
 from models.quiet import library_noise_silenced
 from models.tracking import (RunTracker, flatten, git_commit, plot_gate_usage, plot_loss_curves, plot_reliability,
@@ -424,12 +424,24 @@ def _gather_predictions(pred: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
                 else np.concatenate([p[k] for p in everyone])) for k in pred}
 
 
+def _labels_and_probs(pred: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """``predict``'s output as (label column -> labels, task view -> probabilities)."""
+    return ({k.removeprefix("label_"): v for k, v in pred.items() if k.startswith("label_")},
+            {k.removeprefix("p_"): v for k, v in pred.items() if k.startswith("p_")})
+
+
 def validation_metrics(cfg: FunnelConfig, pred: dict[str, np.ndarray]) -> dict[str, float]:
     """Every task view's metrics (``models.metrics.view_metrics``) of ``predict``'s output."""
     groups = pred["user"] if (pred["user"] >= 0).any() else None
-    labels = {k.removeprefix("label_"): v for k, v in pred.items() if k.startswith("label_")}
-    probs = {k.removeprefix("p_"): v for k, v in pred.items() if k.startswith("p_")}
-    return view_metrics(cfg.views(), labels, probs, groups)
+    return view_metrics(cfg.views(), *_labels_and_probs(pred), groups)
+
+
+def auc_difference_standard_errors(cfg: FunnelConfig, pred_a: dict[str, np.ndarray],
+                                   pred_b: dict[str, np.ndarray]) -> dict[str, float]:
+    """Per task view, the standard error of auc(a) - auc(b) for two models' ``predict``
+    outputs on the same rows (paired: ``models.metrics.auc_difference_standard_error``)."""
+    labels, probs_a = _labels_and_probs(pred_a)
+    return view_auc_difference_standard_errors(cfg.views(), labels, probs_a, _labels_and_probs(pred_b)[1])
 
 
 def gradient_cosine(model: torch.nn.Module, net: MultiTaskNet, batch: Batch, tasks: Sequence[TaskConfig],

@@ -19,7 +19,7 @@ from features.table_source import prepare_table
 from models.loader import TrainingTableLoader, parquet_files
 from models.nets import MultiTaskNet
 from models.tracking import RunTracker, plot_reliability, plot_roc
-from models.train import predict, validation_metrics, view_curves
+from models.train import auc_difference_standard_errors, predict, validation_metrics, view_curves
 from pipeline.registry import Champion, same_architecture
 
 
@@ -61,7 +61,8 @@ def evaluate_models(
     """Metrics of both models on the mature day of ``run_date`` or a table's test split
     (``champion_note`` says which champion, or why there is none to compare with); logs a run with
     ``candidate/<metric>``, ``champion/<metric>`` and ``delta/<metric>`` plus ROC and
-    reliability plots of both. Returns {"candidate": metrics, "champion": metrics | None, ...}."""
+    reliability plots of both. Returns {"candidate": metrics, "champion": metrics | None,
+    "delta_auc_se": view -> standard error of the candidate's AUC minus the champion's, ...}."""
     name, files = evaluation_table(cfg, warehouse, run_date)
     loader = TrainingTableLoader(files, cfg.features.sparse, cfg.features.dense_names(), batch_size=16_384, shuffle=False,
                                  seed=cfg.seed, labels=cfg.label_columns)
@@ -76,13 +77,18 @@ def evaluate_models(
         tags["mlflow.parentRunId"] = parent_run_id
     tracker = RunTracker(cfg.state_dir, f"evaluate-{run_name}", tags)
     logged = {f"{who}/{k}": v for who, m in metrics.items() for k, v in m.items()}
+    delta_auc_se: dict[str, float] = {}
     if "champion" in metrics:
         logged |= {f"delta/{k}": v - metrics["champion"][k] for k, v in metrics["candidate"].items()
-                   if not k.endswith("_auc_se")}  # a difference of standard errors means nothing
+                   if not k.endswith("_auc_se")}
+        # the change's own standard error (paired: both models scored the same rows), not a difference of SEs
+        delta_auc_se = auc_difference_standard_errors(cfg, preds["candidate"], preds["champion"])
+        logged |= {f"delta/{view}_auc_se": se for view, se in delta_auc_se.items()}
     tracker.log_metrics(logged, 0)
     curves = {f"{who} {view}": curve for who, pred in preds.items() for view, curve in view_curves(cfg, pred).items()}
     tracker.log_figure(plot_roc(curves), "plots/roc_candidate_vs_champion.png")
     tracker.log_figure(plot_reliability(curves), "plots/reliability_candidate_vs_champion.png")
     tracker.end()
     return {"eval_day": name, "rows": int(len(preds["candidate"]["user"])), "candidate": metrics["candidate"],
-            "champion": metrics.get("champion"), "champion_note": champion_note, "mlflow_run_id": tracker.run_id}
+            "champion": metrics.get("champion"), "delta_auc_se": delta_auc_se, "champion_note": champion_note,
+            "mlflow_run_id": tracker.run_id}

@@ -244,10 +244,12 @@ def run_evaluate(night: Night) -> dict:
         net, note = champion_model(night.cfg, champion, *night.champion_weights())
     result = evaluate_models(night.cfg, night.warehouse, night.run_date, night.trained_model(), net, note, night.parent_run_id)
     cand, champ = result["candidate"], result["champion"]
-    served = [f"{t.served_name}_auc" for t in night.cfg.tasks]
-    detail = "candidate " + ", ".join(f"{m} {cand[m]:.4f}" for m in served)
+    served = [t.served_name for t in night.cfg.tasks]
+    detail = "candidate " + ", ".join(f"{v}_auc {cand[f'{v}_auc']:.4f}" for v in served)
     if champ:
-        detail += " | champion " + ", ".join(f"{champ[m]:.4f}" for m in served)
+        detail += " | champion " + ", ".join(f"{champ[f'{v}_auc']:.4f}" for v in served)
+        detail += " | change " + ", ".join(f"{cand[f'{v}_auc'] - champ[f'{v}_auc']:+.4f} ± {result['delta_auc_se'][v]:.4f}"
+                                           for v in served)
     else:
         detail += f" | {result['champion_note']}"
     return {**result, "detail": detail}
@@ -268,7 +270,8 @@ def run_promote(night: Night) -> dict:
                                    tag_version)
 
     cfg, evaluation, train = night.cfg, night.outputs["evaluate"], night.outputs["train"]
-    decision = gate(evaluation["candidate"], evaluation["champion"], cfg)
+    # delta_auc_se is absent from an evaluation recorded by an older funnelrank
+    decision = gate(evaluation["candidate"], evaluation["champion"], cfg, evaluation.get("delta_auc_se"))
     days = _window_days(night.train_config(), night.run_date)
     tags = {"run_date": day_str(night.run_date), "eval_day": evaluation["eval_day"],
             "train_days": ",".join(map(day_str, days[:-1])), "warm_start": train["warm_start"],

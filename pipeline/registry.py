@@ -102,11 +102,19 @@ def register_candidate(cfg: FunnelConfig, train_run_id: str, bundle_uri: str, ta
     return int(version.version)
 
 
-def gate(candidate: dict[str, float], champion: dict[str, float] | None, cfg: FunnelConfig) -> GateDecision:
+def gate(candidate: dict[str, float], champion: dict[str, float] | None, cfg: FunnelConfig,
+         change_se: dict[str, float] | None = None) -> GateDecision:
     """Promote when the calibration of every served probability (click, ctcvr) is within
     bounds and, against a champion, no gate metric falls by more than the tolerance; the
-    first model must clear ``min_auc`` instead."""
+    first model must clear ``min_auc`` instead. ``change_se`` (view -> standard error of the
+    AUC's change, from evaluate) only annotates the reason, so a reader sees whether a
+    change stands out of the evaluation day's noise; it does not decide."""
     rules, problems = cfg.promote, []
+
+    def noise(metric: str) -> str:
+        se = (change_se or {}).get(metric.removesuffix("_auc")) if metric.endswith("_auc") else None
+        return f" ± {se:.4f}" if se is not None else ""
+
     for view in gate_calibrations(cfg):
         value = candidate.get(view, float("nan"))
         if not rules.calibration_min <= value <= rules.calibration_max:
@@ -117,13 +125,13 @@ def gate(candidate: dict[str, float], champion: dict[str, float] | None, cfg: Fu
             if not value >= rules.min_auc:
                 problems.append(f"{metric} {value:.4f} below the first model's bound {rules.min_auc}")
         elif not value >= champion[metric] - rules.auc_tolerance:
-            problems.append(f"{metric} {value:.4f} fell {champion[metric] - value:.4f} below the champion's "
+            problems.append(f"{metric} {value:.4f} fell {champion[metric] - value:.4f}{noise(metric)} below the champion's "
                             f"{champion[metric]:.4f} (tolerance {rules.auc_tolerance})")
     if problems:
         return GateDecision(False, "; ".join(problems))
     if champion is None:
         return GateDecision(True, "first model: passes the absolute bounds")
-    gains = ", ".join(f"{m} {candidate[m] - champion[m]:+.4f}" for m in cfg.gate_metrics)
+    gains = ", ".join(f"{m} {candidate[m] - champion[m]:+.4f}{noise(m)}" for m in cfg.gate_metrics)
     return GateDecision(True, f"no gate metric regressed beyond {rules.auc_tolerance} ({gains})")
 
 

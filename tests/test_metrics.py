@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from features.config import TaskConfig, task_views
-from models.metrics import auc, auc_standard_error, calibration, ece, gauc, logloss, reliability_curve, roc_curve, view_metrics
+from models.metrics import (auc, auc_difference_standard_error, auc_standard_error, calibration, ece, gauc, logloss,
+                            reliability_curve, roc_curve, view_auc_difference_standard_errors, view_metrics)
 
 
 def _pairwise_auc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -28,11 +29,15 @@ def test_auc_matches_pairwise_count_with_ties(seed: int):
     assert auc(labels, scores) == pytest.approx(_pairwise_auc(labels, scores), abs=1e-12)
 
 
-def _pairwise_delong_se(labels: np.ndarray, scores: np.ndarray) -> float:
-    """DeLong's variance written out over every positive/negative pair."""
-    pos, neg = scores[labels == 1], scores[labels == 0]
-    kernel = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
-    return math.sqrt(kernel.mean(1).var(ddof=1) / len(pos) + kernel.mean(0).var(ddof=1) / len(neg))
+def _pairwise_delong_se(labels: np.ndarray, scores: np.ndarray, other: np.ndarray | None = None) -> float:
+    """DeLong's variance written out over every positive/negative pair (of auc(scores) -
+    auc(other) when ``other`` is given)."""
+    def kernel(s):
+        pos, neg = s[labels == 1], s[labels == 0]
+        return (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
+
+    k = kernel(scores) - (0 if other is None else kernel(other))
+    return math.sqrt(k.mean(1).var(ddof=1) / k.shape[0] + k.mean(0).var(ddof=1) / k.shape[1])
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -49,6 +54,40 @@ def test_auc_standard_error_predicts_the_spread_of_resampled_auc():
     scores = rng.normal(size=4000) + 1.2 * labels
     resampled = [auc(labels[i], scores[i]) for i in rng.integers(0, 4000, (400, 4000))]
     assert auc_standard_error(labels, scores) == pytest.approx(np.std(resampled), rel=0.15)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_auc_difference_standard_error_matches_pairwise_paired_delong(seed: int):
+    rng = np.random.default_rng(seed)
+    labels = (rng.random(400) < 0.4).astype(np.int8)
+    a = rng.integers(0, 9, 400) / 8.0 + 0.3 * labels
+    b = a + rng.normal(0, 0.2, 400)  # a correlated second model
+    assert auc_difference_standard_error(labels, a, b) == pytest.approx(_pairwise_delong_se(labels, a, b), rel=1e-10)
+    assert auc_difference_standard_error(labels, a, a) == 0.0
+
+
+def test_auc_difference_standard_error_predicts_resampled_differences():
+    rng = np.random.default_rng(1)
+    labels = (rng.random(4000) < 0.3).astype(np.int8)
+    a = rng.normal(size=4000) + 1.2 * labels
+    b = a + rng.normal(0, 0.5, 4000)
+    differences = [auc(labels[i], a[i]) - auc(labels[i], b[i]) for i in rng.integers(0, 4000, (400, 4000))]
+    paired = auc_difference_standard_error(labels, a, b)
+    assert paired == pytest.approx(np.std(differences), rel=0.15)
+    # what the models share cancels: far below the unpaired sqrt(se_a^2 + se_b^2)
+    assert paired < 0.6 * math.hypot(auc_standard_error(labels, a), auc_standard_error(labels, b))
+
+
+def test_view_auc_difference_standard_errors_measure_cvr_on_clicked_rows():
+    rng = np.random.default_rng(2)
+    click = (rng.random(600) < 0.5).astype(np.int8)
+    conversion = click * (rng.random(600) < 0.4)
+    a = {v: rng.random(600) for v in ("click", "cvr", "ctcvr")}
+    b = {v: p + rng.normal(0, 0.3, 600) for v, p in a.items()}
+    out = view_auc_difference_standard_errors(FUNNEL, {"click": click, "conversion": conversion}, a, b)
+    clicked = click == 1
+    assert out["cvr"] == auc_difference_standard_error(conversion[clicked], a["cvr"][clicked], b["cvr"][clicked])
+    assert out["ctcvr"] == auc_difference_standard_error(conversion, a["ctcvr"], b["ctcvr"])
 
 
 def test_auc_standard_error_edge_cases():

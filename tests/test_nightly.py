@@ -69,6 +69,10 @@ def test_two_nights_train_evaluate_export_and_promote(nights):
     assert second["train"]["warm_start"] == "champion" and second["train"]["warm_start_version"] == "1"
     assert second["train"]["window_days"] == cfg.nightly.fine_tune_days + 1
     assert set(second["evaluate"]["champion"]) == set(second["evaluate"]["candidate"])
+    # the AUC's change comes with its own (paired) standard error, logged and printed
+    change_se = second["evaluate"]["delta_auc_se"]
+    assert set(change_se) == set(cfg.views()) and 0 < change_se["click"] < 0.05
+    assert "| change " in lines[-14 + STAGES.index("evaluate") + len(STAGES)]
     assert second["promote"]["version"] == 2
     champion = current_champion(cfg)
     assert champion.version == (2 if second["promote"]["promoted"] else 1)
@@ -78,6 +82,9 @@ def test_two_nights_train_evaluate_export_and_promote(nights):
     assert version.run_id == second["train"]["mlflow_run_id"]
     assert version.tags["promotion"] in ("champion", "rejected") and version.tags["promotion_reason"]
     assert version.tags["warm_start"] == "champion"
+    evaluated = client.get_run(second["evaluate"]["mlflow_run_id"]).data.metrics
+    assert evaluated["delta/click_auc_se"] == pytest.approx(change_se["click"])
+    assert evaluated["candidate/click_auc_se"] > 0
     # one parent run per night with the training and evaluation runs as children
     for day, night in results.items():
         children = client.search_runs([client.get_run(night["train"]["mlflow_run_id"]).info.experiment_id],
@@ -206,6 +213,10 @@ def test_gate_rules():
     decision = gate(good, champion | {"ctcvr_auc": 0.74}, rules)
     assert not decision.promote and "ctcvr_auc 0.7200 fell 0.0200" in decision.reason
     assert not gate(good | {"click_auc": float("nan")}, champion, rules).promote
+    # standard errors of the changes annotate the reason and decide nothing
+    noisy = gate(good, champion | {"ctcvr_auc": 0.74}, rules, {"ctcvr": 0.031, "click": 0.002})
+    assert not noisy.promote and "ctcvr_auc 0.7200 fell 0.0200 ± 0.0310 below" in noisy.reason
+    assert "click_auc -0.0050 ± 0.0020" in gate(good, champion, rules, {"click": 0.002}).reason
 
 
 def test_runs_compare_prints_metrics_differing_config_and_writes_the_trend(nights, capsys):
