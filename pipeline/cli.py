@@ -124,7 +124,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _print_metrics(what: str, cfg: FunnelConfig, metrics: dict[str, float]) -> None:
     for view in cfg.views():
-        print(f"  {what} {view:>12s}  " + "  ".join(f"{m} {metrics[f'{view}_{m}']:.4f}" for m in ("auc", "gauc", "logloss", "calibration")))
+        se = metrics.get(f"{view}_auc_se", float("nan"))  # absent from a checkpoint of an older funnelrank
+        print(f"  {what} {view:>12s}  auc {metrics[f'{view}_auc']:.4f} ± {se:.4f}  "
+              + "  ".join(f"{m} {metrics[f'{view}_{m}']:.4f}" for m in ("gauc", "logloss", "calibration")))
 
 
 def cmd_export(args: argparse.Namespace) -> int:
