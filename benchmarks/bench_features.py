@@ -41,9 +41,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from features.config import DEFAULT_CONFIG, FunnelConfig, load_config
-from features.contract import TS, validated_dir
 from benchmarks.common import in_child, peak_rss_mib
+from features.catalog import validated_dir
+from features.config import DEFAULT_CONFIG, FunnelConfig, load_config
+from features.contract import TS
 from features.io import write_parquet_dir
 
 START = dt.date(2026, 1, 1)
@@ -137,7 +138,7 @@ def _empty(table: str) -> pa.Table:
 
 
 def _stage_features(cfg: FunnelConfig, warehouse: Path, days: list[dt.date], out: mp.Queue) -> None:
-    from features.aggregates import build_daily_aggregates
+    from features.daily_counters import build_daily_aggregates
 
     started = time.perf_counter()
     phases: dict[str, float] = {}
@@ -151,7 +152,8 @@ def _stage_features(cfg: FunnelConfig, warehouse: Path, days: list[dt.date], out
 def _stage_examples(cfg: FunnelConfig, warehouse: Path, run_date: dt.date, out: mp.Queue) -> None:
     import polars as pl
 
-    from features.examples import DATA_FILE, build_training_table, training_dir, write_training_file
+    from features.catalog import DATA_FILE, training_dir
+    from features.examples import build_training_table, write_training_file
 
     started = time.perf_counter()
     manifest = build_training_table(cfg, warehouse, run_date)

@@ -133,6 +133,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "tests"))
     from bundle_fixture import build_warehouse, small_model
 
+    from features.catalog import raw_dir, validated_root
     from features.config import load_config
     from models.export import export_bundle
     from serving.bundle import load_bundle
@@ -151,8 +152,8 @@ def main() -> None:
     bundle_path = export_bundle(cfg, cfg.warehouse, model, tmp / "bundle", files)
     print(f"setup (warehouse + export): {time.perf_counter() - t:.1f} s; model {cfg.model.backbone} {cfg.model.expert_dims} x{cfg.model.n_experts}")
     scorer = Scorer(load_bundle(bundle_path), intra_op_threads=1)
-    users = pq.read_table(cfg.warehouse / "raw" / "users").column("user_id").to_pylist()
-    items = pq.read_table(cfg.warehouse / "raw" / "items").column("item_id").to_pylist()
+    users = pq.read_table(raw_dir(cfg.warehouse, "users")).column("user_id").to_pylist()
+    items = pq.read_table(raw_dir(cfg.warehouse, "items")).column("item_id").to_pylist()
     rng = np.random.default_rng(0)
 
     def request(k: int) -> dict:
@@ -212,7 +213,7 @@ def main() -> None:
           + ", ".join(f"{name} {np.median(ms):.3f} ms" for name, ms in phases.items()))
 
     # batch: a day of impressions as the input table
-    rows = pq.read_table(cfg.warehouse / "validated" / "impressions").select(["user_id", "item_id", "device", "slot"])
+    rows = pq.read_table(validated_root(cfg.warehouse, "impressions")).select(["user_id", "item_id", "device", "slot"])
     rows = pa.concat_tables([rows] * 4)
     cores = os.cpu_count() or 1
     scorer = Scorer(load_bundle(bundle_path), intra_op_threads=1)

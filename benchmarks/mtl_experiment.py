@@ -63,7 +63,7 @@ def log_days(cfg: FunnelConfig) -> list[dt.date]:
 def build_warehouse(cfg: FunnelConfig, warehouse: Path) -> None:
     """Generate the config's synthetic logs and run validate -> features -> examples for
     every day, building the training table of every day that is mature by the log's end."""
-    from features.aggregates import build_daily_aggregates
+    from features.daily_counters import build_daily_aggregates
     from features.examples import build_training_table
     from features.synthetic import generate_logs
     from features.validate import validate_day
@@ -88,8 +88,7 @@ def truth_rows(warehouse: Path, day: dt.date) -> dict[str, np.ndarray]:
     in the training table's row order."""
     import polars as pl
 
-    from features.contract import truth_dir
-    from features.examples import training_dir
+    from features.catalog import training_dir, truth_dir
 
     rows = pl.scan_parquet(training_dir(warehouse, day) / "*.parquet").select("impression_id", "raw_user_id", "click", "conversion")
     truth = pl.scan_parquet(truth_dir(warehouse, day) / "*.parquet").select(
@@ -123,7 +122,7 @@ def model_metrics(cfg: FunnelConfig, warehouse: Path, run_date: dt.date, day: dt
     (METRICS, epochs run)."""
     import torch
 
-    from features.examples import training_dir
+    from features.catalog import training_dir
     from models.loader import TrainingTableLoader, parquet_files
     from models.train import predict, train_model, validation_metrics
 

@@ -60,8 +60,9 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from features.catalog import raw_dir
 from features.config import ContractConfig
-from features.contract import TS, day_str, raw_dir
+from features.contract import TS, day_str
 from features.errors import DataContractError
 from features.io import write_parquet_dir
 

@@ -4,7 +4,7 @@ The nightly run for D builds day L = D - ``contract.maturity_lag_days``: validat
 impressions of L joined (left, in impression order) with the users / items snapshots
 accepted on L (by row position, features.snapshots), the labels of L (features.labels)
 and, per aggregate key, the rolling point-in-time features as of the start of L, looked
-up in the key's rolling state (features.aggregates: advanced by one day from the previous
+up in the key's rolling state (features.rolling_state: advanced by one day from the previous
 night's state, or recomputed from the daily partitions when there is none; in a second
 thread, as it needs none of L's rows). Which raw column feeds which feature comes from
 ``cfg.features`` only.
@@ -45,26 +45,33 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from features.aggregates import RollingState, daily_dir, daily_root, rolling_state, state_features
+from features.catalog import (
+    DATA_FILE,
+    daily_dir,
+    daily_root,
+    holds_data,
+    report_path,
+    scan_validated,
+    training_dir,
+    training_manifest_path,
+    validated_dir,
+    warehouse_relative,
+)
 from features.config import FunnelConfig, SparseFeature
-from features.contract import SNAPSHOT_TABLES, day_str, report_path, scan_validated, validated_dir
+from features.contract import SNAPSHOT_TABLES, day_str
 from features.errors import DataContractError, StageError
 from features.io import atomic_dir, record_sha256, recorded_sha256, sha256_dir
 from features.labels import build_labels
+from features.rolling_state import RollingState, rolling_state, state_features
 from features.snapshots import SNAPSHOT_JOIN_KEY, JoinedRows, join_snapshots, snapshot_scans
 from features.vocab import load_vocabulary, update_vocabulary
 
 ID_COLUMNS = ("impression_id", "ts", "raw_user_id")
 LABEL_COLUMNS = ("click", "conversion", "conversion_value")
-DATA_FILE = "part-0.parquet"
 # A row group is the loader's unit of reading and shuffling: 128k rows x ~60 columns is
 # ~30 MB decoded, large enough for efficient zstd column chunks and few seeks, small
 # enough that a loader holds a handful in memory and shuffles across them.
 ROW_GROUP_ROWS = 131_072
-
-
-def training_dir(warehouse: Path, day: dt.date) -> Path:
-    return Path(warehouse) / "training" / f"date={day_str(day)}"
 
 
 def mature_day(cfg: FunnelConfig, run_date: dt.date) -> dt.date:
@@ -87,12 +94,12 @@ def input_partitions(cfg: FunnelConfig, warehouse: Path, day: dt.date) -> list[P
     paths += [validated_dir(warehouse, "conversions", day + dt.timedelta(days=n)) for n in range(lag + 1)]
     history = [day - dt.timedelta(days=n) for n in range(1, max(cfg.features.windows_days) + 1)]
     paths += [daily_dir(warehouse, key.name, d) for key in cfg.features.aggregate_keys for d in history]
-    return [p for p in paths if any(p.glob("*.parquet"))]
+    return [p for p in paths if holds_data(p)]
 
 
 def input_hashes(cfg: FunnelConfig, warehouse: Path, day: dt.date) -> dict[str, str]:
     """sha256 per input partition (path relative to the warehouse) and of the spec."""
-    hashes = {p.relative_to(warehouse).as_posix(): sha256_dir(p) for p in input_partitions(cfg, warehouse, day)}
+    hashes = {warehouse_relative(warehouse, p): sha256_dir(p) for p in input_partitions(cfg, warehouse, day)}
     return {"spec": spec_sha256(cfg), **hashes}
 
 
@@ -150,7 +157,7 @@ def rolling_states(cfg: FunnelConfig, warehouse: Path, day: dt.date, inputs: dic
     hashes, which hold the daily partitions')."""
     states = {}
     for key in cfg.features.aggregate_keys:
-        prefix = daily_root(warehouse, key.name).relative_to(warehouse).as_posix() + "/"
+        prefix = warehouse_relative(warehouse, daily_root(warehouse, key.name)) + "/"
         daily_sha = {path: sha for path, sha in inputs.items() if path.startswith(prefix)}
         states[key.name] = rolling_state(cfg, warehouse, key, day, daily_sha)
     return states
@@ -233,7 +240,7 @@ def build_training_table(cfg: FunnelConfig, warehouse: Path, run_date: dt.date) 
     inputs = input_hashes(cfg, warehouse, day)
     timings["hash_inputs"] = time.perf_counter() - started
 
-    previous = _read_manifest(target / "manifest.json")
+    previous = _read_manifest(training_manifest_path(warehouse, day))
     if previous and previous.get("inputs") == inputs and (target / DATA_FILE).exists() and recorded_sha256(target / DATA_FILE) == previous.get("content_sha256"):
         return previous | {"skipped": True}
 
@@ -311,5 +318,5 @@ def _reconcile(warehouse: Path, day: dt.date, rows_out: int) -> dict:
         "impressions_in": report["input_rows"],
         "rows_out": rows_out,
         "quarantined": report["quarantined_rows"],
-        "validate_report": report_path(warehouse, "validate", day).relative_to(warehouse).as_posix(),
+        "validate_report": warehouse_relative(warehouse, report_path(warehouse, "validate", day)),
     }

@@ -16,13 +16,10 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from features.catalog import holds_data, scan_validated, validated_dir
 from features.config import FunnelConfig
-from features.contract import day_str, scan_validated, validated_dir
+from features.contract import day_str
 from features.errors import DataContractError
-
-def has_partition(warehouse: Path, table: str, day: dt.date) -> bool:
-    return any(validated_dir(warehouse, table, day).glob("*.parquet"))
-
 
 def scan_events(warehouse: Path, table: str, day: dt.date) -> pl.LazyFrame:
     """A day's validated clicks or conversions as (impression_id, ts, value).
@@ -61,7 +58,7 @@ def _scan_label_events(
     frames = [scan_events(warehouse, table, day)]
     for ahead in range(1, lag_days + 1):
         later = day + dt.timedelta(days=ahead)
-        if has_partition(warehouse, table, later):
+        if holds_data(validated_dir(warehouse, table, later)):
             frames.append(scan_events(warehouse, table, later))
         elif not allow_immature:
             raise DataContractError(

@@ -21,7 +21,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from features.contract import scan_validated, validated_dir
+from features.catalog import scan_validated, validated_dir
 from features.errors import StageError
 from serving.encoding import as_strings, stable_hash
 

@@ -44,8 +44,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from features.catalog import DATA_FILE, raw_dir, truth_dir
 from features.config import ConfigError, FunnelConfig, GenerateConfig
-from features.contract import TS, raw_dir, truth_dir
+from features.contract import TS
 from features.io import atomic_dir, write_parquet_dir
 
 US_PER_SECOND = 1_000_000
@@ -580,9 +581,9 @@ def _generate_day(
     total = _Counts()
     with atomic_dir(raw_dir(warehouse, "impressions", day)) as imp_tmp, atomic_dir(truth_dir(warehouse, day)) as truth_tmp:
         # Dictionary pages only where values repeat: unique ids and random floats gain nothing.
-        imp_writer = pq.ParquetWriter(imp_tmp / "part-0.parquet", IMPRESSIONS_SCHEMA, compression="zstd",
+        imp_writer = pq.ParquetWriter(imp_tmp / DATA_FILE, IMPRESSIONS_SCHEMA, compression="zstd",
                                       use_dictionary=["user_id", "item_id", "device", "slot"])  # fmt: skip
-        truth_writer = pq.ParquetWriter(truth_tmp / "part-0.parquet", TRUTH_SCHEMA, compression="zstd", use_dictionary=False)
+        truth_writer = pq.ParquetWriter(truth_tmp / DATA_FILE, TRUTH_SCHEMA, compression="zstd", use_dictionary=False)
         with imp_writer, truth_writer:
             for chunk, first in enumerate(range(0, len(ts), CHUNK_ROWS)):
                 rng = _stream(cfg.seed, CHUNK_STREAM, day_index, chunk)

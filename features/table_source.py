@@ -47,11 +47,20 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from features.catalog import (
+    DATA_FILE,
+    table_csv_dir,
+    table_dir,
+    table_manifest_path,
+    table_quarantine_dir,
+    table_split_dir,
+    vocab_dir,
+)
 from features.config import FunnelConfig, SparseFeature, TableSourceConfig, repeated
 from features.errors import DataContractError, StageError
-from features.examples import DATA_FILE, numeric_feature_expr
+from features.examples import numeric_feature_expr
 from features.io import atomic_dir, atomic_write_json, sha256_file, write_parquet_dir
-from features.vocab import Buckets, Vocabulary, read_manifest, update_vocabulary, vocab_dir
+from features.vocab import Buckets, Vocabulary, read_manifest, update_vocabulary
 from serving.encoding import as_strings
 
 SPLITS = ("train", "val", "test")
@@ -75,10 +84,6 @@ class PreparedTable:
     files: dict[str, list[Path]]  # split -> its training-table Parquet files
     manifest: dict
     skipped: bool  # True: the tables from the same inputs were already there
-
-
-def table_root(warehouse: Path) -> Path:
-    return Path(warehouse) / "table"
 
 
 def spec_sha256(cfg: FunnelConfig) -> str:
@@ -124,7 +129,7 @@ def parquet_source(path: Path, sha256: str, warehouse: Path) -> Path:
     """``path`` itself for Parquet; for CSV its Parquet copy (converted once, by content)."""
     if not is_csv(path):
         return path
-    target = table_root(warehouse) / "source" / sha256
+    target = table_csv_dir(warehouse, sha256)
     if not (target / DATA_FILE).exists():
         try:
             frame = pl.read_csv(path, infer_schema_length=None)
@@ -282,10 +287,11 @@ def reset_vocabularies(warehouse: Path, cfg: FunnelConfig) -> None:
         shutil.rmtree(vocab_dir(warehouse, f.name), ignore_errors=True)
 
 
-def _previous(root: Path, inputs: dict, spec_sha: str) -> dict | None:
+def _previous(warehouse: Path, inputs: dict, spec_sha: str) -> dict | None:
     """The manifest of tables built from exactly these inputs, if they are all intact."""
+    root = table_dir(warehouse)
     try:
-        manifest = json.loads((root / "manifest.json").read_text())
+        manifest = json.loads(table_manifest_path(warehouse).read_text())
     except (OSError, ValueError):
         return None
     try:
@@ -309,7 +315,7 @@ def prepare_table(cfg: FunnelConfig, warehouse: Path) -> PreparedTable:
     if cfg.table is None:
         raise StageError("the config has no [table] section: prepare_table needs a table source")
     warehouse = Path(warehouse)
-    root = table_root(warehouse)
+    root = table_dir(warehouse)
     paths = split_inputs(cfg.table)
     for split, path in paths.items():
         if not path.is_file():
@@ -317,7 +323,7 @@ def prepare_table(cfg: FunnelConfig, warehouse: Path) -> PreparedTable:
     sha = {path: sha256_file(path) for path in set(paths.values())}
     inputs = {split: {"path": str(path), "sha256": sha[path]} for split, path in paths.items()}
     spec_sha = spec_sha256(cfg)
-    if previous := _previous(root, inputs, spec_sha):
+    if previous := _previous(warehouse, inputs, spec_sha):
         return PreparedTable(_files(root, previous), previous, skipped=True)
 
     schema = table_schema(cfg)
@@ -337,7 +343,7 @@ def prepare_table(cfg: FunnelConfig, warehouse: Path) -> PreparedTable:
         good[split], quarantined = quarantine_null_labels(cfg, frame)
         if good[split].height == 0:
             raise DataContractError(f"table {split} split has no row with every label in {path}: all {frame.height:,} rows have a null label")
-        quarantine = root / "quarantine" / split
+        quarantine = table_quarantine_dir(warehouse, split)
         if quarantined.height:
             write_parquet_dir(quarantine, quarantined.to_arrow(), row_group_size=TABLE_ROW_GROUP_ROWS)
         else:
@@ -348,7 +354,7 @@ def prepare_table(cfg: FunnelConfig, warehouse: Path) -> PreparedTable:
     vocabs = {f.name: update_vocabulary(warehouse, f, TABLE_DAY, sparse_values(f, good["train"])) for f in cfg.features.sparse}
     for split in SPLITS:
         table = encode_split(cfg, good[split], vocabs, schema)
-        write_parquet_dir(root / split, table, row_group_size=TABLE_ROW_GROUP_ROWS)
+        write_parquet_dir(table_split_dir(warehouse, split), table, row_group_size=TABLE_ROW_GROUP_ROWS)
         name = f"{split}/{DATA_FILE}"
         splits[split]["content_sha256"] = {name: sha256_file(root / name)}
 
@@ -367,5 +373,5 @@ def prepare_table(cfg: FunnelConfig, warehouse: Path) -> PreparedTable:
         },
         "splits": splits,
     }
-    atomic_write_json(root / "manifest.json", manifest)
+    atomic_write_json(table_manifest_path(warehouse), manifest)
     return PreparedTable(_files(root, manifest), manifest, skipped=False)

@@ -34,6 +34,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from features.catalog import quarantine_dir, raw_dir, report_path, validated_dir
 from features.config import FunnelConfig
 from features.contract import (
     DAILY_TABLES,
@@ -44,11 +45,7 @@ from features.contract import (
     TS,
     day_str,
     in_day,
-    quarantine_dir,
-    raw_dir,
-    report_path,
     required_columns,
-    validated_dir,
 )
 from features.errors import DataContractError, StageError
 from features.io import atomic_write_json, write_parquet_dir

@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from features.catalog import vocab_manifest_path, vocab_version_path
 from features.config import SparseFeature
 from features.errors import StageError
 from features.io import atomic_write_bytes, atomic_write_json, sha256_file
@@ -41,14 +42,6 @@ from features.snapshots import CodedColumn
 from serving.encoding import as_strings, bucket_ids, encode_ids, encode_list_ids, list_elements
 
 VOCAB_SCHEMA = pa.schema([("key", pa.large_string()), ("index", pa.int64()), ("count", pa.int64())])
-
-
-def vocab_dir(warehouse: Path, name: str) -> Path:
-    return Path(warehouse) / "vocab" / name
-
-
-def version_path(warehouse: Path, name: str, version: int) -> Path:
-    return vocab_dir(warehouse, name) / f"v{version:06d}.parquet"
 
 
 @dataclass(frozen=True)
@@ -105,7 +98,7 @@ class Buckets:
 
 def read_manifest(warehouse: Path, name: str) -> dict:
     """The feature's vocabulary manifest; an empty one when none was written yet."""
-    path = vocab_dir(warehouse, name) / "manifest.json"
+    path = vocab_manifest_path(warehouse, name)
     if not path.exists():
         return {"feature": name, "current_version": 0, "versions": [], "applied_days": {}}
     try:
@@ -122,7 +115,7 @@ def load_vocabulary(warehouse: Path, feature: SparseFeature, version: int | None
         version = read_manifest(warehouse, feature.name)["current_version"]
     if version == 0:
         return Vocabulary(feature.name, feature.capacity, feature.oov_buckets, 0, VOCAB_SCHEMA.empty_table())
-    path = version_path(warehouse, feature.name, version)
+    path = vocab_version_path(warehouse, feature.name, version)
     if not path.exists():
         raise StageError(f"vocabulary {feature.name!r} version {version} not found: {path}")
     table = pq.read_table(path, schema=VOCAB_SCHEMA)
@@ -207,7 +200,7 @@ def update_vocabulary(
     version = current.version
     if not table.equals(current.table):
         version += 1
-        path = version_path(warehouse, feature.name, version)
+        path = vocab_version_path(warehouse, feature.name, version)
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd")
         atomic_write_bytes(path, sink.getvalue().to_pybytes())
@@ -223,6 +216,6 @@ def update_vocabulary(
         num_embeddings=feature.num_embeddings,
     )
     manifest["applied_days"][day_s] = version
-    atomic_write_json(vocab_dir(warehouse, feature.name) / "manifest.json", manifest)
+    atomic_write_json(vocab_manifest_path(warehouse, feature.name), manifest)
     # The table just written (or unchanged), without reading it back.
     return Vocabulary(feature.name, feature.capacity, feature.oov_buckets, version, table)

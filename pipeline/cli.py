@@ -88,7 +88,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_features(args: argparse.Namespace) -> int:
     cfg, warehouse = _load_event_logs(args)
-    from features.aggregates import build_daily_aggregates
+    from features.daily_counters import build_daily_aggregates
 
     manifest = build_daily_aggregates(cfg, warehouse, args.date)
     for name, rows in manifest["rows"].items():

@@ -23,8 +23,7 @@ def oracle_click_auc(warehouse: Path, day: dt.date) -> float:
     the ceiling for a model that sees every feature."""
     import polars as pl
 
-    from features.contract import truth_dir
-    from features.examples import training_dir
+    from features.catalog import training_dir, truth_dir
     from models.metrics import auc
 
     rows = pl.scan_parquet(training_dir(warehouse, day) / "*.parquet").select("impression_id", "click")
@@ -38,7 +37,7 @@ def demo_request(warehouse: Path, day: dt.date, n_candidates: int = 8) -> dict:
     impression, and the day's most shown items as candidates."""
     import polars as pl
 
-    from features.contract import scan_validated
+    from features.catalog import scan_validated
 
     impressions = scan_validated(warehouse, "impressions", day)
     user = impressions.group_by("user_id").len().sort(["len", "user_id"], descending=[True, False]).first().collect()["user_id"][0]

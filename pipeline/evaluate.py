@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from features.catalog import training_dir
 from features.config import FunnelConfig
 from features.contract import day_str
 from features.errors import StageError
-from features.examples import mature_day, training_dir
+from features.examples import mature_day
 from features.table_source import prepare_table
 from models.loader import TrainingTableLoader, parquet_files
 from models.nets import MultiTaskNet

@@ -34,8 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from features.catalog import lock_path, raw_dir, training_dir, training_manifest_path, validated_dir, warehouse_relative
 from features.config import FunnelConfig
-from features.contract import DAILY_TABLES, SNAPSHOT_TABLES, day_str, raw_dir, validated_dir
+from features.contract import DAILY_TABLES, SNAPSHOT_TABLES, day_str
 from features.errors import StageError, WarehouseLockedError
 from features.io import atomic_write_json, sha256_dir
 
@@ -105,7 +106,7 @@ class Stage:
 # ---------------------------------------------------------------- inputs
 
 def _partition_hashes(warehouse: Path, folders: list[Path]) -> dict[str, str]:
-    return {p.relative_to(warehouse).as_posix(): sha256_dir(p) for p in folders if p.is_dir()}
+    return {warehouse_relative(warehouse, p): sha256_dir(p) for p in folders if p.is_dir()}
 
 
 def _lookback(night: Night) -> list[dt.date]:
@@ -142,14 +143,8 @@ def train_inputs(night: Night) -> dict:
 
 
 def _table_hash(warehouse: Path, day: dt.date) -> str | None:
-    path = _training_manifest(warehouse, day)
+    path = training_manifest_path(warehouse, day)
     return json.loads(path.read_text())["content_sha256"] if path.exists() else None
-
-
-def _training_manifest(warehouse: Path, day: dt.date) -> Path:
-    from features.examples import training_dir
-
-    return training_dir(warehouse, day) / "manifest.json"
 
 
 def after(*stages: str) -> Callable[[Night], dict]:
@@ -171,7 +166,7 @@ def run_validate(night: Night) -> dict:
 
 
 def run_features(night: Night) -> dict:
-    from features.aggregates import build_daily_aggregates
+    from features.daily_counters import build_daily_aggregates
 
     manifest = build_daily_aggregates(night.cfg, night.warehouse, night.run_date)
     return {"rows": manifest["impressions"], "detail": ", ".join(f"{k} {v:,} keys" for k, v in manifest["rows"].items()),
@@ -179,7 +174,7 @@ def run_features(night: Night) -> dict:
 
 
 def run_examples(night: Night) -> dict:
-    from features.examples import build_training_table, mature_day, training_dir
+    from features.examples import build_training_table, mature_day
 
     day = mature_day(night.cfg, night.run_date)
     if not validated_dir(night.warehouse, "impressions", day).is_dir():
@@ -223,7 +218,7 @@ def run_train(night: Night) -> dict:
     metric = night.cfg.early_stopping_metric
     return {"window_days": window, "run_key": result.run_key, "mlflow_run_id": result.mlflow_run_id, **tags,
             "best_epoch": result.best_epoch, "val": result.val_metrics,
-            "rows": sum(json.loads(_training_manifest(night.warehouse, d).read_text())["rows"]["rows_out"]
+            "rows": sum(json.loads(training_manifest_path(night.warehouse, d).read_text())["rows"]["rows_out"]
                         for d in _window_days(cfg, night.run_date)),
             "detail": f"{metric} {result.best_metric:.4f} after {result.epochs_run} epoch(s); {tags['warm_start_reason']}",
             "paths": [str(result.checkpoint_dir / "best.pt")]}
@@ -303,9 +298,9 @@ assert tuple(s.name for s in DAG) == STAGES
 
 @contextmanager
 def warehouse_lock(warehouse: Path) -> Iterator[None]:
-    """An exclusive flock on ``<warehouse>/.funnelrank.lock`` (released by the kernel when
+    """An exclusive flock on the warehouse's ``lock_path`` (released by the kernel when
     the process ends, however it ends)."""
-    path = Path(warehouse) / ".funnelrank.lock"
+    path = lock_path(warehouse)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as handle:
         try:

@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from features.aggregates import build_daily_aggregates
+from features.catalog import raw_dir, training_dir
 from features.config import FunnelConfig, SparseFeature, load_config
-from features.examples import build_training_table, mature_day, training_dir
+from features.daily_counters import build_daily_aggregates
+from features.examples import build_training_table, mature_day
 from features.synthetic import generate_logs
 from features.validate import validate_day
 from models.loader import parquet_files
@@ -81,6 +82,6 @@ def users_and_items(cfg: FunnelConfig) -> tuple[np.ndarray, np.ndarray]:
     """Known raw user and item ids (from the raw snapshots)."""
     import pyarrow.parquet as pq
 
-    users = pq.read_table(cfg.warehouse / "raw" / "users").column("user_id").to_numpy(zero_copy_only=False)
-    items = pq.read_table(cfg.warehouse / "raw" / "items").column("item_id").to_numpy(zero_copy_only=False)
+    users = pq.read_table(raw_dir(cfg.warehouse, "users")).column("user_id").to_numpy(zero_copy_only=False)
+    items = pq.read_table(raw_dir(cfg.warehouse, "items")).column("item_id").to_numpy(zero_copy_only=False)
     return users, items

@@ -12,20 +12,13 @@ import polars as pl
 import pytest
 from test_labels import CFG, ROOT, at, impression, write_validated_days
 
-from features.aggregates import (
-    attach_rolling_features,
-    build_daily_aggregates,
-    column_codes,
-    counters_by_key,
-    daily_dir,
-    key_hashes,
-    rolling_defaults,
-    rolling_features,
-)
-from features.config import parse_config
-from features.contract import scan_validated, validated_dir
+from features.catalog import daily_dir, scan_validated, validated_dir
+from features.config import FunnelConfig, parse_config
+from features.daily_counters import build_daily_aggregates, combine_hashes, counters_by_key
 from features.errors import DataContractError
 from features.labels import build_labels
+from features.rolling_features import rolling_defaults, rolling_features
+from features.snapshots import CodedColumn
 from pipeline.cli import main
 
 D0 = dt.date(2026, 11, 1)
@@ -81,6 +74,36 @@ def daily(warehouse: Path, key: str, day: dt.date) -> dict[tuple, tuple]:
 def impressions_with_keys(warehouse: Path, day: dt.date) -> pl.LazyFrame:
     items = scan_validated(warehouse, "items", day).select("item_id", "category_id")
     return scan_validated(warehouse, "impressions", day).join(items, on="item_id", how="left", maintain_order="left")
+
+
+def column_codes(rows: pl.DataFrame, columns: list[str]) -> dict[str, CodedColumn]:
+    """Each column of ``rows`` as a CodedColumn."""
+    return {column: CodedColumn.encode(rows[column]) for column in columns}
+
+
+def key_hashes(frame: pl.DataFrame, columns: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the stable 64-bit hash of its key tuple (as in the daily partitions'
+    ``key_hash``) and whether any key column is null."""
+    coded = column_codes(frame, columns).values()
+    has_null = np.zeros(frame.height, bool)
+    for column in coded:
+        has_null |= column.codes == column.null_code
+    return combine_hashes([column.hashes[column.codes] for column in coded]), has_null
+
+
+def attach_rolling_features(
+    rows: pl.LazyFrame, cfg: FunnelConfig, frames: dict[str, pl.LazyFrame], defaults: dict[str, dict[str, float]]
+) -> pl.LazyFrame:
+    """The reference the rolling states are checked against: each key's ``rolling_features``
+    left-joined onto ``rows`` (which must hold the key columns), keeping row order; rows
+    without history get the defaults."""
+    looked_up = [
+        rows.select(key.columns)
+        .join(frames[key.name], on=key.columns, how="left", maintain_order="left")
+        .select(pl.col(name).fill_null(pl.lit(value, pl.Float32)) for name, value in defaults[key.name].items())
+        for key in cfg.features.aggregate_keys
+    ]
+    return pl.concat([rows, *looked_up], how="horizontal")
 
 
 def features_of_day(warehouse: Path, day: dt.date) -> pl.DataFrame:

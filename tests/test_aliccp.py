@@ -13,11 +13,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from features.adapters import ALICCP_SAMPLES, aliccp_sample_days, aliccp_to_raw
-from features.aggregates import build_daily_aggregates
+from features.catalog import raw_dir, report_path, training_dir
 from features.config import load_config
-from features.contract import raw_dir
+from features.daily_counters import build_daily_aggregates
 from features.errors import DataContractError
-from features.examples import build_training_table, training_dir
+from features.examples import build_training_table
 from features.validate import validate_day
 from models.tracking import tracking_uri
 from models.train import train_model
@@ -164,7 +164,8 @@ def test_a_purchase_without_click_is_quarantined_not_dropped(tmp_path) -> None:
     aliccp_to_raw({START: odd}, cfg.warehouse, cfg.contract, cfg.seed)
     report = validate_day(cfg, cfg.warehouse, START)
     assert report.tables["conversions"].reasons == {"conversion_without_click": 1}
-    assert json.loads((cfg.warehouse / "reports/validate/date=2026-11-01.json").read_text())["tables"]["conversions"]["valid_rows"] == 1
+    written = json.loads(report_path(cfg.warehouse, "validate", START).read_text())
+    assert written["tables"]["conversions"]["valid_rows"] == 1
 
 
 def test_the_same_sample_as_a_feature_table_trains_the_funnel_by_config_alone(tmp_path, monkeypatch):

@@ -18,11 +18,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from features.aggregates import build_daily_aggregates, rolling_state_dir
+from features.catalog import report_path, rolling_state_dir, rolling_state_root, training_dir, validated_dir
 from features.config import load_config, parse_config
-from features.contract import TS, report_path, validated_dir
+from features.contract import TS
+from features.daily_counters import build_daily_aggregates
 from features.errors import DataContractError
-from features.examples import build_training_table, training_dir, training_schema
+from features.examples import build_training_table, training_schema
 from features.io import atomic_write_json, write_parquet_dir
 from pipeline.cli import main
 from serving.encoding import stable_hash
@@ -284,7 +285,8 @@ def test_next_night_advances_the_rolling_state_to_the_same_table(setup):
     state_manifest = json.loads((rolling_state_dir(warehouse, "user_category", D3) / "manifest.json").read_text())
     assert state_manifest["built"] == "advanced" and state_manifest["rows"] > 0
     # Without any state the night recomputes them: the same table, byte for byte.
-    shutil.rmtree(warehouse / "features" / "rolling")
+    for key in cfg.features.aggregate_keys:
+        shutil.rmtree(rolling_state_root(warehouse, key.name))
     shutil.rmtree(training_dir(warehouse, D3))
     recomputed = build_training_table(cfg, warehouse, D4)
     assert json.loads((rolling_state_dir(warehouse, "user_category", D3) / "manifest.json").read_text())["built"] == "recomputed"

@@ -9,8 +9,9 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
+from features.catalog import validated_dir
 from features.config import load_config
-from features.contract import TS, validated_dir
+from features.contract import TS
 from features.errors import DataContractError
 from features.io import write_parquet_dir
 from features.labels import build_labels

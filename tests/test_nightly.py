@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from features.catalog import daily_dir, raw_dir, training_manifest_path
 from features.config import load_config
 from features.synthetic import generate_logs
 from models.tracking import to_toml, tracking_uri
@@ -148,7 +149,6 @@ def test_killed_examples_and_train_resume_to_the_same_outputs(nights, tmp_path):
     for part in ("raw", "truth"):
         shutil.copytree(reference.warehouse / part, cfg.warehouse / part)
     config = write_config(cfg, tmp_path / "cfg.toml")
-    training = cfg.warehouse / "training"
 
     # kill -9 as soon as the first night with a mature day starts writing its training table
     records = Path(cfg.state_dir) / "nightly" / str(DAYS[2])
@@ -164,8 +164,8 @@ def test_killed_examples_and_train_resume_to_the_same_outputs(nights, tmp_path):
     assert main(["nightly", "--config", str(config), "--date", str(DAYS[5])]) == 0
 
     for day in DAYS[:3]:
-        ours = json.loads((training / f"date={day}" / "manifest.json").read_text())
-        theirs = json.loads((reference.warehouse / "training" / f"date={day}" / "manifest.json").read_text())
+        ours = json.loads(training_manifest_path(cfg.warehouse, day).read_text())
+        theirs = json.loads(training_manifest_path(reference.warehouse, day).read_text())
         assert ours["content_sha256"] == theirs["content_sha256"]
     resumed = json.loads((Path(cfg.state_dir) / "nightly" / str(DAYS[5]) / "train.json").read_text())["outputs"]
     assert resumed["val"] == pytest.approx(results[DAYS[5]]["train"]["val"], abs=1e-6)
@@ -177,12 +177,11 @@ def test_corrupt_raw_file_stops_the_night_and_keeps_the_champion(nights, tmp_pat
     cfg = reference
     night = DAYS[6] + dt.timedelta(days=1)
     # a new day whose impressions file is not Parquet at all
-    bad = cfg.warehouse / "raw" / "impressions" / f"date={night}" / "part-0.parquet"
+    bad = raw_dir(cfg.warehouse, "impressions", night) / "part-0.parquet"
     bad.parent.mkdir(parents=True)
     bad.write_bytes(b"PAR1 this is not a parquet file")
     for table in ("clicks", "conversions"):
-        src = cfg.warehouse / "raw" / table / f"date={DAYS[6]}"
-        shutil.copytree(src, cfg.warehouse / "raw" / table / f"date={night}")
+        shutil.copytree(raw_dir(cfg.warehouse, table, DAYS[6]), raw_dir(cfg.warehouse, table, night))
     champion = current_champion(cfg)
     config = write_config(cfg, tmp_path / "cfg.toml")
     try:
@@ -190,11 +189,11 @@ def test_corrupt_raw_file_stops_the_night_and_keeps_the_champion(nights, tmp_pat
         assert "part-0.parquet" in capsys.readouterr().err
         records = Path(cfg.state_dir) / "nightly" / str(night)
         assert not [p.name for p in records.glob("*.json") if p.stem in STAGES]  # not even validate finished
-        assert not (cfg.warehouse / "features" / "daily" / "user" / f"date={night}").exists()
+        assert not daily_dir(cfg.warehouse, "user", night).exists()
         assert current_champion(cfg) == champion
     finally:
         for table in ("impressions", "clicks", "conversions"):
-            shutil.rmtree(cfg.warehouse / "raw" / table / f"date={night}", ignore_errors=True)
+            shutil.rmtree(raw_dir(cfg.warehouse, table, night), ignore_errors=True)
 
 
 def test_gate_rules():

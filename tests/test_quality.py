@@ -23,8 +23,8 @@ import polars as pl
 import pytest
 
 from benchmarks.mtl_experiment import build_warehouse, log_days, truth_rows, with_overrides
+from features.catalog import training_dir
 from features.config import load_config
-from features.examples import training_dir
 from models.loader import parquet_files
 from models.metrics import auc
 from models.train import train_model, training_window

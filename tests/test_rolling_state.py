@@ -12,28 +12,31 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pytest
-from test_aggregates import CFG, D0, D1, D2, DAYS, X, base_events, build_world, click, impressions_with_keys
+from test_aggregates import (
+    CFG,
+    D0,
+    D1,
+    D2,
+    DAYS,
+    X,
+    attach_rolling_features,
+    base_events,
+    build_world,
+    click,
+    column_codes,
+    impressions_with_keys,
+    key_hashes,
+)
 from test_labels import write_validated_days
 
-from features.aggregates import (
-    KEY_HASH_STEP,
-    STATE_FILE,
-    _recomputed_state,
-    attach_rolling_features,
-    build_daily_aggregates,
-    column_codes,
-    daily_dir,
-    key_hashes,
-    rolling_defaults,
-    rolling_features,
-    rolling_state,
-    rolling_state_dir,
-    state_features,
-)
+from features.catalog import daily_dir, rolling_state_dir
 from features.config import AggregateKey, parse_config
+from features.daily_counters import KEY_HASH_STEP, build_daily_aggregates
 from features.errors import DataContractError
-from features.snapshots import NULL_HASH
 from features.io import write_parquet_dir
+from features.rolling_features import rolling_defaults, rolling_features
+from features.rolling_state import STATE_FILE, _recomputed_state, rolling_state, state_features
+from features.snapshots import NULL_HASH
 from serving.encoding import _mix64, stable_hash
 
 KEYS = CFG.features.aggregate_keys

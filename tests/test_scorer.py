@@ -16,8 +16,8 @@ import torch
 from bundle_fixture import START, small_model, users_and_items
 from import_blocker import run_blocked
 
+from features.catalog import validated_dir
 from features.config import TaskConfig
-from features.contract import validated_dir
 from features.io import sha256_file
 from models.export import export_bundle
 from models.loader import TrainingTableLoader

@@ -11,8 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 import features.synthetic as synthetic
+from features.catalog import raw_dir, truth_dir
 from features.config import ConfigError, FunnelConfig, load_config
-from features.contract import DAILY_TABLES, REQUIRED, raw_dir, required_columns, truth_dir
+from features.contract import DAILY_TABLES, REQUIRED, required_columns
 from features.io import sha256_dir
 from pipeline.cli import main
 

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from features.catalog import table_dir, table_manifest_path, table_quarantine_dir
 from features.config import load_config, parse_config
 from features.errors import DataContractError, StageError
 from features.table_source import TABLE_DAY, TABLE_ROW_GROUP_ROWS, USER_COLUMN, prepare_table, table_schema
@@ -220,11 +221,11 @@ def test_null_labels_are_quarantined_and_counted(tmp_path, csv_files):
     prepared = prepare_table(tiny_config(csv_files), warehouse)
     counts = prepared.manifest["splits"]["train"]
     assert (counts["rows_in"], counts["rows_out"], counts["quarantined"]) == (4, 2, 2)
-    quarantined = pl.read_parquet(warehouse / "table" / "quarantine" / "train")
+    quarantined = pl.read_parquet(table_quarantine_dir(warehouse, "train"))
     assert quarantined["user"].to_list() == ["u2", "u3"]
     assert quarantined["reason"].to_list() == ["null label click", "null label buy"]
     assert pl.read_parquet(prepared.files["train"])[USER_COLUMN].to_list() == ["u1", "u1"]
-    assert not (warehouse / "table" / "quarantine" / "val").exists()
+    assert not table_quarantine_dir(warehouse, "val").exists()
 
 
 @pytest.mark.parametrize(("split", "text", "message"), [
@@ -276,9 +277,9 @@ def test_missing_input_file_is_named(tmp_path, csv_files):
 def test_manifest_is_written_atomically_as_json(tmp_path, csv_files):
     warehouse = tmp_path / "wh"
     prepared = prepare_table(tiny_config(csv_files), warehouse)
-    on_disk = json.loads((warehouse / "table" / "manifest.json").read_text())
+    on_disk = json.loads(table_manifest_path(warehouse).read_text())
     assert on_disk == prepared.manifest
-    assert not [p for p in (warehouse / "table").iterdir() if p.name.startswith(".tmp-")]
+    assert not [p for p in table_dir(warehouse).iterdir() if p.name.startswith(".tmp-")]
 
 
 def test_vocabulary_with_event_days_is_never_reset(tmp_path, csv_files):

@@ -13,9 +13,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from benchmarks.bench_train import write_synthetic_day
+from features.catalog import training_dir
 from features.config import ConfigError, FunnelConfig, parse_config
 from features.errors import StageError
-from features.examples import training_dir
 from models.metrics import auc
 from models.nets import MultiTaskNet
 from models.tracking import tracking_uri

@@ -17,8 +17,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from features.catalog import quarantine_dir, raw_dir, report_path, scan_validated, validated_dir
 from features.config import load_config
-from features.contract import TS, quarantine_dir, raw_dir, report_path, scan_validated, validated_dir
+from features.contract import TS
 from features.errors import DataContractError
 from features.validate import validate_day
 from pipeline.cli import main

@@ -13,10 +13,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
+from features.catalog import vocab_version_path
 from features.config import SparseFeature
 from features.errors import StageError
 from features.snapshots import CodedColumn
-from features.vocab import load_vocabulary, read_manifest, update_vocabulary, version_path
+from features.vocab import load_vocabulary, read_manifest, update_vocabulary
 from serving.encoding import encode_ids, encode_list_ids, stable_hash
 
 DAY1, DAY2, DAY3 = dt.date(2026, 3, 1), dt.date(2026, 3, 2), dt.date(2026, 3, 3)
@@ -154,7 +155,7 @@ def test_versions_only_change_with_content_and_days_apply_once(tmp_path):
     assert manifest["applied_days"] == {"2026-03-01": 1, "2026-03-02": 1, "2026-03-03": 2}
     assert [v["day"] for v in manifest["versions"]] == ["2026-03-01", "2026-03-03"]
     assert manifest["current_version"] == 2 and manifest["num_embeddings"] == 105
-    assert version_path(tmp_path, "user_id", 1).exists() and version_path(tmp_path, "user_id", 2).exists()
+    assert vocab_version_path(tmp_path, "user_id", 1).exists() and vocab_version_path(tmp_path, "user_id", 2).exists()
 
 
 def test_same_input_gives_same_bytes(tmp_path):
