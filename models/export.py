@@ -90,10 +90,7 @@ class OnnxRanker(nn.Module):
         self.means = [by_name[n].pooling == "mean" for n in model.sparse_names]
         weights = {n: model.ebc.embedding_bags[n].weight.detach().clone().cpu() for n in model.sparse_names}
         self.tables = nn.ModuleList(nn.Embedding.from_pretrained(weights[n], freeze=True) for n in model.sparse_names)
-        self.normalizer = model.normalizer
-        self.cross = model.cross
-        self.backbone = model.backbone
-        self.heads = model.heads
+        self.net = model  # its layers after the embeddings (its torchrec tables are not called)
         self.tasks = list(tasks)
         self.views = list(task_views(self.tasks))
 
@@ -106,9 +103,7 @@ class OnnxRanker(nn.Module):
             mask = (ids >= 0).to(torch.float32).unsqueeze(-1)  # [B, L, 1]
             summed = (table(ids.clamp(min=0)) * mask).sum(dim=1)
             pooled.append(summed / mask.sum(dim=1).clamp(min=1.0) if mean else summed)
-        x = self.cross(torch.cat([*pooled, self.normalizer(dense)], dim=1))
-        hidden, _ = self.backbone(x)
-        _, probs = self.heads(hidden)
+        probs = self.net.forward_from_embeddings(dense, pooled).probs
         return (*(probs[v] for v in self.views), blend(probs, self.tasks))
 
 
