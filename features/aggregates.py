@@ -35,13 +35,14 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from features.config import AGGREGATE_METRICS, AggregateKey, FunnelConfig
+from features.config import AggregateKey, FunnelConfig
 from features.contract import SNAPSHOT_TABLES, day_start, day_str, in_day, scan_validated, validated_dir
 from features.errors import DataContractError, StageError
 from features.io import atomic_dir, atomic_write_json, sha256_dir, write_parquet_dir
 from features.labels import attributed_conversions, first_clicks, scan_events
 from features.snapshots import SNAPSHOT_JOIN_KEY, CodedColumn, JoinedRows, join_snapshots, snapshot_scans
 from serving.encoding import _mix64 as mix64
+from serving.spec import aggregate_feature_names
 
 COUNTS = ("imps", "clicks", "convs")
 
@@ -319,7 +320,8 @@ def _defaults(cfg: FunnelConfig, key: AggregateKey, rates: dict[int, tuple[float
     for w in cfg.features.windows_days:
         ctr, cvr = rates[w]
         no_history = [0.0, 0.0, 0.0, (prior * ctr) / prior if prior > 0 else ctr, (prior * cvr) / prior if prior > 0 else cvr]
-        defaults.update(zip(_feature_names(key, w), (float(np.float32(v)) for v in no_history), strict=True))
+        no_history_f32 = (float(np.float32(v)) for v in no_history)
+        defaults.update(zip(aggregate_feature_names(key.name, [w]), no_history_f32, strict=True))
     return defaults
 
 
@@ -339,14 +341,8 @@ def _feature_columns(cfg: FunnelConfig, key: AggregateKey, rates: dict[int, tupl
             imps.log1p(), clicks.log1p(), convs.log1p(),
             _smoothed(clicks, imps, prior, ctr), _smoothed(convs, clicks, prior, cvr),
         ]  # fmt: skip
-    names = [n for w in cfg.features.windows_days for n in _feature_names(key, w)]
+    names = aggregate_feature_names(key.name, cfg.features.windows_days)
     return [f.cast(pl.Float32).alias(n) for f, n in zip(features, names, strict=True)]
-
-
-
-def _feature_names(key: AggregateKey, w: int) -> list[str]:
-    # Same order as FeaturesConfig.dense_names (AGGREGATE_METRICS).
-    return [f"{key.name}_{metric}_{w}d" for metric in AGGREGATE_METRICS]
 
 
 def rolled_features(cfg: FunnelConfig, warehouse: Path, day: dt.date) -> tuple[dict[str, pl.LazyFrame], dict[str, dict[str, float]]]:
