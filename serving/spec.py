@@ -203,14 +203,6 @@ class BundleSpec:
             events=_event_features(top, dense) if source == "events" else None,
         )
 
-    @classmethod
-    def from_json(cls, text: str, file: str = SPEC_FILE) -> BundleSpec:
-        try:
-            spec = json.loads(text)
-        except ValueError as err:
-            raise BundleError(f"{file} is not JSON: {err}") from None
-        return cls.from_dict(spec, file)
-
 
 def _sparse_dict(f: SparseInput) -> dict:
     out = {"name": f.name, "table": f.table, "column": f.column, "kind": f.kind, "capacity": f.capacity,
