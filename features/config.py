@@ -18,9 +18,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from serving.encoding import NumericTransform
+from serving.spec import aggregate_feature_names
+
 DEFAULT_CONFIG = Path("configs/demo.toml")
-# Point-in-time metrics kept per aggregate key and window (see FeaturesConfig.dense_names).
-AGGREGATE_METRICS = ("imps", "clicks", "convs", "ctr", "cvr")
 
 
 def repeated(values: Sequence[str]) -> list[str]:
@@ -149,7 +150,7 @@ class NumericFeature(_Section):
     name: str
     table: Literal["impressions", "users", "items", "table"]
     column: str
-    transform: Literal["none", "log1p"] = "none"
+    transform: NumericTransform = "none"
 
 
 class AggregateKey(_Section):
@@ -186,12 +187,7 @@ class FeaturesConfig(_Section):
         Per aggregate key and window: impressions, clicks, conversions (log1p counts) and
         the smoothed click-through and conversion rates; then the numeric features.
         """
-        rolled = [
-            f"{key.name}_{metric}_{w}d"
-            for key in self.aggregate_keys
-            for w in self.windows_days
-            for metric in AGGREGATE_METRICS
-        ]
+        rolled = [name for key in self.aggregate_keys for name in aggregate_feature_names(key.name, self.windows_days)]
         return rolled + [f.name for f in self.numeric]
 
     def columns_of(self, table: str) -> list[str]:

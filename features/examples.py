@@ -23,7 +23,7 @@ Columns of ``<warehouse>/training/date=L/part-0.parquet``, in this order:
 Null handling: a null id encodes to 0 (padding), a null list to an empty list; a key with
 no history gets ``rolling_defaults`` (log1p(0) = 0 counts, the global smoothed rates);
 a numeric feature that is null or NaN (e.g. an item missing from the snapshot) becomes
-0.0 after its transform (``log1p`` clips negatives to 0 first).
+0.0 after its transform (``log1p`` clips negatives to 0 first; serving.encoding.numeric_values).
 
 Rerun safety: ``manifest.json`` (written inside the same atomic folder as the data) holds
 the sha256 of every input partition and of the spec; a rerun with the same inputs is
@@ -65,6 +65,7 @@ from features.labels import build_labels
 from features.rolling_state import RollingState, rolling_state, state_features
 from features.snapshots import SNAPSHOT_JOIN_KEY, JoinedRows, join_snapshots, snapshot_scans
 from features.vocab import load_vocabulary, update_vocabulary
+from serving.encoding import NumericTransform, numeric_values
 
 ID_COLUMNS = ("impression_id", "ts", "raw_user_id")
 LABEL_COLUMNS = ("click", "conversion", "conversion_value")
@@ -170,11 +171,12 @@ def rolled_columns(cfg: FunnelConfig, rows: JoinedRows, states: dict[str, Rollin
     return pl.concat([pl.DataFrame(), *(state_features(cfg, key, states[key.name], coded) for key in keys)], how="horizontal")
 
 
-def numeric_feature_expr(column: str, transform: str) -> pl.Expr:
-    value = pl.col(column).cast(pl.Float64)
-    if transform == "log1p":
-        value = value.clip(lower_bound=0.0).log1p()
-    return value.fill_nan(None).fill_null(0.0).cast(pl.Float32)
+def numeric_feature_expr(column: str, transform: NumericTransform) -> pl.Expr:
+    """``column`` as its dense feature (Float32), by the scorer's own rule
+    (serving.encoding.numeric_values), a whole column per call."""
+    return pl.col(column).cast(pl.Float64).map_batches(
+        lambda values: pl.Series(values.name, numeric_values(values.to_arrow(), transform)),
+        return_dtype=pl.Float32, is_elementwise=True)
 
 
 def _encode_sparse(warehouse: Path, feature: SparseFeature, day: dt.date, rows: JoinedRows) -> tuple[pa.Array, int]:

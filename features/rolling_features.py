@@ -23,9 +23,10 @@ import numpy as np
 import polars as pl
 
 from features.catalog import daily_dir, daily_root, days_since_history_start, partition_days
-from features.config import AGGREGATE_METRICS, AggregateKey, FunnelConfig
+from features.config import AggregateKey, FunnelConfig
 from features.daily_counters import COUNTS
 from features.errors import DataContractError
+from serving.spec import aggregate_feature_names
 
 
 def count_column(metric: str, w: int) -> str:
@@ -100,7 +101,8 @@ def _defaults(cfg: FunnelConfig, key: AggregateKey, rates: dict[int, tuple[float
         no_history = [
             0.0, 0.0, 0.0, (prior * ctr) / prior if prior > 0 else ctr, (prior * cvr) / prior if prior > 0 else cvr,
         ]  # fmt: skip
-        defaults.update(zip(_feature_names(key, w), (float(np.float32(v)) for v in no_history), strict=True))
+        no_history_f32 = (float(np.float32(v)) for v in no_history)
+        defaults.update(zip(aggregate_feature_names(key.name, [w]), no_history_f32, strict=True))
     return defaults
 
 
@@ -122,13 +124,8 @@ def feature_columns(cfg: FunnelConfig, key: AggregateKey, rates: dict[int, tuple
             imps.log1p(), clicks.log1p(), convs.log1p(),
             _smoothed(clicks, imps, prior, ctr), _smoothed(convs, clicks, prior, cvr),
         ]  # fmt: skip
-    names = [n for w in cfg.features.windows_days for n in _feature_names(key, w)]
+    names = aggregate_feature_names(key.name, cfg.features.windows_days)
     return [f.cast(pl.Float32).alias(n) for f, n in zip(features, names, strict=True)]
-
-
-def _feature_names(key: AggregateKey, w: int) -> list[str]:
-    # Same order as FeaturesConfig.dense_names (AGGREGATE_METRICS).
-    return [f"{key.name}_{metric}_{w}d" for metric in AGGREGATE_METRICS]
 
 
 def rolled_features(

@@ -24,6 +24,7 @@ scores rows that carry every feature column themselves.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import importlib.metadata
@@ -40,7 +41,7 @@ import torch
 from torch import nn
 
 from features.aggregates import daily_root, partition_days, rolling_defaults, rolling_features
-from features.config import AGGREGATE_METRICS, FeaturesConfig, FunnelConfig, TaskConfig, task_views
+from features.config import FeaturesConfig, FunnelConfig, TaskConfig, task_views
 from features.contract import SNAPSHOT_TABLES, day_str, scan_validated
 from features.errors import StageError
 from features.examples import numeric_feature_expr, training_dir
@@ -54,8 +55,21 @@ from models.tracking import tracking_uri
 from models.train import checkpoint_dir, run_key, training_window
 from serving.bundle import BundleError, load_bundle
 from serving.encoding import join_key_columns, pad_jagged
+from serving.spec import (
+    SCORE,
+    SPEC_FILE,
+    AggregateInput,
+    AggregateKeySpec,
+    BundleSpec,
+    EventFeatures,
+    NumericInput,
+    ScoringLimits,
+    SnapshotSpec,
+    SparseInput,
+    TaskOutput,
+    aggregate_feature_names,
+)
 
-SCORE = "score"
 PARITY_TOLERANCE = 1e-5
 PARITY_BATCH_SIZES = (1, 7, 1000, 4096)
 PARITY_MIN_ROWS = 10_000
@@ -90,10 +104,7 @@ class OnnxRanker(nn.Module):
         self.means = [by_name[n].pooling == "mean" for n in model.sparse_names]
         weights = {n: model.ebc.embedding_bags[n].weight.detach().clone().cpu() for n in model.sparse_names}
         self.tables = nn.ModuleList(nn.Embedding.from_pretrained(weights[n], freeze=True) for n in model.sparse_names)
-        self.normalizer = model.normalizer
-        self.cross = model.cross
-        self.backbone = model.backbone
-        self.heads = model.heads
+        self.net = model  # its layers after the embeddings (its torchrec tables are not called)
         self.tasks = list(tasks)
         self.views = list(task_views(self.tasks))
 
@@ -106,9 +117,7 @@ class OnnxRanker(nn.Module):
             mask = (ids >= 0).to(torch.float32).unsqueeze(-1)  # [B, L, 1]
             summed = (table(ids.clamp(min=0)) * mask).sum(dim=1)
             pooled.append(summed / mask.sum(dim=1).clamp(min=1.0) if mean else summed)
-        x = self.cross(torch.cat([*pooled, self.normalizer(dense)], dim=1))
-        hidden, _ = self.backbone(x)
-        _, probs = self.heads(hidden)
+        probs = self.net.forward_from_embeddings(dense, pooled).probs
         return (*(probs[v] for v in self.views), blend(probs, self.tasks))
 
 
@@ -249,49 +258,49 @@ def _key_sources(cfg: FunnelConfig, warehouse: Path, request_columns: set[str], 
     return sources
 
 
-def serving_spec(cfg: FunnelConfig, vocab_versions: dict) -> dict:
+def serving_spec(cfg: FunnelConfig, vocab_versions: dict) -> BundleSpec:
     """What every bundle's spec.json holds: the model's inputs and outputs, the tasks and
-    their score exponents, and how each input is encoded from raw columns."""
+    their score exponents, and how each input is encoded from raw columns (an events
+    bundle gets its ``events`` from ``event_serving_spec`` once its features are written)."""
     spec = cfg.features
-    # Same construction and order as FeaturesConfig.dense_names.
-    dense = [
-        {"name": f"{key.name}_{metric}_{w}d", "source": "aggregate", "key": key.name}
-        for key in spec.aggregate_keys for w in spec.windows_days for metric in AGGREGATE_METRICS
-    ]
-    dense += [{"name": f.name, "source": f.table, "column": f.column, "transform": f.transform} for f in spec.numeric]
-    if [d["name"] for d in dense] != spec.dense_names():
-        raise StageError(f"bundle dense features {[d['name'] for d in dense]} differ from the spec's {spec.dense_names()}")
-    serving = {
-        "format": BUNDLE_FORMAT,
-        "source": "events" if cfg.table is None else "table",
-        "inputs": input_names(spec),
-        "outputs": output_names(cfg.tasks),
-        "tasks": [{"name": t.name, "served": t.served_name, "score_exponent": t.score_exponent} for t in cfg.tasks],
-        "sparse": [
-            {"name": f.name, "table": f.table, "column": f.column, "kind": f.kind, "capacity": f.capacity,
-             "oov_buckets": f.oov_buckets, "pooling": f.pooling, "vocab_version": vocab_versions[f.name],
-             **({"boundaries": f.boundaries} if f.kind == "bucket" else {"vocab": f"vocab/{f.name}.parquet"})}
-            for f in spec.sparse
-        ],
-        "dense": dense,
-        "scoring": cfg.scoring.model_dump(mode="json"),
-    }
-    if cfg.table is not None:  # a list column of a CSV-born table may hold delimited ids (features.table_source)
-        serving["list_delimiter"] = LIST_DELIMITER
-    return serving
+    dense: list[AggregateInput | NumericInput] = [
+        AggregateInput(name, key.name)
+        for key in spec.aggregate_keys for name in aggregate_feature_names(key.name, spec.windows_days)]
+    dense += [NumericInput(f.name, f.table, f.column, f.transform) for f in spec.numeric]
+    if [d.name for d in dense] != spec.dense_names():
+        raise StageError(f"bundle dense features {[d.name for d in dense]} differ from the spec's {spec.dense_names()}")
+    return BundleSpec(
+        format=BUNDLE_FORMAT,
+        source="events" if cfg.table is None else "table",
+        inputs=tuple(input_names(spec)),
+        outputs=tuple(output_names(cfg.tasks)),
+        tasks=tuple(TaskOutput(t.name, t.served_name, t.score_exponent) for t in cfg.tasks),
+        sparse=tuple(
+            SparseInput(f.name, f.table, f.column, f.kind, f.capacity, f.oov_buckets, f.pooling, vocab_versions[f.name],
+                        **({"boundaries": tuple(f.boundaries)} if f.kind == "bucket"
+                           else {"vocab": f"vocab/{f.name}.parquet"}))
+            for f in spec.sparse),
+        dense=tuple(dense),
+        scoring=ScoringLimits(cfg.scoring.max_candidates, cfg.scoring.max_body_bytes),
+        # a list column of a CSV-born table may hold delimited ids (features.table_source)
+        list_delimiter=LIST_DELIMITER if cfg.table is not None else None,
+    )
 
 
-def event_serving_spec(cfg: FunnelConfig, key_sources: dict[str, str], as_of: dt.date, snapshot_day: dt.date) -> dict:
-    """The spec.json entries of an event-log bundle: its aggregate keys and snapshots."""
-    return {
-        "aggregate_keys": [
-            {"name": k.name, "columns": list(k.columns), "sources": {c: key_sources[c] for c in k.columns}, "file": f"features/aggregates/{k.name}.parquet"}
-            for k in cfg.features.aggregate_keys
-        ],
-        "snapshots": {t: {"file": f"features/{t}.parquet", "key": SNAPSHOT_KEY[t]} for t in SNAPSHOT_TABLES},
-        "features_as_of": day_str(as_of),
-        "snapshot_day": day_str(snapshot_day),
-    }
+def event_serving_spec(cfg: FunnelConfig, key_sources: dict[str, str], as_of: dt.date, snapshot_day: dt.date,
+                       defaults: dict[str, dict[str, float]]) -> EventFeatures:
+    """The spec.json entries of an event-log bundle: its aggregate keys, snapshots and the
+    aggregates' values for a key with no history."""
+    return EventFeatures(
+        aggregate_keys=tuple(
+            AggregateKeySpec(k.name, tuple(k.columns), {c: key_sources[c] for c in k.columns},
+                             f"features/aggregates/{k.name}.parquet")
+            for k in cfg.features.aggregate_keys),
+        snapshots={t: SnapshotSpec(f"features/{t}.parquet", SNAPSHOT_KEY[t]) for t in SNAPSHOT_TABLES},
+        features_as_of=as_of,
+        snapshot_day=snapshot_day,
+        defaults=defaults,
+    )
 
 
 def _event_feature_days(cfg: FunnelConfig, warehouse: Path, as_of: dt.date | None) -> tuple[dt.date, dt.date, dict[str, str]]:
@@ -360,7 +369,6 @@ def export_bundle(
     serving = serving_spec(cfg, vocab_versions)
     if cfg.table is None:
         as_of, snapshot_day, key_sources = _event_feature_days(cfg, warehouse, as_of)
-        serving |= event_serving_spec(cfg, key_sources, as_of, snapshot_day)
 
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
@@ -372,8 +380,10 @@ def export_bundle(
                 vocab = load_vocabulary(warehouse, f, vocab_versions[f.name])
                 pq.write_table(vocab.table, tmp / "vocab" / f"{f.name}.parquet", compression="zstd")
         if cfg.table is None:
-            serving["defaults"] = _write_event_features(cfg, warehouse, tmp, key_sources, snapshot_day, as_of, vocab_versions)
-        (tmp / "spec.json").write_text(json.dumps(serving, indent=2, sort_keys=True) + "\n")
+            defaults = _write_event_features(cfg, warehouse, tmp, key_sources, snapshot_day, as_of, vocab_versions)
+            events = event_serving_spec(cfg, key_sources, as_of, snapshot_day, defaults)
+            serving = dataclasses.replace(serving, events=events)
+        (tmp / SPEC_FILE).write_text(serving.to_json())
         files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = {
             "format": BUNDLE_FORMAT,

@@ -329,11 +329,18 @@ class MultiTaskNet(nn.Module):
         pooled = self.ebc(sparse)
         # A sharded EBC may return its keys in another order: put them back in spec order.
         if pooled.keys() == self.sparse_names:
-            emb = pooled.values()
+            embeddings = [pooled.values()]
         else:
             by_name = pooled.to_dict()
-            emb = torch.cat([by_name[n] for n in self.sparse_names], dim=1)
-        x = self.cross(torch.cat([emb, self.normalizer(dense)], dim=1))
+            embeddings = [by_name[n] for n in self.sparse_names]
+        return self.forward_from_embeddings(dense, embeddings)
+
+    def forward_from_embeddings(self, dense: torch.Tensor, embeddings: Sequence[torch.Tensor]) -> ModelOutput:
+        """Everything after the embedding lookup: raw dense [B, n_dense] and the pooled
+        embeddings in spec order ([B, dim] per feature, or several side by side) ->
+        normalise, cross, backbone, task heads. The exported ONNX graph
+        (models.export.OnnxRanker) pools its own plain tables and runs this same step."""
+        x = self.cross(torch.cat([*embeddings, self.normalizer(dense)], dim=1))
         hidden, gates = self.backbone(x)
         logits, probs = self.heads(hidden)
         return ModelOutput(logits, probs, x, gates)

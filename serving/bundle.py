@@ -2,7 +2,8 @@
 
 ``manifest.json`` lists the sha256 of every other file of the bundle. A bundle is refused
 (BundleError naming the file) when a listed file is missing or differs, or when a file
-that the manifest does not list is present: nothing unverified gets served.
+that the manifest does not list is present: nothing unverified gets served. Its
+``spec.json`` is read as a typed ``serving.spec.BundleSpec``.
 """
 
 from __future__ import annotations
@@ -10,22 +11,27 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from serving.encoding import bucket_ids, vocab_encoder
+from serving.spec import SPEC_FILE, BundleError, BundleSpec, SparseInput
+
 MANIFEST = "manifest.json"
 SUPPORTED_FORMAT = 1
-
-
-class BundleError(RuntimeError):
-    """A bundle that cannot be served; the message names the file."""
 
 
 @dataclass(frozen=True)
 class Bundle:
     path: Path
     manifest: dict
-    spec: dict
+    spec: BundleSpec
     sha256: str  # of manifest.json: identifies this bundle (and so every file in it)
 
     def file(self, relative: str) -> Path:
@@ -35,6 +41,17 @@ class Bundle:
     def version(self) -> str:
         """Short id shown by /metrics and logs."""
         return self.sha256[:12]
+
+    def encoder(self, feature: SparseInput) -> Callable[[pa.Array], np.ndarray]:
+        """The feature's bundled vocabulary as a function raw ids -> embedding rows (a bucket
+        feature: its boundaries, raw numbers -> bucket rows)."""
+        if feature.kind == "bucket":
+            boundaries = np.asarray(feature.boundaries, np.float64)
+            return lambda values: bucket_ids(values, boundaries)
+        vocab = pq.read_table(self.file(feature.vocab), columns=["key", "index"])
+        admitted = pc.greater(vocab.column("index"), 0)
+        return vocab_encoder(vocab.column("key").filter(admitted), vocab.column("index").filter(admitted).to_numpy(),
+                             feature.capacity, feature.oov_buckets)
 
 
 def _sha256(path: Path) -> str:
@@ -74,9 +91,10 @@ def load_bundle(path: str | Path) -> Bundle:
             raise BundleError(f"bundle {root}: file {file} listed in {MANIFEST} is missing")
         if _sha256(file) != digest:
             raise BundleError(f"bundle {root}: checksum mismatch for {file} (expected sha256 {digest})")
-    if "spec.json" not in listed or "model.onnx" not in listed:
-        raise BundleError(f"bundle {root}: {MANIFEST} lists no spec.json or model.onnx")
-    return Bundle(root, manifest, _read_json(root / "spec.json"), _sha256(manifest_path))
+    if SPEC_FILE not in listed or "model.onnx" not in listed:
+        raise BundleError(f"bundle {root}: {MANIFEST} lists no {SPEC_FILE} or model.onnx")
+    spec = BundleSpec.from_dict(_read_json(root / SPEC_FILE), str(root / SPEC_FILE))
+    return Bundle(root, manifest, spec, _sha256(manifest_path))
 
 
 def load_bundle_from_mlflow(uri: str, dst: str | Path | None = None, tracking_uri: str | None = None) -> Bundle:

@@ -1,6 +1,7 @@
 """Id encoding shared by training (features/vocab.py) and the scorer: one code path, so
 offline and online encodings cannot differ. Numeric columns bucketised into embedding rows
-(``bucket_ids``) share it too.
+(``bucket_ids``) and numeric columns transformed into dense inputs (``numeric_values``) share
+it too.
 
 Only numpy and pyarrow are imported here (the scorer runs without torch or polars).
 
@@ -15,6 +16,9 @@ slot 3 and a slot "3" are the same key in training and in serving.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -114,6 +118,24 @@ def float_values(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """A numeric column as float64, null as NaN (ArrowInvalid / ArrowNotImplementedError
     for values that are not numbers)."""
     return pc.cast(values, pa.float64()).to_numpy(zero_copy_only=False)
+
+
+NumericTransform = Literal["none", "log1p"]
+# float64 -> float64, NaN stays NaN. log1p clips negatives to 0 first; ``x < 0`` (not
+# np.maximum) keeps a -0.0 as -0.0, as the training tables always had it.
+NUMERIC_TRANSFORMS: dict[NumericTransform, Callable[[np.ndarray], np.ndarray]] = {
+    "none": lambda x: x,
+    "log1p": lambda x: np.log1p(np.where(x < 0.0, 0.0, x)),
+}
+
+
+def numeric_values(values: pa.Array | pa.ChunkedArray, transform: NumericTransform) -> np.ndarray:
+    """A raw numeric column as the model's dense input, float32: ``transform`` of its
+    values, null/NaN -> 0.0, beyond float32's range -> +-inf. The training tables
+    (features.examples, features.table_source) and the scorer both use it."""
+    x = NUMERIC_TRANSFORMS[transform](float_values(values))
+    with np.errstate(over="ignore"):  # the cast of a float64 beyond float32's range gives inf, as intended
+        return np.where(np.isnan(x), 0.0, x).astype(np.float32)
 
 
 def bucket_ids(values: pa.Array | pa.ChunkedArray, boundaries) -> np.ndarray:

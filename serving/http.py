@@ -175,9 +175,9 @@ class RankingService:
         self.bundle_path = Path(bundle_path)
         self.threads = threads
         self.scorer = Scorer(load_bundle(self.bundle_path), intra_op_threads=threads)
-        scoring = self.scorer.spec.get("scoring", {})
-        self.max_candidates = max_candidates or scoring.get("max_candidates", 1000)
-        self.max_body_bytes = max_body_bytes or scoring.get("max_body_bytes", 1 << 20)
+        scoring = self.scorer.spec.scoring
+        self.max_candidates = max_candidates or scoring.max_candidates
+        self.max_body_bytes = max_body_bytes or scoring.max_body_bytes
         self.metrics = Metrics()
         self._reload_lock = threading.Lock()
 

@@ -69,7 +69,7 @@ def test_export_before_and_after_training(run, tmp_path):
     assert summary["artifact_uri"] == f"runs:/{run_id}/bundle"
     local = load_bundle(summary["bundle"])
     assert local.sha256 == summary["bundle_sha256"]
-    assert local.spec["features_as_of"] == "2026-11-05"
+    assert local.spec.events.features_as_of == dt.date(2026, 11, 5)
 
     # What the lead registers as a model version loads through the scorer's own loader.
     logged = load_bundle_from_mlflow(summary["artifact_uri"], tmp_path / "download", tracking_uri(cfg.state_dir))

@@ -24,6 +24,7 @@ from models.loader import TrainingTableLoader
 from pipeline.cli import main
 from serving.bundle import BundleError, load_bundle
 from serving.scorer import Scorer
+from serving.spec import TaskOutput
 
 TRAIN_DAY = START + dt.timedelta(days=2)  # the newest training table (maturity lag 1)
 
@@ -88,7 +89,7 @@ def test_unknown_user_and_item_get_oov_ids_and_default_features(setup):
     assert feeds["age_bucket"].tolist() == [0, 0] and (feeds["interests"] == -1).all()
     assert feeds["device"].tolist() == [0, 0] and feeds["slot"].tolist() == [0, 0]  # absent context: padding
     names = cfg.features.dense_names()
-    defaults = load_bundle(bundle_path).spec["defaults"]
+    defaults = load_bundle(bundle_path).spec.events.defaults
     for key in ("user", "item", "user_category"):  # row 0: no history for any key
         for name, value in defaults[key].items():
             assert feeds["dense"][0, names.index(name)] == np.float32(value), name
@@ -212,18 +213,19 @@ def test_user_missing_from_the_snapshot_keeps_its_id_and_history(setup, tmp_path
     manifest["files"]["features/users.parquet"] = sha256_file(users_file)
     (copy / "manifest.json").write_text(json.dumps(manifest))
     full, partial = Scorer(load_bundle(bundle_path)), Scorer(load_bundle(copy))
-    assert gone not in partial.snapshots["users"].row_of and gone in full.snapshots["users"].row_of
+    assert gone not in partial.inputs.snapshots["users"].row_of and gone in full.inputs.snapshots["users"].row_of
 
     items = pq.read_table(copy / "features" / "items.parquet")
     same_category = pc.equal(pc.cast(items.column("raw:category_id"), pa.string()), category)
     item_ids = items.column("item_id").filter(same_category).to_pylist()[:5] + items.column("item_id").to_pylist()[:5] + ["unseen"]
     rows = pa.table({"user_id": [gone] * len(item_ids), "item_id": item_ids, "device": ["ios"] * len(item_ids)})
     want, got = full.feeds(rows), partial.feeds(rows)
-    names = list(full.spec["defaults"]["user"]) + list(full.spec["defaults"]["user_category"])
-    columns = [[d["name"] for d in full.spec["dense"]].index(n) for n in names]
+    defaults = full.spec.events.defaults
+    names = list(defaults["user"]) + list(defaults["user_category"])
+    columns = [[d.name for d in full.spec.dense].index(n) for n in names]
     np.testing.assert_array_equal(got["user_id"], want["user_id"])
     np.testing.assert_array_equal(got["dense"][:, columns], want["dense"][:, columns])
-    defaults = np.array([full.spec["defaults"][k][n] for k in ("user", "user_category") for n in full.spec["defaults"][k]], np.float32)
+    defaults = np.array([defaults[k][n] for k in ("user", "user_category") for n in defaults[k]], np.float32)
     assert (got["dense"][:5, columns] != defaults).any()  # real history, not defaults
     assert (got["age_bucket"] == 0).all() and (want["age_bucket"] > 0).all()
     np.testing.assert_array_equal(got["item_id"], want["item_id"])
@@ -242,8 +244,7 @@ def test_tasks_name_the_results_and_their_exponents_blend_the_score(setup, tmp_p
              TaskConfig(name="purchase", label="conversion", after="ctr", joint_name="ctcvr", conditional_name="cvr", score_exponent=2.0)]
     cfg = cfg.model_copy(update={"tasks": tasks})
     bundle = load_bundle(export_bundle(cfg, cfg.warehouse, small_model(cfg, files), tmp_path / "bundle", files))
-    assert bundle.spec["tasks"] == [{"name": "ctr", "served": "ctr", "score_exponent": 0.5},
-                                    {"name": "purchase", "served": "ctcvr", "score_exponent": 2.0}]
+    assert bundle.spec.tasks == (TaskOutput("ctr", "ctr", 0.5), TaskOutput("purchase", "ctcvr", 2.0))
     assert set(bundle.manifest["parity"]["max_abs_diff"]) == {"p_ctr", "p_ctcvr", "p_cvr", "score"}
     scorer = Scorer(bundle)
     users, items = users_and_items(cfg)
@@ -275,3 +276,17 @@ def test_bundle_from_before_configurable_tasks_serves_the_funnel(setup, tmp_path
     old = Scorer(load_bundle(copy))
     assert old.result_names == ("p_click", "p_conversion", "score")
     assert old.score(request) == Scorer(load_bundle(bundle_path)).score(request)
+
+
+def test_a_spec_json_missing_a_key_is_refused_naming_it(setup, tmp_path):
+    _, _, _, bundle_path, _, _ = setup
+    copy = tmp_path / "broken"
+    shutil.copytree(bundle_path, copy)
+    spec = json.loads((copy / "spec.json").read_text())
+    del spec["sparse"][2]["oov_buckets"]
+    (copy / "spec.json").write_text(json.dumps(spec))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["files"]["spec.json"] = sha256_file(copy / "spec.json")
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=rf"{copy / 'spec.json'}: key 'sparse\[2\]\.oov_buckets' is missing"):
+        load_bundle(copy)

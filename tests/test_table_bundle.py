@@ -112,7 +112,7 @@ def test_export_checks_parity_on_the_test_split_and_logs_the_bundle(trained):
     files = set(bundle.manifest["files"])
     assert files == {"model.onnx", "spec.json", "vocab/user_id.parquet", "vocab/item_id.parquet", "vocab/tags.parquet"}
     assert bundle.manifest["parity_files"] == [str(f) for f in prepare_table(cfg, cfg.warehouse).files["test"]]
-    spec = bundle.spec
+    spec = json.loads((bundle.path / "spec.json").read_text())
     assert spec["source"] == "table" and "snapshots" not in spec and "aggregate_keys" not in spec
     assert [(f["name"], f["column"], f["kind"], f.get("vocab"), f.get("boundaries")) for f in spec["sparse"]] == [
         ("user_id", "user", "id", "vocab/user_id.parquet", None), ("item_id", "item", "id", "vocab/item_id.parquet", None),
@@ -120,6 +120,7 @@ def test_export_checks_parity_on_the_test_split_and_logs_the_bundle(trained):
     assert [(d["name"], d["column"], d["transform"]) for d in spec["dense"]] == [("price", "price", "log1p"), ("age", "age", "none")]
     assert spec["tasks"] == [{"name": "click", "served": "click", "score_exponent": 1.0},
                              {"name": "purchase", "served": "purchase", "score_exponent": 0.5}]
+    assert bundle.spec.source == "table" and bundle.spec.events is None and bundle.spec.list_delimiter == "|"
 
     from mlflow.tracking import MlflowClient
 

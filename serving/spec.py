@@ -1,0 +1,320 @@
+"""The bundle's ``spec.json``, typed: the one contract between export (which writes it) and
+the scorer (which reads it). Frozen dataclasses, plain JSON, no torch and no pydantic.
+
+What it holds: the model's ONNX inputs and outputs; the tasks (served view, score
+exponent); how each sparse input is encoded from a raw column (kind, capacity, OOV
+buckets, the vocabulary file or the bucket boundaries); each dense input (an aggregate
+key's rolling feature, or a raw numeric column and its transform); the HTTP limits; and,
+for a model trained on event logs (``source = "events"``), the snapshots and aggregate
+tables the scorer joins to a request (``EventFeatures``). A ``[table]`` model's rows
+carry every feature column themselves (``source = "table"``).
+
+``BundleSpec.from_dict`` refuses a spec with a missing or mistyped key by a BundleError
+naming the file and the key (``sparse[2].capacity``). Bundles written before tasks were
+configurable have no ``tasks`` (the click -> conversion funnel) and no ``source``
+(events).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from serving.encoding import NUMERIC_TRANSFORMS, NumericTransform
+
+SPEC_FILE = "spec.json"
+SCORE = "score"  # the ranking score's output: product over tasks of p[served] ** score_exponent
+# Point-in-time metrics kept per aggregate key and window, in dense-input order.
+AGGREGATE_METRICS = ("imps", "clicks", "convs", "ctr", "cvr")
+SOURCES = ("events", "table")
+SPARSE_KINDS = ("id", "list", "bucket")
+POOLINGS = ("sum", "mean")
+KEY_SOURCES = ("request", "users", "items")  # where an aggregate-key column comes from when scoring
+
+
+class BundleError(RuntimeError):
+    """A bundle that cannot be served; the message names the file (and the key of spec.json)."""
+
+
+def aggregate_feature_names(key: str, windows_days: Sequence[int]) -> list[str]:
+    """The dense features of aggregate key ``key``, in model-input order: per window, per
+    metric of AGGREGATE_METRICS, ``<key>_<metric>_<w>d`` (e.g. ``user_ctr_7d``)."""
+    return [f"{key}_{metric}_{w}d" for w in windows_days for metric in AGGREGATE_METRICS]
+
+
+@dataclass(frozen=True)
+class TaskOutput:
+    """A task as the scorer returns it: ``p_<name>`` is the model's output ``p_<served>``."""
+
+    name: str
+    served: str  # the task view served (a funnel step's joint probability, e.g. ctcvr)
+    score_exponent: float
+
+
+# Bundles written before tasks were configurable: the click -> conversion funnel.
+FUNNEL_TASKS = (TaskOutput("click", "click", 1.0), TaskOutput("conversion", "ctcvr", 1.0))
+
+
+@dataclass(frozen=True)
+class SparseInput:
+    """An ONNX id input (named ``name``) encoded from raw ``column`` of ``table``: with the
+    vocabulary file ``vocab`` (kind id or list) or into buckets by ``boundaries`` (kind bucket)."""
+
+    name: str
+    table: str  # impressions (a request column), users, items, or table
+    column: str
+    kind: Literal["id", "list", "bucket"]
+    capacity: int
+    oov_buckets: int
+    pooling: Literal["sum", "mean"]
+    vocab_version: int
+    boundaries: tuple[float, ...] | None = None  # kind bucket
+    vocab: str | None = None  # other kinds: the bundle file of the vocabulary
+
+
+@dataclass(frozen=True)
+class AggregateInput:
+    """A dense input: one rolling feature of aggregate key ``key`` (its bundled table's column ``name``)."""
+
+    name: str
+    key: str
+
+
+@dataclass(frozen=True)
+class NumericInput:
+    """A dense input: raw numeric ``column`` of ``table`` after ``transform``
+    (serving.encoding.numeric_values). spec.json calls the table ``source``."""
+
+    name: str
+    table: str  # impressions (a request column), users, items, or table
+    column: str
+    transform: NumericTransform
+
+
+@dataclass(frozen=True)
+class ScoringLimits:
+    """HTTP limits of the served bundle."""
+
+    max_candidates: int
+    max_body_bytes: int
+
+
+@dataclass(frozen=True)
+class AggregateKeySpec:
+    """An aggregate key's bundled table (``file``: a ``key`` column of the joined key text,
+    then its rolling features) and where each key column comes from when scoring."""
+
+    name: str
+    columns: tuple[str, ...]
+    sources: dict[str, str]  # column -> "request" (a request column) or the snapshot holding it
+    file: str
+
+
+@dataclass(frozen=True)
+class SnapshotSpec:
+    """A bundled users or items snapshot and its key column (user_id, item_id)."""
+
+    file: str
+    key: str
+
+
+@dataclass(frozen=True)
+class EventFeatures:
+    """What an events bundle's scorer joins to a request: snapshots and aggregate tables."""
+
+    aggregate_keys: tuple[AggregateKeySpec, ...]
+    snapshots: dict[str, SnapshotSpec]  # users, items
+    features_as_of: dt.date  # the aggregates' rolling features as of the start of this day
+    snapshot_day: dt.date
+    defaults: dict[str, dict[str, float]]  # aggregate key -> feature -> value for a key with no history
+
+
+@dataclass(frozen=True)
+class BundleSpec:
+    """The typed ``spec.json`` (see the module docstring)."""
+
+    format: int
+    source: Literal["events", "table"]
+    inputs: tuple[str, ...]  # ONNX inputs: dense, then the sparse inputs
+    outputs: tuple[str, ...]  # ONNX outputs: p_<view> per task view, then score
+    tasks: tuple[TaskOutput, ...]
+    sparse: tuple[SparseInput, ...]
+    dense: tuple[AggregateInput | NumericInput, ...]  # the columns of the ONNX input ``dense``
+    scoring: ScoringLimits
+    list_delimiter: str | None = None  # a table bundle: the delimiter of a list cell read as text
+    events: EventFeatures | None = None  # an events bundle's joins; None for a table bundle
+
+    def to_dict(self) -> dict:
+        """spec.json's content (the same keys as ever, see ``from_dict``)."""
+        out = {
+            "format": self.format,
+            "source": self.source,
+            "inputs": list(self.inputs),
+            "outputs": list(self.outputs),
+            "tasks": [{"name": t.name, "served": t.served, "score_exponent": t.score_exponent} for t in self.tasks],
+            "sparse": [_sparse_dict(f) for f in self.sparse],
+            "dense": [{"name": d.name, "source": "aggregate", "key": d.key} if isinstance(d, AggregateInput)
+                      else {"name": d.name, "source": d.table, "column": d.column, "transform": d.transform}
+                      for d in self.dense],
+            "scoring": {"max_candidates": self.scoring.max_candidates, "max_body_bytes": self.scoring.max_body_bytes},
+        }
+        if self.list_delimiter is not None:
+            out["list_delimiter"] = self.list_delimiter
+        if self.events is not None:
+            e = self.events
+            out["aggregate_keys"] = [
+                {"name": k.name, "columns": list(k.columns), "sources": dict(k.sources), "file": k.file}
+                for k in e.aggregate_keys]
+            out["snapshots"] = {t: {"file": s.file, "key": s.key} for t, s in e.snapshots.items()}
+            out["features_as_of"] = e.features_as_of.isoformat()
+            out["snapshot_day"] = e.snapshot_day.isoformat()
+            out["defaults"] = {k: dict(v) for k, v in e.defaults.items()}
+        return out
+
+    def to_json(self) -> str:
+        """The text of spec.json."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, spec: object, file: str = SPEC_FILE) -> BundleSpec:
+        """The spec of spec.json's parsed content; BundleError naming ``file`` and the key
+        when one is missing or of the wrong type."""
+        top = _Object(spec, file, "")
+        source = top.choice("source", SOURCES, default="events")
+        tasks = top.objects("tasks", default=None)
+        dense = tuple(_dense(d) for d in top.objects("dense"))
+        if source == "table" and any(isinstance(d, AggregateInput) for d in dense):
+            raise BundleError(f"{file}: a table bundle's dense inputs are numeric columns, got aggregate features")
+        scoring = top.object("scoring")
+        return cls(
+            format=top.integer("format"),
+            source=source,
+            inputs=top.texts("inputs"),
+            outputs=top.texts("outputs"),
+            tasks=FUNNEL_TASKS if tasks is None else tuple(
+                TaskOutput(t.text("name"), t.text("served"), t.number("score_exponent")) for t in tasks),
+            sparse=tuple(_sparse(f) for f in top.objects("sparse")),
+            dense=dense,
+            scoring=ScoringLimits(scoring.integer("max_candidates"), scoring.integer("max_body_bytes")),
+            list_delimiter=top.text("list_delimiter", default=None),
+            events=_event_features(top, dense) if source == "events" else None,
+        )
+
+
+def _sparse_dict(f: SparseInput) -> dict:
+    out = {"name": f.name, "table": f.table, "column": f.column, "kind": f.kind, "capacity": f.capacity,
+           "oov_buckets": f.oov_buckets, "pooling": f.pooling, "vocab_version": f.vocab_version}
+    if f.kind == "bucket":
+        out["boundaries"] = list(f.boundaries or ())
+    else:
+        out["vocab"] = f.vocab
+    return out
+
+
+def _sparse(f: _Object) -> SparseInput:
+    kind = f.choice("kind", SPARSE_KINDS)
+    return SparseInput(
+        name=f.text("name"), table=f.text("table"), column=f.text("column"), kind=kind,
+        capacity=f.integer("capacity"), oov_buckets=f.integer("oov_buckets"), pooling=f.choice("pooling", POOLINGS),
+        vocab_version=f.integer("vocab_version"),
+        boundaries=f.numbers("boundaries") if kind == "bucket" else None,
+        vocab=f.text("vocab") if kind != "bucket" else None)
+
+
+def _dense(d: _Object) -> AggregateInput | NumericInput:
+    if d.text("source") == "aggregate":
+        return AggregateInput(d.text("name"), d.text("key"))
+    transform = d.choice("transform", tuple(NUMERIC_TRANSFORMS))
+    return NumericInput(d.text("name"), d.text("source"), d.text("column"), transform)
+
+
+def _event_features(top: _Object, dense: tuple[AggregateInput | NumericInput, ...]) -> EventFeatures:
+    keys = tuple(_aggregate_key(k) for k in top.objects("aggregate_keys"))
+    snapshots = top.object("snapshots")
+    defaults = top.object("defaults")
+    # Every aggregate input needs its no-history value: the scorer fills it in for unseen keys.
+    wanted = {k.name: [d.name for d in dense if isinstance(d, AggregateInput) and d.key == k.name] for k in keys}
+    return EventFeatures(
+        aggregate_keys=keys,
+        snapshots={t: SnapshotSpec(snapshots.object(t).text("file"), snapshots.object(t).text("key"))
+                   for t in ("users", "items")},
+        features_as_of=top.day("features_as_of"),
+        snapshot_day=top.day("snapshot_day"),
+        defaults={k: {n: defaults.object(k).number(n) for n in names} for k, names in wanted.items()},
+    )
+
+
+def _aggregate_key(k: _Object) -> AggregateKeySpec:
+    columns = k.texts("columns")
+    sources = k.object("sources")
+    return AggregateKeySpec(k.text("name"), columns, {c: sources.choice(c, KEY_SOURCES) for c in columns},
+                            k.text("file"))
+
+
+_REQUIRED = object()
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+class _Object:
+    """One JSON object of spec.json; each getter checks the value's type and raises a
+    BundleError naming the file and the key's path (``sparse[2].capacity``) when it is
+    missing (and has no default) or mistyped."""
+
+    def __init__(self, value: object, file: str, path: str) -> None:
+        if not isinstance(value, dict):
+            raise BundleError(f"{file}: {path or 'the top level'} must be a JSON object, got {type(value).__name__}")
+        self.value, self.file, self.path = value, file, path
+
+    def _key(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def _get(self, key: str, ok, what: str, default=_REQUIRED):
+        if key not in self.value:
+            if default is _REQUIRED:
+                raise BundleError(f"{self.file}: key {self._key(key)!r} is missing")
+            return default
+        value = self.value[key]
+        if not ok(value):
+            raise BundleError(f"{self.file}: key {self._key(key)!r} must be {what}, got {value!r}")
+        return value
+
+    def text(self, key: str, default=_REQUIRED) -> str:
+        return self._get(key, lambda v: isinstance(v, str), "a string", default)
+
+    def integer(self, key: str) -> int:
+        return self._get(key, lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer")
+
+    def number(self, key: str) -> float:
+        return self._get(key, _is_number, "a number")
+
+    def choice(self, key: str, allowed: tuple[str, ...], default=_REQUIRED) -> str:
+        return self._get(key, lambda v: v in allowed, f"one of {list(allowed)}", default)
+
+    def day(self, key: str) -> dt.date:
+        text = self.text(key)
+        try:
+            return dt.date.fromisoformat(text)
+        except ValueError:
+            raise BundleError(f"{self.file}: key {self._key(key)!r} must be a day (YYYY-MM-DD), got {text!r}") from None
+
+    def texts(self, key: str) -> tuple[str, ...]:
+        return tuple(self._get(key, lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+                               "a list of strings"))
+
+    def numbers(self, key: str) -> tuple[float, ...]:
+        return tuple(self._get(key, lambda v: isinstance(v, list) and all(map(_is_number, v)), "a list of numbers"))
+
+    def object(self, key: str) -> _Object:
+        return _Object(self._get(key, lambda v: True, ""), self.file, self._key(key))
+
+    def objects(self, key: str, default=_REQUIRED) -> list[_Object] | None:
+        values = self._get(key, lambda v: isinstance(v, list), "a list", default)
+        if values is default:
+            return default
+        return [_Object(v, self.file, f"{self._key(key)}[{i}]") for i, v in enumerate(values)]
