@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from features.config import DEFAULT_CONFIG, load_config
+from pipeline.config import DEFAULT_CONFIG, load_config
 from features.synthetic import generate_logs
 
 

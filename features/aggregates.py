@@ -35,7 +35,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from features.config import AGGREGATE_METRICS, AggregateKey, FunnelConfig
+from features.config import AGGREGATE_METRICS, AggregateKey, DataConfig
 from features.contract import SNAPSHOT_TABLES, day_start, day_str, in_day, scan_validated, validated_dir
 from features.errors import DataContractError, StageError
 from features.io import atomic_dir, atomic_write_json, sha256_dir, write_parquet_dir
@@ -85,7 +85,7 @@ def days_since_history_start(existing: set[dt.date], wanted: list[dt.date], what
     return days
 
 
-def _key_column_sources(cfg: FunnelConfig, warehouse: Path, day: dt.date) -> dict[str, str]:
+def _key_column_sources(cfg: DataConfig, warehouse: Path, day: dt.date) -> dict[str, str]:
     """Where each aggregate-key column comes from: "impressions", "users" or "items"."""
     schemas = {"impressions": scan_validated(warehouse, "impressions", day).collect_schema()}
     sources: dict[str, str] = {}
@@ -105,7 +105,7 @@ def _key_column_sources(cfg: FunnelConfig, warehouse: Path, day: dt.date) -> dic
     return sources
 
 
-def daily_events(cfg: FunnelConfig, warehouse: Path, day: dt.date) -> tuple[JoinedRows, list[str]]:
+def daily_events(cfg: DataConfig, warehouse: Path, day: dt.date) -> tuple[JoinedRows, list[str]]:
     """Rows of activity on ``day`` (an impression shown, first clicked or converting that
     day): the key columns of the impressions + imps, clicks, convs, conv_value, joined to
     the snapshots that hold the other key columns; and the partitions it reads."""
@@ -232,7 +232,7 @@ def counters_by_key(events: pl.DataFrame, columns: list[str], coded: dict[str, C
     )
 
 
-def build_daily_aggregates(cfg: FunnelConfig, warehouse: Path, day: dt.date) -> dict:
+def build_daily_aggregates(cfg: DataConfig, warehouse: Path, day: dt.date) -> dict:
     """Write each aggregate key's counters of ``day`` (``counters_by_key``) atomically;
     return a manifest. Raises when two keys of the day share a key hash."""
     started = time.perf_counter()
@@ -267,7 +267,7 @@ def _count_name(metric: str, w: int) -> str:
     return f"_{metric}_{w}"
 
 
-def _history(cfg: FunnelConfig, warehouse: Path, key: AggregateKey, day: dt.date) -> pl.LazyFrame:
+def _history(cfg: DataConfig, warehouse: Path, key: AggregateKey, day: dt.date) -> pl.LazyFrame:
     """The key's daily counts (key columns, imps, clicks, convs) of days [day - max window,
     day - 1] with ``age`` = day - d."""
     root = daily_root(warehouse, key.name)
@@ -312,7 +312,7 @@ def _smoothed(events: pl.Expr, base: pl.Expr, prior: float, global_rate: float) 
     return pl.when(denominator > 0).then((events + prior * global_rate) / denominator).otherwise(global_rate)
 
 
-def _defaults(cfg: FunnelConfig, key: AggregateKey, rates: dict[int, tuple[float, float]]) -> dict[str, float]:
+def _defaults(cfg: DataConfig, key: AggregateKey, rates: dict[int, tuple[float, float]]) -> dict[str, float]:
     """The features at zero counts: the same arithmetic, rounded to Float32 like the features."""
     prior = cfg.features.prior_strength
     defaults: dict[str, float] = {}
@@ -323,12 +323,12 @@ def _defaults(cfg: FunnelConfig, key: AggregateKey, rates: dict[int, tuple[float
     return defaults
 
 
-def _features_from_counts(cfg: FunnelConfig, key: AggregateKey, counts: pl.DataFrame, rates: dict[int, tuple[float, float]]) -> pl.DataFrame:
+def _features_from_counts(cfg: DataConfig, key: AggregateKey, counts: pl.DataFrame, rates: dict[int, tuple[float, float]]) -> pl.DataFrame:
     """Key columns + the key's dense features from its per-window counts."""
     return counts.select(*key.columns, *_feature_columns(cfg, key, rates))
 
 
-def _feature_columns(cfg: FunnelConfig, key: AggregateKey, rates: dict[int, tuple[float, float]]) -> list[pl.Expr]:
+def _feature_columns(cfg: DataConfig, key: AggregateKey, rates: dict[int, tuple[float, float]]) -> list[pl.Expr]:
     """The key's dense features (Float32) from the per-window count columns."""
     prior = cfg.features.prior_strength
     features: list[pl.Expr] = []
@@ -349,7 +349,7 @@ def _feature_names(key: AggregateKey, w: int) -> list[str]:
     return [f"{key.name}_{metric}_{w}d" for metric in AGGREGATE_METRICS]
 
 
-def rolled_features(cfg: FunnelConfig, warehouse: Path, day: dt.date) -> tuple[dict[str, pl.LazyFrame], dict[str, dict[str, float]]]:
+def rolled_features(cfg: DataConfig, warehouse: Path, day: dt.date) -> tuple[dict[str, pl.LazyFrame], dict[str, dict[str, float]]]:
     """``rolling_features`` and ``rolling_defaults`` of every aggregate key in one pass
     over each key's history."""
     windows = cfg.features.windows_days
@@ -364,7 +364,7 @@ def rolled_features(cfg: FunnelConfig, warehouse: Path, day: dt.date) -> tuple[d
     return frames, defaults
 
 
-def rolling_features(cfg: FunnelConfig, warehouse: Path, day: dt.date) -> dict[str, pl.LazyFrame]:
+def rolling_features(cfg: DataConfig, warehouse: Path, day: dt.date) -> dict[str, pl.LazyFrame]:
     """Per aggregate key, the features as of the START of ``day``: key columns + the key's
     ``dense_names`` (Float32), one row per key value seen in the longest window.
 
@@ -374,7 +374,7 @@ def rolling_features(cfg: FunnelConfig, warehouse: Path, day: dt.date) -> dict[s
     return rolled_features(cfg, warehouse, day)[0]
 
 
-def rolling_defaults(cfg: FunnelConfig, warehouse: Path, day: dt.date) -> dict[str, dict[str, float]]:
+def rolling_defaults(cfg: DataConfig, warehouse: Path, day: dt.date) -> dict[str, dict[str, float]]:
     """Per aggregate key, the value of each feature for a key value with no history
     (log1p(0) = 0 counts, the global rates): what a joiner fills missing rows with."""
     windows = cfg.features.windows_days
@@ -386,7 +386,7 @@ def rolling_defaults(cfg: FunnelConfig, warehouse: Path, day: dt.date) -> dict[s
 
 
 def attach_rolling_features(
-    rows: pl.LazyFrame, cfg: FunnelConfig, frames: dict[str, pl.LazyFrame], defaults: dict[str, dict[str, float]]
+    rows: pl.LazyFrame, cfg: DataConfig, frames: dict[str, pl.LazyFrame], defaults: dict[str, dict[str, float]]
 ) -> pl.LazyFrame:
     """Left-join each key's rolling features onto ``rows`` (which must hold the key
     columns), keeping row order; rows without history get the defaults."""
@@ -497,7 +497,7 @@ def _state_manifest(path: Path) -> dict | None:
         return None
 
 
-def _state_matches(manifest: dict | None, cfg: FunnelConfig, key: AggregateKey, daily_sha: dict[str, str]) -> bool:
+def _state_matches(manifest: dict | None, cfg: DataConfig, key: AggregateKey, daily_sha: dict[str, str]) -> bool:
     return bool(manifest) and manifest.get("format") == STATE_FORMAT and manifest.get("key_columns") == key.columns and (
         manifest.get("windows") == list(cfg.features.windows_days) and manifest.get("daily_sha256") == daily_sha
     )
@@ -518,7 +518,7 @@ def _load_state(path: Path, day: dt.date, windows: list[int], manifest: dict) ->
     return state if (table.num_rows, state.totals) == (manifest.get("rows"), manifest.get("totals")) else None
 
 
-def _recomputed_state(cfg: FunnelConfig, warehouse: Path, key: AggregateKey, day: dt.date) -> RollingState:
+def _recomputed_state(cfg: DataConfig, warehouse: Path, key: AggregateKey, day: dt.date) -> RollingState:
     """The state of ``day`` summed from the daily partitions of its longest window."""
     windows = list(cfg.features.windows_days)
     root = daily_root(warehouse, key.name)
@@ -627,7 +627,7 @@ def _write_state(warehouse: Path, key: AggregateKey, state: RollingState, daily_
             shutil.rmtree(rolling_state_dir(warehouse, key.name, old), ignore_errors=True)
 
 
-def rolling_state(cfg: FunnelConfig, warehouse: Path, key: AggregateKey, day: dt.date, daily_sha: dict[str, str] | None = None) -> RollingState:
+def rolling_state(cfg: DataConfig, warehouse: Path, key: AggregateKey, day: dt.date, daily_sha: dict[str, str] | None = None) -> RollingState:
     """The key's window counts as of the start of ``day``: read when a state written from
     the current daily partitions is there, else advanced from the previous day's state,
     else recomputed; written atomically. ``daily_sha``: the sha256 of the key's daily
@@ -660,7 +660,7 @@ def rolling_state(cfg: FunnelConfig, warehouse: Path, key: AggregateKey, day: dt
     return state
 
 
-def state_features(cfg: FunnelConfig, key: AggregateKey, state: RollingState, coded: dict[str, CodedColumn]) -> pl.DataFrame:
+def state_features(cfg: DataConfig, key: AggregateKey, state: RollingState, coded: dict[str, CodedColumn]) -> pl.DataFrame:
     """The key's dense features for each row, in row order, from the rows' key columns
     (``coded``): the state's counts of the row's key (zero when it has none, or a
     null key column, like the left join of ``attach_rolling_features``), smoothed and

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from features.config import FunnelConfig
+from features.config import DataConfig
 from features.contract import day_str, scan_validated, validated_dir
 from features.errors import DataContractError
 
@@ -72,7 +72,7 @@ def _scan_label_events(
 
 
 def build_labels(
-    cfg: FunnelConfig, warehouse: Path, day: dt.date, allow_immature: bool = False, impressions: pl.DataFrame | None = None
+    cfg: DataConfig, warehouse: Path, day: dt.date, allow_immature: bool = False, impressions: pl.DataFrame | None = None
 ) -> pl.DataFrame:
     """impression_id, click (Int8), conversion (Int8), conversion_value (Float64) for every
     validated impression of ``day``, in the impressions' order.

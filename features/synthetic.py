@@ -44,7 +44,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from features.config import ConfigError, FunnelConfig, GenerateConfig
+from features.config import ConfigError, DataConfig, GenerateConfig
 from features.contract import TS, raw_dir, truth_dir
 from features.io import atomic_dir, write_parquet_dir
 
@@ -516,7 +516,7 @@ class _Counts:
 
 
 def _generate_chunk(
-    world: World, names: _Names, cfg: FunnelConfig,
+    world: World, names: _Names, cfg: DataConfig,
     rng: np.random.Generator, day: dt.date, day_index: int, first_row: int, ts: np.ndarray,
 ) -> tuple[pa.Table, pa.Table, _Events, _Events, _Counts]:  # fmt: skip
     """Impressions, truth, clicks and conversions of the rows [first_row, first_row + len(ts))."""
@@ -569,7 +569,7 @@ def _day_timestamps(rng: np.random.Generator, n: int, day_start_us: int) -> np.n
 
 
 def _generate_day(
-    world: World, names: _Names, cfg: FunnelConfig, warehouse: Path, day_index: int, start_us: int,
+    world: World, names: _Names, cfg: DataConfig, warehouse: Path, day_index: int, start_us: int,
     clicks_buffer: _EventBuffer, conversions_buffer: _EventBuffer,
 ) -> _Counts:  # fmt: skip
     """Write one day's impressions and truth chunk by chunk; buffer its clicks and conversions."""
@@ -597,7 +597,7 @@ def _generate_day(
     return total
 
 
-def generate_logs(cfg: FunnelConfig, warehouse: Path, progress: bool = True) -> GenerateSummary:
+def generate_logs(cfg: DataConfig, warehouse: Path, progress: bool = True) -> GenerateSummary:
     """Write ``cfg.generate.days`` days of synthetic raw logs (contract v1) under ``warehouse``.
 
     Also writes the users/items snapshots and, under ``truth/`` (not raw/), the true

@@ -22,11 +22,11 @@ from features.aggregates import (
     rolling_defaults,
     rolling_features,
 )
-from features.config import parse_config
 from features.contract import scan_validated, validated_dir
 from features.errors import DataContractError
 from features.labels import build_labels
 from pipeline.cli import main
+from pipeline.config import parse_config
 
 D0 = dt.date(2026, 11, 1)
 D1, D2, X = (D0 + dt.timedelta(days=n) for n in (1, 2, 3))

@@ -30,10 +30,11 @@ from features.aggregates import (
     rolling_state_dir,
     state_features,
 )
-from features.config import AggregateKey, parse_config
+from features.config import AggregateKey
 from features.errors import DataContractError
-from features.snapshots import NULL_HASH
 from features.io import write_parquet_dir
+from features.snapshots import NULL_HASH
+from pipeline.config import parse_config
 from serving.encoding import _mix64, stable_hash
 
 KEYS = CFG.features.aggregate_keys

@@ -11,10 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 
 import features.synthetic as synthetic
-from features.config import ConfigError, FunnelConfig, load_config
+from features.config import ConfigError
 from features.contract import DAILY_TABLES, REQUIRED, raw_dir, required_columns, truth_dir
 from features.io import sha256_dir
 from pipeline.cli import main
+from pipeline.config import FunnelConfig, load_config
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.toml"
 START = dt.date(2026, 11, 1)
