@@ -269,19 +269,14 @@ class TableSourceConfig(_Section):
     ``table = "table"``). Parquet, or CSV (converted once to Parquet). The split is either
     three files, or one file (``path``) and a column whose values name the split."""
 
-    train: Path | None = None
-    val: Path | None = None
-    test: Path | None = None
-    path: Path | None = None
+    train: TomlPath | None = None
+    val: TomlPath | None = None
+    test: TomlPath | None = None
+    path: TomlPath | None = None
     split_column: str | None = None
     split_values: dict[Literal["train", "val", "test"], str] = Field(
         default_factory=lambda: {"train": "train", "val": "val", "test": "test"})
     user_column: str | None = Field(None, description="groups rows for GAUC (per-user AUC); none: GAUC is nan")
-
-    @field_validator("train", "val", "test", "path", mode="before")
-    @classmethod
-    def _path(cls, v: object) -> object:
-        return Path(v) if isinstance(v, str) else v
 
     @model_validator(mode="after")
     def _one_layout(self) -> TableSourceConfig:
