@@ -53,9 +53,9 @@ class PromoteConfig(_Section):
         return self
 
 
-
 class FunnelConfig(TrainingConfig):
-    """Everything a run reads: the training config, the scorer's limits, the nightly runs and the promotion gate."""
+    """Everything a run reads: the training config, the scorer's limits, the nightly runs
+    and the promotion gate."""
 
     scoring: ScoringConfig = ScoringConfig()
     nightly: NightlyConfig = NightlyConfig()

@@ -111,4 +111,3 @@ def load_trained_model(cfg: FunnelConfig, warehouse: Path, run_date: dt.date | N
     except (RuntimeError, KeyError) as err:
         raise StageError(f"checkpoint {best} does not fit the configured model: {err}") from None
     return model.eval(), state.get("mlflow_run_id")
-
