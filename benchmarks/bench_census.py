@@ -10,7 +10,7 @@ otherwise pick.
 Data: ``configs/census.toml`` (the fixed torch-rechub split of the UCI Census-Income (KDD)
 test file in ``../shared/data/census-income/derived_rechub_split``: 59,857 train / 19,952
 val / 19,953 test rows), read through the ``[table]`` source. Each run is a fresh process
-(so peak RSS is its own) that trains with ``funnelrank train``'s code path (``train_model``:
+(so peak RSS is its own) that trains with ``funnelrank train``'s code path (``train_run``:
 torchrec EBC, fused row-wise Adagrad, AdamW; the val split early-stops) and scores the best
 epoch on the test split. Printed per backbone: test AUC per task (mean and spread over
 seeds, and the DeLong standard error that the test split's 19,953 rows alone put on
@@ -44,16 +44,17 @@ def _run(config: Path, backbone: str, seed: int, epochs: int, batch_size: int, w
     warnings.filterwarnings("ignore")
     import torch
 
-    from features.config import load_config
     from models.loader import TrainingTableLoader
-    from models.train import predict, train_model, validation_metrics
+    from models.predict import predict, validation_metrics
+    from pipeline.config import load_config
     from pipeline.evaluate import evaluation_table
+    from pipeline.train_stage import train_run
 
     started = time.perf_counter()
     cfg = load_config(config, {"seed": seed, "warehouse": f"{workdir}/warehouse", "state_dir": f"{workdir}/state-{backbone}-{seed}",
                                "model": {"backbone": backbone}, "train": {"epochs": epochs, "batch_size": batch_size},
                                "table": table, "features": {"sparse": sparse}})
-    result = train_model(cfg, cfg.warehouse, None, progress=False)
+    result = train_run(cfg, cfg.warehouse, None, progress=False)
     _, test_files = evaluation_table(cfg, cfg.warehouse, None)
     test = TrainingTableLoader(test_files, cfg.features.sparse, cfg.features.dense_names(), 8192, shuffle=False, seed=0,
                                labels=cfg.label_columns)
@@ -68,9 +69,9 @@ def _run(config: Path, backbone: str, seed: int, epochs: int, batch_size: int, w
 def _train_rows(config: Path, table: dict, warehouse: Path):
     """The train split's rows, read the way the table source reads them (a CSV converted
     once, into ``warehouse``, where preparing the table finds it again)."""
-    from features.config import load_config
     from features.io import sha256_file
     from features.table_source import parquet_source, read_splits, split_inputs
+    from pipeline.config import load_config
 
     cfg = load_config(config, {"table": table})
     paths = split_inputs(cfg.table)
@@ -85,7 +86,7 @@ def train_subset(config: Path, fraction: float, workdir: Path) -> dict:
         raise SystemExit(f"--train-fraction must lie in (0, 1], got {fraction}")
     if fraction == 1.0:
         return {}
-    from features.config import load_config
+    from pipeline.config import load_config
 
     if load_config(config).table.train is None:
         raise SystemExit(f"--train-fraction needs separate train/val/test files in {config}'s [table]")
@@ -101,7 +102,7 @@ def bucketised_numeric(config: Path, buckets: int, warehouse: Path, table: dict)
     import numpy as np
     import polars as pl
 
-    from features.config import load_config
+    from pipeline.config import load_config
 
     cfg = load_config(config)
     sparse = [f.model_dump(mode="json") for f in cfg.features.sparse]

@@ -43,9 +43,9 @@ import pyarrow.compute as pc
 
 from benchmarks.common import in_child, peak_rss_mib
 from features.catalog import validated_dir
-from features.config import DEFAULT_CONFIG, FunnelConfig, load_config
 from features.contract import TS
 from features.io import write_parquet_dir
+from pipeline.config import DEFAULT_CONFIG, FunnelConfig, load_config
 
 START = dt.date(2026, 1, 1)
 US_PER_DAY = 86_400_000_000

@@ -15,8 +15,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from features.config import DEFAULT_CONFIG, load_config
 from features.synthetic import generate_logs
+from pipeline.config import DEFAULT_CONFIG, load_config
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,7 +19,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from features.config import DEFAULT_CONFIG, FeaturesConfig, load_config
+from features.config import FeaturesConfig
+from pipeline.config import DEFAULT_CONFIG, load_config
 
 MAX_LIST_LENGTH = 5
 

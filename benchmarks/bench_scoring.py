@@ -134,8 +134,8 @@ def main() -> None:
     from bundle_fixture import build_warehouse, small_model
 
     from features.catalog import raw_dir, validated_root
-    from features.config import load_config
-    from models.export import export_bundle
+    from pipeline.bundle import export_bundle
+    from pipeline.config import load_config
     from serving.bundle import load_bundle
     from serving.http import parse_rank_request, rank_response
     from serving.scorer import Scorer

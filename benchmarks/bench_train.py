@@ -87,7 +87,13 @@ def per_feature_embedding_model(spec: FeaturesConfig, cfg, tasks, dense_mean: np
     import torch
     from torch import nn
 
-    from models.nets import BACKBONES, CrossNetwork, DenseNormalizer, ModelOutput, TaskHeads
+    from models.nets import (
+        BACKBONES,
+        CrossNetwork,
+        DenseNormalizer,
+        ModelOutput,
+        TaskHeads,
+    )
 
     class PerFeatureEmbeddingNet(nn.Module):
         def __init__(self) -> None:
@@ -168,11 +174,12 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-    from features.config import load_config, parse_config
+    from models.distributed import distribute, init_process_group
     from models.loader import TrainingTableLoader
     from models.losses import LossWeighting, training_loss
     from models.nets import MultiTaskNet, dense_stats
-    from models.train import _init_process_group, dense_optimizer, distribute
+    from models.train import dense_optimizer
+    from pipeline.config import load_config, parse_config
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=400_000)
@@ -196,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
         batches = list(loader)  # in memory: time the model, not the Parquet reads
         padded = [padded_inputs(spec, b.sparse) for b in batches]  # what those libraries' loaders hand over
         mean, std = dense_stats([path], spec.dense_names())
-        _init_process_group(Path(tmp), torch.device("cpu"))
+        init_process_group(Path(tmp), torch.device("cpu"))
 
         # Both: the same optimiser family (Adagrad for the embeddings, AdamW for the dense
         # layers, the config's rates) and the same loss code.

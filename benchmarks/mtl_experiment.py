@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from features.config import DEFAULT_CONFIG, FunnelConfig, load_config, parse_config
+from pipeline.config import DEFAULT_CONFIG, FunnelConfig, load_config, parse_config
 
 BACKBONES = ("single_task", "shared_bottom", "mmoe")
 HEADS = ("direct", "esmm")
@@ -124,9 +124,10 @@ def model_metrics(cfg: FunnelConfig, warehouse: Path, run_date: dt.date, day: dt
 
     from features.catalog import training_dir
     from models.loader import TrainingTableLoader, parquet_files
-    from models.train import predict, train_model, validation_metrics
+    from models.predict import predict, validation_metrics
+    from pipeline.train_stage import train_run
 
-    result = train_model(cfg, warehouse, run_date, progress=False)
+    result = train_run(cfg, warehouse, run_date, progress=False)
     loader = TrainingTableLoader(parquet_files(training_dir(warehouse, day)), cfg.features.sparse,
                                  cfg.features.dense_names(), 8192, shuffle=False, seed=0)
     m = validation_metrics(cfg, predict(result.model, loader, torch.device("cpu")))

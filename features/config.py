@@ -1,8 +1,11 @@
-"""The run config: one TOML file drives a whole run (generator, contract, features, ...).
+"""The data half of the run config: generator, contract, validation, feature spec, tasks.
 
-Validated at load time with pydantic: an unknown key, a wrong type or a missing required
-value is reported by its dotted name (``features.sparse[2].dim``), never as a traceback.
-Models and pipeline read their sections from here; ``serving`` never imports this module
+Each package owns the sections it reads: this module the ones the feature jobs need
+(``DataConfig``), ``models.config`` adds the model and training sections
+(``TrainingConfig``), ``pipeline.config`` the scoring, nightly and promotion ones and
+loads the one TOML file of a run (``FunnelConfig``). Validated with pydantic: an unknown
+key, a wrong type or a missing required value is reported by its dotted name
+(``features.sparse[2].dim``), never as a traceback. ``serving`` never imports this module
 (the exported bundle carries a plain-JSON copy of the spec it needs).
 """
 
@@ -10,18 +13,25 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-import tomllib
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from serving.encoding import NumericTransform
 from serving.spec import aggregate_feature_names
 
-DEFAULT_CONFIG = Path("configs/demo.toml")
+# TOML has no path type: paths arrive as strings (the one lax coercion allowed).
+TomlPath = Annotated[Path, BeforeValidator(lambda v: Path(v) if isinstance(v, str) else v)]
 
 
 def repeated(values: Sequence[str]) -> list[str]:
@@ -256,118 +266,20 @@ def task_views(tasks: list[TaskConfig]) -> dict[str, tuple[str, str | None]]:
     return views
 
 
-class ModelConfig(_Section):
-    """The multi-task network (models/nets.py): backbone, conversion head, loss weighting."""
-
-    backbone: Literal["single_task", "shared_bottom", "soft_sharing", "mmoe", "ple"] = "mmoe"
-    conversion_head: Literal["direct", "esmm"] = Field(
-        "esmm", description="direct: pCVR on clicked rows; esmm: pCTCVR = pCTR x pCVR on all impressions"
-    )
-    loss_weighting: Literal["fixed", "uncertainty"] = Field(
-        "fixed", description="fixed: tasks[].loss_weight; uncertainty: learned (Kendall et al. 2018)")
-    expert_dims: list[int] = Field(
-        default_factory=lambda: [128, 64], min_length=1,
-        description="hidden sizes of each expert (mmoe), the shared bottom, or each task's network",
-    )
-    tower_dims: list[int] = Field(default_factory=lambda: [32], description="hidden sizes of each task's tower")
-    n_experts: int = Field(4, ge=1)
-    ple_levels: int = Field(2, ge=1, description="ple: extraction (CGC) levels; 1 = a single customised gate control layer")
-    ple_shared_experts: int = Field(2, ge=1, description="ple: shared experts per level")
-    ple_task_experts: int = Field(1, ge=1, description="ple: experts of each task per level")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    soft_sharing_strength: float = Field(1e-3, ge=0.0, description="L2 pull between the task networks' weights")
-    cross_layers: int = Field(0, ge=0, description="DCN-v2 cross layers on the backbone input (explicit feature crosses, e.g. user x item); 0 = none")
-
-    @field_validator("expert_dims", "tower_dims")
-    @classmethod
-    def _positive_dims(cls, v: list[int]) -> list[int]:
-        if any(d < 1 for d in v):
-            raise ValueError("layer sizes must be positive")
-        return v
-
-
-class TrainConfig(_Section):
-    """Training (models/train.py): the window of mature days, optimisers, early stopping."""
-
-    window_days: int = Field(7, ge=2, description="mature days used; the newest is the validation day")
-    epochs: int = Field(3, ge=1)
-    # The global batch: a torchrun job of N ranks gives each rank batch_size / N rows per
-    # step (batch_size must divide evenly), so steps per epoch, learning rates and results
-    # stay comparable whatever the world size; raise it to scale per-GPU work.
-    batch_size: int = Field(4096, ge=1, description="global batch, split evenly over the ranks of a torchrun job")
-    sparse_optimizer: Literal["rowwise_adagrad", "adam"] = Field(
-        "rowwise_adagrad", description="fused into the embedding backward; adam needs a CUDA device"
-    )
-    sparse_lr: float = Field(0.05, gt=0.0)
-    dense_lr: float = Field(1e-3, gt=0.0)
-    weight_decay: float = Field(1e-5, ge=0.0, description="AdamW, dense parameters only")
-    lr_schedule: Literal["constant", "cosine"] = Field(
-        "constant", description="dense learning rate: constant, or cosine decay from dense_lr to 0 over train.epochs")
-    early_stopping_metric: str | None = Field(
-        None, description="<task view>_<auc|gauc|logloss>, e.g. click_auc or ctcvr_logloss; default: the first task's auc")
-    patience: int = Field(2, ge=1, description="stop after this many epochs without improvement")
-    shuffle_buffer_rows: int = Field(262_144, ge=1)
-    threads: int = Field(0, ge=0, description="torch CPU threads; 0 = all cores")
-    log_every_steps: int = Field(50, ge=1)
-    sharding: Literal["auto", "table_wise", "row_wise", "column_wise", "data_parallel"] = Field(
-        "table_wise", description="embedding tables over the ranks: auto = torchrec's planner picks among the sharded "
-        "types; row_wise needs CUDA; data_parallel replicates the tables and trains them with the dense optimiser",
-    )
-    mixed_precision: bool = Field(True, description="bf16 autocast of the dense layers on CUDA; no effect on the CPU")
-
-
-class ScoringConfig(_Section):
-    """The scorer's limits (the blended score's exponents are ``tasks[].score_exponent``)."""
-
-    max_candidates: int = Field(1000, ge=1, description="HTTP: candidates per request at most")
-    max_body_bytes: int = Field(1 << 20, ge=1024, description="HTTP: request body size limit")
-
-
-class NightlyConfig(_Section):
-    """``funnelrank nightly``: how each night's model starts and what it trains on."""
-
-    warm_start: bool = Field(True, description="start from the champion's weights when the architecture matches; false = full retrain over train.window_days")
-    fine_tune_days: int = Field(1, ge=1, description="warm start: train on this many newest mature days (plus the validation day)")
-    freeze_shared: bool = Field(False, description="warm start: train only the task towers, heads and gates; embeddings and shared layers stay frozen")
-
-
-class PromoteConfig(_Section):
-    """The promotion gate: when the candidate becomes the ``champion`` alias."""
-
-    model_name: str = Field("funnelrank", min_length=1, description="registered model name in the MLflow registry")
-    auc_tolerance: float = Field(0.005, ge=0.0, description="largest AUC drop vs the champion allowed on any task")
-    gate_metrics: list[str] | None = Field(
-        None, min_length=1, description="<task view>_<auc|gauc>; default: every task view's auc")
-    min_auc: float = Field(0.55, ge=0.0, le=1.0, description="first model: every gate metric at least this")
-    calibration_min: float = Field(0.8, gt=0.0, description="mean predicted / observed rate of every served probability")
-    calibration_max: float = Field(1.25, gt=0.0)
-
-    @model_validator(mode="after")
-    def _bounds_ordered(self) -> "PromoteConfig":
-        if self.calibration_min >= self.calibration_max:
-            raise ValueError(f"calibration_min ({self.calibration_min}) must be below calibration_max ({self.calibration_max})")
-        return self
-
-
 class TableSourceConfig(_Section):
     """The user's own feature table (instead of event logs): one row per example, label
     columns named by ``tasks``, feature columns named by the ``features`` spec (with
     ``table = "table"``). Parquet, or CSV (converted once to Parquet). The split is either
     three files, or one file (``path``) and a column whose values name the split."""
 
-    train: Path | None = None
-    val: Path | None = None
-    test: Path | None = None
-    path: Path | None = None
+    train: TomlPath | None = None
+    val: TomlPath | None = None
+    test: TomlPath | None = None
+    path: TomlPath | None = None
     split_column: str | None = None
     split_values: dict[Literal["train", "val", "test"], str] = Field(
         default_factory=lambda: {"train": "train", "val": "val", "test": "test"})
     user_column: str | None = Field(None, description="groups rows for GAUC (per-user AUC); none: GAUC is nan")
-
-    @field_validator("train", "val", "test", "path", mode="before")
-    @classmethod
-    def _path(cls, v: object) -> object:
-        return Path(v) if isinstance(v, str) else v
 
     @model_validator(mode="after")
     def _one_layout(self) -> TableSourceConfig:
@@ -381,30 +293,21 @@ class TableSourceConfig(_Section):
         return self
 
 
-class FunnelConfig(_Section):
+class DataConfig(_Section):
+    """The sections the feature jobs read: where the data lives, its contract, the
+    feature spec and the tasks' labels (a run's config holds more, see the module doc)."""
+
     seed: int = 0
-    warehouse: Path = Path("state/warehouse")
-    state_dir: Path = Path("state")
+    warehouse: TomlPath = Path("state/warehouse")
     generate: GenerateConfig = GenerateConfig()
     contract: ContractConfig = ContractConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
     table: TableSourceConfig | None = None
     features: FeaturesConfig
     tasks: list[TaskConfig] = Field(default_factory=_funnel_tasks, min_length=2)
-    model: ModelConfig = ModelConfig()
-    train: TrainConfig = TrainConfig()
-    scoring: ScoringConfig = ScoringConfig()
-    nightly: NightlyConfig = NightlyConfig()
-    promote: PromoteConfig = PromoteConfig()
-
-    # TOML has no path type: paths arrive as strings (the one lax coercion allowed).
-    @field_validator("warehouse", "state_dir", mode="before")
-    @classmethod
-    def _path(cls, v: object) -> object:
-        return Path(v) if isinstance(v, str) else v
 
     @model_validator(mode="after")
-    def _tasks_and_source_agree(self) -> FunnelConfig:
+    def _tasks_and_source_agree(self) -> DataConfig:
         names = [t.name for t in self.tasks]
         views = [n for t in self.tasks for n in ((t.joint_name, t.conditional_name) if t.after else (t.name,))]
         labels = self.label_columns
@@ -428,13 +331,16 @@ class FunnelConfig(_Section):
             if others or self.features.aggregate_keys:
                 raise ValueError("a [table] source reads every feature from the table: set table = 'table' on "
                                  f"{', '.join(others) or 'every feature'} and drop aggregate_keys")
-        for key, chosen, kinds in (("train.early_stopping_metric", [self.train.early_stopping_metric], "auc|gauc|logloss|ece"),
-                                   ("promote.gate_metrics", self.promote.gate_metrics or [], "auc|gauc")):
-            known = {f"{v}_{m}" for v in views for m in kinds.split("|")}
-            if bad := [m for m in chosen if m is not None and m not in known]:
-                raise ValueError(f"{key}: unknown metric {', '.join(bad)}; choose <view>_<{kinds}> with a view "
-                                 f"among {', '.join(views)}")
         return self
+
+    def check_view_metrics(self, key: str, chosen: Sequence[str | None], kinds: str) -> None:
+        """ValueError naming the config ``key`` when a metric of ``chosen`` is not
+        ``<task view>_<kind>``, ``kinds`` being e.g. ``"auc|gauc"`` (None: the default)."""
+        views = list(self.views())
+        known = {f"{v}_{m}" for v in views for m in kinds.split("|")}
+        if bad := [m for m in chosen if m is not None and m not in known]:
+            raise ValueError(f"{key}: unknown metric {', '.join(bad)}; choose <view>_<{kinds}> with a view "
+                             f"among {', '.join(views)}")
 
     def views(self) -> dict[str, tuple[str, str | None]]:
         return task_views(self.tasks)
@@ -443,56 +349,3 @@ class FunnelConfig(_Section):
     def label_columns(self) -> list[str]:
         """The tasks' 0/1 label columns, in task order (what the training tables hold)."""
         return [t.label_column for t in self.tasks]
-
-    @property
-    def early_stopping_metric(self) -> str:
-        return self.train.early_stopping_metric or f"{self.tasks[0].served_name}_auc"
-
-    @property
-    def gate_metrics(self) -> list[str]:
-        return self.promote.gate_metrics or [f"{v}_auc" for v in self.views()]
-
-
-def _format_errors(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"]).lstrip(".") or "<root>"
-        key = key.replace("validate_", "validate")
-        if e["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key")
-        elif e["type"] == "missing":
-            lines.append(f"  {key}: required value missing")
-        else:
-            got = e.get("input")
-            shown = "" if isinstance(got, dict | list) else f" (got {got!r})"
-            lines.append(f"  {key}: {e['msg']}{shown}")
-    return "\n".join(lines)
-
-
-def parse_config(data: dict, source: str = "<dict>") -> FunnelConfig:
-    """Validate a config mapping; raise ConfigError naming every bad key."""
-    try:
-        return FunnelConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(f"invalid config {source}:\n{_format_errors(err)}") from None
-
-
-def load_config(path: str | Path = DEFAULT_CONFIG, overrides: dict | None = None) -> FunnelConfig:
-    """Read and validate a TOML config. ``overrides`` is a nested dict merged on top."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise ConfigError(f"cannot read config {path}: {err.strerror}") from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"config {path} is not valid TOML: {err}") from None
-    return parse_config(_merge(data, overrides or {}), str(path))
-
-
-def _merge(base: dict, top: dict) -> dict:
-    out = dict(base)
-    for k, v in top.items():
-        out[k] = _merge(out.get(k, {}), v) if isinstance(v, dict) else v
-    return out

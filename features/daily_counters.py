@@ -38,12 +38,18 @@ from features.catalog import (
     validated_dir,
     validated_root,
 )
-from features.config import AggregateKey, FunnelConfig
+from features.config import AggregateKey, DataConfig
 from features.contract import SNAPSHOT_TABLES, day_start, day_str, in_day
 from features.errors import DataContractError, StageError
 from features.io import write_parquet_dir
 from features.labels import attributed_conversions, first_clicks, scan_events
-from features.snapshots import SNAPSHOT_JOIN_KEY, CodedColumn, JoinedRows, join_snapshots, snapshot_scans
+from features.snapshots import (
+    SNAPSHOT_JOIN_KEY,
+    CodedColumn,
+    JoinedRows,
+    join_snapshots,
+    snapshot_scans,
+)
 from serving.encoding import _mix64 as mix64
 
 COUNTS = ("imps", "clicks", "convs")
@@ -77,7 +83,7 @@ def key_column_sources(
     return sources
 
 
-def daily_events(cfg: FunnelConfig, warehouse: Path, day: dt.date) -> tuple[JoinedRows, list[str]]:
+def daily_events(cfg: DataConfig, warehouse: Path, day: dt.date) -> tuple[JoinedRows, list[str]]:
     """Rows of activity on ``day`` (an impression shown, first clicked or converting that
     day): the key columns of the impressions + imps, clicks, convs, conv_value, joined to
     the snapshots that hold the other key columns; and the partitions it reads."""
@@ -193,7 +199,7 @@ def counters_by_key(events: pl.DataFrame, columns: list[str], coded: dict[str, C
     )
 
 
-def build_daily_aggregates(cfg: FunnelConfig, warehouse: Path, day: dt.date) -> dict:
+def build_daily_aggregates(cfg: DataConfig, warehouse: Path, day: dt.date) -> dict:
     """Write each aggregate key's counters of ``day`` (``counters_by_key``) atomically;
     return a manifest. Raises when two keys of the day share a key hash."""
     started = time.perf_counter()

@@ -57,13 +57,18 @@ from features.catalog import (
     validated_dir,
     warehouse_relative,
 )
-from features.config import FunnelConfig, SparseFeature
+from features.config import DataConfig, SparseFeature
 from features.contract import SNAPSHOT_TABLES, day_str
 from features.errors import DataContractError, StageError
 from features.io import atomic_dir, record_sha256, recorded_sha256, sha256_dir
 from features.labels import build_labels
 from features.rolling_state import RollingState, rolling_state, state_features
-from features.snapshots import SNAPSHOT_JOIN_KEY, JoinedRows, join_snapshots, snapshot_scans
+from features.snapshots import (
+    SNAPSHOT_JOIN_KEY,
+    JoinedRows,
+    join_snapshots,
+    snapshot_scans,
+)
 from features.vocab import load_vocabulary, update_vocabulary
 from serving.encoding import NumericTransform, numeric_values
 
@@ -75,18 +80,18 @@ LABEL_COLUMNS = ("click", "conversion", "conversion_value")
 ROW_GROUP_ROWS = 131_072
 
 
-def mature_day(cfg: FunnelConfig, run_date: dt.date) -> dt.date:
+def mature_day(cfg: DataConfig, run_date: dt.date) -> dt.date:
     """The day whose labels are final on the nightly run for ``run_date``."""
     return run_date - dt.timedelta(days=cfg.contract.maturity_lag_days)
 
 
-def spec_sha256(cfg: FunnelConfig) -> str:
+def spec_sha256(cfg: DataConfig) -> str:
     """Hash of the config sections that decide the table's content."""
     spec = {"features": cfg.features.model_dump(mode="json"), "contract": cfg.contract.model_dump(mode="json")}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
-def input_partitions(cfg: FunnelConfig, warehouse: Path, day: dt.date) -> list[Path]:
+def input_partitions(cfg: DataConfig, warehouse: Path, day: dt.date) -> list[Path]:
     """Every partition the table of ``day`` reads (those that exist)."""
     warehouse = Path(warehouse)
     lag = cfg.contract.maturity_lag_days
@@ -98,7 +103,7 @@ def input_partitions(cfg: FunnelConfig, warehouse: Path, day: dt.date) -> list[P
     return [p for p in paths if holds_data(p)]
 
 
-def input_hashes(cfg: FunnelConfig, warehouse: Path, day: dt.date) -> dict[str, str]:
+def input_hashes(cfg: DataConfig, warehouse: Path, day: dt.date) -> dict[str, str]:
     """sha256 per input partition (path relative to the warehouse) and of the spec."""
     hashes = {warehouse_relative(warehouse, p): sha256_dir(p) for p in input_partitions(cfg, warehouse, day)}
     return {"spec": spec_sha256(cfg), **hashes}
@@ -116,7 +121,7 @@ def validate_counts(warehouse: Path, day: dt.date) -> dict | None:
         raise StageError(f"validate report {path} has no readable impressions counts: {err!r}") from None
 
 
-def _snapshot_columns(cfg: FunnelConfig, schemas: dict[str, pl.Schema]) -> dict[str, list[str]]:
+def _snapshot_columns(cfg: DataConfig, schemas: dict[str, pl.Schema]) -> dict[str, list[str]]:
     """Which columns to take from each table: the spec's own columns from their declared
     table; aggregate-key columns from the first of impressions, users, items holding them."""
     spec = cfg.features
@@ -139,7 +144,7 @@ def _snapshot_columns(cfg: FunnelConfig, schemas: dict[str, pl.Schema]) -> dict[
     return wanted
 
 
-def day_rows(cfg: FunnelConfig, warehouse: Path, day: dt.date) -> JoinedRows:
+def day_rows(cfg: DataConfig, warehouse: Path, day: dt.date) -> JoinedRows:
     """The validated impressions of ``day`` (the columns the spec reads) joined to the users /
     items snapshots accepted that day (features.snapshots)."""
     frames = {t: scan_validated(warehouse, t, day) for t in ("impressions", *SNAPSHOT_TABLES)}
@@ -153,7 +158,7 @@ def day_rows(cfg: FunnelConfig, warehouse: Path, day: dt.date) -> JoinedRows:
     return join_snapshots(impressions, table_of, dict(zip(scans, snapshots, strict=True)), warehouse, day)
 
 
-def rolling_states(cfg: FunnelConfig, warehouse: Path, day: dt.date, inputs: dict[str, str]) -> dict[str, RollingState]:
+def rolling_states(cfg: DataConfig, warehouse: Path, day: dt.date, inputs: dict[str, str]) -> dict[str, RollingState]:
     """Every aggregate key's rolling state as of the start of ``day`` (``inputs``: the input
     hashes, which hold the daily partitions')."""
     states = {}
@@ -164,7 +169,7 @@ def rolling_states(cfg: FunnelConfig, warehouse: Path, day: dt.date, inputs: dic
     return states
 
 
-def rolled_columns(cfg: FunnelConfig, rows: JoinedRows, states: dict[str, RollingState]) -> pl.DataFrame:
+def rolled_columns(cfg: DataConfig, rows: JoinedRows, states: dict[str, RollingState]) -> pl.DataFrame:
     """Every aggregate key's dense features of ``rows``, looked up in the keys' states."""
     keys = cfg.features.aggregate_keys
     coded = {column: rows.coded(column) for key in keys for column in key.columns}
@@ -202,7 +207,7 @@ def _encode_sparse(warehouse: Path, feature: SparseFeature, day: dt.date, rows: 
     return pa.array(vocab.encode(ids), pa.int64()), vocab.version
 
 
-def training_schema(cfg: FunnelConfig) -> pa.Schema:
+def training_schema(cfg: DataConfig) -> pa.Schema:
     """The schema every training table of this spec has."""
     spec = cfg.features
     fields = [
@@ -231,7 +236,7 @@ def _read_manifest(path: Path) -> dict | None:
         return None
 
 
-def build_training_table(cfg: FunnelConfig, warehouse: Path, run_date: dt.date) -> dict:
+def build_training_table(cfg: DataConfig, warehouse: Path, run_date: dt.date) -> dict:
     """Write the training table of the mature day of ``run_date``; return its manifest
     (with ``skipped: True`` when an identical table from the same inputs is already there)."""
     started = time.perf_counter()

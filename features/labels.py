@@ -17,9 +17,10 @@ import numpy as np
 import polars as pl
 
 from features.catalog import holds_data, scan_validated, validated_dir
-from features.config import FunnelConfig
+from features.config import DataConfig
 from features.contract import day_str
 from features.errors import DataContractError
+
 
 def scan_events(warehouse: Path, table: str, day: dt.date) -> pl.LazyFrame:
     """A day's validated clicks or conversions as (impression_id, ts, value).
@@ -69,7 +70,7 @@ def _scan_label_events(
 
 
 def build_labels(
-    cfg: FunnelConfig, warehouse: Path, day: dt.date, allow_immature: bool = False, impressions: pl.DataFrame | None = None
+    cfg: DataConfig, warehouse: Path, day: dt.date, allow_immature: bool = False, impressions: pl.DataFrame | None = None
 ) -> pl.DataFrame:
     """impression_id, click (Int8), conversion (Int8), conversion_value (Float64) for every
     validated impression of ``day``, in the impressions' order.

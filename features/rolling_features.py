@@ -22,8 +22,13 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from features.catalog import daily_dir, daily_root, days_since_history_start, partition_days
-from features.config import AggregateKey, FunnelConfig
+from features.catalog import (
+    daily_dir,
+    daily_root,
+    days_since_history_start,
+    partition_days,
+)
+from features.config import AggregateKey, DataConfig
 from features.daily_counters import COUNTS
 from features.errors import DataContractError
 from serving.spec import aggregate_feature_names
@@ -50,7 +55,7 @@ def history_days(warehouse: Path, key: AggregateKey, day: dt.date, longest: int)
     return days, existing
 
 
-def _history(cfg: FunnelConfig, warehouse: Path, key: AggregateKey, day: dt.date) -> pl.LazyFrame:
+def _history(cfg: DataConfig, warehouse: Path, key: AggregateKey, day: dt.date) -> pl.LazyFrame:
     """The key's daily counts (key columns, imps, clicks, convs) of days [day - max window,
     day - 1] with ``age`` = day - d."""
     days, existing = history_days(warehouse, key, day, max(cfg.features.windows_days))
@@ -92,7 +97,7 @@ def _smoothed(events: pl.Expr, base: pl.Expr, prior: float, global_rate: float) 
     return pl.when(denominator > 0).then((events + prior * global_rate) / denominator).otherwise(global_rate)
 
 
-def _defaults(cfg: FunnelConfig, key: AggregateKey, rates: dict[int, tuple[float, float]]) -> dict[str, float]:
+def _defaults(cfg: DataConfig, key: AggregateKey, rates: dict[int, tuple[float, float]]) -> dict[str, float]:
     """The features at zero counts: the same arithmetic, rounded to Float32 like the features."""
     prior = cfg.features.prior_strength
     defaults: dict[str, float] = {}
@@ -107,13 +112,13 @@ def _defaults(cfg: FunnelConfig, key: AggregateKey, rates: dict[int, tuple[float
 
 
 def _features_from_counts(
-    cfg: FunnelConfig, key: AggregateKey, counts: pl.DataFrame, rates: dict[int, tuple[float, float]]
+    cfg: DataConfig, key: AggregateKey, counts: pl.DataFrame, rates: dict[int, tuple[float, float]]
 ) -> pl.DataFrame:
     """Key columns + the key's dense features from its per-window counts."""
     return counts.select(*key.columns, *feature_columns(cfg, key, rates))
 
 
-def feature_columns(cfg: FunnelConfig, key: AggregateKey, rates: dict[int, tuple[float, float]]) -> list[pl.Expr]:
+def feature_columns(cfg: DataConfig, key: AggregateKey, rates: dict[int, tuple[float, float]]) -> list[pl.Expr]:
     """The key's dense features (Float32) from the per-window count columns."""
     prior = cfg.features.prior_strength
     features: list[pl.Expr] = []
@@ -129,7 +134,7 @@ def feature_columns(cfg: FunnelConfig, key: AggregateKey, rates: dict[int, tuple
 
 
 def rolled_features(
-    cfg: FunnelConfig, warehouse: Path, day: dt.date
+    cfg: DataConfig, warehouse: Path, day: dt.date
 ) -> tuple[dict[str, pl.LazyFrame], dict[str, dict[str, float]]]:
     """``rolling_features`` and ``rolling_defaults`` of every aggregate key in one pass
     over each key's history."""
@@ -147,7 +152,7 @@ def rolled_features(
     return frames, defaults
 
 
-def rolling_features(cfg: FunnelConfig, warehouse: Path, day: dt.date) -> dict[str, pl.LazyFrame]:
+def rolling_features(cfg: DataConfig, warehouse: Path, day: dt.date) -> dict[str, pl.LazyFrame]:
     """Per aggregate key, the features as of the START of ``day``: key columns + the key's
     ``dense_names`` (Float32), one row per key value seen in the longest window.
 
@@ -157,7 +162,7 @@ def rolling_features(cfg: FunnelConfig, warehouse: Path, day: dt.date) -> dict[s
     return rolled_features(cfg, warehouse, day)[0]
 
 
-def rolling_defaults(cfg: FunnelConfig, warehouse: Path, day: dt.date) -> dict[str, dict[str, float]]:
+def rolling_defaults(cfg: DataConfig, warehouse: Path, day: dt.date) -> dict[str, dict[str, float]]:
     """Per aggregate key, the value of each feature for a key value with no history
     (log1p(0) = 0 counts, the global rates): what a joiner fills missing rows with."""
     windows = cfg.features.windows_days

@@ -40,7 +40,7 @@ from features.catalog import (
     rolling_state_root,
     warehouse_relative,
 )
-from features.config import AggregateKey, FunnelConfig
+from features.config import AggregateKey, DataConfig
 from features.contract import day_str
 from features.daily_counters import COUNTS, key_groups
 from features.errors import DataContractError, StageError
@@ -121,7 +121,7 @@ def _state_manifest(path: Path) -> dict | None:
         return None
 
 
-def _state_matches(manifest: dict | None, cfg: FunnelConfig, key: AggregateKey, daily_sha: dict[str, str]) -> bool:
+def _state_matches(manifest: dict | None, cfg: DataConfig, key: AggregateKey, daily_sha: dict[str, str]) -> bool:
     return bool(manifest) and (
         manifest.get("format") == STATE_FORMAT and manifest.get("key_columns") == key.columns
         and manifest.get("windows") == list(cfg.features.windows_days) and manifest.get("daily_sha256") == daily_sha
@@ -144,7 +144,7 @@ def _load_state(path: Path, day: dt.date, windows: list[int], manifest: dict) ->
     return state if (table.num_rows, state.totals) == (manifest.get("rows"), manifest.get("totals")) else None
 
 
-def _recomputed_state(cfg: FunnelConfig, warehouse: Path, key: AggregateKey, day: dt.date) -> RollingState:
+def _recomputed_state(cfg: DataConfig, warehouse: Path, key: AggregateKey, day: dt.date) -> RollingState:
     """The state of ``day`` summed from the daily partitions of its longest window."""
     windows = list(cfg.features.windows_days)
     days, _ = history_days(warehouse, key, day, max(windows))
@@ -260,7 +260,7 @@ def _write_state(
 
 
 def rolling_state(
-    cfg: FunnelConfig, warehouse: Path, key: AggregateKey, day: dt.date, daily_sha: dict[str, str] | None = None
+    cfg: DataConfig, warehouse: Path, key: AggregateKey, day: dt.date, daily_sha: dict[str, str] | None = None
 ) -> RollingState:
     """The key's window counts as of the start of ``day``: read when a state written from
     the current daily partitions is there, else advanced from the previous day's state,
@@ -298,7 +298,7 @@ def rolling_state(
 
 
 def state_features(
-    cfg: FunnelConfig, key: AggregateKey, state: RollingState, coded: dict[str, CodedColumn]
+    cfg: DataConfig, key: AggregateKey, state: RollingState, coded: dict[str, CodedColumn]
 ) -> pl.DataFrame:
     """The key's dense features for each row, in row order, from the rows' key columns
     (``coded``): the state's counts of the row's key (zero when it has none, or a

@@ -45,7 +45,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from features.catalog import DATA_FILE, raw_dir, truth_dir
-from features.config import ConfigError, FunnelConfig, GenerateConfig
+from features.config import ConfigError, DataConfig, GenerateConfig
 from features.contract import TS
 from features.io import atomic_dir, write_parquet_dir
 
@@ -517,7 +517,7 @@ class _Counts:
 
 
 def _generate_chunk(
-    world: World, names: _Names, cfg: FunnelConfig,
+    world: World, names: _Names, cfg: DataConfig,
     rng: np.random.Generator, day: dt.date, day_index: int, first_row: int, ts: np.ndarray,
 ) -> tuple[pa.Table, pa.Table, _Events, _Events, _Counts]:  # fmt: skip
     """Impressions, truth, clicks and conversions of the rows [first_row, first_row + len(ts))."""
@@ -570,7 +570,7 @@ def _day_timestamps(rng: np.random.Generator, n: int, day_start_us: int) -> np.n
 
 
 def _generate_day(
-    world: World, names: _Names, cfg: FunnelConfig, warehouse: Path, day_index: int, start_us: int,
+    world: World, names: _Names, cfg: DataConfig, warehouse: Path, day_index: int, start_us: int,
     clicks_buffer: _EventBuffer, conversions_buffer: _EventBuffer,
 ) -> _Counts:  # fmt: skip
     """Write one day's impressions and truth chunk by chunk; buffer its clicks and conversions."""
@@ -598,14 +598,20 @@ def _generate_day(
     return total
 
 
-def generate_logs(cfg: FunnelConfig, warehouse: Path, progress: bool = True) -> GenerateSummary:
+def generate_logs(cfg: DataConfig, warehouse: Path, progress: bool = True) -> GenerateSummary:
     """Write ``cfg.generate.days`` days of synthetic raw logs (contract v1) under ``warehouse``.
 
     Also writes the users/items snapshots and, under ``truth/`` (not raw/), the true
     p_click and p_conversion_given_click of every impression. Every day in the range
     gets a partition in each daily table (possibly empty), replacing what was there.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     if cfg.seed < 0:
         raise ConfigError(f"seed: the generator needs a seed >= 0 (got {cfg.seed})")

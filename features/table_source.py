@@ -56,7 +56,7 @@ from features.catalog import (
     table_split_dir,
     vocab_dir,
 )
-from features.config import FunnelConfig, SparseFeature, TableSourceConfig, repeated
+from features.config import DataConfig, SparseFeature, TableSourceConfig, repeated
 from features.errors import DataContractError, StageError
 from features.examples import numeric_feature_expr
 from features.io import atomic_dir, atomic_write_json, sha256_file, write_parquet_dir
@@ -86,7 +86,7 @@ class PreparedTable:
     skipped: bool  # True: the tables from the same inputs were already there
 
 
-def spec_sha256(cfg: FunnelConfig) -> str:
+def spec_sha256(cfg: DataConfig) -> str:
     """Hash of the config sections that decide the tables' content."""
     spec = {
         "features": cfg.features.model_dump(mode="json"),
@@ -140,7 +140,7 @@ def parquet_source(path: Path, sha256: str, warehouse: Path) -> Path:
     return target / DATA_FILE
 
 
-def needed_columns(cfg: FunnelConfig) -> list[str]:
+def needed_columns(cfg: DataConfig) -> list[str]:
     """Input columns the spec reads: features, labels, the user column, the split column."""
     source = cfg.table
     cols = [*cfg.features.columns_of("table"), *cfg.label_columns]
@@ -148,7 +148,7 @@ def needed_columns(cfg: FunnelConfig) -> list[str]:
     return list(dict.fromkeys(cols))
 
 
-def check_columns(cfg: FunnelConfig, path: Path, names: list[str]) -> None:
+def check_columns(cfg: DataConfig, path: Path, names: list[str]) -> None:
     """Every column the spec names is in the file, and no label is also a feature."""
     check_unique_header(path, names)
     source = cfg.table
@@ -165,7 +165,7 @@ def check_columns(cfg: FunnelConfig, path: Path, names: list[str]) -> None:
                                     f"and also feature {features[t.label_column]!r}'s input: a label cannot be a feature")
 
 
-def read_splits(cfg: FunnelConfig, inputs: dict[str, Path], sources: dict[str, Path]) -> dict[str, pl.DataFrame]:
+def read_splits(cfg: DataConfig, inputs: dict[str, Path], sources: dict[str, Path]) -> dict[str, pl.DataFrame]:
     """The needed columns of each split's rows, in file order."""
     source = cfg.table
     columns = needed_columns(cfg)
@@ -188,7 +188,7 @@ def _is_id_type(dtype: pl.DataType) -> bool:
     return dtype.is_integer() or dtype in ID_TYPES
 
 
-def check_types(cfg: FunnelConfig, path: Path, schema: pl.Schema) -> None:
+def check_types(cfg: DataConfig, path: Path, schema: pl.Schema) -> None:
     """Ids are integers or strings (lists of them), numerics and labels are numbers."""
     for f in cfg.features.sparse:
         dtype = schema[f.column]
@@ -212,7 +212,7 @@ def check_types(cfg: FunnelConfig, path: Path, schema: pl.Schema) -> None:
                                     f"{schema[t.label_column]}, expected 0/1")
 
 
-def check_labels(cfg: FunnelConfig, path: Path, split: str, frame: pl.DataFrame) -> None:
+def check_labels(cfg: DataConfig, path: Path, split: str, frame: pl.DataFrame) -> None:
     """Every non-null label is 0 or 1 (null labels are quarantined, not errors)."""
     for t in cfg.tasks:
         label = pl.col(t.label_column).cast(pl.Float64)
@@ -223,7 +223,7 @@ def check_labels(cfg: FunnelConfig, path: Path, split: str, frame: pl.DataFrame)
                                     f"has {len(bad):,} rows that are not 0/1, e.g. {shown}")
 
 
-def quarantine_null_labels(cfg: FunnelConfig, frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+def quarantine_null_labels(cfg: DataConfig, frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(rows with every label, rows with a null label + ``reason``)."""
     reason = pl.lit(None, dtype=pl.String)
     for t in reversed(cfg.tasks):  # the first task's null label names the reason
@@ -243,7 +243,7 @@ def sparse_values(feature: SparseFeature, frame: pl.DataFrame) -> pa.Array:
     return frame.select(column).to_arrow().column(0).combine_chunks()
 
 
-def table_schema(cfg: FunnelConfig) -> pa.Schema:
+def table_schema(cfg: DataConfig) -> pa.Schema:
     """The schema of every split's training table (``raw_user_id`` only with a user column)."""
     spec = cfg.features
     fields = [pa.field(USER_COLUMN, pa.large_string())] if cfg.table.user_column else []
@@ -256,7 +256,7 @@ def table_schema(cfg: FunnelConfig) -> pa.Schema:
     return pa.schema(fields)
 
 
-def encode_split(cfg: FunnelConfig, frame: pl.DataFrame, vocabs: dict[str, Vocabulary | Buckets], schema: pa.Schema) -> pa.Table:
+def encode_split(cfg: DataConfig, frame: pl.DataFrame, vocabs: dict[str, Vocabulary | Buckets], schema: pa.Schema) -> pa.Table:
     """One split's rows (labels all present) as a training table of ``schema``."""
     columns: dict[str, pa.Array] = {}
     if cfg.table.user_column:
@@ -277,7 +277,7 @@ def encode_split(cfg: FunnelConfig, frame: pl.DataFrame, vocabs: dict[str, Vocab
     return pa.table([columns[f.name] for f in schema], schema=schema)
 
 
-def reset_vocabularies(warehouse: Path, cfg: FunnelConfig) -> None:
+def reset_vocabularies(warehouse: Path, cfg: DataConfig) -> None:
     """Remove the table features' vocabularies before a rebuild (see the module docstring)."""
     for f in cfg.features.sparse:
         days = read_manifest(warehouse, f.name)["applied_days"]
@@ -310,7 +310,7 @@ def _files(root: Path, manifest: dict) -> dict[str, list[Path]]:
     return {split: [root / name for name in manifest["splits"][split]["content_sha256"]] for split in SPLITS}
 
 
-def prepare_table(cfg: FunnelConfig, warehouse: Path) -> PreparedTable:
+def prepare_table(cfg: DataConfig, warehouse: Path) -> PreparedTable:
     """Write the train/val/test training tables of ``cfg.table`` (see the module docstring)."""
     if cfg.table is None:
         raise StageError("the config has no [table] section: prepare_table needs a table source")

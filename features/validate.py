@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from features.catalog import quarantine_dir, raw_dir, report_path, validated_dir
-from features.config import FunnelConfig
+from features.config import DataConfig
 from features.contract import (
     DAILY_TABLES,
     KEYS,
@@ -135,7 +135,7 @@ class CheckedTable:
     report: TableReport
 
 
-def validate_day(cfg: FunnelConfig, warehouse: Path, day: dt.date) -> ValidationReport:
+def validate_day(cfg: DataConfig, warehouse: Path, day: dt.date) -> ValidationReport:
     """Validate raw impressions, clicks and conversions of ``day`` and the user/item snapshots.
 
     Writes validated rows, quarantined rows (always a file, empty when no row is bad) and
@@ -181,7 +181,7 @@ def validate_day(cfg: FunnelConfig, warehouse: Path, day: dt.date) -> Validation
 
 
 def _check_all_tables(
-    cfg: FunnelConfig, warehouse: Path, day: dt.date, lookback: dict[str, int]
+    cfg: DataConfig, warehouse: Path, day: dt.date, lookback: dict[str, int]
 ) -> dict[str, CheckedTable]:
     """Read and check every table of ``day``, splitting its rows into valid and quarantined."""
     keys = _ValidKeys(warehouse, lookback)

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from features.config import ModelConfig, TaskConfig
+from features.config import TaskConfig
+from models.config import ModelConfig
 from models.nets import ModelOutput
 
 # P(after and task) is clamped below 1 so log(1 - p) stays finite (and its gradient too).

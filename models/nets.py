@@ -18,10 +18,16 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 from torch import nn
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
+from torchrec import (
+    EmbeddingBagCollection,
+    EmbeddingBagConfig,
+    KeyedJaggedTensor,
+    PoolingType,
+)
 
-from features.config import FeaturesConfig, ModelConfig, TaskConfig
+from features.config import FeaturesConfig, TaskConfig
 from features.errors import StageError
+from models.config import ModelConfig
 
 _POOLING = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
 

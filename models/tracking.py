@@ -61,7 +61,7 @@ def _toml_value(v: object) -> str:
 
 
 def to_toml(tree: Mapping, prefix: str = "") -> str:
-    """A config tree (``FunnelConfig.model_dump(by_alias=True)``) as TOML that loads back."""
+    """A config tree (a run config's ``model_dump(by_alias=True)``) as TOML that loads back."""
     lines = [f"{k} = {_toml_value(v)}" for k, v in tree.items()
              if v is not None and not isinstance(v, Mapping) and not (isinstance(v, list) and v and isinstance(v[0], Mapping))]
     for k, v in tree.items():

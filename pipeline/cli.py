@@ -16,8 +16,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from features.config import DEFAULT_CONFIG, ConfigError, FunnelConfig, load_config
+from features.config import ConfigError
 from features.errors import StageError
+from pipeline.config import DEFAULT_CONFIG, FunnelConfig, load_config
 
 
 def _date(text: str) -> dt.date:
@@ -70,7 +71,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_adapt_aliccp(args: argparse.Namespace) -> int:
     overrides = {"generate": {"start_date": args.start_date}} if args.start_date else None
     cfg, warehouse = _load(args, overrides)
-    from features.adapters import aliccp_sample_days, aliccp_to_raw, describe_aliccp_summary
+    from features.adapters import (
+        aliccp_sample_days,
+        aliccp_to_raw,
+        describe_aliccp_summary,
+    )
 
     days = aliccp_sample_days(args.data_dir, cfg.generate.start_date)
     print(describe_aliccp_summary(aliccp_to_raw(days, warehouse, cfg.contract, cfg.seed)))
@@ -110,9 +115,9 @@ def cmd_examples(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg, warehouse = _load(args)
-    from models.train import train_model
+    from pipeline.train_stage import train_run
 
-    result = train_model(cfg, warehouse, args.date, progress=not args.quiet)
+    result = train_run(cfg, warehouse, args.date, progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank returns the same result: rank 0 reports
         return 0
     metric = cfg.early_stopping_metric
@@ -131,7 +136,7 @@ def _print_metrics(what: str, cfg: FunnelConfig, metrics: dict[str, float]) -> N
 
 def cmd_export(args: argparse.Namespace) -> int:
     cfg, warehouse = _load(args)
-    from models.export import export_run
+    from pipeline.export_stage import export_run
 
     summary = export_run(cfg, warehouse, args.date)
     for name, diff in summary["parity_max_abs_diff"].items():
@@ -182,8 +187,8 @@ def cmd_night_stage(args: argparse.Namespace) -> int:
     A ``[table]`` source has no nights: ``evaluate`` scores the trained model on its test split."""
     cfg, warehouse = _load(args)
     if cfg.table is not None and args.command == "evaluate":
-        from models.export import load_trained_model
         from pipeline.evaluate import evaluate_models
+        from pipeline.train_stage import load_trained_model
 
         model, run_id = load_trained_model(cfg, warehouse, None)
         result = evaluate_models(cfg, warehouse, None, model, None, f"the trained model of MLflow run {run_id}")

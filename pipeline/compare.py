@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from features.config import FunnelConfig
 from features.errors import StageError
 from models.tracking import EXPERIMENT, tracking_uri
+from pipeline.config import FunnelConfig
 
 KEY_TAGS = ("run_date", "warm_start", "warm_start_version")
 

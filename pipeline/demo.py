@@ -15,7 +15,7 @@ import datetime as dt
 import time
 from pathlib import Path
 
-from features.config import FunnelConfig
+from pipeline.config import FunnelConfig
 
 
 def oracle_click_auc(warehouse: Path, day: dt.date) -> float:

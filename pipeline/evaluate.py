@@ -12,15 +12,20 @@ import numpy as np
 import torch
 
 from features.catalog import training_dir
-from features.config import FunnelConfig
 from features.contract import day_str
 from features.errors import StageError
 from features.examples import mature_day
 from features.table_source import prepare_table
 from models.loader import TrainingTableLoader, parquet_files
 from models.nets import MultiTaskNet
+from models.predict import (
+    auc_difference_standard_errors,
+    predict,
+    validation_metrics,
+    view_curves,
+)
 from models.tracking import RunTracker, plot_reliability, plot_roc
-from models.train import auc_difference_standard_errors, predict, validation_metrics, view_curves
+from pipeline.config import FunnelConfig
 from pipeline.registry import Champion, same_architecture
 
 

@@ -34,11 +34,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from features.catalog import lock_path, raw_dir, training_dir, training_manifest_path, validated_dir, warehouse_relative
-from features.config import FunnelConfig
+from features.catalog import (
+    lock_path,
+    raw_dir,
+    training_dir,
+    training_manifest_path,
+    validated_dir,
+    warehouse_relative,
+)
 from features.contract import DAILY_TABLES, SNAPSHOT_TABLES, day_str
 from features.errors import StageError, WarehouseLockedError
 from features.io import atomic_write_json, sha256_dir
+from pipeline.config import FunnelConfig
 
 if TYPE_CHECKING:
     from models.nets import MultiTaskNet
@@ -82,7 +89,7 @@ class Night:
     def trained_model(self) -> MultiTaskNet:
         """The night's candidate: the model train returned, else its best checkpoint."""
         if self.candidate is None:
-            from models.export import load_trained_model
+            from pipeline.train_stage import load_trained_model
 
             self.candidate, _ = load_trained_model(self.train_config(), self.warehouse, self.run_date)
         return self.candidate
@@ -135,7 +142,7 @@ def features_inputs(night: Night) -> dict:
 
 
 def train_inputs(night: Night) -> dict:
-    from models.train import training_window
+    from pipeline.train_stage import training_window
 
     days, val_day = training_window(night.cfg, night.run_date)  # the full window: a warm start reads a part of it
     tables = {day_str(d): _table_hash(night.warehouse, d) for d in [*days, val_day]}
@@ -207,13 +214,13 @@ def warm_start_source(night: Night) -> tuple[int, dict | None, dict[str, str]]:
 
 
 def run_train(night: Night) -> dict:
-    from models.train import train_model
+    from pipeline.train_stage import train_run
 
     window, initial, tags = warm_start_source(night)
     cfg = with_window(night.cfg, window)
-    result = train_model(cfg, night.warehouse, night.run_date, progress=True, initial_state=initial,
-                         freeze_shared=initial is not None and night.cfg.nightly.freeze_shared,
-                         parent_run_id=night.parent_run_id, extra_tags=tags)
+    result = train_run(cfg, night.warehouse, night.run_date, progress=True, initial_state=initial,
+                       freeze_shared=initial is not None and night.cfg.nightly.freeze_shared,
+                       parent_run_id=night.parent_run_id, extra_tags=tags)
     night.candidate = result.model
     metric = night.cfg.early_stopping_metric
     return {"window_days": window, "run_key": result.run_key, "mlflow_run_id": result.mlflow_run_id, **tags,
@@ -225,7 +232,7 @@ def run_train(night: Night) -> dict:
 
 
 def _window_days(cfg: FunnelConfig, run_date: dt.date) -> list[dt.date]:
-    from models.train import training_window
+    from pipeline.train_stage import training_window
 
     days, val_day = training_window(cfg, run_date)
     return [*days, val_day]
@@ -251,7 +258,7 @@ def run_evaluate(night: Night) -> dict:
 
 
 def run_export(night: Night) -> dict:
-    from models.export import export_run
+    from pipeline.export_stage import export_run
 
     summary = export_run(night.train_config(), night.warehouse, night.run_date, night.trained_model(),
                          night.outputs["train"]["mlflow_run_id"])
@@ -261,8 +268,14 @@ def run_export(night: Night) -> dict:
 
 
 def run_promote(night: Night) -> dict:
-    from pipeline.registry import (current_champion, gate, gate_calibrations, register_candidate, set_champion,
-                                   tag_version)
+    from pipeline.registry import (
+        current_champion,
+        gate,
+        gate_calibrations,
+        register_candidate,
+        set_champion,
+        tag_version,
+    )
 
     cfg, evaluation, train = night.cfg, night.outputs["evaluate"], night.outputs["train"]
     # delta_auc_se is absent from an evaluation recorded by an older funnelrank

@@ -1,5 +1,5 @@
 """The MLflow model registry side of the nightly run: who the champion is, its weights,
-registering a candidate, and the promotion gate.
+logging a bundle to its training run, registering a candidate, and the promotion gate.
 
 A registered model version's source is the serving bundle logged to its training run
 (``runs:/<run id>/bundle``), so ``models:/<name>@champion`` downloads a bundle the
@@ -18,8 +18,10 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from features.config import ConfigError, FunnelConfig, load_config
+from features.config import ConfigError
+from features.errors import StageError
 from models.tracking import tracking_uri
+from pipeline.config import FunnelConfig, load_config
 
 CHAMPION = "champion"
 
@@ -85,6 +87,20 @@ def same_architecture(a: FunnelConfig | None, b: FunnelConfig) -> str | None:
     if shape != [(f.name, f.kind, f.dim, f.pooling, f.boundaries) for f in b.features.sparse]:
         return "the sparse features (names, kinds, dims, pooling or bucket boundaries) differ"
     return None
+
+
+def log_bundle_to_mlflow(state_dir: Path, run_id: str, folder: Path, bundle_sha256: str) -> str:
+    """Log the bundle folder as the artifacts ``bundle/`` of MLflow run ``run_id`` (once per
+    bundle: the run's ``bundle.sha256`` tag records what was logged) and return its URI."""
+    client = MlflowClient(tracking_uri(state_dir))
+    try:
+        run = client.get_run(run_id)
+        if run.data.tags.get("bundle.sha256") != bundle_sha256:
+            client.log_artifacts(run_id, str(folder), "bundle")
+            client.set_tag(run_id, "bundle.sha256", bundle_sha256)
+    except MlflowException as err:
+        raise StageError(f"cannot log bundle {folder} to MLflow run {run_id} at {tracking_uri(state_dir)}: {err}") from None
+    return f"runs:/{run_id}/bundle"
 
 
 def register_candidate(cfg: FunnelConfig, train_run_id: str, bundle_uri: str, tags: dict[str, str]) -> int:

@@ -11,13 +11,14 @@ import numpy as np
 import torch
 
 from features.catalog import raw_dir, training_dir
-from features.config import FunnelConfig, SparseFeature, load_config
+from features.config import SparseFeature
 from features.daily_counters import build_daily_aggregates
 from features.examples import build_training_table, mature_day
 from features.synthetic import generate_logs
 from features.validate import validate_day
 from models.loader import parquet_files
 from models.nets import MultiTaskNet, dense_stats
+from pipeline.config import FunnelConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 START = dt.date(2026, 11, 1)

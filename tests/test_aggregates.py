@@ -13,13 +13,17 @@ import pytest
 from test_labels import CFG, ROOT, at, impression, write_validated_days
 
 from features.catalog import daily_dir, scan_validated, validated_dir
-from features.config import FunnelConfig, parse_config
-from features.daily_counters import build_daily_aggregates, combine_hashes, counters_by_key
+from features.daily_counters import (
+    build_daily_aggregates,
+    combine_hashes,
+    counters_by_key,
+)
 from features.errors import DataContractError
 from features.labels import build_labels
 from features.rolling_features import rolling_defaults, rolling_features
 from features.snapshots import CodedColumn
 from pipeline.cli import main
+from pipeline.config import FunnelConfig, parse_config
 
 D0 = dt.date(2026, 11, 1)
 D1, D2, X = (D0 + dt.timedelta(days=n) for n in (1, 2, 3))

@@ -14,14 +14,14 @@ from mlflow.tracking import MlflowClient
 
 from features.adapters import ALICCP_SAMPLES, aliccp_sample_days, aliccp_to_raw
 from features.catalog import raw_dir, report_path, training_dir
-from features.config import load_config
 from features.daily_counters import build_daily_aggregates
 from features.errors import DataContractError
 from features.examples import build_training_table
 from features.validate import validate_day
 from models.tracking import tracking_uri
-from models.train import train_model
 from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.train_stage import train_run
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "aliccp.toml"
@@ -58,7 +58,7 @@ def run(tmp_path_factory):
         for day in DAYS:
             build_daily_aggregates(cfg, warehouse, day)
         manifests = {day: build_training_table(cfg, warehouse, day + dt.timedelta(days=1)) for day in DAYS}
-        result = train_model(cfg, warehouse, CLOSING, progress=False)
+        result = train_run(cfg, warehouse, CLOSING, progress=False)
     return {"cfg": cfg, "warehouse": warehouse, "summary": summary, "reports": reports, "manifests": manifests, "result": result}
 
 
@@ -172,7 +172,7 @@ def test_the_same_sample_as_a_feature_table_trains_the_funnel_by_config_alone(tm
     """configs/aliccp_table.toml: the CSVs straight through the [table] source, purchase a
     funnel step after click (ESMM): no adapter, no event logs; export parity holds."""
     from features.table_source import prepare_table
-    from models.export import export_run
+    from pipeline.export_stage import export_run
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     table_config = ROOT / "configs" / "aliccp_table.toml"
@@ -181,7 +181,7 @@ def test_the_same_sample_as_a_feature_table_trains_the_funnel_by_config_alone(tm
                                      "table": paths, "train": {"epochs": 1}})
     prepared = prepare_table(cfg, cfg.warehouse)
     assert {s: m["rows_out"] for s, m in prepared.manifest["splits"].items()} == {"train": 100, "val": 50, "test": 50}
-    result = train_model(cfg, cfg.warehouse, None, progress=False)
+    result = train_run(cfg, cfg.warehouse, None, progress=False)
     assert {"click_auc", "cvr_auc", "ctcvr_auc", "ctcvr_logloss"} <= set(result.val_metrics)
     assert math.isfinite(result.val_metrics["ctcvr_logloss"])
     summary = export_run(cfg, cfg.warehouse, None, result.model, result.mlflow_run_id)

@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 
-from features.config import load_config
 from models.tracking import EXPERIMENT, tracking_uri
 from pipeline.cli import main
+from pipeline.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 SPLITS = ("train", "val", "test")

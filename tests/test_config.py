@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from features.config import ConfigError, load_config, parse_config
+from pipeline.config import ConfigError, load_config, parse_config
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.toml"
 

@@ -18,14 +18,20 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-from torch.distributed._shard.sharded_tensor import ShardedTensor
 from test_train import RUN_DATE, make_cfg, same, write_learnable_window
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 
-from features.config import FunnelConfig, load_config
+from models.checkpoint import load_plain_fused_state, plain_fused_state
+from models.distributed import (
+    distribute,
+    init_process_group,
+    load_plain_state,
+    plain_state,
+)
 from models.nets import MultiTaskNet
 from models.tracking import to_toml, tracking_uri
-from models.train import (_init_process_group, _load_plain_fused_state, _load_plain_state, _plain_fused_state,
-                          _plain_state, distribute, train_model)
+from pipeline.config import FunnelConfig, load_config
+from pipeline.train_stage import train_run
 
 REPO = Path(__file__).resolve().parents[1]
 # Global batch 256 = 2 ranks x 128 rows. Row groups of 500 rows: 16 in the two training
@@ -42,19 +48,19 @@ def worker(cfg_path: str, warehouse: str, out_path: str, max_epochs: str, round_
     cfg = load_config(cfg_path)
     if round_trip:
         saved = torch.load(round_trip, weights_only=False)
-        _init_process_group(cfg.state_dir, torch.device("cpu"))
+        init_process_group(cfg.state_dir, torch.device("cpu"))
         net = MultiTaskNet(cfg.features, cfg.model, cfg.tasks, saved["model"]["normalizer.mean"].numpy(),
                            saved["model"]["normalizer.std"].numpy())
         model = distribute(net, cfg.train, torch.device("cpu"))
-        _load_plain_state(model, saved["model"])
-        _load_plain_fused_state(model, saved["fused_opt"])
+        load_plain_state(model, saved["model"])
+        load_plain_fused_state(model, saved["fused_opt"])
         held = sorted(k for k, v in model.state_dict().items() if isinstance(v, ShardedTensor) and v.local_shards())
-        back = {"model": _plain_state(model), "fused_opt": _plain_fused_state(model), "held": [None, None]}
+        back = {"model": plain_state(model), "fused_opt": plain_fused_state(model), "held": [None, None]}
         torch.distributed.all_gather_object(back["held"], held)
         if os.environ["RANK"] == "0":
             torch.save(back, f"{out_path}.round_trip.pt")
-    result = train_model(cfg, Path(warehouse), RUN_DATE, progress=False,
-                         max_epochs=None if max_epochs == "all" else int(max_epochs))
+    result = train_run(cfg, Path(warehouse), RUN_DATE, progress=False,
+                       max_epochs=None if max_epochs == "all" else int(max_epochs))
     summary = {"rank": int(os.environ["RANK"]), "world": int(os.environ["WORLD_SIZE"]), "epochs_run": result.epochs_run,
                "best_epoch": result.best_epoch, "val_metrics": result.val_metrics, "history": result.history,
                "mlflow_run_id": result.mlflow_run_id, "run_key": result.run_key}
@@ -93,7 +99,7 @@ def two_ranks_killed(tmp_path_factory, warehouse):
 
 def test_two_ranks_learn_and_match_the_single_process_run(tmp_path, warehouse, two_ranks_killed) -> None:
     cfg, (rank0, rank1) = two_ranks_killed
-    one = train_model(make_cfg(tmp_path, train=TRAIN), warehouse, RUN_DATE, progress=False, max_epochs=2)
+    one = train_run(make_cfg(tmp_path, train=TRAIN), warehouse, RUN_DATE, progress=False, max_epochs=2)
 
     assert rank0["epochs_run"] == rank1["epochs_run"] == 2
     # metrics come from all ranks' gathered predictions: the ranks agree exactly
@@ -129,7 +135,7 @@ def test_checkpoint_of_two_ranks_resumes_with_one(warehouse, two_ranks_killed) -
         momentum = saved["fused_opt"][f"ebc.embedding_bags.{name}.weight/{name}.momentum1"]
         assert momentum.shape == (rows,) and (momentum > 0).sum() > 20, name
 
-    resumed = train_model(cfg, warehouse, RUN_DATE, progress=False)
+    resumed = train_run(cfg, warehouse, RUN_DATE, progress=False)
     assert resumed.epochs_run == 3 and resumed.mlflow_run_id == killed["mlflow_run_id"]
     assert same(resumed.history[:2], killed["history"])  # epochs 1-2 came from the 2-rank run
     assert resumed.history[2]["train/loss_total"] < resumed.history[0]["train/loss_total"]
@@ -139,7 +145,7 @@ def test_checkpoint_of_two_ranks_resumes_with_one(warehouse, two_ranks_killed) -
 
 def test_checkpoint_of_one_rank_resumes_with_two(tmp_path, warehouse) -> None:
     cfg = make_cfg(tmp_path, train={**TRAIN, "epochs": 2})
-    killed = train_model(cfg, warehouse, RUN_DATE, progress=False, max_epochs=1)
+    killed = train_run(cfg, warehouse, RUN_DATE, progress=False, max_epochs=1)
     last = killed.checkpoint_dir / "last.pt"
     before = torch.load(last, weights_only=False)
 

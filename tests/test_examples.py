@@ -18,14 +18,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from features.catalog import report_path, rolling_state_dir, rolling_state_root, training_dir, validated_dir
-from features.config import load_config, parse_config
+from features.catalog import (
+    report_path,
+    rolling_state_dir,
+    rolling_state_root,
+    training_dir,
+    validated_dir,
+)
 from features.contract import TS
 from features.daily_counters import build_daily_aggregates
 from features.errors import DataContractError
 from features.examples import build_training_table, training_schema
 from features.io import atomic_write_json, write_parquet_dir
 from pipeline.cli import main
+from pipeline.config import load_config, parse_config
 from serving.encoding import stable_hash
 
 D1, D2, D3, D4 = (dt.date(2026, 5, d) for d in (1, 2, 3, 4))

@@ -15,9 +15,10 @@ from bundle_fixture import small_model
 
 from features.errors import StageError
 from features.io import sha256_file
-from models.export import check_parity, export_bundle, export_onnx
+from models.export import check_parity, export_onnx
 from models.loader import TrainingTableLoader
 from models.nets import BACKBONES
+from pipeline.bundle import export_bundle
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,12 @@ import pytest
 from bundle_fixture import DAYS, START, users_and_items
 from mlflow.tracking import MlflowClient
 
-from features.config import load_config
 from features.errors import StageError
-from models.export import export_run, load_trained_model, model_sha256
 from models.tracking import to_toml, tracking_uri
-from models.train import train_model
 from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.export_stage import export_run, model_sha256
+from pipeline.train_stage import load_trained_model, train_run
 from serving.bundle import load_bundle, load_bundle_from_mlflow
 from serving.scorer import Scorer
 
@@ -49,11 +49,11 @@ def test_export_before_and_after_training(run, tmp_path):
     with pytest.raises(StageError, match=r"checkpoint .*last\.pt not found; run `funnelrank train --date 2026-11-04"):
         export_run(cfg, cfg.warehouse, RUN_DATE)
 
-    killed = train_model(cfg, cfg.warehouse, RUN_DATE, max_epochs=1, progress=False)  # stops as a kill would
+    killed = train_run(cfg, cfg.warehouse, RUN_DATE, max_epochs=1, progress=False)  # stops as a kill would
     with pytest.raises(StageError, match=r"has not finished .*epoch 1 of 2.*to resume it"):
         export_run(cfg, cfg.warehouse, RUN_DATE)
 
-    trained = train_model(cfg, cfg.warehouse, RUN_DATE, progress=False)  # resumes and finishes
+    trained = train_run(cfg, cfg.warehouse, RUN_DATE, progress=False)  # resumes and finishes
     assert trained.mlflow_run_id == killed.mlflow_run_id
     model, run_id = load_trained_model(cfg, cfg.warehouse, RUN_DATE)
     assert run_id == trained.mlflow_run_id
@@ -85,7 +85,7 @@ def test_export_before_and_after_training(run, tmp_path):
 
 def test_cli_export_prints_parity_bundle_and_artifact_uri(run, capsys):
     cfg, config_path = run
-    train_model(cfg, cfg.warehouse, RUN_DATE, progress=False)  # nothing to do when the test above trained it
+    train_run(cfg, cfg.warehouse, RUN_DATE, progress=False)  # nothing to do when the test above trained it
     model, run_id = load_trained_model(cfg, cfg.warehouse, RUN_DATE)
     date = RUN_DATE.isoformat()
     assert main(["export", "--config", str(config_path), "--date", date]) == 0

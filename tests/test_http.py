@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from bundle_fixture import ROOT, START, small_model, users_and_items
 
-from models.export import export_bundle
+from pipeline.bundle import export_bundle
 from serving.bundle import load_bundle
 
 

@@ -10,11 +10,11 @@ import pyarrow as pa
 import pytest
 
 from features.catalog import validated_dir
-from features.config import load_config
 from features.contract import TS
 from features.errors import DataContractError
 from features.io import write_parquet_dir
 from features.labels import build_labels
+from pipeline.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = load_config(ROOT / "configs" / "demo.toml")  # click window 30 min, attribution 24 h

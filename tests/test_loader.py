@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from benchmarks.bench_loader import synthetic_training_table
-from features.config import load_config
 from features.errors import StageError
 from models.loader import Batch, TrainingTableLoader, parquet_files, rows_in
+from pipeline.config import load_config
 
 SPEC = load_config(Path(__file__).parents[1] / "configs" / "demo.toml").features
 DENSE = SPEC.dense_names()

@@ -9,9 +9,11 @@ import pytest
 import torch
 from torchrec import KeyedJaggedTensor
 
-from features.config import ModelConfig, TaskConfig, parse_config
+from features.config import TaskConfig
+from models.config import ModelConfig
 from models.losses import LossWeighting, task_losses, training_loss
 from models.nets import BACKBONES, MultiTaskNet, dense_stats
+from pipeline.config import parse_config
 
 SPEC = parse_config(
     {

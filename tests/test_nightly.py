@@ -20,10 +20,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from features.catalog import daily_dir, raw_dir, training_manifest_path
-from features.config import load_config
 from features.synthetic import generate_logs
 from models.tracking import to_toml, tracking_uri
 from pipeline.cli import main
+from pipeline.config import load_config
 from pipeline.nightly import STAGES, run_nights, warehouse_lock
 from pipeline.registry import current_champion
 
@@ -197,7 +197,7 @@ def test_corrupt_raw_file_stops_the_night_and_keeps_the_champion(nights, tmp_pat
 
 
 def test_gate_rules():
-    from features.config import parse_config
+    from pipeline.config import parse_config
     from pipeline.registry import gate
 
     rules = parse_config({"features": {"sparse": [{"name": "a", "table": "impressions", "column": "a"}]},
@@ -240,7 +240,7 @@ def test_runs_compare_prints_metrics_differing_config_and_writes_the_trend(night
 
 
 def test_same_architecture_names_what_does_not_fit():
-    from features.config import parse_config
+    from pipeline.config import parse_config
     from pipeline.registry import same_architecture
 
     base = {"features": {"sparse": [{"name": "a", "table": "impressions", "column": "a", "capacity": 10}]}}

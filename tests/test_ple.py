@@ -10,8 +10,10 @@ import torch
 import torch.nn.functional as F
 from torchrec import KeyedJaggedTensor
 
-from features.config import ModelConfig, TaskConfig, parse_config
+from features.config import TaskConfig
+from models.config import ModelConfig
 from models.nets import BACKBONES, PLE, CGCLayer, MultiTaskNet
+from pipeline.config import parse_config
 
 B, IN_DIM = 32, 6
 TASK_EXPERTS, SHARED_EXPERTS = 2, 3

@@ -22,12 +22,17 @@ import numpy as np
 import polars as pl
 import pytest
 
-from benchmarks.mtl_experiment import build_warehouse, log_days, truth_rows, with_overrides
+from benchmarks.mtl_experiment import (
+    build_warehouse,
+    log_days,
+    truth_rows,
+    with_overrides,
+)
 from features.catalog import training_dir
-from features.config import load_config
 from models.loader import parquet_files
 from models.metrics import auc
-from models.train import train_model, training_window
+from pipeline.config import load_config
+from pipeline.train_stage import train_run, training_window
 
 ROOT = Path(__file__).resolve().parents[1]
 ORACLE_GAP = 0.03
@@ -52,7 +57,7 @@ def test_short_training_beats_trivial_model_and_nears_the_oracle(tmp_path, monke
     run_date = log_days(cfg)[-1]
     train_days, val_day = training_window(cfg, run_date)
 
-    result = train_model(cfg, cfg.warehouse, run_date, progress=False)
+    result = train_run(cfg, cfg.warehouse, run_date, progress=False)
     model_auc = result.val_metrics["click_auc"]
     rows = truth_rows(cfg.warehouse, val_day)  # the validation rows, in the training table's order
     oracle_auc = auc(rows["click"], rows["click_logit"])

@@ -30,13 +30,19 @@ from test_aggregates import (
 from test_labels import write_validated_days
 
 from features.catalog import daily_dir, rolling_state_dir
-from features.config import AggregateKey, parse_config
+from features.config import AggregateKey
 from features.daily_counters import KEY_HASH_STEP, build_daily_aggregates
 from features.errors import DataContractError
 from features.io import write_parquet_dir
 from features.rolling_features import rolling_defaults, rolling_features
-from features.rolling_state import STATE_FILE, _recomputed_state, rolling_state, state_features
+from features.rolling_state import (
+    STATE_FILE,
+    _recomputed_state,
+    rolling_state,
+    state_features,
+)
 from features.snapshots import NULL_HASH
+from pipeline.config import parse_config
 from serving.encoding import _mix64, stable_hash
 
 KEYS = CFG.features.aggregate_keys

@@ -19,8 +19,8 @@ from import_blocker import run_blocked
 from features.catalog import validated_dir
 from features.config import TaskConfig
 from features.io import sha256_file
-from models.export import export_bundle
 from models.loader import TrainingTableLoader
+from pipeline.bundle import export_bundle
 from pipeline.cli import main
 from serving.bundle import BundleError, load_bundle
 from serving.scorer import Scorer

@@ -12,10 +12,11 @@ import pytest
 
 import features.synthetic as synthetic
 from features.catalog import raw_dir, truth_dir
-from features.config import ConfigError, FunnelConfig, load_config
+from features.config import ConfigError
 from features.contract import DAILY_TABLES, REQUIRED, required_columns
 from features.io import sha256_dir
 from pipeline.cli import main
+from pipeline.config import FunnelConfig, load_config
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.toml"
 START = dt.date(2026, 11, 1)

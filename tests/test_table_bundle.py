@@ -18,13 +18,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from features.config import parse_config
 from features.errors import StageError
 from features.table_source import prepare_table
-from models.export import export_run
 from models.loader import TrainingTableLoader
-from models.train import train_model
 from pipeline.cli import main
+from pipeline.config import parse_config
+from pipeline.export_stage import export_run
+from pipeline.train_stage import train_run
 from serving.bundle import BundleError, load_bundle
 from serving.http import HttpServer, RankingService
 from serving.scorer import BatchOnlyError, Scorer
@@ -91,7 +91,7 @@ def trained(tmp_path_factory):
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the store is <state_dir>/mlflow.db
         with pytest.raises(StageError, match=r"no trained model for the table source: .*run `funnelrank train` "):
             export_run(cfg, cfg.warehouse)
-        result = train_model(cfg, cfg.warehouse, None, progress=False)
+        result = train_run(cfg, cfg.warehouse, None, progress=False)
         summary = export_run(cfg, cfg.warehouse)
         again = export_run(cfg, cfg.warehouse)
     return cfg, result, summary, again, pq.read_table(paths["test"])

@@ -17,12 +17,18 @@ import pyarrow.parquet as pq
 import pytest
 
 from features.catalog import table_dir, table_manifest_path, table_quarantine_dir
-from features.config import load_config, parse_config
 from features.errors import DataContractError, StageError
-from features.table_source import TABLE_DAY, TABLE_ROW_GROUP_ROWS, USER_COLUMN, prepare_table, table_schema
+from features.table_source import (
+    TABLE_DAY,
+    TABLE_ROW_GROUP_ROWS,
+    USER_COLUMN,
+    prepare_table,
+    table_schema,
+)
 from features.vocab import load_vocabulary, read_manifest, update_vocabulary
 from models import loader as loader_module
 from models.loader import TrainingTableLoader
+from pipeline.config import load_config, parse_config
 from serving.encoding import oov_index, stable_hash
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,12 +14,13 @@ from mlflow.tracking import MlflowClient
 
 from benchmarks.bench_train import write_synthetic_day
 from features.catalog import training_dir
-from features.config import ConfigError, FunnelConfig, parse_config
+from features.config import ConfigError
 from features.errors import StageError
 from models.metrics import auc
 from models.nets import MultiTaskNet
 from models.tracking import tracking_uri
-from models.train import train_model, training_window
+from pipeline.config import FunnelConfig, parse_config
+from pipeline.train_stage import train_run, training_window
 
 RUN_DATE = dt.date(2026, 11, 10)
 ROWS_PER_DAY = 4000
@@ -76,7 +77,7 @@ def final_weights(result) -> dict[str, torch.Tensor]:
 
 def test_training_beats_constant_predictor_and_logs_to_mlflow(tmp_path, warehouse) -> None:
     cfg = make_cfg(tmp_path)
-    result = train_model(cfg, warehouse, RUN_DATE, progress=False)
+    result = train_run(cfg, warehouse, RUN_DATE, progress=False)
     assert result.epochs_run == 2 and len(result.history) == 2
     # a constant predictor has AUC 0.5; the labels depend on item, tags and x1
     assert result.val_metrics["click_auc"] > 0.62, result.val_metrics
@@ -103,7 +104,7 @@ def test_training_beats_constant_predictor_and_logs_to_mlflow(tmp_path, warehous
 
     # the returned plain model scores like the validation metrics say
     from models.loader import TrainingTableLoader
-    from models.train import predict
+    from models.predict import predict
     val = TrainingTableLoader([training_dir(warehouse, dt.date(2026, 11, 8)) / "part-0.parquet"], cfg.features.sparse,
                               cfg.features.dense_names(), 512, shuffle=False, seed=0)
     pred = predict(result.model, val, torch.device("cpu"))
@@ -112,18 +113,18 @@ def test_training_beats_constant_predictor_and_logs_to_mlflow(tmp_path, warehous
 
 
 def test_resume_after_kill_matches_uninterrupted_run_and_reruns_reproduce(tmp_path, warehouse) -> None:
-    whole = train_model(make_cfg(tmp_path / "a"), warehouse, RUN_DATE, progress=False)
+    whole = train_run(make_cfg(tmp_path / "a"), warehouse, RUN_DATE, progress=False)
 
     cfg_b = make_cfg(tmp_path / "b")
-    killed = train_model(cfg_b, warehouse, RUN_DATE, max_epochs=1, progress=False)
+    killed = train_run(cfg_b, warehouse, RUN_DATE, max_epochs=1, progress=False)
     assert killed.epochs_run == 1
     run = MlflowClient(tracking_uri(cfg_b.state_dir)).get_run(killed.mlflow_run_id)
     assert run.info.status == "KILLED"
-    resumed = train_model(cfg_b, warehouse, RUN_DATE, progress=False)
+    resumed = train_run(cfg_b, warehouse, RUN_DATE, progress=False)
     assert resumed.epochs_run == 2 and resumed.mlflow_run_id == killed.mlflow_run_id
     assert MlflowClient(tracking_uri(cfg_b.state_dir)).get_run(resumed.mlflow_run_id).info.status == "FINISHED"
 
-    again = train_model(make_cfg(tmp_path / "c"), warehouse, RUN_DATE, progress=False)
+    again = train_run(make_cfg(tmp_path / "c"), warehouse, RUN_DATE, progress=False)
     for other in (resumed, again):
         a, b = final_weights(whole), final_weights(other)
         assert a.keys() == b.keys()
@@ -135,7 +136,7 @@ def test_resume_after_kill_matches_uninterrupted_run_and_reruns_reproduce(tmp_pa
                     [{k: v for k, v in h.items() if k not in drop} for h in whole.history])
 
     # a finished run is not trained again
-    rerun = train_model(cfg_b, warehouse, RUN_DATE, progress=False)
+    rerun = train_run(cfg_b, warehouse, RUN_DATE, progress=False)
     assert rerun.epochs_run == 2 and torch.equal(final_weights(rerun)["heads.click.weight"], final_weights(whole)["heads.click.weight"])
 
 
@@ -147,7 +148,7 @@ def test_resume_after_kill_matches_uninterrupted_run_and_reruns_reproduce(tmp_pa
 def test_other_backbones_heads_and_weightings_train(tmp_path, warehouse, backbone, head, weighting) -> None:
     cfg = make_cfg(tmp_path, model={"backbone": backbone, "conversion_head": head, "loss_weighting": weighting},
                    train={"epochs": 1})
-    result = train_model(cfg, warehouse, RUN_DATE, progress=False)
+    result = train_run(cfg, warehouse, RUN_DATE, progress=False)
     h = result.history[0]
     assert result.val_metrics["click_auc"] > 0.55, result.val_metrics
     learned = h["train/task_weight_click"] != 1.0 and h["train/task_weight_conversion"] != 1.0
@@ -160,17 +161,17 @@ def test_other_backbones_heads_and_weightings_train(tmp_path, warehouse, backbon
 def test_missing_training_day_names_the_folder(tmp_path, warehouse) -> None:
     cfg = make_cfg(tmp_path, train={"window_days": 5})
     with pytest.raises(StageError, match="training/date=2026-11-04"):
-        train_model(cfg, warehouse, RUN_DATE, progress=False)
+        train_run(cfg, warehouse, RUN_DATE, progress=False)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="adam is supported on CUDA")
 def test_fused_adam_on_cpu_is_refused_with_the_key(tmp_path, warehouse) -> None:
     with pytest.raises(StageError, match="train.sparse_optimizer"):
-        train_model(make_cfg(tmp_path, train={"sparse_optimizer": "adam"}), warehouse, RUN_DATE, progress=False)
+        train_run(make_cfg(tmp_path, train={"sparse_optimizer": "adam"}), warehouse, RUN_DATE, progress=False)
 
 
 def test_warm_start_with_frozen_shared_layers_and_a_parent_run(tmp_path, warehouse) -> None:
-    champion = train_model(make_cfg(tmp_path, train={"epochs": 1}), warehouse, RUN_DATE, progress=False)
+    champion = train_run(make_cfg(tmp_path, train={"epochs": 1}), warehouse, RUN_DATE, progress=False)
     old = champion.model.state_dict()
 
     # the item vocabulary grew by 40 ids since the champion was trained (another run key,
@@ -181,8 +182,8 @@ def test_warm_start_with_frozen_shared_layers_and_a_parent_run(tmp_path, warehou
     cfg = cfg.model_copy(update={"features": type(cfg.features).model_validate(spec)})
     client = MlflowClient(tracking_uri(cfg.state_dir))
     parent = client.create_run(client.create_experiment("nightly")).info.run_id
-    tuned = train_model(cfg, warehouse, RUN_DATE, progress=False, initial_state=old, freeze_shared=True,
-                        parent_run_id=parent, extra_tags={"warm_start": "champion", "warm_start_version": "3"})
+    tuned = train_run(cfg, warehouse, RUN_DATE, progress=False, initial_state=old, freeze_shared=True,
+                      parent_run_id=parent, extra_tags={"warm_start": "champion", "warm_start_version": "3"})
     new = tuned.model.state_dict()
 
     item = "ebc.embedding_bags.item.weight"
@@ -211,13 +212,13 @@ def test_warm_start_that_does_not_fit_names_the_key_and_shapes(tmp_path, warehou
     state = MultiTaskNet(cfg.features, cfg.model, cfg.tasks, mean, std).state_dict()
     wrong_head = {**state, "heads.click.weight": torch.zeros(1, 9)}
     with pytest.raises(StageError, match=r"'heads\.click\.weight' has shape \(1, 9\) in initial_state, \(1, 8\) in the model"):
-        train_model(cfg, warehouse, RUN_DATE, progress=False, initial_state=wrong_head)
+        train_run(cfg, warehouse, RUN_DATE, progress=False, initial_state=wrong_head)
     wrong_dim = {**state, "ebc.embedding_bags.shop.weight": torch.zeros(59, 8)}
     with pytest.raises(StageError, match=r"'ebc\.embedding_bags\.shop\.weight' has shape \(59, 8\) in initial_state, \(59, 4\)"):
-        train_model(cfg, warehouse, RUN_DATE, progress=False, initial_state=wrong_dim)
+        train_run(cfg, warehouse, RUN_DATE, progress=False, initial_state=wrong_dim)
     with pytest.raises(StageError, match=r"missing \['heads\.click\.bias'\]"):
-        train_model(cfg, warehouse, RUN_DATE, progress=False,
-                    initial_state={k: v for k, v in state.items() if k != "heads.click.bias"})
+        train_run(cfg, warehouse, RUN_DATE, progress=False,
+                  initial_state={k: v for k, v in state.items() if k != "heads.click.bias"})
 
 
 def test_sharding_choice_is_validated(tmp_path, warehouse) -> None:
@@ -225,11 +226,11 @@ def test_sharding_choice_is_validated(tmp_path, warehouse) -> None:
         make_cfg(tmp_path, train={"sharding": "by_hash"})
     if not torch.cuda.is_available():
         with pytest.raises(StageError, match="train.sharding = 'row_wise' needs a CUDA device"):
-            train_model(make_cfg(tmp_path, train={"sharding": "row_wise"}), warehouse, RUN_DATE, progress=False)
+            train_run(make_cfg(tmp_path, train={"sharding": "row_wise"}), warehouse, RUN_DATE, progress=False)
 
 
 def test_cosine_schedule_decays_the_dense_rate_and_depends_on_the_step_only():
-    from features.config import TrainConfig
+    from models.config import TrainConfig
     from models.train import dense_learning_rate
 
     constant, cosine = TrainConfig(dense_lr=0.02), TrainConfig(dense_lr=0.02, lr_schedule="cosine")

@@ -17,12 +17,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from features.catalog import quarantine_dir, raw_dir, report_path, scan_validated, validated_dir
-from features.config import load_config
+from features.catalog import (
+    quarantine_dir,
+    raw_dir,
+    report_path,
+    scan_validated,
+    validated_dir,
+)
 from features.contract import TS
 from features.errors import DataContractError
 from features.validate import validate_day
 from pipeline.cli import main
+from pipeline.config import load_config
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.toml"
 D_2, D0, D1 = dt.date(2026, 10, 31), dt.date(2026, 11, 1), dt.date(2026, 11, 2)

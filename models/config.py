@@ -1,0 +1,88 @@
+"""The model and training sections of the run config (``TrainingConfig``): what
+``models`` reads on top of the data sections of ``features.config``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from features.config import DataConfig, TomlPath, _Section
+
+
+class ModelConfig(_Section):
+    """The multi-task network (models/nets.py): backbone, conversion head, loss weighting."""
+
+    backbone: Literal["single_task", "shared_bottom", "soft_sharing", "mmoe", "ple"] = "mmoe"
+    conversion_head: Literal["direct", "esmm"] = Field(
+        "esmm", description="direct: pCVR on clicked rows; esmm: pCTCVR = pCTR x pCVR on all impressions"
+    )
+    loss_weighting: Literal["fixed", "uncertainty"] = Field(
+        "fixed", description="fixed: tasks[].loss_weight; uncertainty: learned (Kendall et al. 2018)")
+    expert_dims: list[int] = Field(
+        default_factory=lambda: [128, 64], min_length=1,
+        description="hidden sizes of each expert (mmoe), the shared bottom, or each task's network",
+    )
+    tower_dims: list[int] = Field(default_factory=lambda: [32], description="hidden sizes of each task's tower")
+    n_experts: int = Field(4, ge=1)
+    ple_levels: int = Field(2, ge=1, description="ple: extraction (CGC) levels; 1 = a single customised gate control layer")
+    ple_shared_experts: int = Field(2, ge=1, description="ple: shared experts per level")
+    ple_task_experts: int = Field(1, ge=1, description="ple: experts of each task per level")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    soft_sharing_strength: float = Field(1e-3, ge=0.0, description="L2 pull between the task networks' weights")
+    cross_layers: int = Field(0, ge=0, description="DCN-v2 cross layers on the backbone input (explicit feature crosses, e.g. user x item); 0 = none")
+
+    @field_validator("expert_dims", "tower_dims")
+    @classmethod
+    def _positive_dims(cls, v: list[int]) -> list[int]:
+        if any(d < 1 for d in v):
+            raise ValueError("layer sizes must be positive")
+        return v
+
+
+class TrainConfig(_Section):
+    """Training (models/train.py): the window of mature days, optimisers, early stopping."""
+
+    window_days: int = Field(7, ge=2, description="mature days used; the newest is the validation day")
+    epochs: int = Field(3, ge=1)
+    # The global batch: a torchrun job of N ranks gives each rank batch_size / N rows per
+    # step (batch_size must divide evenly), so steps per epoch, learning rates and results
+    # stay comparable whatever the world size; raise it to scale per-GPU work.
+    batch_size: int = Field(4096, ge=1, description="global batch, split evenly over the ranks of a torchrun job")
+    sparse_optimizer: Literal["rowwise_adagrad", "adam"] = Field(
+        "rowwise_adagrad", description="fused into the embedding backward; adam needs a CUDA device"
+    )
+    sparse_lr: float = Field(0.05, gt=0.0)
+    dense_lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(1e-5, ge=0.0, description="AdamW, dense parameters only")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="dense learning rate: constant, or cosine decay from dense_lr to 0 over train.epochs")
+    early_stopping_metric: str | None = Field(
+        None, description="<task view>_<auc|gauc|logloss>, e.g. click_auc or ctcvr_logloss; default: the first task's auc")
+    patience: int = Field(2, ge=1, description="stop after this many epochs without improvement")
+    shuffle_buffer_rows: int = Field(262_144, ge=1)
+    threads: int = Field(0, ge=0, description="torch CPU threads; 0 = all cores")
+    log_every_steps: int = Field(50, ge=1)
+    sharding: Literal["auto", "table_wise", "row_wise", "column_wise", "data_parallel"] = Field(
+        "table_wise", description="embedding tables over the ranks: auto = torchrec's planner picks among the sharded "
+        "types; row_wise needs CUDA; data_parallel replicates the tables and trains them with the dense optimiser",
+    )
+    mixed_precision: bool = Field(True, description="bf16 autocast of the dense layers on CUDA; no effect on the CPU")
+
+
+class TrainingConfig(DataConfig):
+    """The data sections, where checkpoints and MLflow runs live, the network and its training."""
+
+    state_dir: TomlPath = Path("state")
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _known_early_stopping_metric(self) -> TrainingConfig:
+        self.check_view_metrics("train.early_stopping_metric", [self.train.early_stopping_metric], "auc|gauc|logloss|ece")
+        return self
+
+    @property
+    def early_stopping_metric(self) -> str:
+        return self.train.early_stopping_metric or f"{self.tasks[0].served_name}_auc"

@@ -1,0 +1,116 @@
+"""The run config: one TOML file drives a whole run (generator, contract, features,
+model, training, scoring, nightly runs, promotion).
+
+``FunnelConfig`` composes the packages' own sections (``features.config.DataConfig``,
+``models.config.TrainingConfig``) with the pipeline's: scoring, nightly and promotion.
+Validated at load time: an unknown key, a wrong type or a missing required value is
+reported by its dotted name (``features.sparse[2].dim``), never as a traceback.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from pydantic import Field, ValidationError, model_validator
+
+from features.config import ConfigError, _Section
+from models.config import TrainingConfig
+
+DEFAULT_CONFIG = Path("configs/demo.toml")
+
+
+class ScoringConfig(_Section):
+    """The scorer's limits (the blended score's exponents are ``tasks[].score_exponent``)."""
+
+    max_candidates: int = Field(1000, ge=1, description="HTTP: candidates per request at most")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="HTTP: request body size limit")
+
+
+class NightlyConfig(_Section):
+    """``funnelrank nightly``: how each night's model starts and what it trains on."""
+
+    warm_start: bool = Field(True, description="start from the champion's weights when the architecture matches; false = full retrain over train.window_days")
+    fine_tune_days: int = Field(1, ge=1, description="warm start: train on this many newest mature days (plus the validation day)")
+    freeze_shared: bool = Field(False, description="warm start: train only the task towers, heads and gates; embeddings and shared layers stay frozen")
+
+
+class PromoteConfig(_Section):
+    """The promotion gate: when the candidate becomes the ``champion`` alias."""
+
+    model_name: str = Field("funnelrank", min_length=1, description="registered model name in the MLflow registry")
+    auc_tolerance: float = Field(0.005, ge=0.0, description="largest AUC drop vs the champion allowed on any task")
+    gate_metrics: list[str] | None = Field(
+        None, min_length=1, description="<task view>_<auc|gauc>; default: every task view's auc")
+    min_auc: float = Field(0.55, ge=0.0, le=1.0, description="first model: every gate metric at least this")
+    calibration_min: float = Field(0.8, gt=0.0, description="mean predicted / observed rate of every served probability")
+    calibration_max: float = Field(1.25, gt=0.0)
+
+    @model_validator(mode="after")
+    def _bounds_ordered(self) -> "PromoteConfig":
+        if self.calibration_min >= self.calibration_max:
+            raise ValueError(f"calibration_min ({self.calibration_min}) must be below calibration_max ({self.calibration_max})")
+        return self
+
+
+class FunnelConfig(TrainingConfig):
+    """Everything a run reads: the training config, the scorer's limits, the nightly runs
+    and the promotion gate."""
+
+    scoring: ScoringConfig = ScoringConfig()
+    nightly: NightlyConfig = NightlyConfig()
+    promote: PromoteConfig = PromoteConfig()
+
+    @model_validator(mode="after")
+    def _known_gate_metrics(self) -> FunnelConfig:
+        self.check_view_metrics("promote.gate_metrics", self.promote.gate_metrics or [], "auc|gauc")
+        return self
+
+    @property
+    def gate_metrics(self) -> list[str]:
+        return self.promote.gate_metrics or [f"{v}_auc" for v in self.views()]
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"]).lstrip(".") or "<root>"
+        key = key.replace("validate_", "validate")
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        elif e["type"] == "missing":
+            lines.append(f"  {key}: required value missing")
+        else:
+            got = e.get("input")
+            shown = "" if isinstance(got, dict | list) else f" (got {got!r})"
+            lines.append(f"  {key}: {e['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict, source: str = "<dict>") -> FunnelConfig:
+    """Validate a config mapping; raise ConfigError naming every bad key."""
+    try:
+        return FunnelConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"invalid config {source}:\n{_format_errors(err)}") from None
+
+
+def load_config(path: str | Path = DEFAULT_CONFIG, overrides: dict | None = None) -> FunnelConfig:
+    """Read and validate a TOML config. ``overrides`` is a nested dict merged on top."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read config {path}: {err.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config {path} is not valid TOML: {err}") from None
+    return parse_config(_merge(data, overrides or {}), str(path))
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out.get(k, {}), v) if isinstance(v, dict) else v
+    return out
