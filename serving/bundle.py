@@ -1,4 +1,4 @@
-"""Loading an exported bundle (models/export.py writes it) with its checksums verified.
+"""Loading an exported bundle (pipeline/bundle.py writes it) with its checksums verified.
 
 ``manifest.json`` lists the sha256 of every other file of the bundle. A bundle is refused
 (BundleError naming the file) when a listed file is missing or differs, or when a file

@@ -3,7 +3,7 @@ blended ranking score. For the default funnel: p_click and p_conversion = P(clic
 conversion).
 
 A ``Scorer`` runs the bundle's ONNX model on the inputs its rows give; which inputs a row
-gives depends on the bundle's ``source`` (spec.json, models/export.py):
+gives depends on the bundle's ``source`` (spec.json, written by pipeline/bundle.py):
 
 * **events** (a model trained on event logs): rows name a user, an item and a context;
   serving.event_inputs joins the bundled snapshots and aggregates to them. ``score_table``
