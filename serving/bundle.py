@@ -114,7 +114,10 @@ def _files_under(root: Path) -> set[str]:
     for folder, dirs, names in os.walk(root):
         for name in dirs + names:
             entry = Path(folder) / name
-            mode = entry.lstat().st_mode
+            try:
+                mode = entry.lstat().st_mode
+            except OSError as err:  # e.g. removed while we looked
+                raise BundleError(f"bundle {root}: cannot read {entry}: {err}") from None
             if stat.S_ISLNK(mode):
                 raise BundleError(
                     f"bundle {root}: {entry} is a symbolic link; a bundle holds plain files and folders only")
@@ -128,13 +131,12 @@ def _files_under(root: Path) -> set[str]:
 def _read(file: Path) -> bytes:
     """The bytes of a bundle file, never through a link swapped in after ``_files_under`` looked."""
     try:
-        fd = os.open(file, os.O_RDONLY | os.O_NOFOLLOW)
+        with open(os.open(file, os.O_RDONLY | os.O_NOFOLLOW), "rb") as fh:
+            return fh.read()
     except FileNotFoundError:
         raise BundleError(f"bundle file missing: {file}") from None
     except OSError as err:
         raise BundleError(f"bundle file {file} is unreadable: {err}") from None
-    with open(fd, "rb") as fh:
-        return fh.read()
 
 
 def _parse_json(data: bytes, file: Path) -> object:
