@@ -46,6 +46,7 @@ from models.export import (
 )
 from models.nets import MultiTaskNet
 from pipeline.config import FunnelConfig
+from serving.bundle import MANIFEST, SIGNATURE, manifest_signature, signing_key
 from serving.encoding import join_key_columns
 from serving.spec import (
     SPEC_FILE,
@@ -193,14 +194,16 @@ def export_bundle(
     Contents: ``model.onnx`` (checked for parity on real rows of ``parity_files`` first),
     ``vocab/<feature>.parquet`` (current versions), ``spec.json`` and ``manifest.json``
     (sha256 of every other file, versions, parity, and ``inputs``: what the caller
-    identifies the bundle by, see ``export_stage.export_run``). An event-log model's bundle also holds
-    ``features/users.parquet`` and ``features/items.parquet`` (the newest validated
-    snapshots up to ``as_of``, encoded) and ``features/aggregates/<key>.parquet`` (``key``
-    string + the key's rolling features as of the start of ``as_of``, by default the day
-    after the newest daily aggregates, i.e. what a row of the coming day would see in
-    training; spec.json's ``defaults`` hold the values for a key with no history). A
-    ``[table]`` model's bundle has no snapshots (``as_of`` is not used): its rows carry
-    every feature. Logging to MLflow is the caller's job.
+    identifies the bundle by, see ``export_stage.export_run``), and ``manifest.sig`` (its
+    HMAC-SHA256) when ``FUNNELRANK_BUNDLE_KEY`` is set (serving.bundle checks it). An
+    event-log model's bundle also holds ``features/users.parquet`` and
+    ``features/items.parquet`` (the newest validated snapshots up to ``as_of``, encoded)
+    and ``features/aggregates/<key>.parquet`` (``key`` string + the key's rolling features
+    as of the start of ``as_of``, by default the day after the newest daily aggregates,
+    i.e. what a row of the coming day would see in training; spec.json's ``defaults`` hold
+    the values for a key with no history). A ``[table]`` model's bundle has no snapshots
+    (``as_of`` is not used): its rows carry every feature. Logging to MLflow is the
+    caller's job.
     """
     warehouse = Path(warehouse)
     spec = cfg.features
@@ -234,5 +237,8 @@ def export_bundle(
             "parity_files": [str(p) for p in parity_files],
             "inputs": inputs or {},
         }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        manifest_bytes = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+        (tmp / MANIFEST).write_bytes(manifest_bytes)
+        if (key := signing_key()) is not None:
+            (tmp / SIGNATURE).write_bytes(manifest_signature(manifest_bytes, key) + b"\n")
     return out_dir

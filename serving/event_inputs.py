@@ -29,15 +29,25 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from serving.bundle import Bundle
 from serving.encoding import KeyIndex, join_key_columns, numeric_values
 from serving.joins import AggregateTable, CodedKey, LazyColumns, SnapshotTable, cells, column_positions, expand
-from serving.spec import AggregateInput, AggregateKeySpec, NumericInput
+from serving.spec import AggregateInput, AggregateKeySpec, BundleSpec, NumericInput
 
 REQUIRED_COLUMNS = ("user_id", "item_id")  # of an events bundle's rows
 CONTEXT_CACHE_SIZE = 100_000
+
+
+def _snapshot_columns(spec: BundleSpec, table: str) -> list[str]:
+    """The columns of the bundled ``table`` snapshot (users, items) the scorer reads: its key,
+    its encoded sparse features, its transformed numeric features and the raw attributes
+    of aggregate keys (as pipeline.bundle writes them)."""
+    key = spec.events.snapshots[table].key
+    raw = [c for k in spec.events.aggregate_keys for c in k.columns if k.sources[c] == table and c != key]
+    return [key, *(f"sparse:{f.name}" for f in spec.sparse if f.table == table),
+            *(f"dense:{d.name}" for d in spec.dense if isinstance(d, NumericInput) and d.table == table),
+            *(f"raw:{c}" for c in dict.fromkeys(raw))]
 
 
 class EventInputs:
@@ -49,7 +59,7 @@ class EventInputs:
     def __init__(self, bundle: Bundle) -> None:
         spec = self.spec = bundle.spec
         events = spec.events
-        self.snapshots = {t: SnapshotTable(pq.read_table(bundle.file(s.file)), s.key)
+        self.snapshots = {t: SnapshotTable(bundle.table(s.file, _snapshot_columns(spec, t)), s.key)
                           for t, s in events.snapshots.items()}
         self.key_snapshot = {s.key: t for t, s in events.snapshots.items()}  # user_id -> users, item_id -> items
         self.encoders = {f.name: bundle.encoder(f) for f in spec.sparse if f.table == "impressions"}
@@ -59,7 +69,7 @@ class EventInputs:
         self.aggregates: list[tuple[AggregateKeySpec, AggregateTable, slice | list[int]]] = []
         for key in events.aggregate_keys:
             names = [d.name for d in spec.dense if isinstance(d, AggregateInput) and d.key == key.name]
-            table = pq.read_table(bundle.file(key.file))
+            table = bundle.table(key.file, ["key", *names])
             self.aggregates.append((key, AggregateTable(table, names, events.defaults[key.name]),
                                     column_positions([dense_names.index(n) for n in names])))
         self.context_numeric = [(j, d) for j, d in enumerate(spec.dense)

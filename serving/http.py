@@ -186,9 +186,10 @@ class RankingService:
         with self._reload_lock:
             try:
                 fresh = Scorer(load_bundle(self.bundle_path), intra_op_threads=self.threads)
-            except (BundleError, OSError, ValueError, RuntimeError) as err:
+            except Exception as err:  # noqa: BLE001 - whatever breaks the new bundle, the old one keeps serving
                 self.metrics.reloaded("error")
-                raise RequestError(500, f"reload failed, still serving {self.scorer.version}: {err}") from None
+                reason = str(err) if isinstance(err, BundleError) else f"{type(err).__name__}: {err}"
+                raise RequestError(500, f"reload failed, still serving {self.scorer.version}: {reason}") from None
             self.scorer = fresh  # one reference assignment: atomic for the request threads
             self.metrics.reloaded("ok")
             return fresh.version

@@ -26,9 +26,9 @@ import onnxruntime as ort
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from serving.bundle import Bundle
+from serving.bundle import MODEL_FILE, Bundle
 from serving.event_inputs import EventInputs
-from serving.spec import SCORE
+from serving.spec import SCORE, BundleError
 from serving.table_inputs import TableInputs
 
 # The model runs on slices of this many rows: a few MB of activations stay in cache
@@ -54,8 +54,8 @@ class Scorer:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if intra_op_threads > 1:  # idle pool threads yield the core instead of spinning (the server shares 2 cores)
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(bundle.file("model.onnx")), options, providers=["CPUExecutionProvider"])
         self.model_outputs = [f"p_{t.served}" for t in self.spec.tasks] + [SCORE]  # the ONNX outputs run
+        self.session = _load_model(bundle, options, self.model_outputs)
         self.result_names = (*(f"p_{t.name}" for t in self.spec.tasks), SCORE)  # what they are returned as
         # the rows -> inputs of the bundle's source
         self.inputs: EventInputs | TableInputs = (TableInputs if self.spec.source == "table" else EventInputs)(bundle)
@@ -131,6 +131,32 @@ class Scorer:
         (the default funnel: item_id, p_click, p_conversion, score)."""
         item_ids, feeds = self.request_feeds(request)
         return ranked(item_ids, self.result_names, self.run(feeds, len(item_ids)))
+
+
+def _load_model(bundle: Bundle, options: ort.SessionOptions, outputs: list[str]) -> ort.InferenceSession:
+    """The bundle's ONNX model as a session, checked against its spec: it takes the inputs
+    the scorer feeds (spec.json's sparse and dense) and gives ``outputs``; BundleError otherwise."""
+    model = bundle.data(MODEL_FILE)
+    try:
+        session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # noqa: BLE001 - onnxruntime's errors (InvalidProtobuf, ...) derive from Exception only
+        raise BundleError(f"bundle {bundle.path}: {MODEL_FILE} ({len(model):,} bytes) is not a model onnxruntime "
+                          f"can load: {err}") from None
+    spec, where = bundle.spec, f"bundle {bundle.path}: {MODEL_FILE}"
+    takes = {i.name: i.shape for i in session.get_inputs()}
+    fed = ["dense", *(f.name for f in spec.sparse)]
+    if sorted(takes) != sorted(fed):
+        raise BundleError(f"{where} takes the inputs {sorted(takes)}, but spec.json's sparse and dense keys give "
+                          f"{sorted(fed)}")
+    width = takes["dense"][-1]
+    if isinstance(width, int) and width != len(spec.dense):
+        raise BundleError(f"{where} takes {width} dense features, spec.json's key 'dense' lists {len(spec.dense)}")
+    gives = {o.name for o in session.get_outputs()}
+    missing = [o for o in outputs if o not in gives]
+    if missing:
+        raise BundleError(f"{where} has no output {missing[0]!r} (outputs {sorted(gives)}), which spec.json's key "
+                          "'tasks' serves")
+    return session
 
 
 def ranked(item_ids: list[str], names: tuple[str, ...], outputs: tuple[np.ndarray, ...]) -> list[dict]:

@@ -33,6 +33,7 @@ SOURCES = ("events", "table")
 SPARSE_KINDS = ("id", "list", "bucket")
 POOLINGS = ("sum", "mean")
 KEY_SOURCES = ("request", "users", "items")  # where an aggregate-key column comes from when scoring
+EVENT_TABLES = ("impressions", "users", "items")  # where an events bundle's input columns come from
 
 
 class BundleError(RuntimeError):
@@ -178,6 +179,15 @@ class BundleSpec:
         """The text of spec.json."""
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
+    def files(self) -> list[tuple[str, str]]:
+        """(key of spec.json, bundle file) of every file the spec names: vocabularies,
+        snapshots and aggregate tables."""
+        out = [(f"sparse[{i}].vocab", f.vocab) for i, f in enumerate(self.sparse) if f.vocab is not None]
+        if self.events is not None:
+            out += [(f"snapshots.{t}.file", s.file) for t, s in self.events.snapshots.items()]
+            out += [(f"aggregate_keys[{i}].file", k.file) for i, k in enumerate(self.events.aggregate_keys)]
+        return out
+
     @classmethod
     def from_dict(cls, spec: object, file: str = SPEC_FILE) -> BundleSpec:
         """The spec of spec.json's parsed content; BundleError naming ``file`` and the key
@@ -185,7 +195,8 @@ class BundleSpec:
         top = _Object(spec, file, "")
         source = top.choice("source", SOURCES, default="events")
         tasks = top.objects("tasks", default=None)
-        dense = tuple(_dense(d) for d in top.objects("dense"))
+        tables = EVENT_TABLES if source == "events" else None  # a table bundle's rows carry every column
+        dense = tuple(_dense(d, tables) for d in top.objects("dense"))
         if source == "table" and any(isinstance(d, AggregateInput) for d in dense):
             raise BundleError(f"{file}: a table bundle's dense inputs are numeric columns, got aggregate features")
         scoring = top.object("scoring")
@@ -196,9 +207,10 @@ class BundleSpec:
             outputs=top.texts("outputs"),
             tasks=FUNNEL_TASKS if tasks is None else tuple(
                 TaskOutput(t.text("name"), t.text("served"), t.number("score_exponent")) for t in tasks),
-            sparse=tuple(_sparse(f) for f in top.objects("sparse")),
+            sparse=tuple(_sparse(f, tables) for f in top.objects("sparse")),
             dense=dense,
-            scoring=ScoringLimits(scoring.integer("max_candidates"), scoring.integer("max_body_bytes")),
+            scoring=ScoringLimits(scoring.integer("max_candidates", minimum=1),
+                                  scoring.integer("max_body_bytes", minimum=1)),
             list_delimiter=top.text("list_delimiter", default=None),
             events=_event_features(top, dense) if source == "events" else None,
         )
@@ -214,21 +226,29 @@ def _sparse_dict(f: SparseInput) -> dict:
     return out
 
 
-def _sparse(f: _Object) -> SparseInput:
+def _table(o: _Object, key: str, tables: tuple[str, ...] | None) -> str:
+    """The table an input comes from: one of ``tables`` (None: any)."""
+    return o.text(key) if tables is None else o.choice(key, tables)
+
+
+def _sparse(f: _Object, tables: tuple[str, ...] | None) -> SparseInput:
     kind = f.choice("kind", SPARSE_KINDS)
+    least = None if kind == "bucket" else 1  # a bucket feature's rows come from its boundaries
     return SparseInput(
-        name=f.text("name"), table=f.text("table"), column=f.text("column"), kind=kind,
-        capacity=f.integer("capacity"), oov_buckets=f.integer("oov_buckets"), pooling=f.choice("pooling", POOLINGS),
+        name=f.text("name"), table=_table(f, "table", tables), column=f.text("column"), kind=kind,
+        capacity=f.integer("capacity", least), oov_buckets=f.integer("oov_buckets", least),
+        pooling=f.choice("pooling", POOLINGS),
         vocab_version=f.integer("vocab_version"),
         boundaries=f.numbers("boundaries") if kind == "bucket" else None,
         vocab=f.text("vocab") if kind != "bucket" else None)
 
 
-def _dense(d: _Object) -> AggregateInput | NumericInput:
-    if d.text("source") == "aggregate":
+def _dense(d: _Object, tables: tuple[str, ...] | None) -> AggregateInput | NumericInput:
+    source = _table(d, "source", None if tables is None else ("aggregate", *tables))
+    if source == "aggregate":
         return AggregateInput(d.text("name"), d.text("key"))
     transform = d.choice("transform", tuple(NUMERIC_TRANSFORMS))
-    return NumericInput(d.text("name"), d.text("source"), d.text("column"), transform)
+    return NumericInput(d.text("name"), source, d.text("column"), transform)
 
 
 def _event_features(top: _Object, dense: tuple[AggregateInput | NumericInput, ...]) -> EventFeatures:
@@ -287,8 +307,11 @@ class _Object:
     def text(self, key: str, default=_REQUIRED) -> str:
         return self._get(key, lambda v: isinstance(v, str), "a string", default)
 
-    def integer(self, key: str) -> int:
-        return self._get(key, lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer")
+    def integer(self, key: str, minimum: int | None = None) -> int:
+        value = self._get(key, lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer")
+        if minimum is not None and value < minimum:
+            raise BundleError(f"{self.file}: key {self._key(key)!r} must be at least {minimum}, got {value!r}")
+        return value
 
     def number(self, key: str) -> float:
         return self._get(key, _is_number, "a number")
