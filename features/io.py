@@ -1,7 +1,9 @@
 """Atomic writes: a stage's output appears whole or not at all.
 
 Everything is written to a temporary sibling (``.tmp-<name>-<pid>``) and renamed into
-place, so a killed stage leaves no half-written partition for a reader to trust.
+place, so a killed stage leaves no half-written partition for a reader to trust. What a
+killed writer leaves behind is removed by the next write into the same folder
+(``remove_stale_temporaries``).
 """
 
 from __future__ import annotations
@@ -19,11 +21,44 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
+TEMPORARY_PREFIXES = (".tmp-", ".old-")  # + "<name>-<pid>": a write in progress, a replaced folder
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this machine is running."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Remove the ``.tmp-<name>-<pid>`` and ``.old-<name>-<pid>`` files and folders in
+    ``folder`` whose process has ended (a writer killed mid-write, e.g. during export);
+    those of a live process (this one, or another writer on this machine) are kept.
+    Returns what it removed."""
+    removed = []
+    for path in Path(folder).iterdir():
+        pid = path.name.rpartition("-")[2]
+        if not path.name.startswith(TEMPORARY_PREFIXES) or not pid.isdigit() or process_alive(int(pid)):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield a temporary folder; on success it replaces ``target`` in one rename."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(target.parent)
     tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -42,6 +77,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
 def atomic_write_bytes(target: Path, data: bytes) -> None:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(target.parent)
     tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
     with open(tmp, "wb") as fh:
         fh.write(data)
