@@ -85,8 +85,13 @@ def truth_dir(warehouse: Path, day: dt.date) -> Path:
 
 # ---------------------------------------------------------------- features and training tables
 
+def daily_features_root(warehouse: Path) -> Path:
+    """The folder of every aggregate key's daily counters."""
+    return Path(warehouse) / "features" / "daily"
+
+
 def daily_root(warehouse: Path, key_name: str) -> Path:
-    return Path(warehouse) / "features" / "daily" / key_name
+    return daily_features_root(warehouse) / key_name
 
 
 def daily_dir(warehouse: Path, key_name: str, day: dt.date) -> Path:
