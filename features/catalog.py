@@ -25,10 +25,14 @@ said otherwise; a ``*_root`` function names the folder of all of a dataset's par
     table/source/<sha256>/                table_csv_dir             a CSV input converted once to Parquet
     table/manifest.json                   table_manifest_path       inputs, spec and content hashes of table/
     .funnelrank.lock                      lock_path                 the nightly run's exclusive lock
+    state/                                default_state_dir         the run state when the config names no
+                                                                    state_dir: MLflow store, checkpoints,
+                                                                    bundles, nightly records
 
 Manifests name the input partitions they hash by their warehouse-relative path
 (``warehouse_relative``). Model checkpoints, bundles and nightly records live under the
-config's ``state_dir``, not here.
+config's ``state_dir`` (by default the warehouse's own ``state/``, so two warehouses never
+share them).
 """
 
 from __future__ import annotations
@@ -152,6 +156,10 @@ def table_manifest_path(warehouse: Path) -> Path:
 
 def lock_path(warehouse: Path) -> Path:
     return Path(warehouse) / ".funnelrank.lock"
+
+
+def default_state_dir(warehouse: Path) -> Path:
+    return Path(warehouse) / "state"
 
 
 # ---------------------------------------------------------------- what is there

@@ -88,6 +88,7 @@ from models.tracking import (
     plot_reliability,
     plot_roc,
     to_toml,
+    tracking_uri,
 )
 
 HIGHER_IS_BETTER = ("_auc", "_gauc")  # metric name suffixes; logloss, ece: lower is better
@@ -119,8 +120,10 @@ class TrainResult:
 
 def run_key(cfg: TrainingConfig, warehouse: Path, data: TrainingData) -> str:
     """Checkpoint folder name: the data's name and a hash of the whole config, the
-    warehouse and the data's hashes (its ``data.*`` tags), so changed inputs start afresh."""
+    warehouse, the MLflow store (a checkpoint names its run there) and the data's hashes
+    (its ``data.*`` tags), so changed inputs start afresh."""
     identity = {"config": cfg.model_dump(mode="json"), "warehouse": str(Path(warehouse).resolve()),
+                "tracking_uri": tracking_uri(cfg.state_dir),
                 "data": {k: v for k, v in data.tags.items() if k.startswith("data.")}}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     return f"{data.name}-{digest[:12]}"

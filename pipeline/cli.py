@@ -35,12 +35,18 @@ def _date(text: str) -> dt.date:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="run config (TOML), default %(default)s")
-    p.add_argument("--warehouse", type=Path, default=None, help="data root; default: the config's `warehouse`")
+    p.add_argument("--warehouse", type=Path, default=None, help="data root; default: the config's `warehouse`. Its "
+                   "state (MLflow store, checkpoints, bundles, nightly records) goes to <warehouse>/state unless the "
+                   "config names a state_dir")
 
 
 def _load(args: argparse.Namespace, overrides: dict | None = None) -> tuple[FunnelConfig, Path]:
+    """The config with ``--warehouse`` in place of its own (and so the state of that
+    warehouse, unless the config names a ``state_dir``), and the warehouse."""
+    if args.warehouse is not None:
+        overrides = {**(overrides or {}), "warehouse": str(args.warehouse)}
     cfg = load_config(args.config, overrides)
-    return cfg, args.warehouse or cfg.warehouse
+    return cfg, cfg.warehouse
 
 
 def _locked(warehouse: Path) -> contextlib.AbstractContextManager:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from features.catalog import partition_days, validated_root
 from features.contract import day_str
 from features.errors import StageError
 from features.examples import mature_day, stale_training_tables, training_dir
@@ -33,6 +34,15 @@ def training_window(cfg: FunnelConfig, run_date: dt.date) -> tuple[list[dt.date]
     last = mature_day(cfg, run_date)
     first = last - dt.timedelta(days=cfg.train.window_days - 1)
     return [first + dt.timedelta(days=i) for i in range((last - first).days)], last
+
+
+def mature_days_of_data(cfg: FunnelConfig, warehouse: Path, run_date: dt.date) -> list[dt.date]:
+    """The days of the night's full training window (``train.window_days``, the validation
+    day last) on or after the first day of data (the first validated impressions): fewer
+    than the window on a young warehouse."""
+    days, val_day = training_window(cfg, run_date)
+    first = min(partition_days(validated_root(warehouse, "impressions")), default=None)
+    return [d for d in [*days, val_day] if first is not None and d >= first]
 
 
 def training_data(cfg: FunnelConfig, warehouse: Path, run_date: dt.date | None) -> TrainingData:
