@@ -63,18 +63,21 @@ KEY_HASH_STEP = np.uint64(0x9E3779B97F4A7C15)
 DAILY_INPUTS = "funnelrank.counted_from"
 
 
-def stale_daily_aggregates(warehouse: Path, folders: list[Path], hashed: dict[str, str | None] | None = None) -> list[str]:
+def stale_daily_aggregates(warehouse: Path, folders: list[Path],
+                           hashed: dict[str, str | None] | None = None) -> list[str]:
     """The daily partitions among ``folders`` counted from validated partitions that have
     changed since (validated again) or are gone, each with what changed. Partitions written
     without the record (by an older version) have nothing to compare and pass. ``hashed``:
     see ``changed_folders``."""
     stale = []
     for folder in folders:
-        recorded = {k.decode(): v for f in folder.glob("*.parquet") for k, v in (pq.read_metadata(f).metadata or {}).items()}
+        recorded = {k.decode(): v for f in folder.glob("*.parquet")
+                    for k, v in (pq.read_metadata(f).metadata or {}).items()}
         if DAILY_INPUTS not in recorded:
             continue
         if changed := changed_folders(warehouse, json.loads(recorded[DAILY_INPUTS]), hashed):
-            stale.append(f"{warehouse_relative(warehouse, folder)} ({', '.join(f'{p} {why}' for p, why in changed.items())})")
+            what = ", ".join(f"{p} {why}" for p, why in changed.items())
+            stale.append(f"{warehouse_relative(warehouse, folder)} ({what})")
     return stale
 
 
@@ -229,7 +232,8 @@ def build_daily_aggregates(cfg: DataConfig, warehouse: Path, day: dt.date) -> di
     events, inputs = daily_events(cfg, warehouse, day)
     impressions = int(events.rows["imps"].sum())
     manifest: dict = {"date": day_str(day), "impressions": impressions, "inputs": inputs, "rows": {}, "outputs": {}}
-    counted_from = {DAILY_INPUTS: json.dumps({warehouse_relative(warehouse, Path(p)): sha256_dir(Path(p)) for p in inputs})}
+    counted_from = {DAILY_INPUTS: json.dumps({warehouse_relative(warehouse, Path(p)): sha256_dir(Path(p))
+                                              for p in inputs})}
     t = time.perf_counter()
     timings["events"] = t - started
     key_columns = dict.fromkeys(c for key in cfg.features.aggregate_keys for c in key.columns)

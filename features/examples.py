@@ -266,8 +266,9 @@ def build_training_table(cfg: DataConfig, warehouse: Path, run_date: dt.date) ->
     partitions = input_partitions(cfg, warehouse, day)
     daily = [p for p in partitions if p.is_relative_to(daily_features_root(warehouse))]
     if stale := stale_daily_aggregates(warehouse, daily):
-        raise StageError(f"training table of {day_str(day)}: the daily aggregates {'; '.join(stale)} were counted from "
-                         f"data validated again since: run `funnelrank features` for their dates (or their nights) first")
+        raise StageError(f"training table of {day_str(day)}: the daily aggregates {'; '.join(stale)} were counted "
+                         f"from data validated again since: run `funnelrank features` for their dates (or their "
+                         f"nights) first")
     inputs = input_hashes(cfg, warehouse, partitions)
     timings["hash_inputs"] = time.perf_counter() - started
 

@@ -151,7 +151,8 @@ def sha256_dir(path: Path) -> str:
     return h.hexdigest()
 
 
-def changed_folders(root: Path, recorded: Mapping[str, str], hashed: dict[str, str | None] | None = None) -> dict[str, str]:
+def changed_folders(root: Path, recorded: Mapping[str, str],
+                    hashed: dict[str, str | None] | None = None) -> dict[str, str]:
     """The folders of ``recorded`` (path relative to ``root`` -> the ``sha256_dir`` an output
     was built from) that changed since: path -> "changed" or "is gone". ``hashed`` caches
     the current hashes across calls (None: the folder is gone)."""

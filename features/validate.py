@@ -170,8 +170,8 @@ def validate_day(cfg: DataConfig, warehouse: Path, day: dt.date) -> ValidationRe
         raise
 
     report = ValidationReport(day, {name: c.report for name, c in checked.items()}, thresholds)
-    report.failed_tables = [n for n, t in report.tables.items()
-                            if t.bad_row_share > thresholds["max_bad_row_share"] and t.quarantined_rows >= thresholds["min_bad_rows"]]
+    report.failed_tables = [n for n, t in report.tables.items() if t.bad_row_share > thresholds["max_bad_row_share"]
+                            and t.quarantined_rows >= thresholds["min_bad_rows"]]
     for name, c in checked.items():
         write_parquet_dir(quarantine_dir(warehouse, name, day), _to_arrow(c.quarantined, name))
     if report.passed:

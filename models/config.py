@@ -87,7 +87,8 @@ class TrainingConfig(DataConfig):
     @classmethod
     def _state_of_the_warehouse(cls, data: object) -> object:
         if isinstance(data, dict) and data.get("state_dir") is None:
-            return {**data, "state_dir": default_state_dir(data.get("warehouse", cls.model_fields["warehouse"].default))}
+            warehouse = data.get("warehouse", cls.model_fields["warehouse"].default)
+            return {**data, "state_dir": default_state_dir(warehouse)}
         return data
 
     @model_validator(mode="after")

@@ -146,7 +146,8 @@ def fail_orphaned_runs(client: MlflowClient, experiment_id: str) -> None:
     for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=10_000):
         owner, _, pid = run.data.tags.get(PROCESS_TAG, "").rpartition(":")
         if owner == host and pid.isdigit() and not process_alive(int(pid)):
-            client.set_tag(run.info.run_id, "outcome", f"failed: its process {pid} ended without ending the run (killed)")
+            client.set_tag(run.info.run_id, "outcome",
+                           f"failed: its process {pid} ended without ending the run (killed)")
             client.set_terminated(run.info.run_id, status="FAILED")
 
 

@@ -451,8 +451,8 @@ def _steps_per_epoch(train: TrainingTableLoader, val: TrainingTableLoader, devic
     fewest = reduce_values([len(train), len(val)], device, dist.ReduceOp.MIN)
     for (name, loader), n in zip((("training", train), ("validation", val)), fewest):
         if n == 0:
-            raise StageError(f"the {name} table {[str(f) for f in loader.files]} has fewer rows than the {world_size()} "
-                             f"ranks of this job: every rank needs one")
+            raise StageError(f"the {name} table {[str(f) for f in loader.files]} has fewer rows than the "
+                             f"{world_size()} ranks of this job: every rank needs one")
     return int(most[0]), int(most[1])
 
 

@@ -226,7 +226,8 @@ def run_train(night: Night) -> dict:
     if len(have) < needed:
         since = f" (from {have[0]})" if have else ""
         reason = f"{len(have)} mature day(s) of data so far{since}, training needs {needed} (train.min_window_days)"
-        return {"skipped": True, "halt": f"no model tonight: {reason}", "rows": 0, "detail": f"{reason}; no model tonight"}
+        return {"skipped": True, "halt": f"no model tonight: {reason}", "rows": 0,
+                "detail": f"{reason}; no model tonight"}
     window, initial, tags = warm_start_source(night)
     if len(have) < window:  # a young warehouse: the days there are
         window = len(have)

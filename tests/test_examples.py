@@ -18,6 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from bundle_fixture import tiny_config
 
 from features.catalog import (
     report_path,
@@ -29,8 +30,10 @@ from features.catalog import (
 from features.contract import TS
 from features.daily_counters import build_daily_aggregates
 from features.errors import DataContractError
-from features.examples import build_training_table, training_schema
+from features.examples import build_training_table, stale_training_tables, training_schema
 from features.io import atomic_write_json, write_parquet_dir
+from features.synthetic import generate_logs
+from models.tracking import to_toml
 from pipeline.cli import main
 from pipeline.config import load_config, parse_config
 from serving.encoding import stable_hash
@@ -306,12 +309,6 @@ def test_a_day_validated_again_makes_what_was_derived_from_it_stale_until_rebuil
     again: its aggregates (and day 1's, which attribute day 1's clicks to day 0's
     impressions) no longer describe the validated rows, so examples refuses them, and
     train the table built from them, until features runs again."""
-    from bundle_fixture import tiny_config
-
-    from features.examples import stale_training_tables
-    from features.synthetic import generate_logs
-    from models.tracking import to_toml
-
     base = tiny_config(tmp_path)
     cfg = base.model_copy(update={"generate": base.generate.model_copy(update={"days": 3, "impressions_per_day": 400})})
     config = tmp_path / "cfg.toml"
@@ -335,7 +332,8 @@ def test_a_day_validated_again_makes_what_was_derived_from_it_stale_until_rebuil
     assert run("examples", "--date", days[2]) == 3
     err = capsys.readouterr().err
     for key in ("user", "item", "user_category"):  # the table of day 1 reads the aggregates of day 0
-        assert re.search(rf"features/daily/{key}/date={days[0]} \([^)]*validated/impressions/date={days[0]} changed", err)
+        stale = rf"features/daily/{key}/date={days[0]} \([^)]*validated/impressions/date={days[0]} changed"
+        assert re.search(stale, err)
     assert stale_training_tables(cfg.warehouse, [dt.date.fromisoformat(days[1])])  # what train checks
 
     assert run("features", "--date", days[0]) == 0 and run("features", "--date", days[1]) == 0

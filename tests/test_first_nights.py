@@ -75,7 +75,8 @@ def test_first_nights_then_a_second_warehouse_and_another_tracking_store(tmp_pat
     # during its first training after a checkpoint
     process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "nightly", "--config", str(config), "--warehouse",
                                 str(wh2), "--start", str(DAYS[0]), "--end", str(DAYS[4])], cwd=tmp_path, text=True,
-                               env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                               env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT)
     _kill_when(process, lambda: any((wh2 / "state" / "checkpoints").glob("*/last.pt")))
     out = process.stdout.read()
     assert all(_lines(out, night)["validate"].split()[2] == "done" for night in DAYS[:4]), out

@@ -174,9 +174,11 @@ def test_ranks_share_the_rows_of_a_single_row_group_evenly(tmp_path: Path):
     pq.write_table(table, path, row_group_size=ROW_GROUP_ROWS)
     assert pq.ParquetFile(path).metadata.num_row_groups == 1
     for world in (2, 3):
-        loaders = [_loader([path], shard=(rank, world), shuffle=True, shuffle_buffer_rows=50, seed=5) for rank in range(world)]
+        loaders = [_loader([path], shard=(rank, world), shuffle=True, shuffle_buffer_rows=50, seed=5)
+                   for rank in range(world)]
         keys = [_collect(list(loader))["dense"][:, 0] for loader in loaders]
-        assert max(map(len, keys)) - min(map(len, keys)) <= 1 and [loader.rows for loader in loaders] == list(map(len, keys))
+        assert max(map(len, keys)) - min(map(len, keys)) <= 1
+        assert [loader.rows for loader in loaders] == list(map(len, keys))
         np.testing.assert_array_equal(np.sort(np.concatenate(keys)), np.sort(_expected(table)["dense"][:, 0]))
     # in order, rank 0's rows come first
     first = _collect(list(_loader([path], shard=(0, 2))))
