@@ -25,10 +25,14 @@ said otherwise; a ``*_root`` function names the folder of all of a dataset's par
     table/source/<sha256>/                table_csv_dir             a CSV input converted once to Parquet
     table/manifest.json                   table_manifest_path       inputs, spec and content hashes of table/
     .funnelrank.lock                      lock_path                 the nightly run's exclusive lock
+    state/                                default_state_dir         the run state when the config names no
+                                                                    state_dir: MLflow store, checkpoints,
+                                                                    bundles, nightly records
 
 Manifests name the input partitions they hash by their warehouse-relative path
 (``warehouse_relative``). Model checkpoints, bundles and nightly records live under the
-config's ``state_dir``, not here.
+config's ``state_dir`` (by default the warehouse's own ``state/``, so two warehouses never
+share them).
 """
 
 from __future__ import annotations
@@ -85,8 +89,13 @@ def truth_dir(warehouse: Path, day: dt.date) -> Path:
 
 # ---------------------------------------------------------------- features and training tables
 
+def daily_features_root(warehouse: Path) -> Path:
+    """The folder of every aggregate key's daily counters."""
+    return Path(warehouse) / "features" / "daily"
+
+
 def daily_root(warehouse: Path, key_name: str) -> Path:
-    return Path(warehouse) / "features" / "daily" / key_name
+    return daily_features_root(warehouse) / key_name
 
 
 def daily_dir(warehouse: Path, key_name: str, day: dt.date) -> Path:
@@ -147,6 +156,10 @@ def table_manifest_path(warehouse: Path) -> Path:
 
 def lock_path(warehouse: Path) -> Path:
     return Path(warehouse) / ".funnelrank.lock"
+
+
+def default_state_dir(warehouse: Path) -> Path:
+    return Path(warehouse) / "state"
 
 
 # ---------------------------------------------------------------- what is there

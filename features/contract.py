@@ -17,7 +17,8 @@ DAILY_TABLES = ("impressions", "clicks", "conversions")
 SNAPSHOT_TABLES = ("users", "items")
 
 # Required columns and their Arrow types. Context and attribute columns come from the
-# feature spec (FeaturesConfig.columns_of) and are checked for presence, not type.
+# feature spec (FeaturesConfig.columns_of): present, and of a type their features read
+# (ids: string or integer; lists of those; numbers), checked by features.validate.
 REQUIRED: dict[str, dict[str, pa.DataType]] = {
     "impressions": {"impression_id": pa.string(), "ts": TS, "user_id": pa.string(), "item_id": pa.string()},
     "clicks": {"impression_id": pa.string(), "ts": TS},

@@ -17,18 +17,22 @@ the impression, else in the users / items snapshot accepted on D (``key_column_s
 Written to ``features.catalog.daily_dir`` (``features/daily/<key name>/date=D/``); each row
 also carries ``key_hash``, a stable 64-bit hash of its key tuple, which the rolling states
 (features.rolling_state) are keyed by, and the rows are in ascending key_hash order, the
-states' order.
+states' order. The file's metadata (``DAILY_INPUTS``) holds the sha256 of every validated
+partition the day was counted from: a day validated again afterwards makes the partition
+stale (``stale_daily_aggregates``), which ``examples`` refuses to read.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import time
 from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 
 from features.catalog import (
     daily_dir,
@@ -37,11 +41,12 @@ from features.catalog import (
     scan_validated,
     validated_dir,
     validated_root,
+    warehouse_relative,
 )
 from features.config import AggregateKey, DataConfig
 from features.contract import SNAPSHOT_TABLES, day_start, day_str, in_day
 from features.errors import DataContractError, StageError
-from features.io import write_parquet_dir
+from features.io import changed_folders, sha256_dir, write_parquet_dir
 from features.labels import attributed_conversions, first_clicks, scan_events
 from features.snapshots import (
     SNAPSHOT_JOIN_KEY,
@@ -54,6 +59,26 @@ from serving.encoding import _mix64 as mix64
 
 COUNTS = ("imps", "clicks", "convs")
 KEY_HASH_STEP = np.uint64(0x9E3779B97F4A7C15)
+# A daily partition's file metadata key: JSON {validated partition: its sha256_dir when counted}.
+DAILY_INPUTS = "funnelrank.counted_from"
+
+
+def stale_daily_aggregates(warehouse: Path, folders: list[Path],
+                           hashed: dict[str, str | None] | None = None) -> list[str]:
+    """The daily partitions among ``folders`` counted from validated partitions that have
+    changed since (validated again) or are gone, each with what changed. Partitions written
+    without the record (by an older version) have nothing to compare and pass. ``hashed``:
+    see ``changed_folders``."""
+    stale = []
+    for folder in folders:
+        recorded = {k.decode(): v for f in folder.glob("*.parquet")
+                    for k, v in (pq.read_metadata(f).metadata or {}).items()}
+        if DAILY_INPUTS not in recorded:
+            continue
+        if changed := changed_folders(warehouse, json.loads(recorded[DAILY_INPUTS]), hashed):
+            what = ", ".join(f"{p} {why}" for p, why in changed.items())
+            stale.append(f"{warehouse_relative(warehouse, folder)} ({what})")
+    return stale
 
 
 def key_column_sources(
@@ -207,6 +232,8 @@ def build_daily_aggregates(cfg: DataConfig, warehouse: Path, day: dt.date) -> di
     events, inputs = daily_events(cfg, warehouse, day)
     impressions = int(events.rows["imps"].sum())
     manifest: dict = {"date": day_str(day), "impressions": impressions, "inputs": inputs, "rows": {}, "outputs": {}}
+    counted_from = {DAILY_INPUTS: json.dumps({warehouse_relative(warehouse, Path(p)): sha256_dir(Path(p))
+                                              for p in inputs})}
     t = time.perf_counter()
     timings["events"] = t - started
     key_columns = dict.fromkeys(c for key in cfg.features.aggregate_keys for c in key.columns)
@@ -220,7 +247,7 @@ def build_daily_aggregates(cfg: DataConfig, warehouse: Path, day: dt.date) -> di
             )
         timings["counters"] += time.perf_counter() - t
         t = time.perf_counter()
-        target = write_parquet_dir(daily_dir(warehouse, key.name, day), counters)
+        target = write_parquet_dir(daily_dir(warehouse, key.name, day), counters, metadata=counted_from)
         timings["write"] += time.perf_counter() - t
         t = time.perf_counter()
         manifest["rows"][key.name] = counters.height

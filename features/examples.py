@@ -48,6 +48,7 @@ import pyarrow as pa
 from features.catalog import (
     DATA_FILE,
     daily_dir,
+    daily_features_root,
     daily_root,
     holds_data,
     report_path,
@@ -59,8 +60,9 @@ from features.catalog import (
 )
 from features.config import DataConfig, SparseFeature
 from features.contract import SNAPSHOT_TABLES, day_str
+from features.daily_counters import stale_daily_aggregates
 from features.errors import DataContractError, StageError
-from features.io import atomic_dir, record_sha256, recorded_sha256, sha256_dir
+from features.io import atomic_dir, changed_folders, record_sha256, recorded_sha256, sha256_dir
 from features.labels import build_labels
 from features.rolling_state import RollingState, rolling_state, state_features
 from features.snapshots import (
@@ -103,10 +105,27 @@ def input_partitions(cfg: DataConfig, warehouse: Path, day: dt.date) -> list[Pat
     return [p for p in paths if holds_data(p)]
 
 
-def input_hashes(cfg: DataConfig, warehouse: Path, day: dt.date) -> dict[str, str]:
-    """sha256 per input partition (path relative to the warehouse) and of the spec."""
-    hashes = {warehouse_relative(warehouse, p): sha256_dir(p) for p in input_partitions(cfg, warehouse, day)}
+def input_hashes(cfg: DataConfig, warehouse: Path, partitions: list[Path]) -> dict[str, str]:
+    """sha256 per input partition (``input_partitions``; path relative to the warehouse) and of the spec."""
+    hashes = {warehouse_relative(warehouse, p): sha256_dir(p) for p in partitions}
     return {"spec": spec_sha256(cfg), **hashes}
+
+
+def stale_training_tables(warehouse: Path, days: list[dt.date]) -> list[str]:
+    """The training tables of ``days`` built from partitions that changed since (a day
+    validated again, its aggregates rebuilt) or from daily aggregates that are stale
+    themselves, each with what changed. Tables without recorded inputs pass."""
+    hashed: dict[str, str | None] = {}
+    stale = []
+    for day in days:
+        manifest = _read_manifest(training_manifest_path(warehouse, day)) or {}
+        recorded = {p: sha for p, sha in manifest.get("inputs", {}).items() if p != "spec"}
+        changed = [f"{p} {why}" for p, why in changed_folders(warehouse, recorded, hashed).items()]
+        daily = [p for p in (warehouse / p for p in recorded) if p.is_relative_to(daily_features_root(warehouse))]
+        changed += stale_daily_aggregates(warehouse, daily, hashed)
+        if changed:
+            stale.append(f"{day_str(day)} ({'; '.join(changed)})")
+    return stale
 
 
 def validate_counts(warehouse: Path, day: dt.date) -> dict | None:
@@ -244,7 +263,13 @@ def build_training_table(cfg: DataConfig, warehouse: Path, run_date: dt.date) ->
     day = mature_day(cfg, run_date)
     target = training_dir(warehouse, day)
     timings: dict[str, float] = {}
-    inputs = input_hashes(cfg, warehouse, day)
+    partitions = input_partitions(cfg, warehouse, day)
+    daily = [p for p in partitions if p.is_relative_to(daily_features_root(warehouse))]
+    if stale := stale_daily_aggregates(warehouse, daily):
+        raise StageError(f"training table of {day_str(day)}: the daily aggregates {'; '.join(stale)} were counted "
+                         f"from data validated again since: run `funnelrank features` for their dates (or their "
+                         f"nights) first")
+    inputs = input_hashes(cfg, warehouse, partitions)
     timings["hash_inputs"] = time.perf_counter() - started
 
     previous = _read_manifest(training_manifest_path(warehouse, day))

@@ -8,8 +8,10 @@ Two kinds of trouble, handled differently:
 * rows that break the contract (null keys, timestamps outside the partition's UTC day,
   duplicate keys, clicks on unknown impressions, conversions without a click) are moved
   to quarantine with a ``reason`` code and counted. When a table's share of such rows is
-  above ``validate.max_bad_row_share`` the quarantine and the report are still written
-  (so the cause can be read), but not the validated rows, and the stage fails.
+  above ``validate.max_bad_row_share`` (and they are at least ``validate.min_bad_rows``,
+  so one bad row of a tiny table does not fail the night) the quarantine and the report
+  are still written (so the cause can be read), but not the validated rows, and the stage
+  fails.
 
 Types are checked strictly but representation is tolerated: string, large_string and
 string_view are all strings; a UTC timestamp of any unit is normalised to
@@ -35,7 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from features.catalog import quarantine_dir, raw_dir, report_path, validated_dir
-from features.config import DataConfig
+from features.config import DataConfig, FeaturesConfig
 from features.contract import (
     DAILY_TABLES,
     KEYS,
@@ -54,6 +56,9 @@ TABLES = (*DAILY_TABLES, *SNAPSHOT_TABLES)
 UTC_ZONES = frozenset({"UTC", "Etc/UTC", "+00:00"})
 REASON = "reason"
 ROW = "_row"  # input order (file order, then row order): the tie-breaker for duplicates
+# Files Spark / Hadoop / Parquet writers leave in a partition that hold no rows: a job's
+# success flag and the Parquet summary files (footers of the data files, no data pages).
+WRITER_MARKERS = ("_SUCCESS", "_metadata", "_common_metadata")
 
 # A row of `table` must point at a valid key of `parent` from the same day or a few days before.
 REFERENCES: dict[str, tuple[str, str]] = {
@@ -146,6 +151,7 @@ def validate_day(cfg: DataConfig, warehouse: Path, day: dt.date) -> ValidationRe
     started = time.perf_counter()
     thresholds = {
         "max_bad_row_share": cfg.validate_.max_bad_row_share,
+        "min_bad_rows": cfg.validate_.min_bad_rows,
         "click_window_minutes": cfg.contract.click_window_minutes,
         "attribution_window_hours": cfg.contract.attribution_window_hours,
         "click_lookback_days": cfg.contract.click_lag_days,
@@ -164,7 +170,8 @@ def validate_day(cfg: DataConfig, warehouse: Path, day: dt.date) -> ValidationRe
         raise
 
     report = ValidationReport(day, {name: c.report for name, c in checked.items()}, thresholds)
-    report.failed_tables = [n for n, t in report.tables.items() if t.bad_row_share > thresholds["max_bad_row_share"]]
+    report.failed_tables = [n for n, t in report.tables.items() if t.bad_row_share > thresholds["max_bad_row_share"]
+                            and t.quarantined_rows >= thresholds["min_bad_rows"]]
     for name, c in checked.items():
         write_parquet_dir(quarantine_dir(warehouse, name, day), _to_arrow(c.quarantined, name))
     if report.passed:
@@ -193,7 +200,7 @@ def _check_all_tables(
             folder = raw_dir(warehouse, name, day)
             why = "folder does not exist" if not folder.is_dir() else "no .parquet files in it"
             raise DataContractError(f"missing required {name} partition {folder}: {why}")
-        frame = _read_partition(name, files, required_columns(name, cfg.features))
+        frame = _read_partition(name, files, required_columns(name, cfg.features), _spec_needs(cfg.features, name))
         if name == "impressions" and frame.height == 0:
             raise DataContractError(f"impressions partition {files[0].parent} has no rows (files: {_names(files)})")
         frame = _find_faults(frame, name, day, keys)
@@ -247,11 +254,28 @@ class _ValidKeys:
 
 
 def _partition_files(warehouse: Path, table: str, day: dt.date) -> list[Path]:
+    """The data files of a raw partition: every ``*.parquet`` (any case) directly in it.
+
+    Anything else that could hold rows stops the day, named: a sub-folder (``hour=23/``),
+    a file of another type, a hidden or ``_``-prefixed Parquet file. Only the markers that
+    writers leave beside their data and that hold no rows of their own are passed over
+    (``WRITER_MARKERS``, Hadoop's ``.<file>.crc`` checksums), so the report counts every
+    row of the folder."""
     folder = raw_dir(warehouse, table, day)
     if not folder.is_dir():
         return []
-    # Hidden and underscore files (.tmp-*, _SUCCESS, ...) are writers' bookkeeping, not data.
-    return sorted(p for p in folder.glob("*.parquet") if not p.name.startswith((".", "_")))
+    data, unknown = [], []
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and p.suffix.lower() == ".parquet" and not p.name.startswith((".", "_")):
+            data.append(p)
+        elif not (p.is_file() and (p.name in WRITER_MARKERS or (p.name.startswith(".") and p.name.endswith(".crc")))):
+            unknown.append(f"{p.name}/ (a folder)" if p.is_dir() else p.name)
+    if unknown:
+        raise DataContractError(
+            f"{table}: {folder} holds {', '.join(unknown)}, which validate does not read: the contract's data files "
+            f"are *.parquet directly in the partition folder (besides them only the writer markers "
+            f"{', '.join(WRITER_MARKERS)} and .*.crc checksums); move their rows into such files, or remove them")
+    return data
 
 
 def _names(files: list[Path]) -> str:
@@ -259,9 +283,11 @@ def _names(files: list[Path]) -> str:
     return shown + (f" and {len(files) - 3} more" if len(files) > 3 else "")
 
 
-def _read_partition(table: str, files: list[Path], columns: list[str]) -> pl.DataFrame:
-    """Read ``columns`` (+ the optional contract columns) of every file, types normalised."""
-    parts = [pl.from_arrow(_read_file(path, table, columns)) for path in files]
+def _read_partition(table: str, files: list[Path], columns: list[str],
+                    spec_needs: dict[str, list[tuple[str, str]]] | None = None) -> pl.DataFrame:
+    """Read ``columns`` (+ the optional contract columns) of every file, types normalised;
+    the feature spec's columns (``spec_needs``) must have types their features can read."""
+    parts = [pl.from_arrow(_read_file(path, table, columns, spec_needs or {})) for path in files]
     try:
         frame = pl.concat(parts, how="vertical_relaxed")
     except pl.exceptions.PolarsError as err:
@@ -269,7 +295,7 @@ def _read_partition(table: str, files: list[Path], columns: list[str]) -> pl.Dat
     return frame.with_row_index(ROW)
 
 
-def _read_file(path: Path, table: str, columns: list[str]) -> pa.Table:
+def _read_file(path: Path, table: str, columns: list[str], spec_needs: dict[str, list[tuple[str, str]]]) -> pa.Table:
     try:
         parquet = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as err:
@@ -287,11 +313,64 @@ def _read_file(path: Path, table: str, columns: list[str]) -> pa.Table:
     except (pa.ArrowException, OSError) as err:
         raise DataContractError(f"{table}: cannot read {path} as Parquet: {err}") from None
     expected = {**REQUIRED[table], **optional}
+    for column, needs in spec_needs.items():
+        if column not in expected:
+            _check_spec_type(schema.field(column).type, needs, table, path, column)
     arrays = {c: _normalise(data.column(c), expected[c], path, c) if c in expected else data.column(c) for c in read}
     for c, dtype in optional.items():
         if c not in arrays:  # absent optional column: null everywhere, so every output has it
             arrays[c] = pa.nulls(data.num_rows, dtype)
     return pa.table(arrays)
+
+
+def _spec_needs(spec: FeaturesConfig, table: str) -> dict[str, list[tuple[str, str]]]:
+    """Raw column of ``table`` -> (feature name, what it reads the column as: a key of
+    SPEC_KINDS) for every feature of the spec that reads it."""
+    needs: dict[str, list[tuple[str, str]]] = {}
+    for f in spec.sparse:
+        if f.table == table:
+            needs.setdefault(f.column, []).append((f.name, "number" if f.kind == "bucket" else f.kind))
+    for f in spec.numeric:
+        if f.table == table:
+            needs.setdefault(f.column, []).append((f.name, "number"))
+    return needs
+
+
+def _plain(dtype: pa.DataType) -> pa.DataType:
+    return dtype.value_type if pa.types.is_dictionary(dtype) else dtype
+
+
+def _is_id(dtype: pa.DataType) -> bool:
+    dtype = _plain(dtype)
+    return pa.types.is_integer(dtype) or pa.types.is_string(dtype) or pa.types.is_large_string(dtype) or (
+        pa.types.is_string_view(dtype))
+
+
+def _is_id_list(dtype: pa.DataType) -> bool:
+    dtype = _plain(dtype)
+    return (pa.types.is_list(dtype) or pa.types.is_large_list(dtype)) and _is_id(dtype.value_type)
+
+
+def _is_number(dtype: pa.DataType) -> bool:
+    dtype = _plain(dtype)
+    return pa.types.is_integer(dtype) or pa.types.is_floating(dtype)
+
+
+# What a feature reads a raw column as: sparse ids (kind id), id lists (kind list), numbers
+# (numeric features and kind bucket).
+SPEC_KINDS = {
+    "id": (_is_id, "string or integer ids"),
+    "list": (_is_id_list, "lists of string or integer ids"),
+    "number": (_is_number, "numbers (integer or floating point)"),
+}
+
+
+def _check_spec_type(dtype: pa.DataType, needs: list[tuple[str, str]], table: str, path: Path, column: str) -> None:
+    for feature, kind in needs:
+        accepts, wanted = SPEC_KINDS[kind]
+        if not accepts(dtype):
+            raise DataContractError(f"{table}: column {column!r} in {path} has type {dtype}, but feature {feature!r} "
+                                    f"of the spec reads it as {wanted}")
 
 
 def _normalise(column: pa.ChunkedArray, expected: pa.DataType, path: Path, name: str) -> pa.ChunkedArray:
@@ -367,7 +446,8 @@ def _share_message(report: ValidationReport, warehouse: Path) -> str:
         top = ", ".join(f"{r} {n:,}" for r, n in list(t.reasons.items())[:3])
         parts.append(
             f"{name}: {t.quarantined_rows:,} of {t.input_rows:,} rows ({t.bad_row_share:.2%}) broke the contract, "
-            f"above max_bad_row_share {report.thresholds['max_bad_row_share']:.2%}; top reasons: {top}; "
+            f"above max_bad_row_share {report.thresholds['max_bad_row_share']:.2%} (and at least min_bad_rows "
+            f"{report.thresholds['min_bad_rows']}); top reasons: {top}; "
             f"files: {_names([Path(f) for f in t.files])}; quarantined rows in {quarantine_dir(warehouse, name, report.day)}"
         )
     return "; ".join(parts) + f". Report: {report_path(warehouse, 'validate', report.day)}"

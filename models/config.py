@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from features.catalog import default_state_dir
 from features.config import DataConfig, TomlPath, _Section
 
 
@@ -45,6 +45,9 @@ class TrainConfig(_Section):
     """Training (models/train.py): the window of mature days, optimisers, early stopping."""
 
     window_days: int = Field(7, ge=2, description="mature days used; the newest is the validation day")
+    min_window_days: int = Field(
+        3, ge=2, description="a young warehouse (fewer mature days than window_days) trains on the days it has once "
+        "there are this many; before that the nightly run skips train, evaluate, export and promote")
     epochs: int = Field(3, ge=1)
     # The global batch: a torchrun job of N ranks gives each rank batch_size / N rows per
     # step (batch_size must divide evenly), so steps per epoch, learning rates and results
@@ -74,9 +77,19 @@ class TrainConfig(_Section):
 class TrainingConfig(DataConfig):
     """The data sections, where checkpoints and MLflow runs live, the network and its training."""
 
-    state_dir: TomlPath = Path("state")
+    # MLflow store, checkpoints, bundles, nightly records; default <warehouse>/state (see
+    # features.catalog.default_state_dir), so the state of two warehouses never mixes
+    state_dir: TomlPath
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _state_of_the_warehouse(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("state_dir") is None:
+            warehouse = data.get("warehouse", cls.model_fields["warehouse"].default)
+            return {**data, "state_dir": default_state_dir(warehouse)}
+        return data
 
     @model_validator(mode="after")
     def _known_early_stopping_metric(self) -> TrainingConfig:

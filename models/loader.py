@@ -101,9 +101,13 @@ def rows_in(files: Sequence[Path]) -> int:
 
 @dataclass(frozen=True)
 class _RowGroup:
+    """Rows ``start`` .. ``start + rows`` of row group ``index`` of ``file`` (a whole
+    group, or the part of it in a rank's share)."""
+
     file: Path
     index: int
     rows: int
+    start: int = 0
 
 
 @dataclass
@@ -253,9 +257,11 @@ def _concat(blocks: Sequence[_Block]) -> _Block:
 class TrainingTableLoader:
     """Iterable over :class:`Batch` es of a training table (see the module docstring).
 
-    ``shard=(rank, world)`` keeps every ``world``-th row group starting at ``rank`` (row
-    groups in file order), so the ranks' shards are disjoint and together cover the table;
-    balance therefore depends on having many row groups. Batches are built in a background
+    ``shard=(rank, world)`` keeps the rank's contiguous share of the rows (files and row
+    groups in order; rank r of N takes rows [r * n / N, (r + 1) * n / N) of n), so the
+    ranks' shards are disjoint, cover the table and differ by at most one row, however few
+    row groups it has (a row group on a boundary is read by both ranks, each keeping its
+    part). Batches are built in a background
     thread, ``prefetch`` ahead (0: build them in the caller's thread). Iterating twice
     gives the same batches; call :meth:`set_epoch` for a new shuffle.
     """
@@ -299,7 +305,7 @@ class TrainingTableLoader:
         self._id_features = [f.name for f in self.sparse if f.kind != "list"]  # one id per row: id, bucket
         self._list_features = [f.name for f in self.sparse if f.kind == "list"]
 
-        row_groups: list[_RowGroup] = []
+        row_groups: list[_RowGroup] = []  # every non-empty row group, whole
         self._has_user = True
         for path in self.files:
             try:
@@ -314,7 +320,7 @@ class TrainingTableLoader:
                 for i in range(meta.num_row_groups)
                 if meta.row_group(i).num_rows > 0
             ]
-        self._row_groups = row_groups[rank::world]
+        self._row_groups = _share(row_groups, rank, world)
         self._columns = self.keys + self.dense_names + list(self.label_names) + ([USER_COLUMN] if self._has_user else [])
         self._user_dictionary: pa.Array | None = None
         self._user_lock = threading.Lock()
@@ -350,7 +356,7 @@ class TrainingTableLoader:
             return self._user_dictionary
 
     def _read_table(self, group: _RowGroup, parquet: pq.ParquetFile) -> pa.Table:
-        table = parquet.read_row_group(group.index, columns=self._columns)
+        table = parquet.read_row_group(group.index, columns=self._columns).slice(group.start, group.rows)  # zero-copy
         for name in self.keys + self.dense_names + list(self.label_names):
             if table.column(name).null_count:
                 raise StageError(
@@ -456,6 +462,20 @@ class TrainingTableLoader:
             user=torch.from_numpy(np.ascontiguousarray(block.user)),
         )
         return batch.pin_memory() if self.pin_memory else batch
+
+
+def _share(groups: Sequence[_RowGroup], rank: int, world: int) -> list[_RowGroup]:
+    """Rank ``rank`` of ``world``'s contiguous share of the rows of ``groups`` (whole row
+    groups): the groups inside it, and the parts of the (at most two) it cuts."""
+    total = sum(g.rows for g in groups)
+    first, last = total * rank // world, total * (rank + 1) // world
+    mine, offset = [], 0
+    for g in groups:
+        lo, hi = max(first, offset), min(last, offset + g.rows)
+        if lo < hi:
+            mine.append(_RowGroup(g.file, g.index, hi - lo, lo - offset))
+        offset += g.rows
+    return mine
 
 
 class _WorkerError:

@@ -4,6 +4,10 @@ The store is explicit (MLflow's own default depends on the working directory):
 ``MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<state_dir>/mlflow.db`` with artifacts
 under ``<state_dir>/mlartifacts``. Everything goes through an ``MlflowClient`` bound to a
 run id, so no global "active run" state leaks between stages or tests.
+
+Each run is tagged with the machine and process that run it (``funnelrank.process``): a
+process killed before it could end its run (kill -9, before a training's first
+checkpoint) leaves it RUNNING, and the next run started in the experiment marks it FAILED.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import socket
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
@@ -24,12 +29,14 @@ import numpy as np  # noqa: E402
 from mlflow.entities import Metric, Param, RunStatus  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from features.io import process_alive  # noqa: E402
 from models.metrics import reliability_curve, roc_curve  # noqa: E402
 
 EXPERIMENT = "funnelrank-train"
 # MLflow draws a progress bar per artifact download: noise in a nightly run's log.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 _BATCH = 100  # MLflow's limit of params / metrics per log_batch call
+PROCESS_TAG = "funnelrank.process"  # "<host>:<pid>" of the process running the run
 
 
 def tracking_uri(state_dir: Path) -> str:
@@ -90,6 +97,7 @@ class RunTracker:
         if run_id is not None:
             self.run_id = run_id
             self.client.update_run(run_id, status="RUNNING")
+            self.client.set_tag(run_id, PROCESS_TAG, _this_process())
             return
         found = self.client.get_experiment_by_name(experiment)
         if found is None:
@@ -97,7 +105,9 @@ class RunTracker:
             experiment_id = self.client.create_experiment(experiment, artifact_location=artifacts)
         else:
             experiment_id = found.experiment_id
-        self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags=dict(tags)).info.run_id
+        fail_orphaned_runs(self.client, experiment_id)
+        self.run_id = self.client.create_run(experiment_id, run_name=run_name,
+                                             tags={**tags, PROCESS_TAG: _this_process()}).info.run_id
 
     def log_params(self, params: Mapping[str, str]) -> None:
         items = [Param(k, v[:6000]) for k, v in params.items()]
@@ -122,6 +132,23 @@ class RunTracker:
 
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=RunStatus.to_string(RunStatus.from_string(status)))
+
+
+def _this_process() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def fail_orphaned_runs(client: MlflowClient, experiment_id: str) -> None:
+    """Mark FAILED the experiment's RUNNING runs whose process, on this machine, has ended
+    without ending them (killed); runs of live processes and of other machines are left
+    alone. A killed training that had checkpointed reopens its run when it resumes."""
+    host = socket.gethostname()
+    for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=10_000):
+        owner, _, pid = run.data.tags.get(PROCESS_TAG, "").rpartition(":")
+        if owner == host and pid.isdigit() and not process_alive(int(pid)):
+            client.set_tag(run.info.run_id, "outcome",
+                           f"failed: its process {pid} ended without ending the run (killed)")
+            client.set_terminated(run.info.run_id, status="FAILED")
 
 
 # ---------------------------------------------------------------- plots

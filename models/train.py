@@ -13,9 +13,9 @@ backward (row-wise Adagrad or Adam): no dense embedding gradients are ever mater
 Dense parameters (and the uncertainty weights) use AdamW. With bf16 autocast on CUDA
 (``train.mixed_precision``) the dense layers run in bf16; losses are taken in float32.
 
-One process or many (``models.distributed``): under torchrun each rank reads its own row
-groups of the training and validation tables (``rank::world``). ``train.batch_size`` is
-the global batch: each of N ranks takes batch_size / N rows per step, so a run's
+One process or many (``models.distributed``): under torchrun each rank reads its own
+contiguous share of the training and validation tables' rows (whatever their row groups:
+models.loader). ``train.batch_size`` is the global batch: each of N ranks takes batch_size / N rows per step, so a run's
 optimisation does not depend on how many ranks share it. Ranks whose shard runs out
 first start it again, so all ranks take the same number of steps (every step is a
 collective); validation repeats batches the same way but drops their output. Metrics are
@@ -88,6 +88,7 @@ from models.tracking import (
     plot_reliability,
     plot_roc,
     to_toml,
+    tracking_uri,
 )
 
 HIGHER_IS_BETTER = ("_auc", "_gauc")  # metric name suffixes; logloss, ece: lower is better
@@ -119,8 +120,10 @@ class TrainResult:
 
 def run_key(cfg: TrainingConfig, warehouse: Path, data: TrainingData) -> str:
     """Checkpoint folder name: the data's name and a hash of the whole config, the
-    warehouse and the data's hashes (its ``data.*`` tags), so changed inputs start afresh."""
+    warehouse, the MLflow store (a checkpoint names its run there) and the data's hashes
+    (its ``data.*`` tags), so changed inputs start afresh."""
     identity = {"config": cfg.model_dump(mode="json"), "warehouse": str(Path(warehouse).resolve()),
+                "tracking_uri": tracking_uri(cfg.state_dir),
                 "data": {k: v for k, v in data.tags.items() if k.startswith("data.")}}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     return f"{data.name}-{digest[:12]}"
@@ -448,8 +451,8 @@ def _steps_per_epoch(train: TrainingTableLoader, val: TrainingTableLoader, devic
     fewest = reduce_values([len(train), len(val)], device, dist.ReduceOp.MIN)
     for (name, loader), n in zip((("training", train), ("validation", val)), fewest):
         if n == 0:
-            raise StageError(f"the {name} table {[str(f) for f in loader.files]} has fewer non-empty row groups than "
-                             f"the {world_size()} ranks of this job: every rank needs one; write smaller row groups")
+            raise StageError(f"the {name} table {[str(f) for f in loader.files]} has fewer rows than the "
+                             f"{world_size()} ranks of this job: every rank needs one")
     return int(most[0]), int(most[1])
 
 

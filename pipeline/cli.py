@@ -4,12 +4,17 @@ Every stage takes ``--config`` (TOML, default configs/demo.toml) and ``--warehou
 (the data root; default from the config). Each command validates the config first and
 imports its heavy libraries after, so ``--help`` and config errors answer at once.
 
-Exit codes: 0 ok, 2 bad usage or config, 3 a stage failed, 4 raw data broke the contract.
+Every command that writes the warehouse or its state holds the warehouse lock that
+``nightly`` holds (``pipeline.nightly.warehouse_lock``) while it runs.
+
+Exit codes: 0 ok, 2 bad usage or config, 3 a stage failed, 4 raw data broke the contract,
+5 another run holds the warehouse lock.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import os
 import sys
@@ -30,12 +35,26 @@ def _date(text: str) -> dt.date:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="run config (TOML), default %(default)s")
-    p.add_argument("--warehouse", type=Path, default=None, help="data root; default: the config's `warehouse`")
+    p.add_argument("--warehouse", type=Path, default=None, help="data root; default: the config's `warehouse`. Its "
+                   "state (MLflow store, checkpoints, bundles, nightly records) goes to <warehouse>/state unless the "
+                   "config names a state_dir")
 
 
 def _load(args: argparse.Namespace, overrides: dict | None = None) -> tuple[FunnelConfig, Path]:
+    """The config with ``--warehouse`` in place of its own (and so the state of that
+    warehouse, unless the config names a ``state_dir``), and the warehouse."""
+    if args.warehouse is not None:
+        overrides = {**(overrides or {}), "warehouse": str(args.warehouse)}
     cfg = load_config(args.config, overrides)
-    return cfg, args.warehouse or cfg.warehouse
+    return cfg, cfg.warehouse
+
+
+def _locked(warehouse: Path) -> contextlib.AbstractContextManager:
+    """The warehouse lock for a command that writes (raises WarehouseLockedError, exit 5,
+    while another run holds it). Under torchrun rank 0 holds it for the whole job."""
+    from pipeline.nightly import warehouse_lock
+
+    return warehouse_lock(warehouse) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
 
 
 def _refuse_table(cfg: FunnelConfig, args: argparse.Namespace) -> None:
@@ -63,7 +82,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     cfg, warehouse = _load(args, overrides)
     from features.synthetic import generate_logs
 
-    summary = generate_logs(cfg, warehouse, progress=not args.quiet)
+    with _locked(warehouse):
+        summary = generate_logs(cfg, warehouse, progress=not args.quiet)
     print(summary.describe())
     return 0
 
@@ -78,7 +98,9 @@ def cmd_adapt_aliccp(args: argparse.Namespace) -> int:
     )
 
     days = aliccp_sample_days(args.data_dir, cfg.generate.start_date)
-    print(describe_aliccp_summary(aliccp_to_raw(days, warehouse, cfg.contract, cfg.seed)))
+    with _locked(warehouse):
+        summary = aliccp_to_raw(days, warehouse, cfg.contract, cfg.seed)
+    print(describe_aliccp_summary(summary))
     return 0
 
 
@@ -86,7 +108,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     cfg, warehouse = _load_event_logs(args)
     from features.validate import validate_day
 
-    report = validate_day(cfg, warehouse, args.date)
+    with _locked(warehouse):
+        report = validate_day(cfg, warehouse, args.date)
     print(report.describe())
     return 0
 
@@ -95,7 +118,8 @@ def cmd_features(args: argparse.Namespace) -> int:
     cfg, warehouse = _load_event_logs(args)
     from features.daily_counters import build_daily_aggregates
 
-    manifest = build_daily_aggregates(cfg, warehouse, args.date)
+    with _locked(warehouse):
+        manifest = build_daily_aggregates(cfg, warehouse, args.date)
     for name, rows in manifest["rows"].items():
         print(f"{name}: {rows} rows -> {manifest['outputs'][name]}")
     return 0
@@ -105,7 +129,8 @@ def cmd_examples(args: argparse.Namespace) -> int:
     cfg, warehouse = _load_event_logs(args)
     from features.examples import build_training_table
 
-    manifest = build_training_table(cfg, warehouse, args.date)
+    with _locked(warehouse):
+        manifest = build_training_table(cfg, warehouse, args.date)
     rows = manifest["rows"]
     state = "skipped (inputs unchanged)" if manifest["skipped"] else f"written in {manifest['timings_s']['total']:.2f}s"
     print(f"training table {manifest['date']}: {rows['rows_out']:,} rows of {rows['impressions_in']:,} impressions "
@@ -117,7 +142,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg, warehouse = _load(args)
     from pipeline.train_stage import train_run
 
-    result = train_run(cfg, warehouse, args.date, progress=not args.quiet)
+    with _locked(warehouse):
+        result = train_run(cfg, warehouse, args.date, progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank returns the same result: rank 0 reports
         return 0
     metric = cfg.early_stopping_metric
@@ -138,7 +164,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     cfg, warehouse = _load(args)
     from pipeline.export_stage import export_run
 
-    summary = export_run(cfg, warehouse, args.date)
+    with _locked(warehouse):
+        summary = export_run(cfg, warehouse, args.date)
     for name, diff in summary["parity_max_abs_diff"].items():
         print(f"parity {name:8s} max abs diff {diff:.3g}")
     state = "skipped (inputs unchanged)" if summary["skipped"] else "written"
@@ -190,8 +217,9 @@ def cmd_night_stage(args: argparse.Namespace) -> int:
         from pipeline.evaluate import evaluate_models
         from pipeline.train_stage import load_trained_model
 
-        model, run_id = load_trained_model(cfg, warehouse, None)
-        result = evaluate_models(cfg, warehouse, None, model, None, f"the trained model of MLflow run {run_id}")
+        with _locked(warehouse):
+            model, run_id = load_trained_model(cfg, warehouse, None)
+            result = evaluate_models(cfg, warehouse, None, model, None, f"the trained model of MLflow run {run_id}")
         print(f"evaluate: {result['rows']:,} rows of the test split; MLflow run {result['mlflow_run_id']}")
         _print_metrics("test", cfg, result["candidate"])
         return 0

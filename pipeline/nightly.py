@@ -11,6 +11,11 @@ same command: finished stages are skipped, the interrupted one starts over (``tr
 resumes from its last epoch checkpoint), and the rest follow. ``--from STAGE`` forces a
 stage and everything after it to run again.
 
+A young warehouse (fewer mature days of data than ``train.window_days``) trains on the
+days it has once there are ``train.min_window_days``; before that, ``train`` says why it
+did not run and evaluate, export and promote are skipped, each with its line: the night
+still succeeds.
+
 The champion a night compares against and warm-starts from is fixed the first time the
 night runs (``plan.json``), so rerunning a night after it promoted its own model gives
 the same result. A lock file in the warehouse keeps two runs off one warehouse; the
@@ -214,9 +219,19 @@ def warm_start_source(night: Night) -> tuple[int, dict | None, dict[str, str]]:
 
 
 def run_train(night: Night) -> dict:
-    from pipeline.train_stage import train_run
+    from pipeline.train_stage import mature_days_of_data, train_run
 
+    have = mature_days_of_data(night.cfg, night.warehouse, night.run_date)
+    needed = min(night.cfg.train.min_window_days, night.cfg.train.window_days)
+    if len(have) < needed:
+        since = f" (from {have[0]})" if have else ""
+        reason = f"{len(have)} mature day(s) of data so far{since}, training needs {needed} (train.min_window_days)"
+        return {"skipped": True, "halt": f"no model tonight: {reason}", "rows": 0,
+                "detail": f"{reason}; no model tonight"}
     window, initial, tags = warm_start_source(night)
+    if len(have) < window:  # a young warehouse: the days there are
+        window = len(have)
+        tags = {**tags, "warm_start_reason": f"{tags['warm_start_reason']}; {window} mature day(s) of data so far"}
     cfg = with_window(night.cfg, window)
     result = train_run(cfg, night.warehouse, night.run_date, progress=True, initial_state=initial,
                        freeze_shared=initial is not None and night.cfg.nightly.freeze_shared,
@@ -346,29 +361,41 @@ def _recorded(night: Night, stage: Stage, fingerprint: str) -> dict | None:
     return record["outputs"]
 
 
+def _recorded_in_this_store(path: Path, store: str) -> dict | None:
+    """A night's record of MLflow things (plan, parent run) when it was made with the
+    tracking store in use now (records of older versions name none: theirs); else None."""
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    return record if record.get("tracking_uri", store) == store else None
+
+
 def _plan(night: Night) -> dict:
+    """The night's plan; made again when the tracking store has changed since (a champion
+    and runs of another store cannot be used), which reruns the stages after examples."""
+    from models.tracking import tracking_uri
     from pipeline.registry import current_champion
 
-    path = night.records / "plan.json"
-    if path.exists():
-        return json.loads(path.read_text())
+    path, store = night.records / "plan.json", tracking_uri(night.cfg.state_dir)
+    if (plan := _recorded_in_this_store(path, store)) is not None:
+        return plan
     champion = current_champion(night.cfg)
     plan = {"champion": {"version": champion.version, "run_id": champion.run_id} if champion else None,
-            "planned_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+            "tracking_uri": store, "planned_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
     atomic_write_json(path, plan)
     return plan
 
 
 def _parent_run(night: Night):
-    from models.tracking import RunTracker
+    from models.tracking import RunTracker, tracking_uri
 
-    path = night.records / "mlflow_run.json"
-    run_id = json.loads(path.read_text())["run_id"] if path.exists() else None
+    path, store = night.records / "mlflow_run.json", tracking_uri(night.cfg.state_dir)
+    run_id = (_recorded_in_this_store(path, store) or {}).get("run_id")
     tracker = RunTracker(night.cfg.state_dir, f"nightly-{day_str(night.run_date)}",
                          {"stage": "nightly", "run_date": day_str(night.run_date), "warehouse": str(Path(night.warehouse).resolve())},
                          run_id=run_id)
     if run_id is None:
-        atomic_write_json(path, {"run_id": tracker.run_id})
+        atomic_write_json(path, {"run_id": tracker.run_id, "tracking_uri": store})
     return tracker
 
 
@@ -381,13 +408,16 @@ def run_night(cfg: FunnelConfig, warehouse: Path, run_date: dt.date, rerun_from:
     night.records.mkdir(parents=True, exist_ok=True)
     stages = DAG[: STAGES.index(last) + 1]
     forced = set(STAGES[STAGES.index(rerun_from):]) if rerun_from else set()
-    tracker = None
+    tracker, halted = None, None  # halted: why the stages after one that ended the night early do not run
     try:
         if any(s.name in ("train", "evaluate", "export", "promote") for s in stages):
             night.plan = _plan(night)
             tracker = _parent_run(night)
             night.parent_run_id = tracker.run_id
         for stage in stages:
+            if halted:
+                echo(f"{day_str(run_date)}  {stage.name:9s} {'skipped':8s} {0:>11,} rows {0.0:7.1f} s  {halted}")
+                continue
             started = time.perf_counter()
             fingerprint = _fingerprint(stage.inputs(night)) if stage.inputs else None
             outputs = None if stage.name in forced or fingerprint is None else _recorded(night, stage, fingerprint)
@@ -400,6 +430,7 @@ def run_night(cfg: FunnelConfig, warehouse: Path, run_date: dt.date, rerun_from:
                                    "seconds": round(time.perf_counter() - started, 3),
                                    "finished_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")})
             night.outputs[stage.name] = outputs
+            halted = outputs.get("halt")
             seconds = time.perf_counter() - started
             echo(f"{day_str(run_date)}  {stage.name:9s} {status:8s} {outputs.get('rows', 0):>11,} rows {seconds:7.1f} s  {outputs.get('detail', '')}")
             if tracker is not None:
@@ -412,7 +443,7 @@ def run_night(cfg: FunnelConfig, warehouse: Path, run_date: dt.date, rerun_from:
         raise
     if tracker is not None:
         promote = night.outputs.get("promote")
-        outcome = promote["detail"] if promote else f"stopped after {last}"
+        outcome = halted or (promote["detail"] if promote else f"stopped after {last}")
         tracker.client.set_tag(tracker.run_id, "outcome", outcome)
         tracker.end()
     return night.outputs

@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from features.catalog import partition_days, validated_root
 from features.contract import day_str
 from features.errors import StageError
-from features.examples import mature_day, training_dir
+from features.examples import mature_day, stale_training_tables, training_dir
 from features.table_source import prepare_table
 from models.checkpoint import checkpoint_dir
 from models.distributed import barrier, init_process_group, local_device, this_rank
@@ -33,6 +34,15 @@ def training_window(cfg: FunnelConfig, run_date: dt.date) -> tuple[list[dt.date]
     last = mature_day(cfg, run_date)
     first = last - dt.timedelta(days=cfg.train.window_days - 1)
     return [first + dt.timedelta(days=i) for i in range((last - first).days)], last
+
+
+def mature_days_of_data(cfg: FunnelConfig, warehouse: Path, run_date: dt.date) -> list[dt.date]:
+    """The days of the night's full training window (``train.window_days``, the validation
+    day last) on or after the first day of data (the first validated impressions): fewer
+    than the window on a young warehouse."""
+    days, val_day = training_window(cfg, run_date)
+    first = min(partition_days(validated_root(warehouse, "impressions")), default=None)
+    return [d for d in [*days, val_day] if first is not None and d >= first]
 
 
 def training_data(cfg: FunnelConfig, warehouse: Path, run_date: dt.date | None) -> TrainingData:
@@ -51,6 +61,9 @@ def training_data(cfg: FunnelConfig, warehouse: Path, run_date: dt.date | None) 
     if run_date is None:
         raise StageError("training on event logs needs a run date (--date)")
     train_days, val_day = training_window(cfg, run_date)
+    if stale := stale_training_tables(warehouse, [*train_days, val_day]):
+        raise StageError(f"training tables built from data that changed since: {'; '.join(stale)}; run `funnelrank "
+                         f"examples` for them again (the night of a table's date + the maturity lag) first")
     tags = {"run_date": day_str(run_date), "train_days": ",".join(map(day_str, train_days)),
             "val_day": day_str(val_day), **_data_tags(warehouse, [*train_days, val_day])}
     versions = {day: m["vocab_versions"] for day, m in _manifests(warehouse, [*train_days, val_day]).items()

@@ -10,6 +10,7 @@ import pytest
 
 from features.catalog import (
     daily_dir,
+    default_state_dir,
     lock_path,
     quarantine_dir,
     raw_dir,
@@ -52,6 +53,7 @@ def test_the_layout_is_the_documented_one(tmp_path):
         table_csv_dir(tmp_path, "ab12"): "table/source/ab12",
         table_manifest_path(tmp_path): "table/manifest.json",
         lock_path(tmp_path): ".funnelrank.lock",
+        default_state_dir(tmp_path): "state",
     }
     assert [warehouse_relative(tmp_path, path) for path in layout] == list(layout.values())
 

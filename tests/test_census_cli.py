@@ -32,7 +32,6 @@ def census_config(tmp_path_factory) -> tuple[Path, Path]:
     for s, p in paths.items():
         text = text.replace(f'"{getattr(base.table, s)}"', f'"{p}"')
     text = text.replace('warehouse = "state/census/warehouse"', f'warehouse = "{tmp / "warehouse"}"')
-    text = text.replace('state_dir = "state/census"', f'state_dir = "{tmp / "state"}"')
     text = text.replace('backbone = "mmoe"', 'backbone = "ple"').replace("epochs = 5", "epochs = 1")
     config = tmp / "census.toml"
     config.write_text(text)

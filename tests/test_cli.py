@@ -55,3 +55,29 @@ def test_bad_date_is_a_usage_error(capsys):
         main(["validate", "--date", "yesterday"])
     assert exit_.value.code == 2
     assert "not a date" in capsys.readouterr().err
+
+
+@pytest.fixture
+def held_lock(tmp_path):
+    """The warehouse lock held by another process (as a running nightly holds it)."""
+    warehouse = tmp_path / "wh"
+    code = ("import sys\nfrom pipeline.nightly import warehouse_lock\n"
+            "with warehouse_lock(sys.argv[1]):\n    print('held', flush=True)\n    sys.stdin.read()\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(warehouse)], cwd=ROOT, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        yield warehouse
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+
+
+@pytest.mark.parametrize("command", [["generate", "--days", "1"], ["validate", "--date", "2026-11-01"],
+                                     ["features", "--date", "2026-11-01"], ["examples", "--date", "2026-11-03"],
+                                     ["train", "--date", "2026-11-03"], ["export", "--date", "2026-11-03"],
+                                     ["evaluate", "--date", "2026-11-03"], ["nightly", "--date", "2026-11-03"]])
+def test_writing_stages_wait_for_no_one_while_the_warehouse_is_locked(held_lock, command, capsys):
+    assert main([*command, "--warehouse", str(held_lock)]) == 5
+    assert "another run holds the lock" in capsys.readouterr().err
+    assert sorted(p.name for p in held_lock.iterdir()) == [".funnelrank.lock"]  # nothing written

@@ -10,7 +10,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_demo_runs_the_nightly_pipeline_and_ranks_with_the_champion(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     text = (ROOT / "configs" / "demo.toml").read_text()
-    text = text.replace('state_dir = "state"', f'state_dir = "{tmp_path / "state"}"')
+    state_dir = f'state_dir = "{tmp_path / "state"}"'
+    text = text.replace('warehouse = "state/warehouse"', f'warehouse = "state/warehouse"\n{state_dir}')
     for old, new in [("days = 14", "days = 6"), ("users = 20000", "users = 800"), ("items = 5000", "items = 300"),
                      ("impressions_per_day = 100000", "impressions_per_day = 6000"),
                      ("window_days = 7", "window_days = 2"), ("epochs = 3", "epochs = 1"), ("batch_size = 4096", "batch_size = 512"),

@@ -15,12 +15,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from test_train import RUN_DATE, make_cfg, same, write_learnable_window
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
+from features.examples import ROW_GROUP_ROWS
 from models.checkpoint import load_plain_fused_state, plain_fused_state
 from models.distributed import (
     distribute,
@@ -29,7 +31,7 @@ from models.distributed import (
     plain_state,
 )
 from models.nets import MultiTaskNet
-from models.tracking import to_toml, tracking_uri
+from models.tracking import EXPERIMENT, to_toml, tracking_uri
 from pipeline.config import FunnelConfig, load_config
 from pipeline.train_stage import train_run
 
@@ -161,6 +163,26 @@ def test_checkpoint_of_one_rank_resumes_with_two(tmp_path, warehouse) -> None:
     assert same(rank0["history"][0], killed.history[0])
     assert rank0["history"][1]["train/loss_total"] < rank0["history"][0]["train/loss_total"]
     assert MlflowClient(tracking_uri(cfg.state_dir)).get_run(killed.mlflow_run_id).info.status == "FINISHED"
+
+
+def test_cli_train_under_torchrun_on_tables_of_one_row_group(tmp_path) -> None:
+    """`torchrun --nproc-per-node 2 -m pipeline.cli train` on tables as the examples stage
+    writes a day of the demo: one row group each (ROW_GROUP_ROWS > rows of a day), which
+    the 2 ranks split by rows."""
+    folders = write_learnable_window(tmp_path, row_group_rows=ROW_GROUP_ROWS)
+    assert all(pq.ParquetFile(f / "part-0.parquet").metadata.num_row_groups == 1 for f in folders)
+    cfg = make_cfg(tmp_path, train={**TRAIN, "epochs": 1})
+    config = tmp_path / "config.toml"
+    config.write_text(to_toml(cfg.model_dump(by_alias=True)))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "pipeline.cli",
+           "train", "--config", str(config), "--date", str(RUN_DATE), "--quiet"]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    assert done.stdout.count("train 2026-11-10-") == 1 and "val        click  auc 0." in done.stdout  # rank 0 reports
+    client = MlflowClient(tracking_uri(cfg.state_dir))
+    (run,) = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
+    assert run.info.status == "FINISHED" and run.data.metrics["val/click_auc"] > 0.6
 
 
 if __name__ == "__main__":

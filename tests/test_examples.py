@@ -11,12 +11,14 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from bundle_fixture import tiny_config
 
 from features.catalog import (
     report_path,
@@ -28,8 +30,10 @@ from features.catalog import (
 from features.contract import TS
 from features.daily_counters import build_daily_aggregates
 from features.errors import DataContractError
-from features.examples import build_training_table, training_schema
+from features.examples import build_training_table, stale_training_tables, training_schema
 from features.io import atomic_write_json, write_parquet_dir
+from features.synthetic import generate_logs
+from models.tracking import to_toml
 from pipeline.cli import main
 from pipeline.config import load_config, parse_config
 from serving.encoding import stable_hash
@@ -247,6 +251,7 @@ def test_rerun_skips_and_rebuild_after_kill_is_identical(setup, tmp_path):
     # changed input -> rebuilt, with the new price
     items = {"item_id": ["i1", "i2", "i3"], "category_id": ["c1", "c2", "c1"], "price": [99.0, 0.0, None]}
     write(warehouse, "items", D2, items, ITEMS)
+    build_daily_aggregates(cfg, warehouse, D2)  # counted from the items of D2: stale until rebuilt
     changed = build_training_table(cfg, warehouse, D3)
     assert not changed["skipped"] and changed["content_sha256"] != first["content_sha256"]
     assert read(warehouse, D2)["price"][0] == pytest.approx(math.log(100), rel=1e-6)
@@ -297,3 +302,41 @@ def test_next_night_advances_the_rolling_state_to_the_same_table(setup):
     recomputed = build_training_table(cfg, warehouse, D4)
     assert json.loads((rolling_state_dir(warehouse, "user_category", D3) / "manifest.json").read_text())["built"] == "recomputed"
     assert recomputed["content_sha256"] == advanced["content_sha256"]
+
+
+def test_a_day_validated_again_makes_what_was_derived_from_it_stale_until_rebuilt(tmp_path, capsys):
+    """validate + features + examples, then day 0's raw rows change and it is validated
+    again: its aggregates (and day 1's, which attribute day 1's clicks to day 0's
+    impressions) no longer describe the validated rows, so examples refuses them, and
+    train the table built from them, until features runs again."""
+    base = tiny_config(tmp_path)
+    cfg = base.model_copy(update={"generate": base.generate.model_copy(update={"days": 3, "impressions_per_day": 400})})
+    config = tmp_path / "cfg.toml"
+    config.write_text(to_toml(cfg.model_dump(by_alias=True)))
+    generate_logs(cfg, cfg.warehouse, progress=False)
+    days = [str(cfg.generate.start_date + dt.timedelta(days=i)) for i in range(3)]
+
+    def run(*args: str) -> int:
+        return main([*args, "--config", str(config)])
+
+    for day in days:
+        assert run("validate", "--date", day) == 0 and run("features", "--date", day) == 0
+    assert run("examples", "--date", days[2]) == 0  # the table of day 1 (maturity lag 1)
+    table = training_dir(cfg.warehouse, dt.date.fromisoformat(days[1]))
+    first = json.loads((table / "manifest.json").read_text())["content_sha256"]
+
+    raw = cfg.warehouse / "raw" / "impressions" / f"date={days[0]}" / "part-0.parquet"
+    pq.write_table(pq.read_table(raw).slice(0, 300), raw)  # day 0 loses 100 impressions
+    assert run("validate", "--date", days[0]) == 0
+    capsys.readouterr()
+    assert run("examples", "--date", days[2]) == 3
+    err = capsys.readouterr().err
+    for key in ("user", "item", "user_category"):  # the table of day 1 reads the aggregates of day 0
+        stale = rf"features/daily/{key}/date={days[0]} \([^)]*validated/impressions/date={days[0]} changed"
+        assert re.search(stale, err)
+    assert stale_training_tables(cfg.warehouse, [dt.date.fromisoformat(days[1])])  # what train checks
+
+    assert run("features", "--date", days[0]) == 0 and run("features", "--date", days[1]) == 0
+    assert run("examples", "--date", days[2]) == 0
+    assert json.loads((table / "manifest.json").read_text())["content_sha256"] != first
+    assert not stale_training_tables(cfg.warehouse, [dt.date.fromisoformat(days[1])])

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
-from features.io import SHA256_XATTR, recorded_sha256, sha256_dir, sha256_file, write_parquet_dir
+from features.io import (SHA256_XATTR, atomic_dir, atomic_write_json, recorded_sha256, sha256_dir, sha256_file,
+                         write_parquet_dir)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _xattrs_work(path) -> bool:
@@ -42,3 +49,24 @@ def test_sha256_dir_is_the_same_with_or_without_records(tmp_path):
     (copy / "part-0.parquet").write_bytes((first / "part-0.parquet").read_bytes())  # a copy without attributes
     assert sha256_dir(first) == sha256_dir(copy)
     assert not any(p.name.startswith(".") for p in first.iterdir())  # readers of the folder see only the data
+
+
+def test_a_killed_writers_temporaries_are_removed_by_the_next_write(tmp_path):
+    """kill -9 inside atomic_dir (e.g. during export) leaves its .tmp- folder; the next
+    write into the same folder removes it, and keeps those of live writers."""
+    bundles = tmp_path / "bundles"
+    code = ("import os, signal, sys\nfrom features.io import atomic_dir\n"
+            "with atomic_dir(sys.argv[1]) as tmp:\n    (tmp / 'model.onnx').write_bytes(b'x' * 1000)\n"
+            "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    killed = subprocess.Popen([sys.executable, "-c", code, str(bundles / "run-a")], cwd=ROOT)
+    assert killed.wait(timeout=60) == -signal.SIGKILL
+    assert [p.name for p in bundles.iterdir()] == [f".tmp-run-a-{killed.pid}"]
+    (bundles / f".tmp-state.json-{killed.pid}").write_text("{")  # a half-written file of the same process
+    live = bundles / f".tmp-run-c-{os.getpid()}"
+    live.mkdir()
+
+    with atomic_dir(bundles / "run-b") as tmp:
+        (tmp / "model.onnx").write_bytes(b"y")
+    assert sorted(p.name for p in bundles.iterdir()) == sorted(["run-b", live.name])
+    atomic_write_json(bundles / "run-b.json", {"ok": True})
+    assert live.exists()

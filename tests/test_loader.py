@@ -14,6 +14,7 @@ import pytest
 
 from benchmarks.bench_loader import synthetic_training_table
 from features.errors import StageError
+from features.examples import ROW_GROUP_ROWS
 from models.loader import Batch, TrainingTableLoader, parquet_files, rows_in
 from pipeline.config import load_config
 
@@ -163,6 +164,25 @@ def test_shards_are_disjoint_and_cover_the_table(table_files):
     assert sum(_loader(files, shard=(r, world)).rows for r in range(world)) == table.num_rows
     with pytest.raises(ValueError, match="shard"):
         _loader(files, shard=(3, 3))
+
+
+def test_ranks_share_the_rows_of_a_single_row_group_evenly(tmp_path: Path):
+    """A day's training table is one row group (ROW_GROUP_ROWS exceeds the rows of a demo
+    day): the ranks split its rows, disjoint, covering it, at most one row apart."""
+    table = synthetic_training_table(SPEC, 301, seed=4, users=30)
+    path = tmp_path / "part-0.parquet"
+    pq.write_table(table, path, row_group_size=ROW_GROUP_ROWS)
+    assert pq.ParquetFile(path).metadata.num_row_groups == 1
+    for world in (2, 3):
+        loaders = [_loader([path], shard=(rank, world), shuffle=True, shuffle_buffer_rows=50, seed=5)
+                   for rank in range(world)]
+        keys = [_collect(list(loader))["dense"][:, 0] for loader in loaders]
+        assert max(map(len, keys)) - min(map(len, keys)) <= 1
+        assert [loader.rows for loader in loaders] == list(map(len, keys))
+        np.testing.assert_array_equal(np.sort(np.concatenate(keys)), np.sort(_expected(table)["dense"][:, 0]))
+    # in order, rank 0's rows come first
+    first = _collect(list(_loader([path], shard=(0, 2))))
+    np.testing.assert_array_equal(first["dense"], _expected(table)["dense"][:150])
 
 
 def test_missing_and_mistyped_columns_name_file_and_column(tmp_path: Path):

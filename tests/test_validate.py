@@ -306,6 +306,25 @@ def _no_impressions(wh: Path) -> tuple[Path, None]:
     return write(wh, "impressions", [], D1), None
 
 
+def _stray(name: str, folder: bool = False):
+    """A data file the contract does not read: in a sub-folder, or under a name it skips."""
+    def break_it(wh: Path) -> tuple[Path, str]:
+        partition = raw_dir(wh, "impressions", D1)
+        path = partition / name / "part-0.parquet" if folder else partition / name
+        path.parent.mkdir(exist_ok=True)
+        pq.write_table(pq.read_table(partition / "part-0.parquet"), path)
+        return partition, name
+    return break_it
+
+
+def _interests_as_text(wh: Path) -> tuple[Path, str]:
+    path = raw_dir(wh, "users") / "part-0.parquet"
+    data = pq.read_table(path)
+    text = pa.array(["|".join(v) for v in data.column("interests").to_pylist()])
+    pq.write_table(data.set_column(data.schema.get_field_index("interests"), "interests", text), path)
+    return path, "interests"
+
+
 HARD_FAULTS = {
     "missing partition": _remove("clicks"),
     "partition without files": _empty_folder,
@@ -319,6 +338,15 @@ HARD_FAULTS = {
     "empty 0-byte file": _write_bytes(b""),
     "truncated file": _write_bytes(None),
     "impressions without rows": _no_impressions,
+    # the feature spec's attribute and context columns: of a type their features read
+    "numeric attribute as text": _retype("items", "price", pa.string()),
+    "id context column as float": _retype("impressions", "slot", pa.float64()),
+    "list attribute as text": _interests_as_text,
+    # rows the contract would not read are not skipped: the day stops, naming them
+    "rows in an hour=23 sub-folder": _stray("hour=23", folder=True),
+    "rows in an underscore file": _stray("_late.parquet"),
+    "rows in a hidden file": _stray(".late.parquet"),
+    "rows in a file of another type": _stray("part-1.parq"),
 }
 
 
@@ -336,6 +364,34 @@ def test_hard_faults_raise_naming_file_and_column(warehouse, cfg, fault):
     assert saved["status"] == "error" and str(where) in saved["error"]
 
 
+def test_upper_case_suffix_is_read_and_writer_markers_are_passed_over(warehouse, cfg):
+    extra = [impression(D1, k, impression_id=f"late-{k}") for k in range(3)]
+    write(warehouse, "impressions", extra, D1, "part-1.PARQUET")
+    for marker in ("_SUCCESS", "_metadata", ".part-0.parquet.crc"):
+        (raw_dir(warehouse, "impressions", D1) / marker).write_bytes(b"")
+    report = validate_day(cfg, warehouse, D1)
+    assert counts(report)["impressions"] == (23, 23, 0)  # every row of the folder, counted
+    assert [Path(f).name for f in report.tables["impressions"].files] == ["part-0.parquet", "part-1.PARQUET"]
+
+
+def test_integer_ids_and_float_numbers_are_accepted(warehouse, cfg):
+    _retype("items", "category_id", pa.int32())(warehouse)  # a sparse id may be an integer
+    _retype("items", "price", pa.float32())(warehouse)
+    assert counts(validate_day(cfg, warehouse, D1))["items"] == (8, 8, 0)
+
+
+def test_a_few_bad_rows_of_a_tiny_table_do_not_fail_the_day(warehouse, cfg):
+    # 1 bad row of 21 is above max_bad_row_share (1%) but below min_bad_rows (10): quarantined, counted, day passes
+    write(warehouse, "impressions", [impression(D1, 0, impression_id=None)], D1, "part-1.parquet")
+    report = validate_day(cfg, warehouse, D1)
+    assert report.passed and counts(report)["impressions"] == (21, 20, 1)
+    assert pl.read_parquet(quarantine_dir(warehouse, "impressions", D1))["reason"].to_list() == ["null_key"]
+    assert scan_validated(warehouse, "impressions", D1).collect().height == 20
+    strict = load_config(CONFIG, {"validate": {"min_bad_rows": 1}})
+    with pytest.raises(DataContractError, match="min_bad_rows 1"):
+        validate_day(strict, warehouse, D1)
+
+
 def test_unreadable_earlier_partition_that_a_lookup_needs(warehouse, cfg):
     broken = raw_dir(warehouse, "clicks", D0) / "part-1.parquet"
     broken.write_bytes(b"not parquet")
@@ -343,7 +399,8 @@ def test_unreadable_earlier_partition_that_a_lookup_needs(warehouse, cfg):
         validate_day(cfg, warehouse, D1)
 
 
-def test_bad_share_above_threshold_writes_quarantine_not_validated(warehouse, cfg):
+def test_bad_share_above_threshold_writes_quarantine_not_validated(warehouse):
+    cfg = load_config(CONFIG, {"validate": {"min_bad_rows": 1}})  # the share rule alone, on a tiny table
     validate_day(cfg, warehouse, D1)
     path = write(warehouse, "impressions", [impression(D1, 0, impression_id=None)], D1, "part-1.parquet")
     with pytest.raises(DataContractError) as err:
