@@ -137,7 +137,7 @@ def main() -> None:
     from pipeline.bundle import export_bundle
     from pipeline.config import load_config
     from serving.bundle import load_bundle
-    from serving.http import parse_rank_request, rank_response
+    from serving.http import ServerLimits, parse_rank_request, rank_response
     from serving.scorer import Scorer
 
     torch.set_num_threads(1)
@@ -198,7 +198,7 @@ def main() -> None:
     for r in requests:
         body = json.dumps(r).encode()
         t0 = time.thread_time()
-        parsed = parse_rank_request(body, 1000)
+        parsed = parse_rank_request(body, ServerLimits())
         t1 = time.thread_time()
         item_ids, feeds = scorer.request_feeds(parsed)
         t2 = time.thread_time()
