@@ -47,6 +47,7 @@ import asyncio
 import functools
 import hmac
 import json
+import math
 import os
 import resource
 import signal
@@ -371,27 +372,21 @@ class _Request:
 
 
 class _Connection:
-    """A client connection; ``idle`` is its keep-alive timeout while it waits for the first
-    byte of a request (None otherwise): only then may the server close it at will (to make
-    room, to stop), and ``reason`` says why."""
+    """A client connection, the phase it is in (idle: waiting for a request's first byte;
+    header, body: receiving them; write: waiting for the client to take a response; busy:
+    answering) and its deadline in it (time.monotonic(); HttpServer closes it past that)."""
 
-    __slots__ = ("task", "writer", "idle", "idle_since", "reason")
+    __slots__ = ("task", "writer", "phase", "since", "deadline")
 
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         self.task: asyncio.Task | None = None
         self.writer = writer
-        self.idle: asyncio.Timeout | None = None
-        self.idle_since = 0.0
-        self.reason = "idle_timeout"
+        self.enter("busy", math.inf)
 
-    def close_if_idle(self, reason: str) -> bool:
-        if self.idle is None:
-            return False
-        if not self.idle.expired():  # (an expired one is closing already)
-            self.reason = reason
-            self.idle.reschedule(-1.0)  # its wait ends now, as if timed out
-        self.idle = None
-        return True
+    def enter(self, phase: str, timeout: float) -> None:
+        # a float per phase rather than a timer per phase (asyncio.timeout: ~8 us each)
+        self.phase, self.since = phase, time.monotonic()
+        self.deadline = self.since + timeout
 
 
 class _Framing(RequestError):
@@ -485,6 +480,9 @@ class HttpServer:
         self.connections: set[_Connection] = set()
         self.room = asyncio.Event()  # set whenever a connection is gone
         self.max_connections, self.cap_note = _connection_cap(self.limits.max_connections)
+        self.timeouts = {"idle": self.limits.idle_timeout_s, "header": self.limits.header_timeout_s,
+                         "body": self.limits.body_timeout_s, "write": self.limits.body_timeout_s}
+        self.sweeper: asyncio.Task | None = None
         self.stopping = False
 
     async def start(self, host: str, port: int) -> int:
@@ -498,6 +496,7 @@ class HttpServer:
             raise ServerStartError(f"cannot listen on {host} port {port}: {err.strerror or err}") from None
         loop = asyncio.get_running_loop()
         self.accepting = [loop.create_task(self._accept(sock)) for sock in self.listeners]
+        self.sweeper = loop.create_task(self._close_overdue())
         self.batcher.start()
         return self.listeners[0].getsockname()[1]
 
@@ -510,8 +509,8 @@ class HttpServer:
         await asyncio.gather(*self.accepting, return_exceptions=True)
         for sock in self.listeners:
             sock.close()
-        for conn in list(self.connections):
-            conn.close_if_idle("stopping")
+        for conn in [c for c in self.connections if c.phase == "idle"]:
+            self._drop(conn, "stopping")
         tasks = [c.task for c in self.connections]
         if tasks:
             _, late = await asyncio.wait(tasks, timeout=self.limits.drain_timeout_s)
@@ -520,6 +519,8 @@ class HttpServer:
             await asyncio.gather(*late, return_exceptions=True)
             for _ in late:
                 self.service.metrics.closed("drain_timeout")
+        if self.sweeper is not None:
+            self.sweeper.cancel()
         self.batcher.close()
 
     async def _accept(self, listener: socket.socket) -> None:
@@ -598,53 +599,70 @@ class HttpServer:
 
     def _close_longest_idle(self) -> bool:
         """Close the connection waiting longest for its next request; False when none waits."""
-        idle = [c for c in self.connections if c.idle is not None]
-        return bool(idle) and min(idle, key=lambda c: c.idle_since).close_if_idle("evicted")
+        idle = [c for c in self.connections if c.phase == "idle"]
+        if idle:
+            self._drop(min(idle, key=lambda c: c.since), "evicted")
+        return bool(idle)
+
+    async def _close_overdue(self) -> None:
+        """Close every connection past its phase's deadline, checked a few times a second."""
+        tick = min(0.5, max(0.01, min(self.timeouts.values()) / 4))
+        while True:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            for conn in [c for c in self.connections if c.deadline <= now]:
+                self._drop(conn, f"{conn.phase}_timeout")
+
+    def _drop(self, conn: _Connection, reason: str) -> None:
+        """Close ``conn`` now; its handler sees the end of the stream. A request half received
+        gets a 408 first; a response the client does not take is discarded."""
+        self.service.metrics.closed(reason)
+        if conn.phase in ("header", "body"):
+            what = "headers" if conn.phase == "header" else "body"
+            timeout = self.timeouts[conn.phase]
+            self.service.metrics.observe("other", 408, timeout)
+            conn.writer.write(_response_bytes(408, {"error": f"request {what} not received within {timeout} s"}, True))
+        if conn.phase == "write":
+            conn.writer.transport.abort()
+        else:
+            conn.writer.transport.close()
+        conn.enter("closing", math.inf)
 
     async def _one_request(self, reader: asyncio.StreamReader, conn: _Connection) -> bool:
         """Serve one request of the connection; False when the connection is to be closed."""
         if self.stopping:
             return False
-        limits, metrics = self.limits, self.service.metrics
+        conn.enter("idle", self.limits.idle_timeout_s)
         try:
-            conn.idle_since = time.monotonic()
-            async with asyncio.timeout(limits.idle_timeout_s) as conn.idle:
-                first = await reader.readexactly(1)
+            first = await reader.readexactly(1)
         except asyncio.IncompleteReadError:
-            return False  # closed between requests
-        except TimeoutError:
-            metrics.closed(conn.reason)
-            return False
-        finally:
-            conn.idle = None
+            return False  # closed between requests (by the client, or by _drop: idle too long, room, stopping)
+        conn.enter("header", self.limits.header_timeout_s)
+        metrics = self.service.metrics
         metrics.requests_in_flight += 1
         try:
-            return await self._answer(reader, conn.writer, first)
+            return await self._answer(reader, conn, first)
         finally:
             metrics.requests_in_flight -= 1
 
-    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, first: bytes) -> bool:
+    async def _answer(self, reader: asyncio.StreamReader, conn: _Connection, first: bytes) -> bool:
         """Read the rest of a request whose first byte is ``first``, answer it; False when the
         connection is to be closed."""
         limits = self.limits
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(limits.header_timeout_s):
-                head = first + await reader.readuntil(b"\r\n\r\n")
+            head = first + await reader.readuntil(b"\r\n\r\n")
         except asyncio.LimitOverrunError:
+            conn.enter("busy", math.inf)
             error = {"error": f"request headers above {MAX_HEADER_BYTES} bytes"}
-            await self._respond(writer, started, "other", 431, error, close=True)
+            await self._respond(conn, started, "other", 431, error, close=True)
             return False
-        except TimeoutError:
-            self.service.metrics.closed("header_timeout")
-            await self._respond(writer, started, "other", 408, {"error": f"request headers not received within "
-                                                                         f"{limits.header_timeout_s} s"}, close=True)
-            return False
+        conn.enter("busy", math.inf)
         lines = head[:-4].decode("latin-1").split("\r\n")
         parts = lines[0].split(" ")
         if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
             error = {"error": f"malformed request line {lines[0][:100]!r}"}
-            await self._respond(writer, started, "other", 400, error, close=True)
+            await self._respond(conn, started, "other", 400, error, close=True)
             await self._linger(reader)
             return False
         method, target, version = parts
@@ -655,24 +673,17 @@ class HttpServer:
             headers, lengths = _header_lines(lines[1:])
             length = _content_length(headers, lengths, method, limits.max_body_bytes)
         except _Framing as err:
-            await self._respond(writer, started, label, err.status, {"error": str(err)}, close=True,
-                                head_only=head_only)
+            await self._respond(conn, started, label, err.status, {"error": str(err)}, close=True, head_only=head_only)
             await self._linger(reader)
             return False
         connection = headers.get("connection", "").lower()
         keep_alive = connection != "close" if version == "HTTP/1.1" else connection == "keep-alive"
+        body = b""
+        if length:
+            conn.enter("body", limits.body_timeout_s)
+            body = await reader.readexactly(length)
+            conn.enter("busy", math.inf)
         extra: dict[str, str] = {}
-        try:
-            if length:
-                async with asyncio.timeout(limits.body_timeout_s):
-                    body = await reader.readexactly(length)
-            else:
-                body = b""
-        except TimeoutError:
-            self.service.metrics.closed("body_timeout")
-            await self._respond(writer, started, label, 408, {"error": f"request body not received within "
-                                                                       f"{limits.body_timeout_s} s"}, close=True)
-            return False
         try:
             status, obj = await self._route(_Request(method, path, headers), body)
         except RequestError as err:
@@ -680,8 +691,8 @@ class HttpServer:
         except Exception as err:  # noqa: BLE001 - one bad request must not stop the server
             status, obj = 500, {"error": f"internal error: {type(err).__name__}: {err}"}
         keep_alive = keep_alive and not self.stopping
-        return await self._respond(writer, started, label, status, obj, close=not keep_alive, head_only=head_only,
-                                   extra=extra) and keep_alive
+        await self._respond(conn, started, label, status, obj, close=not keep_alive, head_only=head_only, extra=extra)
+        return keep_alive
 
     async def _route(self, request: _Request, body: bytes) -> tuple[int, object]:
         service, path = self.service, request.path
@@ -730,22 +741,15 @@ class HttpServer:
             raise RequestError(401, "reload needs the admin token: Authorization: Bearer <token>",
                                {"WWW-Authenticate": "Bearer"})
 
-    async def _respond(self, writer: asyncio.StreamWriter, started: float, label: str, status: int, obj: object,
-                       close: bool, head_only: bool = False, extra: dict[str, str] | None = None) -> bool:
-        """Write the response; False when the client did not take it within body_timeout_s
-        (the connection is then aborted)."""
-        writer.write(_response_bytes(status, obj, close, head_only, extra))
+    async def _respond(self, conn: _Connection, started: float, label: str, status: int, obj: object, close: bool,
+                       head_only: bool = False, extra: dict[str, str] | None = None) -> None:
+        """Write the response; wait (up to body_timeout_s) only if the client is not taking it."""
+        conn.writer.write(_response_bytes(status, obj, close, head_only, extra))
         self.service.metrics.observe(label, status, time.perf_counter() - started)
-        if not writer.transport.get_write_buffer_size():  # all in the socket: nothing to wait for
-            return True
-        try:
-            async with asyncio.timeout(self.limits.body_timeout_s):
-                await writer.drain()
-        except TimeoutError:
-            self.service.metrics.closed("write_timeout")
-            writer.transport.abort()
-            return False
-        return True
+        if conn.writer.transport.get_write_buffer_size():  # not all in the socket
+            conn.enter("write", self.limits.body_timeout_s)
+            await conn.writer.drain()
+            conn.enter("busy", math.inf)
 
     @staticmethod
     async def _linger(reader: asyncio.StreamReader) -> None:
