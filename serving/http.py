@@ -20,7 +20,7 @@ naming the problem; the server goes on. Framing it cannot trust (Transfer-Encodi
 differing or malformed Content-Length) is a 400 that closes the connection, so no bytes
 of it are read as a next request.
 
-What one client can hold is bounded (``ServerLimits``, the ``[scoring]`` keys): a
+What one client can hold is bounded (``serving.spec.ScoringLimits``, the ``[scoring]`` keys): a
 connection waiting for its next request is closed after ``idle_timeout_s``, a request
 must send its headers within ``header_timeout_s`` of its first byte and its body within
 ``body_timeout_s`` (408, closed), a response the client does not take within
@@ -44,6 +44,7 @@ thread per connection, no lock around the model.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import hmac
 import json
@@ -57,7 +58,7 @@ import threading
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from json.encoder import encode_basestring_ascii
 from pathlib import Path
@@ -66,6 +67,7 @@ import numpy as np
 
 from serving.bundle import BundleError, load_bundle
 from serving.scorer import SCORE, BatchOnlyError, Scorer, merge_feeds
+from serving.spec import ScoringLimits
 
 # route -> the one method it answers
 ROUTE_METHODS = {"/v1/rank": "POST", "/healthz": "GET", "/readyz": "GET", "/metrics": "GET", "/admin/reload": "POST"}
@@ -77,29 +79,6 @@ LINGER_S = 1.0  # after an error that closes the connection, how long to drain t
 ACCEPT_RETRY_S = 1.0  # after accept() failed for want of resources
 FD_RESERVE = 64  # file descriptors kept for all but client connections (bundle files, threads, a refusal)
 ADMIN_TOKEN_ENV = "FUNNELRANK_ADMIN_TOKEN"
-
-
-@dataclass(frozen=True)
-class ServerLimits:
-    """What the server lets one client hold: the ``scoring`` keys of the bundle's spec
-    (written from the training config's ``[scoring]``) or of ``serve --config``. Defaults
-    as ScoringConfig's, for bundles written before a key existed."""
-
-    max_candidates: int = 1000
-    max_body_bytes: int = 1 << 20
-    max_context_value_chars: int = 256
-    header_timeout_s: float = 5.0
-    body_timeout_s: float = 30.0
-    idle_timeout_s: float = 30.0
-    max_connections: int = 256
-    drain_timeout_s: float = 20.0
-
-    @classmethod
-    def from_scoring(cls, scoring: dict) -> ServerLimits:
-        """The limits of a ``scoring`` mapping; keys it lacks keep their defaults, keys of
-        the model's scoring (not the server's) are left out."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in scoring.items() if k in names})
 
 
 class ServerStartError(Exception):
@@ -127,7 +106,7 @@ class RequestError(Exception):
         self.headers = headers or {}
 
 
-def parse_rank_request(body: bytes, limits: ServerLimits) -> dict:
+def parse_rank_request(body: bytes, limits: ScoringLimits) -> dict:
     """The validated rank request of ``body``; RequestError (4xx) naming the problem."""
     try:
         request = json.loads(body)
@@ -279,12 +258,12 @@ class RankingService:
 
     def __init__(self, bundle_path: Path, threads: int = 1, scoring: dict | None = None,
                  token: str | None = None) -> None:
-        """``scoring``: keys of ServerLimits over the bundle's own ``scoring``; ``token``: the
+        """``scoring``: ScoringLimits fields over the bundle's own; ``token``: the
         admin token (None: the HTTP reload route is off)."""
         self.bundle_path = Path(bundle_path)
         self.threads = threads
         self.scorer = Scorer(load_bundle(self.bundle_path), intra_op_threads=threads)
-        self.limits = ServerLimits.from_scoring({**asdict(self.scorer.spec.scoring), **(scoring or {})})
+        self.limits = dataclasses.replace(self.scorer.spec.scoring, **(scoring or {}))
         self.admin_token = token
         self.metrics = Metrics()
         self._reload_lock = threading.Lock()
@@ -783,7 +762,7 @@ def _response_bytes(status: int, obj: object, close: bool, head_only: bool = Fal
 def serve(bundle_path: str | Path, host: str = "127.0.0.1", port: int = 8080, threads: int = 1,
           scoring: dict | None = None, admin_token_file: str | Path | None = None) -> int:
     """Serve until SIGINT/SIGTERM (then drain), 0; SIGHUP reloads the bundle folder.
-    ``scoring``: ServerLimits keys over the bundle's own. ServerStartError when it cannot start."""
+    ``scoring``: ScoringLimits fields over the bundle's own. ServerStartError when it cannot start."""
     token = admin_token(admin_token_file)
     service = RankingService(Path(bundle_path), threads, scoring, token)
     asyncio.run(_serve(service, host, port))

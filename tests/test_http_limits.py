@@ -7,6 +7,7 @@ a bounded number of requests."""
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import json
 import os
@@ -24,10 +25,10 @@ import pytest
 from bundle_fixture import small_model
 from serve_fixture import ROOT, call, start_server, stop_server
 
-from pipeline.bundle import export_bundle
+from pipeline.bundle import export_bundle, serving_spec
 from pipeline.config import ScoringConfig
 from serving.bundle import load_bundle
-from serving.http import ServerLimits
+from serving.spec import ScoringLimits
 
 TOKEN = "limits-test-token"
 RANK = json.dumps({"user_id": "u1", "context": {"device": "ios", "slot": 1}, "candidates": [{"item_id": "i1"}]})
@@ -197,7 +198,17 @@ def test_default_timeouts_close_idle_and_half_sent_connections_within_35_s():
     """The bar of the issue, for the defaults (serving's own match the config's)."""
     scoring = ScoringConfig()
     assert scoring.idle_timeout_s <= 35 and scoring.header_timeout_s + scoring.body_timeout_s <= 35
-    assert ServerLimits() == ServerLimits.from_scoring(scoring.model_dump())
+    assert ScoringLimits() == ScoringLimits(**scoring.model_dump())
+    assert list(ScoringConfig.model_fields) == [f.name for f in dataclasses.fields(ScoringLimits)]
+
+
+def test_export_writes_every_limit_of_the_config_into_the_bundle(tiny_warehouse):
+    """What serve reads by default: the [scoring] of the config the bundle was exported with."""
+    cfg, _ = tiny_warehouse
+    scoring = ScoringConfig(max_context_value_chars=8, header_timeout_s=1.5, body_timeout_s=2.5, idle_timeout_s=3.5,
+                            max_connections=9, drain_timeout_s=0.0)
+    spec = serving_spec(cfg.model_copy(update={"scoring": scoring}), {f.name: 1 for f in cfg.features.sparse})
+    assert json.loads(spec.to_json())["scoring"] == scoring.model_dump()
 
 
 def _limit_files(n: int):
