@@ -139,6 +139,7 @@ def main() -> None:
     from serving.bundle import load_bundle
     from serving.http import parse_rank_request, rank_response
     from serving.scorer import Scorer
+    from serving.spec import ScoringLimits
 
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="bench-scoring-"))
@@ -198,7 +199,7 @@ def main() -> None:
     for r in requests:
         body = json.dumps(r).encode()
         t0 = time.thread_time()
-        parsed = parse_rank_request(body, 1000)
+        parsed = parse_rank_request(body, ScoringLimits())
         t1 = time.thread_time()
         item_ids, feeds = scorer.request_feeds(parsed)
         t2 = time.thread_time()

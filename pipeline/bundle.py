@@ -116,7 +116,7 @@ def serving_spec(cfg: FunnelConfig, vocab_versions: dict) -> BundleSpec:
                            else {"vocab": f"vocab/{f.name}.parquet"}))
             for f in spec.sparse),
         dense=tuple(dense),
-        scoring=ScoringLimits(cfg.scoring.max_candidates, cfg.scoring.max_body_bytes),
+        scoring=ScoringLimits(**cfg.scoring.model_dump()),
         # a list column of a CSV-born table may hold delimited ids (features.table_source)
         list_delimiter=LIST_DELIMITER if cfg.table is not None else None,
     )

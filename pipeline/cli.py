@@ -33,8 +33,19 @@ def _date(text: str) -> dt.date:
         raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}") from None
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="run config (TOML), default %(default)s")
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"not a positive integer: {text!r}")
+    return value
+
+
+def _common(p: argparse.ArgumentParser, config_default: Path | None = DEFAULT_CONFIG,
+            config_help: str = "run config (TOML), default %(default)s") -> None:
+    p.add_argument("--config", type=Path, default=config_default, help=config_help)
     p.add_argument("--warehouse", type=Path, default=None, help="data root; default: the config's `warehouse`. Its "
                    "state (MLflow store, checkpoints, bundles, nightly records) goes to <warehouse>/state unless the "
                    "config names a state_dir")
@@ -188,14 +199,21 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    # the server's limits: the bundle's [scoring], or the one of --config, then the flags
+    scoring = load_config(args.config).scoring.model_dump() if args.config else {}
+    flags = {"max_candidates": args.max_candidates, "max_body_bytes": args.max_body_bytes}
+    scoring |= {k: v for k, v in flags.items() if v is not None}
     from serving.bundle import BundleError
-    from serving.http import serve
+    from serving.http import ServerStartError, serve
 
     try:
-        return serve(args.bundle, host=args.host, port=args.port, threads=args.threads,
-                     max_candidates=args.max_candidates, max_body_bytes=args.max_body_bytes)
+        return serve(args.bundle, host=args.host, port=args.port, threads=args.threads, scoring=scoring,
+                     admin_token_file=args.admin_token_file)
     except BundleError as err:
         raise StageError(str(err)) from None
+    except ServerStartError as err:  # the address, the token file: a usage error, one line
+        print(f"funnelrank serve: {err}", file=sys.stderr)
+        return 2
 
 
 def cmd_nightly(args: argparse.Namespace) -> int:
@@ -258,9 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, func: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
+    def add(name: str, func: Callable[[argparse.Namespace], int], help_: str, **common) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
-        _common(p)
+        _common(p, **common)
         p.set_defaults(func=func)
         return p
 
@@ -307,13 +325,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="threads scoring chunks of rows at once, each encoding and running the model (default: the cores, %(default)s)")
 
-    p = add("serve", cmd_serve, "Serve an exported bundle over HTTP: POST /v1/rank, GET /healthz /readyz /metrics; SIGHUP reloads.")
+    p = add("serve", cmd_serve, "Serve an exported bundle over HTTP: POST /v1/rank, GET /healthz /readyz /metrics; "
+            "SIGHUP reloads, SIGTERM drains. Exit codes: 2 the address or the admin token file cannot be used, 3 the "
+            "bundle.",
+            config_default=None, config_help="take the server's limits and timeouts from this config's [scoring] "
+            "(default: the bundle's, from the config it was exported with)")
     p.add_argument("--bundle", type=Path, required=True, help="exported bundle folder (reloaded from the same path)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default %(default)s: loopback only)")
     p.add_argument("--port", type=int, default=8080, help="port (default %(default)s; 0 picks a free one)")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads per model call (default %(default)s)")
-    p.add_argument("--max-candidates", type=int, default=None, help="candidates per request at most (default: the bundle's scoring.max_candidates)")
-    p.add_argument("--max-body-bytes", type=int, default=None, help="request body limit (default: the bundle's scoring.max_body_bytes)")
+    p.add_argument("--max-candidates", type=_positive, default=None,
+                   help="candidates per request at most (default: scoring.max_candidates)")
+    p.add_argument("--max-body-bytes", type=_positive, default=None,
+                   help="request body limit (default: scoring.max_body_bytes)")
+    p.add_argument("--admin-token-file", type=Path, default=None,
+                   help="turn POST /admin/reload on with the token in this file (default: the FUNNELRANK_ADMIN_TOKEN "
+                   "environment variable; neither: only SIGHUP reloads)")
 
     from pipeline.nightly import STAGES  # noqa: PLC0415 - light module: no heavy imports at its top
 

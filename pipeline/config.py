@@ -16,15 +16,33 @@ from pydantic import Field, ValidationError, model_validator
 
 from features.config import ConfigError, _Section
 from models.config import TrainingConfig
+from serving.spec import ScoringLimits
 
 DEFAULT_CONFIG = Path("configs/demo.toml")
+_LIMITS = ScoringLimits()  # the defaults of [scoring]
 
 
 class ScoringConfig(_Section):
-    """The scorer's limits (the blended score's exponents are ``tasks[].score_exponent``)."""
+    """The scorer's limits (the blended score's exponents are ``tasks[].score_exponent``):
+    what one HTTP client may hold. Exported into the bundle as serving.spec.ScoringLimits,
+    which defines the defaults (a bundle without a key gets the same); ``funnelrank serve
+    --config`` overrides them."""
 
-    max_candidates: int = Field(1000, ge=1, description="HTTP: candidates per request at most")
-    max_body_bytes: int = Field(1 << 20, ge=1024, description="HTTP: request body size limit")
+    max_candidates: int = Field(_LIMITS.max_candidates, ge=1, description="HTTP: candidates per request at most")
+    max_body_bytes: int = Field(_LIMITS.max_body_bytes, ge=1024, description="HTTP: request body size limit")
+    max_context_value_chars: int = Field(_LIMITS.max_context_value_chars, ge=1, le=65_536,
+                                         description="HTTP: a longer context value is a 400 naming it")
+    header_timeout_s: float = Field(_LIMITS.header_timeout_s, gt=0.0, le=3600.0, description="HTTP: from a request's "
+                                    "first byte to the end of its headers (408, closed)")
+    body_timeout_s: float = Field(_LIMITS.body_timeout_s, gt=0.0, le=3600.0, description="HTTP: to receive a "
+                                  "request's body after its headers (408, closed), and for the client to take the "
+                                  "response")
+    idle_timeout_s: float = Field(_LIMITS.idle_timeout_s, gt=0.0, le=3600.0,
+                                  description="HTTP: a keep-alive connection waiting this long for a request is closed")
+    max_connections: int = Field(_LIMITS.max_connections, ge=1, le=100_000, description="HTTP: open connections at "
+                                 "most; over it the longest idle one is closed, or the new one gets 503")
+    drain_timeout_s: float = Field(_LIMITS.drain_timeout_s, ge=0.0, le=3600.0,
+                                   description="HTTP: on SIGTERM, how long the requests in flight get to be answered")
 
 
 class NightlyConfig(_Section):

@@ -36,7 +36,11 @@ from serving.joins import AggregateTable, CodedKey, LazyColumns, SnapshotTable, 
 from serving.spec import AggregateInput, AggregateKeySpec, BundleSpec, NumericInput
 
 REQUIRED_COLUMNS = ("user_id", "item_id")  # of an events bundle's rows
-CONTEXT_CACHE_SIZE = 100_000
+# The request path caches each context value's Arrow array and vocab ids (a request's
+# device, slot, ...). A cache keyed by client values is bounded in bytes: values up to
+# CONTEXT_CACHE_VALUE_CHARS are cached (~2 KB an entry), longer ones encoded every time.
+CONTEXT_CACHE_SIZE = 10_000
+CONTEXT_CACHE_VALUE_CHARS = 256
 
 
 def _snapshot_columns(spec: BundleSpec, table: str) -> list[str]:
@@ -48,6 +52,10 @@ def _snapshot_columns(spec: BundleSpec, table: str) -> list[str]:
     return [key, *(f"sparse:{f.name}" for f in spec.sparse if f.table == table),
             *(f"dense:{d.name}" for d in spec.dense if isinstance(d, NumericInput) and d.table == table),
             *(f"raw:{c}" for c in dict.fromkeys(raw))]
+
+
+def _cacheable(value) -> bool:
+    return not isinstance(value, str) or len(value) <= CONTEXT_CACHE_VALUE_CHARS
 
 
 class EventInputs:
@@ -211,7 +219,7 @@ class EventInputs:
         ids = self._context_cache.get(key)
         if ids is None:
             ids = self.encoders[name](values)
-            if len(self._context_cache) < CONTEXT_CACHE_SIZE:
+            if len(self._context_cache) < CONTEXT_CACHE_SIZE and _cacheable(key[2]):
                 self._context_cache[key] = ids
         return ids
 
@@ -260,6 +268,6 @@ class EventInputs:
         array = self._context_arrays.get(key)
         if array is None:
             array = pa.nulls(1, pa.large_string()) if value is None else pa.array([value])
-            if len(self._context_arrays) < CONTEXT_CACHE_SIZE:
+            if len(self._context_arrays) < CONTEXT_CACHE_SIZE and _cacheable(value):
                 self._context_arrays[key] = array
         return array

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 from serving.encoding import NUMERIC_TRANSFORMS, NumericTransform
@@ -97,10 +98,19 @@ class NumericInput:
 
 @dataclass(frozen=True)
 class ScoringLimits:
-    """HTTP limits of the served bundle."""
+    """What the HTTP server (serving.http) lets one client hold. Export writes the training
+    config's ``[scoring]`` (pipeline.config.ScoringConfig, whose defaults are these);
+    ``funnelrank serve --config`` overrides them. A bundle written before a key existed
+    gets its default here."""
 
-    max_candidates: int
-    max_body_bytes: int
+    max_candidates: int = 1000  # per request
+    max_body_bytes: int = 1 << 20
+    max_context_value_chars: int = 256  # a longer context value is a 400
+    header_timeout_s: float = 5.0  # from a request's first byte to the end of its headers (408, closed)
+    body_timeout_s: float = 30.0  # to receive the body after the headers (408), and for the client to take the response
+    idle_timeout_s: float = 30.0  # a keep-alive connection waiting this long for a request is closed
+    max_connections: int = 256  # open at most: the longest idle one is closed to make room, else 503
+    drain_timeout_s: float = 20.0  # on SIGTERM, for the requests in flight to be answered
 
 
 @dataclass(frozen=True)
@@ -149,7 +159,7 @@ class BundleSpec:
     events: EventFeatures | None = None  # an events bundle's joins; None for a table bundle
 
     def to_dict(self) -> dict:
-        """spec.json's content (the same keys as ever, see ``from_dict``)."""
+        """spec.json's content (the keys ``from_dict`` reads)."""
         out = {
             "format": self.format,
             "source": self.source,
@@ -160,7 +170,7 @@ class BundleSpec:
             "dense": [{"name": d.name, "source": "aggregate", "key": d.key} if isinstance(d, AggregateInput)
                       else {"name": d.name, "source": d.table, "column": d.column, "transform": d.transform}
                       for d in self.dense],
-            "scoring": {"max_candidates": self.scoring.max_candidates, "max_body_bytes": self.scoring.max_body_bytes},
+            "scoring": asdict(self.scoring),
         }
         if self.list_delimiter is not None:
             out["list_delimiter"] = self.list_delimiter
@@ -199,7 +209,6 @@ class BundleSpec:
         dense = tuple(_dense(d, tables) for d in top.objects("dense"))
         if source == "table" and any(isinstance(d, AggregateInput) for d in dense):
             raise BundleError(f"{file}: a table bundle's dense inputs are numeric columns, got aggregate features")
-        scoring = top.object("scoring")
         return cls(
             format=top.integer("format"),
             source=source,
@@ -209,11 +218,27 @@ class BundleSpec:
                 TaskOutput(t.text("name"), t.text("served"), t.number("score_exponent")) for t in tasks),
             sparse=tuple(_sparse(f, tables) for f in top.objects("sparse")),
             dense=dense,
-            scoring=ScoringLimits(scoring.integer("max_candidates", minimum=1),
-                                  scoring.integer("max_body_bytes", minimum=1)),
+            scoring=_scoring_limits(top.object("scoring")),
             list_delimiter=top.text("list_delimiter", default=None),
             events=_event_features(top, dense) if source == "events" else None,
         )
+
+
+def _scoring_limits(o: _Object) -> ScoringLimits:
+    """Every bundle has max_candidates and max_body_bytes; the other limits came later, and
+    a bundle without them gets their defaults."""
+    default = ScoringLimits()
+    return ScoringLimits(
+        max_candidates=o.integer("max_candidates", minimum=1),
+        max_body_bytes=o.integer("max_body_bytes", minimum=1),
+        max_context_value_chars=o.integer("max_context_value_chars", minimum=1,
+                                          default=default.max_context_value_chars),
+        header_timeout_s=o.seconds("header_timeout_s", default.header_timeout_s),
+        body_timeout_s=o.seconds("body_timeout_s", default.body_timeout_s),
+        idle_timeout_s=o.seconds("idle_timeout_s", default.idle_timeout_s),
+        max_connections=o.integer("max_connections", minimum=1, default=default.max_connections),
+        drain_timeout_s=o.seconds("drain_timeout_s", default.drain_timeout_s, zero_ok=True),
+    )
 
 
 def _sparse_dict(f: SparseInput) -> dict:
@@ -307,14 +332,20 @@ class _Object:
     def text(self, key: str, default=_REQUIRED) -> str:
         return self._get(key, lambda v: isinstance(v, str), "a string", default)
 
-    def integer(self, key: str, minimum: int | None = None) -> int:
-        value = self._get(key, lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer")
+    def integer(self, key: str, minimum: int | None = None, default=_REQUIRED) -> int:
+        value = self._get(key, lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer", default)
         if minimum is not None and value < minimum:
             raise BundleError(f"{self.file}: key {self._key(key)!r} must be at least {minimum}, got {value!r}")
         return value
 
     def number(self, key: str) -> float:
         return self._get(key, _is_number, "a number")
+
+    def seconds(self, key: str, default=_REQUIRED, zero_ok: bool = False) -> float:
+        """A finite duration, above 0 (at least 0 when ``zero_ok``)."""
+        least = "at least 0" if zero_ok else "above 0"
+        return self._get(key, lambda v: _is_number(v) and math.isfinite(v) and (v > 0 or zero_ok and v == 0),
+                         f"a number of seconds {least}", default)
 
     def choice(self, key: str, allowed: tuple[str, ...], default=_REQUIRED) -> str:
         return self._get(key, lambda v: v in allowed, f"one of {list(allowed)}", default)

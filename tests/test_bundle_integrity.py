@@ -30,9 +30,11 @@ from features.io import sha256_file
 from pipeline.bundle import export_bundle
 from pipeline.cli import main
 from serving.bundle import SIGNATURE, SIGNING_KEY_ENV, BundleError, load_bundle
+from serving.http import ADMIN_TOKEN_ENV
 from serving.scorer import Scorer
 
 KEY = "correct horse battery staple"
+ADMIN_TOKEN = "integrity-test-token"
 
 
 @pytest.fixture(scope="module")
@@ -286,7 +288,7 @@ def test_failed_reloads_are_counted_and_the_old_model_keeps_serving(bundles, tmp
     users, items = users_and_items(cfg)
     rank = json.dumps({"user_id": str(users[0]), "candidates": [{"item_id": str(i)} for i in items[:20]]}).encode()
     port = _free_port()
-    proc = _serve(served, port)
+    proc = _serve(served, port, env=os.environ | {ADMIN_TOKEN_ENV: ADMIN_TOKEN})
     try:
         deadline = time.monotonic() + 60
         while True:  # poll until ready
@@ -317,7 +319,7 @@ def test_failed_reloads_are_counted_and_the_old_model_keeps_serving(bundles, tmp
             status, data = _call(port, "POST", "/v1/rank", rank, {"Content-Type": "application/json"})
             assert status == 200 and json.loads(data)["model_version"] == version
 
-        status, data = _call(port, "POST", "/admin/reload", b"", {"Content-Length": "0"})
+        status, data = _call(port, "POST", "/admin/reload", b"", {"Authorization": f"Bearer {ADMIN_TOKEN}"})
         assert status == 500 and f"reload failed, still serving {version}" in json.loads(data)["error"]
         assert _reloads(port, "error") == 4 and _reloads(port, "ok") == 0
 

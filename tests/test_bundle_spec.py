@@ -98,6 +98,22 @@ def test_a_mistyped_key_is_named():
             BundleSpec.from_dict(spec)
 
 
+def test_a_spec_from_before_the_server_timeouts_gets_the_default_limits():
+    limits = ScoringLimits(5, 2048, 8, 1.5, 2.5, 3.5, 9, 0.0)
+    assert BundleSpec.from_dict(dataclasses.replace(_spec(), scoring=limits).to_dict()).scoring == limits
+    spec = _spec().to_dict()
+    spec["scoring"] = {"max_candidates": 10, "max_body_bytes": 4096}
+    assert BundleSpec.from_dict(spec).scoring == dataclasses.replace(ScoringLimits(), max_candidates=10,
+                                                                      max_body_bytes=4096)
+    for value in (0, -1.0, float("inf"), "5"):
+        spec["scoring"]["idle_timeout_s"] = value
+        with pytest.raises(BundleError, match=r"key 'scoring\.idle_timeout_s' must be a number of seconds above 0"):
+            BundleSpec.from_dict(spec)
+    spec["scoring"]["idle_timeout_s"] = 1.0
+    spec["scoring"]["drain_timeout_s"] = 0  # no drain: allowed
+    assert BundleSpec.from_dict(spec).scoring.drain_timeout_s == 0
+
+
 def test_a_spec_from_before_configurable_tasks_is_the_funnel():
     spec = _spec().to_dict()
     del spec["tasks"], spec["source"]

@@ -5,19 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import http.client
 import json
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from bundle_fixture import ROOT, START, small_model, users_and_items
+from bundle_fixture import START, small_model, users_and_items
+from serve_fixture import call, start_server, stop_server
 
 from pipeline.bundle import export_bundle
 from serving.bundle import load_bundle
@@ -34,20 +31,7 @@ def bundles(tiny_warehouse, tmp_path_factory):
     return tmp, a, b, [str(u) for u in users[:5]], [str(i) for i in items[:100]]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _call(port: int, method: str, path: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        response = conn.getresponse()
-        return response.status, response.read()
-    finally:
-        conn.close()
+ADMIN_TOKEN = "test-admin-token"
 
 
 @pytest.fixture(scope="module")
@@ -55,35 +39,21 @@ def server(bundles):
     tmp, a, _, _, _ = bundles
     served = tmp / "served"
     shutil.copytree(a, served)
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--bundle", str(served), "--port", str(port),
-                             "--max-candidates", "300"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while True:  # poll until ready, never a fixed sleep
-        try:
-            if _call(port, "GET", "/healthz")[0] == 200:
-                break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"server did not start: {proc.stderr.read()}")
-        time.sleep(0.05)
+    proc, port = start_server(served, "--max-candidates", "300", env={"FUNNELRANK_ADMIN_TOKEN": ADMIN_TOKEN})
     yield proc, port, served
-    proc.terminate()
-    proc.wait(timeout=10)
+    stop_server(proc)
 
 
 def _rank(port: int, user: str, items: list[str]) -> tuple[int, dict]:
     body = json.dumps({"user_id": user, "context": {"device": "ios", "slot": 1}, "candidates": [{"item_id": i} for i in items]})
-    status, data = _call(port, "POST", "/v1/rank", body.encode(), {"Content-Type": "application/json"})
+    status, data = call(port, "POST", "/v1/rank", body.encode(), {"Content-Type": "application/json"})
     return status, json.loads(data)
 
 
 def test_rank_and_readiness(server, bundles):
     _, port, _ = server
     _, a, _, users, items = bundles
-    status, ready = _call(port, "GET", "/readyz")
+    status, ready = call(port, "GET", "/readyz")
     assert status == 200 and json.loads(ready)["model_version"] == load_bundle(a).version
     status, result = _rank(port, users[0], items[:40] + ["never-seen"])
     assert status == 200
@@ -114,7 +84,7 @@ BAD_REQUESTS = [
 def test_bad_requests_get_4xx_naming_the_problem_and_server_keeps_serving(server, bundles, body, status, message):
     _, port, _ = server
     _, _, _, users, items = bundles
-    got, data = _call(port, "POST", "/v1/rank", body, {"Content-Type": "application/json"})
+    got, data = call(port, "POST", "/v1/rank", body, {"Content-Type": "application/json"})
     assert got == status
     assert message in json.loads(data)["error"]
     assert _rank(port, users[1], items[:5])[0] == 200
@@ -123,12 +93,12 @@ def test_bad_requests_get_4xx_naming_the_problem_and_server_keeps_serving(server
 def test_unknown_routes_and_metrics(server, bundles):
     _, port, _ = server
     _, a, _, users, items = bundles
-    assert _call(port, "GET", "/nope")[0] == 404
-    before = _call(port, "GET", "/metrics")[1].decode()
+    assert call(port, "GET", "/nope")[0] == 404
+    before = call(port, "GET", "/metrics")[1].decode()
     for _ in range(3):
         _rank(port, users[2], items[:10])
-    _call(port, "POST", "/v1/rank", b"{", {})
-    metrics = _call(port, "GET", "/metrics")[1].decode()
+    call(port, "POST", "/v1/rank", b"{", {})
+    metrics = call(port, "GET", "/metrics")[1].decode()
 
     def count(text: str, labels: str) -> int:
         line = next((x for x in text.splitlines() if x.startswith(f"funnelrank_requests_total{{{labels}}}")), None)
@@ -159,7 +129,7 @@ def test_reload_swaps_the_model_without_failing_requests(server, bundles):
         futures = [pool.submit(load) for _ in range(4)]
         shutil.rmtree(served)  # the served scorer lives in memory: replacing the folder is safe
         shutil.copytree(b, served)
-        status, data = _call(port, "POST", "/admin/reload", b"", {"Content-Length": "0"})
+        status, data = call(port, "POST", "/admin/reload", b"", {"Authorization": f"Bearer {ADMIN_TOKEN}"})
         assert status == 200 and json.loads(data)["model_version"] == version_b
         deadline = time.monotonic() + 30
         while version_b not in versions:  # the load threads are served by b before we swap back
@@ -170,7 +140,7 @@ def test_reload_swaps_the_model_without_failing_requests(server, bundles):
         shutil.copytree(a, served)
         proc.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 30
-        while json.loads(_call(port, "GET", "/readyz")[1])["model_version"] != version_a:
+        while json.loads(call(port, "GET", "/readyz")[1])["model_version"] != version_a:
             assert time.monotonic() < deadline, "SIGHUP did not reload"
             time.sleep(0.05)
         stop.set()
@@ -178,7 +148,7 @@ def test_reload_swaps_the_model_without_failing_requests(server, bundles):
             f.result()
     assert statuses and set(statuses) == {200}
     assert {version_a, version_b} <= versions
-    assert 'funnelrank_reloads_total{result="ok"} 2' in _call(port, "GET", "/metrics")[1].decode()
+    assert 'funnelrank_reloads_total{result="ok"} 2' in call(port, "GET", "/metrics")[1].decode()
 
 
 def _mixed_requests(users: list[str], items: list[str]) -> list[dict]:
@@ -233,14 +203,14 @@ def test_concurrent_http_requests_match_the_in_process_scorer(server, bundles):
     requests = _mixed_requests(users, items) * 3
 
     def post(request: dict) -> tuple[int, bytes]:
-        return _call(port, "POST", "/v1/rank", json.dumps(request).encode(), {"Content-Type": "application/json"})
+        return call(port, "POST", "/v1/rank", json.dumps(request).encode(), {"Content-Type": "application/json"})
 
     with ThreadPoolExecutor(10) as pool:
         results = list(pool.map(post, requests))
     for request, (status, data) in zip(requests, results):
         assert status == 200, data
         _same_ranking(json.loads(data)["items"], scorer.score(request))
-    metrics = _call(port, "GET", "/metrics")[1].decode()
+    metrics = call(port, "GET", "/metrics")[1].decode()
     assert "funnelrank_model_calls_total" in metrics and "funnelrank_model_requests_total" in metrics
 
 
