@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -162,6 +163,22 @@ def test_checkpoint_of_one_rank_resumes_with_two(tmp_path, warehouse) -> None:
     assert rank0["history"][1]["train/loss_total"] < rank0["history"][0]["train/loss_total"]
     assert MlflowClient(tracking_uri(cfg.state_dir)).get_run(killed.mlflow_run_id).info.status == "FINISHED"
 
+
+
+def test_a_non_finite_loss_stops_every_rank_at_the_same_step(tmp_path, warehouse) -> None:
+    cfg = make_cfg(tmp_path, train={**TRAIN, "dense_lr": 1e6})
+    config = tmp_path / "config.toml"
+    config.write_text(to_toml(cfg.model_dump(by_alias=True)))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "pipeline.cli",
+           "train", "--quiet", "--config", str(config), "--warehouse", str(warehouse), "--date", str(RUN_DATE)]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    # each rank stops with the same message: the ranks agree on the first bad step (no rank waits in a collective)
+    found = re.findall(r"funnelrank train: (the loss of task '\w+' is not finite at epoch 1, step \d+ of \d+)",
+                       done.stderr)
+    assert len(found) == 2 and found[0] == found[1], done.stderr[-5000:]
+    assert "exitcode  : 3" in done.stderr
 
 if __name__ == "__main__":
     worker(*sys.argv[1:])
