@@ -311,7 +311,8 @@ def test_a_price_that_is_not_finite_as_a_feature_fails_the_day_naming_column_and
     cfg_path.write_text(CONFIG.replace('transform = "log1p"', f'transform = "{transform}"'))
     args = ["examples", "--config", str(cfg_path), "--warehouse", str(warehouse), "--date", D3.isoformat()]
     assert main(args) == 4
+    err = capsys.readouterr().err
     assert (f"funnelrank examples: training table of 2026-05-02: items column 'price' gives feature 'price' (transform "
-            f"{transform}) values that are not finite in 1 of 3 rows, from raw values {shown}") in capsys.readouterr().err
+            f"{transform}) values that are not finite in 1 of 3 rows, from raw values {shown}") in err
     assert not training_dir(warehouse, D2).exists()
 
