@@ -45,32 +45,41 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     # strict: "16" is not an int, 1 is not a float-free bool; extra keys are typos.
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    # allow_inf_nan=False: TOML spells inf and nan, and no key of a run means either (an
+    # infinite rate or weight trains a NaN model, an infinite tolerance turns a gate off).
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
+
+
+# Upper bounds on sizes: generous, but a value beyond one can only be a typo that would
+# allocate for hours (or fail deep inside torch) instead of failing at load.
+MAX_DAYS = 3650  # ten years of daily partitions
+MAX_ROWS = 1_000_000_000
 
 
 class GenerateConfig(_Section):
     """Synthetic raw logs (``funnelrank generate``); CLI flags override these."""
 
     start_date: dt.date = dt.date(2026, 11, 1)
-    days: int = Field(14, ge=1)
-    users: int = Field(20_000, ge=10)
-    items: int = Field(5_000, ge=10)
-    impressions_per_day: int = Field(100_000, ge=100)
+    days: int = Field(14, ge=1, le=MAX_DAYS)
+    users: int = Field(20_000, ge=10, le=MAX_ROWS)
+    items: int = Field(5_000, ge=10, le=MAX_ROWS)
+    impressions_per_day: int = Field(100_000, ge=100, le=MAX_ROWS)
     task_correlation: float = Field(0.5, ge=-1.0, le=1.0)
-    categories: int = Field(40, ge=2)
-    brands: int = Field(300, ge=2)
-    shops: int = Field(600, ge=2)
-    cities: int = Field(60, ge=2)
-    slots: int = Field(10, ge=1)
-    latent_dim: int = Field(8, ge=1)
-    user_activity_exponent: float = Field(1.1, gt=0.0, description="Zipf exponent of user activity")
-    item_popularity_exponent: float = Field(1.05, gt=0.0, description="Zipf exponent of item popularity")
-    daily_drift: float = Field(0.03, ge=0.0, description="per-day random-walk step of the latent factors")
+    categories: int = Field(40, ge=2, le=MAX_ROWS)
+    brands: int = Field(300, ge=2, le=MAX_ROWS)
+    shops: int = Field(600, ge=2, le=MAX_ROWS)
+    cities: int = Field(60, ge=2, le=MAX_ROWS)
+    slots: int = Field(10, ge=1, le=1000)
+    latent_dim: int = Field(8, ge=1, le=1024)
+    user_activity_exponent: float = Field(1.1, gt=0.0, le=10.0, description="Zipf exponent of user activity")
+    item_popularity_exponent: float = Field(1.05, gt=0.0, le=10.0, description="Zipf exponent of item popularity")
+    daily_drift: float = Field(0.03, ge=0.0, le=10.0, description="per-day random-walk step of the latent factors")
     target_ctr: float = Field(0.04, gt=0.0, lt=1.0)
     target_cvr: float = Field(0.10, gt=0.0, lt=1.0, description="conversion rate given click")
-    noise: float = Field(0.3, ge=0.0, description="std of the per-impression logit noise (unobservable)")
+    noise: float = Field(0.3, ge=0.0, le=100.0, description="std of the per-impression logit noise (unobservable)")
     latent_match_scale: float = Field(
-        1.0, ge=0.0, description="scales the user x item latent factor products (the latent match term and the MMoE "
+        1.0, ge=0.0, le=100.0,
+        description="scales the user x item latent factor products (the latent match term and the MMoE "
         "x's product block); 0 leaves a world without dot-product interactions",
     )
 
@@ -78,8 +87,8 @@ class GenerateConfig(_Section):
 class ContractConfig(_Section):
     """Raw data contract v1: label windows."""
 
-    click_window_minutes: int = Field(30, ge=1)
-    attribution_window_hours: int = Field(24, ge=1)
+    click_window_minutes: int = Field(30, ge=1, le=10_080, description="at most a week")
+    attribution_window_hours: int = Field(24, ge=1, le=2_160, description="at most 90 days")
 
     @property
     def click_window(self) -> dt.timedelta:
@@ -129,10 +138,11 @@ class SparseFeature(_Section):
     # equal to a boundary goes to the bucket above it; null or NaN is padding (row 0)
     boundaries: list[float] = Field(default_factory=list)
     # FBGEMM's table-batched kernels need embedding dims in multiples of 4.
-    dim: int = Field(16, ge=4, multiple_of=4)
-    capacity: int = Field(100_000, ge=1, description="max in-vocabulary ids (excl. padding and OOV)")
+    dim: int = Field(16, ge=4, le=4096, multiple_of=4, description="embedding width, 4 to 4096")
+    capacity: int = Field(100_000, ge=1, le=MAX_ROWS,
+                          description="max in-vocabulary ids (excl. padding and OOV), at most 1e9")
     min_count: int = Field(1, ge=1, description="ids seen fewer times go to OOV buckets")
-    oov_buckets: int = Field(8, ge=1)
+    oov_buckets: int = Field(8, ge=1, le=1_000_000)
     pooling: Literal["sum", "mean"] = "sum"
 
     @model_validator(mode="after")
@@ -144,8 +154,8 @@ class SparseFeature(_Section):
         b = self.boundaries
         if not b:
             raise ValueError(f"feature {self.name!r}: kind = 'bucket' needs boundaries (ascending cut points)")
-        if not all(math.isfinite(x) for x in b) or any(x >= y for x, y in zip(b, b[1:])):
-            raise ValueError(f"feature {self.name!r}: boundaries must be finite and strictly ascending, got {b}")
+        if any(x >= y for x, y in zip(b, b[1:])):  # finite already: _Section refuses inf and nan
+            raise ValueError(f"feature {self.name!r}: boundaries must be strictly ascending, got {b}")
         return self
 
     @property
@@ -174,8 +184,9 @@ class AggregateKey(_Section):
 
 
 class FeaturesConfig(_Section):
-    windows_days: list[int] = Field(default_factory=lambda: [1, 7, 28], min_length=1)
-    prior_strength: float = Field(20.0, ge=0.0, description="pseudo-impressions behind smoothed rates")
+    windows_days: list[int] = Field(default_factory=lambda: [1, 7, 28], min_length=1,
+                                    description=f"counter windows in days, each 1 to {MAX_DAYS}")
+    prior_strength: float = Field(20.0, ge=0.0, le=1e9, description="pseudo-impressions behind smoothed rates")
     aggregate_keys: list[AggregateKey] = Field(default_factory=list)
     sparse: list[SparseFeature] = Field(min_length=1)
     numeric: list[NumericFeature] = Field(default_factory=list)
@@ -183,8 +194,8 @@ class FeaturesConfig(_Section):
     @field_validator("windows_days")
     @classmethod
     def _positive_sorted_windows(cls, v: list[int]) -> list[int]:
-        if any(w < 1 for w in v) or sorted(set(v)) != v:
-            raise ValueError("must be distinct positive day counts in increasing order")
+        if any(not 1 <= w <= MAX_DAYS for w in v) or sorted(set(v)) != v:
+            raise ValueError(f"must be distinct day counts from 1 to {MAX_DAYS} in increasing order")
         return v
 
     @model_validator(mode="after")
@@ -227,8 +238,9 @@ class TaskConfig(_Section):
                                    description="funnel step: name of P(after and task), e.g. ctcvr")
     conditional_name: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
                                          description="funnel step: name of P(task | after), e.g. cvr")
-    loss_weight: float = Field(1.0, ge=0.0, description="model.loss_weighting = 'fixed' only")
-    score_exponent: float = Field(1.0, ge=0.0, description="ranking score = product of p ** score_exponent over the tasks")
+    loss_weight: float = Field(1.0, ge=0.0, le=1000.0, description="model.loss_weighting = 'fixed' only")
+    score_exponent: float = Field(1.0, ge=0.0, le=100.0,
+                                  description="ranking score = product of p ** score_exponent over the tasks")
 
     @property
     def label_column(self) -> str:

@@ -24,6 +24,9 @@ Null handling: a null id encodes to 0 (padding), a null list to an empty list; a
 no history gets ``rolling_defaults`` (log1p(0) = 0 counts, the global smoothed rates);
 a numeric feature that is null or NaN (e.g. an item missing from the snapshot) becomes
 0.0 after its transform (``log1p`` clips negatives to 0 first; serving.encoding.numeric_values).
+A dense value that is not finite after its transform (a raw inf, a number beyond float32's
+range) would train a NaN model: the stage fails naming the column and the day
+(``check_finite_dense``; exit 4, the raw data's fault).
 
 Rerun safety: ``manifest.json`` (written inside the same atomic folder as the data) holds
 the sha256 of every input partition and of the spec; a rerun with the same inputs is
@@ -203,6 +206,27 @@ def numeric_feature_expr(column: str, transform: NumericTransform) -> pl.Expr:
         return_dtype=pl.Float32, is_elementwise=True)
 
 
+def check_finite_dense(cfg: DataConfig, raw: pl.DataFrame, dense: pl.DataFrame, where: str) -> None:
+    """``dense`` (the dense features of ``where``'s rows, in a training table's order)
+    holds no inf or NaN. DataContractError for a numeric feature, naming its raw column (in
+    ``raw``) and some of the raw values; StageError for an aggregate feature (counts and
+    smoothed rates of a valid config are finite)."""
+    counts = dense.select(pl.all().is_finite().not_().sum()).row(0, named=True)
+    bad = [name for name, n in counts.items() if n]
+    if not bad:
+        return
+    name, also = bad[0], f" (also: {', '.join(bad[1:])})" if bad[1:] else ""
+    n = f"{counts[name]:,} of {dense.height:,} rows"
+    feature = next((f for f in cfg.features.numeric if f.name == name), None)
+    if feature is None:
+        raise StageError(f"{where}: aggregate feature {name!r} is not finite in {n}{also}")
+    values = raw.get_column(feature.column).filter(dense.get_column(name).is_finite().not_())
+    shown = ", ".join(map(repr, values.unique(maintain_order=True).head(5).to_list()))
+    raise DataContractError(f"{where}: {feature.table} column {feature.column!r} gives feature {name!r} (transform "
+                            f"{feature.transform}) values that are not finite in {n}, from raw values {shown}: "
+                            f"fix or null them (null and NaN mean missing){also}")
+
+
 def _encode_sparse(warehouse: Path, feature: SparseFeature, day: dt.date, rows: JoinedRows) -> tuple[pa.Array, int]:
     """Apply the day's ids to the feature's vocabulary, then encode them with it."""
     if feature.kind == "bucket":  # numbers, not ids: no vocabulary to apply
@@ -298,13 +322,15 @@ def build_training_table(cfg: DataConfig, warehouse: Path, run_date: dt.date) ->
     timings["rolling"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    numeric = pl.DataFrame([rows.column(f.column).alias(f.name) for f in spec.numeric])
-    numeric = numeric.select(numeric_feature_expr(f.name, f.transform) for f in spec.numeric)
-    dense = pl.concat([numeric, rolled], how="horizontal").select(spec.dense_names()).to_arrow()
+    raw = pl.DataFrame([rows.column(column) for column in dict.fromkeys(f.column for f in spec.numeric)])
+    numeric = raw.select(numeric_feature_expr(f.column, f.transform).alias(f.name) for f in spec.numeric)
+    dense = pl.concat([numeric, rolled], how="horizontal").select(spec.dense_names())
+    check_finite_dense(cfg, raw, dense, f"training table of {day_str(day)}")
+    dense = dense.to_arrow()
     columns.update(zip(dense.column_names, dense.columns, strict=True))
     schema = training_schema(cfg)
     table = pa.table([columns[f.name] for f in schema], schema=schema)
-    del rows, columns, dense, ids, rolled
+    del rows, columns, dense, ids, rolled, raw
 
     with atomic_dir(target) as tmp:
         write_training_file(pl.from_arrow(table), tmp / DATA_FILE)

@@ -24,6 +24,10 @@ buckets. A rebuild (changed inputs or spec) starts the table features' vocabular
 afresh from version 1, since the old ids belong to another dataset; a vocabulary that
 holds event-log days is never touched (use a separate warehouse for a table source).
 
+A feature value that is not finite after its transform (a raw inf, a number beyond
+float32's range) is refused naming the file, split and column
+(``features.examples.check_finite_dense``): it would train a NaN model.
+
 Rows whose label is null go to ``<warehouse>/table/quarantine/<split>/`` (with a
 ``reason``) and are counted in the manifest: rows in = rows out + quarantined.
 
@@ -58,7 +62,7 @@ from features.catalog import (
 )
 from features.config import DataConfig, SparseFeature, TableSourceConfig, repeated
 from features.errors import DataContractError, StageError
-from features.examples import numeric_feature_expr
+from features.examples import check_finite_dense, numeric_feature_expr
 from features.io import atomic_dir, atomic_write_json, sha256_file, write_parquet_dir
 from features.vocab import Buckets, Vocabulary, read_manifest, update_vocabulary
 from serving.encoding import as_strings
@@ -256,8 +260,10 @@ def table_schema(cfg: DataConfig) -> pa.Schema:
     return pa.schema(fields)
 
 
-def encode_split(cfg: DataConfig, frame: pl.DataFrame, vocabs: dict[str, Vocabulary | Buckets], schema: pa.Schema) -> pa.Table:
-    """One split's rows (labels all present) as a training table of ``schema``."""
+def encode_split(cfg: DataConfig, frame: pl.DataFrame, vocabs: dict[str, Vocabulary | Buckets], schema: pa.Schema,
+                 where: str) -> pa.Table:
+    """One split's rows (labels all present) as a training table of ``schema``; ``where``
+    names the rows in errors."""
     columns: dict[str, pa.Array] = {}
     if cfg.table.user_column:
         columns[USER_COLUMN] = as_strings(frame.get_column(cfg.table.user_column).to_arrow())
@@ -272,7 +278,9 @@ def encode_split(cfg: DataConfig, frame: pl.DataFrame, vocabs: dict[str, Vocabul
         else:  # one lookup per distinct id
             columns[f.name] = pa.array(vocabs[f.name].encode(pc.dictionary_encode(as_strings(values))), pa.int64())
     numeric = {f.name: numeric_feature_expr(f.column, f.transform).alias(f.name) for f in cfg.features.numeric}
-    dense = frame.select(numeric[name] for name in cfg.features.dense_names()).to_arrow()
+    dense = frame.select(numeric[name] for name in cfg.features.dense_names())
+    check_finite_dense(cfg, frame, dense, where)
+    dense = dense.to_arrow()
     columns.update(zip(dense.column_names, dense.columns, strict=True))
     return pa.table([columns[f.name] for f in schema], schema=schema)
 
@@ -353,7 +361,7 @@ def prepare_table(cfg: DataConfig, warehouse: Path) -> PreparedTable:
     reset_vocabularies(warehouse, cfg)
     vocabs = {f.name: update_vocabulary(warehouse, f, TABLE_DAY, sparse_values(f, good["train"])) for f in cfg.features.sparse}
     for split in SPLITS:
-        table = encode_split(cfg, good[split], vocabs, schema)
+        table = encode_split(cfg, good[split], vocabs, schema, f"table file {paths[split]} ({split} split)")
         write_parquet_dir(table_split_dir(warehouse, split), table, row_group_size=TABLE_ROW_GROUP_ROWS)
         name = f"{split}/{DATA_FILE}"
         splits[split]["content_sha256"] = {name: sha256_file(root / name)}

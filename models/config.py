@@ -10,6 +10,11 @@ from pydantic import Field, field_validator, model_validator
 from features.catalog import default_state_dir
 from features.config import DataConfig, TomlPath, _Section
 
+# Upper bounds on the network's sizes (generous: beyond them a value can only be a typo).
+MAX_LAYER_SIZE = 65_536
+MAX_LAYERS = 64
+MAX_EXPERTS = 256
+
 
 class ModelConfig(_Section):
     """The multi-task network (models/nets.py): backbone, conversion head, loss weighting."""
@@ -21,23 +26,27 @@ class ModelConfig(_Section):
     loss_weighting: Literal["fixed", "uncertainty"] = Field(
         "fixed", description="fixed: tasks[].loss_weight; uncertainty: learned (Kendall et al. 2018)")
     expert_dims: list[int] = Field(
-        default_factory=lambda: [128, 64], min_length=1,
-        description="hidden sizes of each expert (mmoe), the shared bottom, or each task's network",
+        default_factory=lambda: [128, 64], min_length=1, max_length=MAX_LAYERS,
+        description=f"hidden sizes of each expert (mmoe), the shared bottom, or each task's network; "
+                    f"each 1 to {MAX_LAYER_SIZE}",
     )
-    tower_dims: list[int] = Field(default_factory=lambda: [32], description="hidden sizes of each task's tower")
-    n_experts: int = Field(4, ge=1)
-    ple_levels: int = Field(2, ge=1, description="ple: extraction (CGC) levels; 1 = a single customised gate control layer")
-    ple_shared_experts: int = Field(2, ge=1, description="ple: shared experts per level")
-    ple_task_experts: int = Field(1, ge=1, description="ple: experts of each task per level")
+    tower_dims: list[int] = Field(default_factory=lambda: [32], max_length=MAX_LAYERS,
+                                  description=f"hidden sizes of each task's tower, each 1 to {MAX_LAYER_SIZE}")
+    n_experts: int = Field(4, ge=1, le=MAX_EXPERTS, description=f"mmoe: experts, at most {MAX_EXPERTS}")
+    ple_levels: int = Field(2, ge=1, le=MAX_LAYERS,
+                            description="ple: extraction (CGC) levels; 1 = a single customised gate control layer")
+    ple_shared_experts: int = Field(2, ge=1, le=MAX_EXPERTS, description="ple: shared experts per level")
+    ple_task_experts: int = Field(1, ge=1, le=MAX_EXPERTS, description="ple: experts of each task per level")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    soft_sharing_strength: float = Field(1e-3, ge=0.0, description="L2 pull between the task networks' weights")
-    cross_layers: int = Field(0, ge=0, description="DCN-v2 cross layers on the backbone input (explicit feature crosses, e.g. user x item); 0 = none")
+    soft_sharing_strength: float = Field(1e-3, ge=0.0, le=1e3, description="L2 pull between the task networks' weights")
+    cross_layers: int = Field(0, ge=0, le=MAX_LAYERS, description="DCN-v2 cross layers on the backbone input "
+                              "(explicit feature crosses, e.g. user x item); 0 = none")
 
     @field_validator("expert_dims", "tower_dims")
     @classmethod
     def _positive_dims(cls, v: list[int]) -> list[int]:
-        if any(d < 1 for d in v):
-            raise ValueError("layer sizes must be positive")
+        if any(not 1 <= d <= MAX_LAYER_SIZE for d in v):
+            raise ValueError(f"layer sizes must be from 1 to {MAX_LAYER_SIZE}")
         return v
 
 
@@ -48,11 +57,12 @@ class TrainConfig(_Section):
     min_window_days: int = Field(
         3, ge=2, description="a young warehouse (fewer mature days than window_days) trains on the days it has once "
         "there are this many; before that the nightly run skips train, evaluate, export and promote")
-    epochs: int = Field(3, ge=1)
+    epochs: int = Field(3, ge=1, le=10_000, description="at most 10,000")
     # The global batch: a torchrun job of N ranks gives each rank batch_size / N rows per
     # step (batch_size must divide evenly), so steps per epoch, learning rates and results
     # stay comparable whatever the world size; raise it to scale per-GPU work.
-    batch_size: int = Field(4096, ge=1, description="global batch, split evenly over the ranks of a torchrun job")
+    batch_size: int = Field(4096, ge=1, le=1 << 24,
+                            description="global batch, split evenly over the ranks of a torchrun job; at most 2**24")
     sparse_optimizer: Literal["rowwise_adagrad", "adam"] = Field(
         "rowwise_adagrad", description="fused into the embedding backward; adam needs a CUDA device"
     )
@@ -64,8 +74,8 @@ class TrainConfig(_Section):
     early_stopping_metric: str | None = Field(
         None, description="<task view>_<auc|gauc|logloss>, e.g. click_auc or ctcvr_logloss; default: the first task's auc")
     patience: int = Field(2, ge=1, description="stop after this many epochs without improvement")
-    shuffle_buffer_rows: int = Field(262_144, ge=1)
-    threads: int = Field(0, ge=0, description="torch CPU threads; 0 = all cores")
+    shuffle_buffer_rows: int = Field(262_144, ge=1, le=1 << 30, description="at most 2**30")
+    threads: int = Field(0, ge=0, le=1024, description="torch CPU threads; 0 = all cores; at most 1024")
     log_every_steps: int = Field(50, ge=1)
     sharding: Literal["auto", "table_wise", "row_wise", "column_wise", "data_parallel"] = Field(
         "table_wise", description="embedding tables over the ranks: auto = torchrec's planner picks among the sharded "

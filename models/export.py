@@ -144,19 +144,28 @@ def onnx_inputs(batch: Batch, spec: FeaturesConfig) -> dict[str, np.ndarray]:
 def check_parity(
     model: MultiTaskNet, onnx_path: Path, batches: Sequence[Batch], spec: FeaturesConfig, tasks: Sequence[TaskConfig]
 ) -> dict:
-    """Max |PyTorch - onnxruntime| per output over ``batches``; StageError above 1e-5."""
+    """Max |PyTorch - onnxruntime| per output over ``batches``; StageError above 1e-5, or
+    naming every output that is inf or NaN on some row in either (equal NaNs are no parity:
+    a NaN model must not pass with a difference of 0)."""
     model.eval()
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     names = output_names(tasks)
     worst = dict.fromkeys(names, 0.0)
+    not_finite = {(name, runtime): 0 for name in names for runtime in ("PyTorch", "onnxruntime")}  # rows
     sizes = []
     for batch in batches:
         out = model(batch.dense, batch.sparse)
-        want = {f"p_{view}": p for view, p in out.probs.items()} | {SCORE: blend(out.probs, tasks)}
+        want = {f"p_{view}": p.numpy() for view, p in out.probs.items()} | {SCORE: blend(out.probs, tasks).numpy()}
         got = dict(zip(names, session.run(names, onnx_inputs(batch, spec))))
         for name in names:
-            worst[name] = max(worst[name], float(np.abs(got[name] - want[name].numpy()).max(initial=0.0)))
+            for runtime, values in (("PyTorch", want[name]), ("onnxruntime", got[name])):
+                not_finite[name, runtime] += int(np.count_nonzero(~np.isfinite(values)))
+            worst[name] = max(worst[name], float(np.abs(got[name] - want[name]).max(initial=0.0)))
         sizes.append(len(batch))
+    failed = [f"{name} in {runtime} ({n:,} of {sum(sizes):,} rows)" for (name, runtime), n in not_finite.items() if n]
+    if failed:
+        raise StageError(f"ONNX parity failed for {onnx_path}: outputs not finite: {', '.join(failed)}; the model "
+                         "has NaN or inf weights (or the parity rows inf values)")
     bad = {k: v for k, v in worst.items() if not v <= PARITY_TOLERANCE}
     if bad:
         detail = ", ".join(f"{k} max abs diff {v:.3g}" for k, v in bad.items())

@@ -23,6 +23,12 @@ computed on all ranks' predictions (all-gathered). Only rank 0 writes checkpoint
 talks to MLflow; the other ranks wait at a barrier. On the CPU, the same seed, data and
 world size give identical weights.
 
+A step whose loss is not finite (a learning rate too large, values that overflow) stops
+the run with StageError naming the epoch, the step and the task, before the epoch is
+saved: ``last.pt`` keeps the last good epoch and the MLflow run is marked FAILED. The
+losses are looked at where the loop synchronises anyway (every ``train.log_every_steps``
+and at the end of an epoch), so the check costs no device sync per step.
+
 Two hooks for the nightly pipeline: ``initial_state`` warm-starts a new run from another
 model's plain state_dict (``models.checkpoint.warm_start``), ``freeze_shared`` trains
 only the towers, heads and gates.
@@ -184,7 +190,13 @@ def train_model(
     with _progress_bar(progress) as bar:
         while not state["finished"] and state["epoch"] < last_epoch:
             epoch = state["epoch"]
-            train_stats = trainer.train_epoch(state, bar, tracker)
+            try:
+                train_stats = trainer.train_epoch(state, bar, tracker)
+            except NonFiniteLoss as err:
+                if tracker is not None:
+                    tracker.end("FAILED")
+                kept = f"{ckpt_dir / 'last.pt'} keeps epoch {epoch}" if epoch else "no epoch finished, none is saved"
+                raise StageError(f"{err}; {kept}") from None
             val, pred = trainer.validate()
             record = trainer.epoch_record(epoch, train_stats, val, pred)
             improved = _end_epoch(cfg, state, record, val, tracker)
@@ -309,6 +321,10 @@ def _log_final_artifacts(tracker: RunTracker, cfg: TrainingConfig, data: Trainin
 
 # ---------------------------------------------------------------- one epoch
 
+class NonFiniteLoss(ArithmeticError):
+    """A training step's loss is inf or NaN (the message names the epoch, step and task)."""
+
+
 @dataclass
 class Trainer:
     """The parts of one training run: the (sharded) model, its optimisers and loaders."""
@@ -340,17 +356,22 @@ class Trainer:
         self.model.train()
         task = bar.add_task(f"epoch {epoch + 1}/{self.cfg.train.epochs}", total=self.train_steps, info="")
         sums: dict[str, torch.Tensor] = {}
+        unchecked: list[dict[str, torch.Tensor]] = []  # the loss parts of the steps since the last finiteness check
         rows, started = 0, time.perf_counter()
-        for batch, _ in fixed_steps(self.train_loader, self.train_steps):
+        for done, (batch, _) in enumerate(fixed_steps(self.train_loader, self.train_steps), 1):
             batch = batch.to(self.device, non_blocking=True)
             parts = self.step(batch, state["step"])
+            unchecked.append(parts)
             state["step"] += 1
             rows += len(batch)
             for k, v in parts.items():  # kept on the device: no sync per step
                 sums[k] = sums.get(k, 0.0) + v.double() * len(batch)
             bar.update(task, advance=1)
             if state["step"] % self.cfg.train.log_every_steps == 0:
+                self.check_finite(unchecked, epoch, done)
+                unchecked = []
                 _log_step(bar, task, tracker, parts, state["step"], rows * world / (time.perf_counter() - started))
+        self.check_finite(unchecked, epoch, self.train_steps)
         totals = reduce_values([rows, *(float(v) for v in sums.values())], self.device)  # over all ranks
         return {"train/samples_per_s": totals[0] / (time.perf_counter() - started),
                 **{f"train/loss_{k}": v / totals[0] for k, v in zip(sums, totals[1:])}}
@@ -368,6 +389,35 @@ class Trainer:
             group["lr"] = dense_learning_rate(cfg.train, step, cfg.train.epochs * self.train_steps)
         self.dense_opt.step()
         return parts
+
+    def check_finite(self, steps: list[dict[str, torch.Tensor]], epoch: int, done: int) -> None:
+        """NonFiniteLoss naming the first of ``steps`` (the loss parts of the epoch's steps
+        up to its ``done``-th) whose loss is not finite on any rank, on every rank.
+
+        One isfinite over the steps' totals and one sync per call: a total is finite only
+        when every part of it is (a zero weight times inf is NaN). A collective: every rank
+        calls it after the same steps."""
+        names = list(steps[0]) if steps else []
+        all_finite = len(steps) * len(names)
+        first = all_finite  # step index x parts + part index of the first non-finite part
+        if steps and not bool(torch.isfinite(torch.stack([p["total"] for p in steps])).all()):
+            i = next(i for i, p in enumerate(steps) if not torch.isfinite(p["total"]))
+            first = i * len(names) + next(j for j, v in enumerate(steps[i].values()) if not torch.isfinite(v))
+        first = int(reduce_values([first], self.device, dist.ReduceOp.MIN)[0])
+        if first == all_finite:
+            return
+        i, j = divmod(first, len(names))
+        part = names[j]
+        if part in self.weighting.names:
+            what = f"the loss of task {part!r}"
+        elif part == "penalty":
+            what = "the backbone's penalty (model.soft_sharing_strength)"
+        else:
+            weights = ", ".join(f"{t} {w:.3g}" for t, w in self.weighting.weights().items())
+            what = f"the weighted total loss (task weights {weights})"
+        raise NonFiniteLoss(f"{what} is not finite at epoch {epoch + 1}, step {done - len(steps) + i + 1} of "
+                            f"{self.train_steps}: lower train.dense_lr / train.sparse_lr or look for huge values in "
+                            f"the training table")
 
     def validate(self) -> tuple[dict[str, float], dict[str, np.ndarray]]:
         """(metrics, predictions) of the validation table, all ranks' rows."""

@@ -57,7 +57,8 @@ class PromoteConfig(_Section):
     """The promotion gate: when the candidate becomes the ``champion`` alias."""
 
     model_name: str = Field("funnelrank", min_length=1, description="registered model name in the MLflow registry")
-    auc_tolerance: float = Field(0.005, ge=0.0, description="largest AUC drop vs the champion allowed on any task")
+    auc_tolerance: float = Field(0.005, ge=0.0, lt=1.0,
+                                 description="largest AUC drop vs the champion allowed on any task")
     gate_metrics: list[str] | None = Field(
         None, min_length=1, description="<task view>_<auc|gauc>; default: every task view's auc")
     min_auc: float = Field(0.55, ge=0.0, le=1.0, description="first model: every gate metric at least this")
@@ -117,9 +118,12 @@ def load_config(path: str | Path = DEFAULT_CONFIG, overrides: dict | None = None
     """Read and validate a TOML config. ``overrides`` is a nested dict merged on top."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except OSError as err:
         raise ConfigError(f"cannot read config {path}: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config {path} is not UTF-8 text (TOML is): byte {err.object[err.start]:#04x} at offset "
+                          f"{err.start}") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:

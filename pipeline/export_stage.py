@@ -51,6 +51,8 @@ def export_run(
     and its MLflow run) into ``<state_dir>/bundles/<run key>/``, parity-checked on up to
     models.export.PARITY_MIN_ROWS real rows: of the run's validation day, with features as of
     ``run_date + 1`` (what the coming day's traffic sees); of a table source's test split.
+    A parity failure (an output above the tolerance, or inf or NaN in either runtime) is a
+    StageError: no bundle is written, nothing is logged.
     Skipped when that bundle exists, verifies and was built from the same run key and
     weights. The bundle is logged to the MLflow run under ``bundle/``
     (``runs:/<run_id>/bundle``, loadable by serving.bundle.load_bundle_from_mlflow); no

@@ -50,6 +50,18 @@ def test_bad_config_exits_2_naming_the_key(tmp_path, capsys):
     assert "validate.max_bad_rows: unknown key" in capsys.readouterr().err
 
 
+
+def test_infinite_value_and_non_utf8_config_exit_2_naming_key_and_file(tmp_path, capsys):
+    text = (ROOT / "configs" / "demo.toml").read_text()
+    inf = tmp_path / "inf.toml"
+    inf.write_text(text.replace("prior_strength = 20.0", "prior_strength = inf"))
+    assert main(["examples", "--config", str(inf), "--warehouse", str(tmp_path / "wh"), "--date", "2026-11-03"]) == 2
+    assert "features.prior_strength: Input should be a finite number (got inf)" in capsys.readouterr().err
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes(text.replace("# funnelrank demo", "# caf\u00e9 demo", 1).encode("latin-1"))
+    assert main(["train", "--config", str(latin1), "--warehouse", str(tmp_path / "wh"), "--date", "2026-11-10"]) == 2
+    assert f"config {latin1} is not UTF-8 text" in capsys.readouterr().err
+
 def test_bad_date_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["validate", "--date", "yesterday"])

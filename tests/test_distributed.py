@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -183,6 +184,22 @@ def test_cli_train_under_torchrun_on_tables_of_one_row_group(tmp_path) -> None:
     client = MlflowClient(tracking_uri(cfg.state_dir))
     (run,) = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
     assert run.info.status == "FINISHED" and run.data.metrics["val/click_auc"] > 0.6
+
+
+def test_a_non_finite_loss_stops_every_rank_at_the_same_step(tmp_path, warehouse) -> None:
+    cfg = make_cfg(tmp_path, train={**TRAIN, "dense_lr": 1e6})
+    config = tmp_path / "config.toml"
+    config.write_text(to_toml(cfg.model_dump(by_alias=True)))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "pipeline.cli",
+           "train", "--quiet", "--config", str(config), "--warehouse", str(warehouse), "--date", str(RUN_DATE)]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    # each rank stops with the same message: the ranks agree on the first bad step (no rank waits in a collective)
+    found = re.findall(r"funnelrank train: (the loss of task '\w+' is not finite at epoch 1, step \d+ of \d+)",
+                       done.stderr)
+    assert len(found) == 2 and found[0] == found[1], done.stderr[-5000:]
+    assert "exitcode  : 3" in done.stderr
 
 
 if __name__ == "__main__":

@@ -340,3 +340,22 @@ def test_a_day_validated_again_makes_what_was_derived_from_it_stale_until_rebuil
     assert run("examples", "--date", days[2]) == 0
     assert json.loads((table / "manifest.json").read_text())["content_sha256"] != first
     assert not stale_training_tables(cfg.warehouse, [dt.date.fromisoformat(days[1])])
+
+
+@pytest.mark.parametrize(("price", "transform", "shown"), [
+    (math.inf, "log1p", "inf"),
+    (1e39, "none", "1e+39"),  # finite, but beyond float32: inf in the table
+])
+def test_a_price_that_is_not_finite_as_a_feature_fails_the_day_naming_column_and_day(setup, capsys, price, transform,
+                                                                                      shown):
+    cfg, warehouse, cfg_path = setup
+    items = {"item_id": ["i1", "i2", "i3"], "category_id": ["c1", "c2", "c1"], "price": [price, 0.0, None]}
+    write(warehouse, "items", D2, items, ITEMS)
+    cfg_path.write_text(CONFIG.replace('transform = "log1p"', f'transform = "{transform}"'))
+    args = ["examples", "--config", str(cfg_path), "--warehouse", str(warehouse), "--date", D3.isoformat()]
+    assert main(args) == 4
+    err = capsys.readouterr().err
+    assert (f"funnelrank examples: training table of 2026-05-02: items column 'price' gives feature 'price' (transform "
+            f"{transform}) values that are not finite in 1 of 3 rows, from raw values {shown}") in err
+    assert not training_dir(warehouse, D2).exists()
+

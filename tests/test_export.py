@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+import torch
 from bundle_fixture import small_model
 
 from features.errors import StageError
@@ -92,6 +93,22 @@ def test_broken_onnx_fails_parity_naming_the_output(warehouse, edge_case_table):
     onnx.save(proto, str(path))
     with pytest.raises(StageError, match=r"ONNX parity failed .*p_click max abs diff"):
         check_parity(model, path, _batches(cfg, edge_case_table, sizes=(7, 1000)), cfg.features, cfg.tasks)
+
+
+def test_a_nan_model_fails_parity_naming_the_outputs(warehouse, edge_case_table):
+    cfg, files, tmp = warehouse
+    model = small_model(cfg, files)
+    with torch.no_grad():
+        model.heads["click"].bias.fill_(float("nan"))  # what a diverged training leaves: NaN weights
+    path = export_onnx(model, cfg.features, cfg.tasks, tmp / "nan.onnx")
+    batches = _batches(cfg, edge_case_table, sizes=(7, 1000))
+    rows = sum(len(b) for b in batches)
+    with pytest.raises(StageError) as err:
+        check_parity(model, path, batches, cfg.features, cfg.tasks)
+    # p_cvr (the conversion head given a click) does not read the click head
+    assert (f"ONNX parity failed for {path}: outputs not finite: p_click in PyTorch ({rows:,} of {rows:,} rows), "
+            f"p_click in onnxruntime ({rows:,} of {rows:,} rows), p_ctcvr in PyTorch") in str(err.value)
+    assert "score in onnxruntime" in str(err.value) and "p_cvr" not in str(err.value)
 
 
 def test_bundle_files_manifest_and_spec(warehouse):

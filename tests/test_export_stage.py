@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from bundle_fixture import DAYS, START, users_and_items
 from mlflow.tracking import MlflowClient
 
@@ -110,3 +111,24 @@ def test_cli_export_prints_parity_bundle_and_artifact_uri(run, capsys):
     # No run for another date: the error names the checkpoint and the command; exit 3.
     assert main(["export", "--config", str(config_path), "--date", "2026-11-03"]) == 3
     assert "run `funnelrank train --date 2026-11-03" in capsys.readouterr().err
+
+
+def test_a_nan_model_is_not_exported_nor_logged(run, tmp_path, capsys):
+    cfg, _ = run
+    cfg = cfg.model_copy(update={"state_dir": tmp_path / "state", "train": cfg.train.model_copy(update={"epochs": 1})})
+    trained = train_run(cfg, cfg.warehouse, RUN_DATE, progress=False)
+    best = trained.checkpoint_dir / "best.pt"
+    saved = torch.load(best, weights_only=False)
+    saved["model"]["heads.click.bias"].fill_(float("nan"))  # a checkpoint of a model that diverged
+    torch.save(saved, best)
+    config = tmp_path / "config.toml"
+    config.write_text(to_toml(cfg.model_dump(by_alias=True)))
+
+    assert main(["export", "--config", str(config), "--date", RUN_DATE.isoformat()]) == 3
+    err = capsys.readouterr().err
+    assert "funnelrank export: ONNX parity failed for " in err and "outputs not finite: p_click in PyTorch" in err
+    assert not (cfg.state_dir / "bundles" / trained.run_key).exists()
+    assert not list((cfg.state_dir / "bundles").glob(".tmp-*"))
+    client = MlflowClient(tracking_uri(cfg.state_dir))
+    assert not client.list_artifacts(trained.mlflow_run_id, "bundle")
+    assert "bundle.sha256" not in client.get_run(trained.mlflow_run_id).data.tags

@@ -34,7 +34,7 @@ def _config(root: Path) -> Path:
         "warehouse": str(root / "wh1"),
         "generate": {"start_date": START, "days": len(DAYS), "users": 800, "items": 300, "impressions_per_day": 6000},
         "train": {"window_days": 4, "min_window_days": 3, "epochs": 1, "batch_size": 512},
-        "promote": {"min_auc": 0.0, "calibration_min": 0.001, "calibration_max": 1000.0, "auc_tolerance": 1.0},
+        "promote": {"min_auc": 0.0, "calibration_min": 0.001, "calibration_max": 1000.0, "auc_tolerance": 0.99},
     })
     generate_logs(cfg, cfg.warehouse, progress=False)
     data = cfg.model_dump(by_alias=True)

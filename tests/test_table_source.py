@@ -242,6 +242,8 @@ def test_null_labels_are_quarantined_and_counted(tmp_path, csv_files):
     ("val", VAL_CSV.replace("user,item,tags", "user,item,item"), r"val\.csv: column 'item' is named 2 times in the header"),
     ("val", "user,item,tags,price,click,buy\n", r"table val split is empty: no rows in .*val\.csv"),
     ("train", TRAIN_CSV.replace(",click,", ",clic,"), r"train\.csv: no column 'click'"),
+    ("val", VAL_CSV.replace("u4,c,w|x,2.0", "u4,c,w|x,inf"), r"val\.csv \(val split\): table column 'price' gives "
+     r"feature 'price' \(transform log1p\) values that are not finite in 1 of 2 rows, from raw values inf"),
 ])
 def test_bad_tables_name_file_and_column(tmp_path, csv_files, split, text, message):
     write_csv(csv_files[split], text)

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -18,7 +22,8 @@ from features.config import ConfigError
 from features.errors import StageError
 from models.metrics import auc
 from models.nets import MultiTaskNet
-from models.tracking import tracking_uri
+from models.tracking import to_toml, tracking_uri
+from pipeline.cli import main
 from pipeline.config import FunnelConfig, parse_config
 from pipeline.train_stage import train_run, training_window
 
@@ -238,3 +243,44 @@ def test_cosine_schedule_decays_the_dense_rate_and_depends_on_the_step_only():
     rates = [dense_learning_rate(cosine, s, 100) for s in range(100)]
     assert rates[0] == 0.02 and rates[50] == pytest.approx(0.01) and 0 < rates[-1] < 1e-4
     assert all(a > b for a, b in zip(rates, rates[1:]))  # strictly decreasing: a resumed run picks up at its step
+
+
+def test_a_learning_rate_that_diverges_stops_at_the_step_naming_the_task(tmp_path, warehouse) -> None:
+    cfg = make_cfg(tmp_path, train={"dense_lr": 1e6})
+    with pytest.raises(StageError) as err:
+        train_run(cfg, warehouse, RUN_DATE, progress=False)
+    assert err.value.exit_code == 3
+    assert re.fullmatch(r"the loss of task 'click' is not finite at epoch 1, step \d+ of 32: lower train\.dense_lr / "
+                        r"train\.sparse_lr or look for huge values in the training table; no epoch finished, none is "
+                        r"saved", str(err.value)), str(err.value)
+    assert not list((cfg.state_dir / "checkpoints").glob("*/*.pt"))
+    client = MlflowClient(tracking_uri(cfg.state_dir))
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [r.info.status for r in runs] == ["FAILED"]
+
+
+def test_values_that_overflow_the_model_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path, warehouse,
+                                                                                      capsys) -> None:
+    own = tmp_path / "warehouse"
+    shutil.copytree(warehouse, own)
+    cfg = make_cfg(tmp_path)
+    first = train_run(cfg, own, RUN_DATE, max_epochs=1, progress=False)
+    last = first.checkpoint_dir / "last.pt"
+    saved = last.read_bytes()
+    # every 7th row of a training day now overflows float32 arithmetic in the first layer
+    # (the run key is the same: it hashes the days' manifests, which stay as they were)
+    day = training_dir(own, training_window(cfg, RUN_DATE)[0][0]) / "part-0.parquet"
+    table = pq.read_table(day)
+    x1 = table.column("x1").to_numpy().copy()
+    x1[::7] = 3e38
+    pq.write_table(table.set_column(table.schema.get_field_index("x1"), "x1", pa.array(x1, pa.float32())), day,
+                   row_group_size=1000)
+
+    config = tmp_path / "run.toml"
+    config.write_text(to_toml(cfg.model_dump(by_alias=True)))
+    assert main(["train", "--config", str(config), "--warehouse", str(own), "--date", str(RUN_DATE), "--quiet"]) == 3
+    message = capsys.readouterr().err
+    assert re.search(r"funnelrank train: the loss of task '(click|conversion)' is not finite at epoch 2, step \d+ of "
+                     rf"32: .*; {re.escape(str(last))} keeps epoch 1$", message.strip()), message
+    assert last.read_bytes() == saved
+    assert MlflowClient(tracking_uri(cfg.state_dir)).get_run(first.mlflow_run_id).info.status == "FAILED"
