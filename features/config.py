@@ -116,7 +116,7 @@ class ContractConfig(_Section):
 class ValidateConfig(_Section):
     max_bad_row_share: float = Field(0.01, ge=0.0, le=1.0)
     min_bad_rows: int = Field(
-        10, ge=0, description="a table with fewer bad rows never fails the day on max_bad_row_share (tiny tables: "
+        10, ge=0, le=1_000_000_000, description="a table with fewer bad rows never fails the day on max_bad_row_share (tiny tables: "
         "one bad row of 76 is 1.3%); the rows are still quarantined and counted")
 
 

@@ -53,9 +53,9 @@ class ModelConfig(_Section):
 class TrainConfig(_Section):
     """Training (models/train.py): the window of mature days, optimisers, early stopping."""
 
-    window_days: int = Field(7, ge=2, description="mature days used; the newest is the validation day")
+    window_days: int = Field(7, ge=2, le=3650, description="mature days used; the newest is the validation day")
     min_window_days: int = Field(
-        3, ge=2, description="a young warehouse (fewer mature days than window_days) trains on the days it has once "
+        3, ge=2, le=3650, description="a young warehouse (fewer mature days than window_days) trains on the days it has once "
         "there are this many; before that the nightly run skips train, evaluate, export and promote")
     epochs: int = Field(3, ge=1, le=10_000, description="at most 10,000")
     # The global batch: a torchrun job of N ranks gives each rank batch_size / N rows per

@@ -28,8 +28,8 @@ class ScoringConfig(_Section):
     which defines the defaults (a bundle without a key gets the same); ``funnelrank serve
     --config`` overrides them."""
 
-    max_candidates: int = Field(_LIMITS.max_candidates, ge=1, description="HTTP: candidates per request at most")
-    max_body_bytes: int = Field(_LIMITS.max_body_bytes, ge=1024, description="HTTP: request body size limit")
+    max_candidates: int = Field(_LIMITS.max_candidates, ge=1, le=1_000_000, description="HTTP: candidates per request at most")
+    max_body_bytes: int = Field(_LIMITS.max_body_bytes, ge=1024, le=1 << 30, description="HTTP: request body size limit")
     max_context_value_chars: int = Field(_LIMITS.max_context_value_chars, ge=1, le=65_536,
                                          description="HTTP: a longer context value is a 400 naming it")
     header_timeout_s: float = Field(_LIMITS.header_timeout_s, gt=0.0, le=3600.0, description="HTTP: from a request's "
@@ -49,7 +49,7 @@ class NightlyConfig(_Section):
     """``funnelrank nightly``: how each night's model starts and what it trains on."""
 
     warm_start: bool = Field(True, description="start from the champion's weights when the architecture matches; false = full retrain over train.window_days")
-    fine_tune_days: int = Field(1, ge=1, description="warm start: train on this many newest mature days (plus the validation day)")
+    fine_tune_days: int = Field(1, ge=1, le=3650, description="warm start: train on this many newest mature days (plus the validation day)")
     freeze_shared: bool = Field(False, description="warm start: train only the task towers, heads and gates; embeddings and shared layers stay frozen")
 
 

@@ -169,6 +169,12 @@ def test_every_float_must_be_finite(key, value):
     ("generate.users", 10**12, "Input should be less than or equal to 1000000000"),
     ("generate.noise", -0.1, "Input should be greater than or equal to 0"),
     ("contract.click_window_minutes", 10**9, "Input should be less than or equal to 10080"),
+    ("train.window_days", 10**6, "Input should be less than or equal to 3650"),
+    ("train.min_window_days", 10**6, "Input should be less than or equal to 3650"),
+    ("validate.min_bad_rows", 10**12, "Input should be less than or equal to 1000000000"),
+    ("scoring.max_candidates", 10**9, "Input should be less than or equal to 1000000"),
+    ("scoring.max_body_bytes", 1 << 40, "Input should be less than or equal to 1073741824"),
+    ("nightly.fine_tune_days", 10**6, "Input should be less than or equal to 3650"),
 ])
 def test_out_of_range_values_name_the_key(key, value, message):
     data = demo_dict()
