@@ -138,6 +138,18 @@ def numeric_values(values: pa.Array | pa.ChunkedArray, transform: NumericTransfo
         return np.where(np.isnan(x), 0.0, x).astype(np.float32)
 
 
+def finite_numeric_values(values: pa.Array | pa.ChunkedArray, transform: NumericTransform, what: str) -> np.ndarray:
+    """``numeric_values`` of a column the scorer was given: a value that is not finite as a
+    model input (inf, or beyond float32's range) never reaches the model; ValueError naming
+    ``what`` (the training tables refuse such values too, in features.examples)."""
+    x = numeric_values(values, transform)
+    finite = np.isfinite(x)
+    if not finite.all():
+        raise ValueError(f"{what} is not finite as a model input (inf, or beyond float32's range) in "
+                         f"{int((~finite).sum())} of {len(x)} rows")
+    return x
+
+
 def bucket_ids(values: pa.Array | pa.ChunkedArray, boundaries) -> np.ndarray:
     """Embedding rows (int64) of a bucketised numeric column: 1 + the number of
     ``boundaries`` (ascending) at or below the value, so buckets are 1 .. len(boundaries) + 1

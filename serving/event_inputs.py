@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 
 from serving.bundle import Bundle
-from serving.encoding import KeyIndex, join_key_columns, numeric_values
+from serving.encoding import KeyIndex, finite_numeric_values, join_key_columns
 from serving.joins import AggregateTable, CodedKey, LazyColumns, SnapshotTable, cells, column_positions, expand
 from serving.spec import AggregateInput, AggregateKeySpec, BundleSpec, NumericInput
 
@@ -194,7 +194,7 @@ class EventInputs:
                 feeds[name] = expand(self.snapshots[source].ids[name][rows[source]], n)
         dense = expand(self.dense_of["users"][rows["users"]] + self.dense_of["items"][rows["items"]], n)
         for j, d in self.context_numeric:
-            dense[:, j] = numeric_values(context(d.column), d.transform)
+            dense[:, j] = finite_numeric_values(context(d.column), d.transform, f"context.{d.column} (feature {d.name!r})")
         for key, aggregate, positions in self.aggregates:
             coded = self.coded_keys.get(key.name)
             if coded is not None:

@@ -109,7 +109,7 @@ class RequestError(Exception):
 def parse_rank_request(body: bytes, limits: ScoringLimits) -> dict:
     """The validated rank request of ``body``; RequestError (4xx) naming the problem."""
     try:
-        request = json.loads(body)
+        request = json.loads(body, parse_constant=_refuse_non_finite)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise RequestError(400, f"body is not valid JSON: {err}") from None
     except ValueError:  # Python refuses to convert integers this long (a CPU-time guard)
@@ -143,6 +143,11 @@ def parse_rank_request(body: bytes, limits: ScoringLimits) -> dict:
     return {"user_id": request["user_id"], "context": context, "candidates": candidates}
 
 
+def _refuse_non_finite(token: str) -> None:
+    # JSON has no NaN or Infinity; Python's parser accepts them unless told otherwise
+    raise RequestError(400, f"body holds {token}, which is not JSON (numbers must be finite)")
+
+
 def _check_context_value(name: str, value: object, max_chars: int) -> None:
     """RequestError unless ``value`` is a context value the scorer can take: text of at most
     ``max_chars`` characters (the scorer caches what it encodes: long text would fill
@@ -154,7 +159,10 @@ def _check_context_value(name: str, value: object, max_chars: int) -> None:
     elif isinstance(value, int):
         if not INT64_RANGE[0] <= value <= INT64_RANGE[1]:
             raise RequestError(400, f"context.{name[:100]} is an integer outside the 64-bit range")
-    elif not isinstance(value, (float, type(None))):
+    elif isinstance(value, float):
+        if not math.isfinite(value):  # e.g. 1e999, which JSON parsing turns into inf
+            raise RequestError(400, f"context.{name[:100]} is not a finite number")
+    elif value is not None:
         raise RequestError(400, f"context.{name[:100]} must be a string, number or null, got {type(value).__name__}")
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 
 from serving.bundle import Bundle
-from serving.encoding import list_elements, numeric_values, pad_jagged
+from serving.encoding import finite_numeric_values, list_elements, pad_jagged
 
 
 class TableInputs:
@@ -39,7 +39,8 @@ class TableInputs:
         dense = np.zeros((table.num_rows, len(self.spec.dense)), np.float32)
         for j, d in enumerate(self.spec.dense):
             try:
-                dense[:, j] = numeric_values(_feature_column(table, d.column, d.name), d.transform)
+                column = _feature_column(table, d.column, d.name)
+                dense[:, j] = finite_numeric_values(column, d.transform, f"scoring input column {d.column!r} (feature {d.name!r})")
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
                 raise ValueError(
                     f"scoring input column {d.column!r} (feature {d.name!r}) must hold numbers: {err}") from None

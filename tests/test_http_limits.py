@@ -131,11 +131,19 @@ CLIENT_ERRORS = [  # each was a 500 (OverflowError, ValueError, RecursionError)
     (b'{"user_id": "u1", "context": {"slot": ' + b"9" * 5000 + b'}, "candidates": [{"item_id": "i1"}]}',
      f"body holds an integer of more than {sys.get_int_max_str_digits()} digits"),
     (b"[" * 100_000 + b"]" * 100_000, "body is nested too deeply"),
+    # non-finite numbers never reach the model (each was served)
+    (b'{"user_id": "u1", "context": {"slot": NaN}, "candidates": [{"item_id": "i1"}]}',
+     "body holds NaN, which is not JSON (numbers must be finite)"),
+    (b'{"user_id": "u1", "context": {"slot": -Infinity}, "candidates": [{"item_id": "i1"}]}',
+     "body holds -Infinity, which is not JSON (numbers must be finite)"),
+    (b'{"user_id": "u1", "context": {"slot": 1e999}, "candidates": [{"item_id": "i1"}]}',
+     "context.slot is not a finite number"),
 ]
 
 
 @pytest.mark.parametrize(("body", "message"), CLIENT_ERRORS,
-                         ids=["30 digits", "-30 digits", "5000 digits", "nested 100000 deep"])
+                         ids=["30 digits", "-30 digits", "5000 digits", "nested 100000 deep", "NaN", "-Infinity",
+                              "1e999"])
 def test_client_errors_are_400_not_500(server, body, message):
     _, port = server
     status, data = call(port, "POST", "/v1/rank", body, {"Content-Type": "application/json"})

@@ -182,6 +182,10 @@ def test_ranking_requests_and_bad_inputs_are_refused_clearly(trained, tmp_path):
         scorer.score_table(raw.drop_columns(["tags"]))
     with pytest.raises(ValueError, match=r"column 'age' \(feature 'age'\) must hold numbers"):
         scorer.score_table(raw.set_column(4, "age", pa.array(["old"] * raw.num_rows)))
+    for huge in (np.inf, 1e39):  # inf, or finite but beyond float32: never a model input
+        ages = pa.array(np.full(raw.num_rows, huge))
+        with pytest.raises(ValueError, match=r"column 'age' \(feature 'age'\) is not finite as a model input"):
+            scorer.score_table(raw.set_column(4, "age", ages))
     with pytest.raises(ValueError, match=r"column 'item' \(feature 'item_id'\)"):
         scorer.score_table(raw.set_column(1, "item", pa.array(np.ones(raw.num_rows))))
 
