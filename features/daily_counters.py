@@ -18,6 +18,9 @@ Written to ``features.catalog.daily_dir`` (``features/daily/<key name>/date=D/``
 also carries ``key_hash``, a stable 64-bit hash of its key tuple, which the rolling states
 (features.rolling_state) are keyed by, and the rows are in ascending key_hash order, the
 states' order.
+
+The stage also adds D's events to each behaviour sequence's state (features.sequences:
+the state as of the start of D + 1 is written), reading D's activity only.
 """
 
 from __future__ import annotations
@@ -30,19 +33,13 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from features.catalog import (
-    daily_dir,
-    days_since_history_start,
-    partition_days,
-    scan_validated,
-    validated_dir,
-    validated_root,
-)
+from features.catalog import daily_dir, scan_validated, sequence_state_dir, validated_dir
 from features.config import AggregateKey, DataConfig
-from features.contract import SNAPSHOT_TABLES, day_start, day_str, in_day
+from features.contract import SNAPSHOT_TABLES, day_str, in_day
 from features.errors import DataContractError, StageError
 from features.io import write_parquet_dir
-from features.labels import attributed_conversions, first_clicks, scan_events
+from features.labels import day_activity
+from features.sequences import sequence_state
 from features.snapshots import (
     SNAPSHOT_JOIN_KEY,
     CodedColumn,
@@ -92,25 +89,11 @@ def daily_events(cfg: DataConfig, warehouse: Path, day: dt.date) -> tuple[Joined
         [c for c, t in sources.items() if t == "impressions"]
         + [SNAPSHOT_JOIN_KEY[t] for t in sources.values() if t != "impressions"]
     ))
-    lag = cfg.contract.maturity_lag_days
-    earlier = [day - dt.timedelta(days=n) for n in range(lag, 0, -1)]
-    imps_root = validated_root(warehouse, "impressions")
-    days = [*days_since_history_start(partition_days(imps_root), earlier, "validated impressions", imps_root), day]
-
-    # Only earlier impressions late enough to have a click or an attributed conversion on
-    # ``day`` matter: that skips most of the earlier days before the join.
-    earliest = day_start(day) - cfg.contract.click_window - cfg.contract.attribution_window
-    impressions = pl.concat(
-        [scan_validated(warehouse, "impressions", d).select("impression_id", "ts", *carried) for d in days]
-    ).filter(pl.col("ts") >= earliest)
-    clicks = pl.concat([scan_events(warehouse, "clicks", d) for d in days])
-    conversions = pl.concat([scan_events(warehouse, "conversions", d) for d in days])
-    inputs = [str(validated_dir(warehouse, t, d)) for d in days for t in ("impressions", "clicks", "conversions")]
-
-    clicked = first_clicks(impressions, clicks, cfg.contract.click_window)
+    activity = day_activity(cfg, warehouse, day, carried)
+    inputs = [str(p) for p in activity.partitions]
     conv_ts = pl.col("conv_ts")
     converted = (
-        attributed_conversions(clicked, conversions, cfg.contract.attribution_window)
+        activity.conversions
         .group_by("impression_id")
         .agg(
             in_day(conv_ts.min(), day).cast(pl.Int64).alias("convs"),
@@ -123,8 +106,8 @@ def daily_events(cfg: DataConfig, warehouse: Path, day: dt.date) -> tuple[Joined
     )
     events = pl.concat(
         [
-            impressions.filter(in_day(pl.col("ts"), day)).select(*carried, pl.lit(1, pl.Int64).alias("imps")),
-            clicked.filter(in_day(pl.col("first_click"), day)).select(*carried, pl.lit(1, pl.Int64).alias("clicks")),
+            activity.impressions.filter(in_day(pl.col("ts"), day)).select(*carried, pl.lit(1, pl.Int64).alias("imps")),
+            activity.clicked.filter(in_day(pl.col("first_click"), day)).select(*carried, pl.lit(1, pl.Int64).alias("clicks")),
             converted.select(*carried, "convs", "conv_value"),
         ],
         how="diagonal",
@@ -225,6 +208,11 @@ def build_daily_aggregates(cfg: DataConfig, warehouse: Path, day: dt.date) -> di
         t = time.perf_counter()
         manifest["rows"][key.name] = counters.height
         manifest["outputs"][key.name] = str(target)
+    for seq in cfg.features.sequences:  # each one's state as of the next day: this day's events added
+        state = sequence_state(cfg, warehouse, seq, day + dt.timedelta(days=1))
+        manifest["rows"][seq.name] = state.users
+        manifest["outputs"][seq.name] = str(sequence_state_dir(warehouse, seq.name, state.day))
+    timings["sequences"] = time.perf_counter() - t
     manifest["seconds"] = round(time.perf_counter() - started, 3)
     manifest["timings_s"] = {k: round(v, 4) for k, v in timings.items()}
     return manifest
