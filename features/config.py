@@ -222,8 +222,9 @@ class FeaturesConfig(_Section):
     @model_validator(mode="after")
     def _sequences_carry_item_features(self) -> FeaturesConfig:
         sparse = {f.name: f for f in self.sparse}
-        impressions_columns = {"user_id"} | {f.column for f in (*self.sparse, *self.numeric) if f.table == "impressions"}
-        taken = set(sparse) | {f.name for f in self.numeric} | {k.name for k in self.aggregate_keys} | set(self.dense_names())
+        features = (*self.sparse, *self.numeric)
+        impressions_columns = {"user_id", *(f.column for f in features if f.table == "impressions")}
+        taken = {*sparse, *(f.name for f in self.numeric), *(k.name for k in self.aggregate_keys), *self.dense_names()}
         for i, seq in enumerate(self.sequences):
             at = f"features.sequences[{i}]"
             if seq.name in taken:
@@ -239,11 +240,13 @@ class FeaturesConfig(_Section):
                     raise ValueError(f"{at}.items[{j}]: {name!r} is not a sparse feature ({', '.join(sparse)})")
                 if feature.kind != "id" or feature.table not in ("items", "impressions"):
                     raise ValueError(f"{at}.items[{j}]: {name!r} is a kind {feature.kind!r} feature of table "
-                                     f"{feature.table!r}; a sequence carries kind 'id' features of table items or impressions")
+                                     f"{feature.table!r}; a sequence carries kind 'id' features of table items or "
+                                     "impressions")
             item = sparse[seq.items[0]]
             if item.column != "item_id":
-                raise ValueError(f"{at}.items[0]: {item.name!r} reads column {item.column!r}; the first carried feature "
-                                 "must be the candidate item's id (column 'item_id'), whose embedding rows the history shares")
+                raise ValueError(f"{at}.items[0]: {item.name!r} reads column {item.column!r}; the first carried "
+                                 "feature must be the candidate item's id (column 'item_id'), whose embedding rows the "
+                                 "history shares")
             if item.dim % seq.attention_heads:
                 raise ValueError(f"{at}.attention_heads: {seq.attention_heads} does not divide the dim {item.dim} "
                                  f"of {item.name!r}")

@@ -39,7 +39,7 @@ from features.contract import SNAPSHOT_TABLES, day_str, in_day
 from features.errors import DataContractError, StageError
 from features.io import write_parquet_dir
 from features.labels import day_activity
-from features.sequences import sequence_state
+from features.sequences import carried_columns, sequence_events, sequence_state
 from features.snapshots import (
     SNAPSHOT_JOIN_KEY,
     CodedColumn,
@@ -80,16 +80,22 @@ def key_column_sources(
     return sources
 
 
-def daily_events(cfg: DataConfig, warehouse: Path, day: dt.date) -> tuple[JoinedRows, list[str]]:
+def daily_events(
+    cfg: DataConfig, warehouse: Path, day: dt.date
+) -> tuple[JoinedRows, list[str], dict[str, pl.DataFrame]]:
     """Rows of activity on ``day`` (an impression shown, first clicked or converting that
     day): the key columns of the impressions + imps, clicks, convs, conv_value, joined to
-    the snapshots that hold the other key columns; and the partitions it reads."""
+    the snapshots that hold the other key columns; the partitions it reads; and each
+    behaviour sequence's events of the day (features.sequences.sequence_events), read in
+    the same pass."""
     sources = key_column_sources(cfg.features.aggregate_keys, warehouse, day)
     carried = list(dict.fromkeys(
         [c for c, t in sources.items() if t == "impressions"]
         + [SNAPSHOT_JOIN_KEY[t] for t in sources.values() if t != "impressions"]
     ))
-    activity = day_activity(cfg, warehouse, day, carried)
+    sequences = cfg.features.sequences
+    activity = day_activity(cfg, warehouse, day, list(dict.fromkeys(
+        carried + [c for seq in sequences for c in carried_columns(cfg, seq)])))
     inputs = [str(p) for p in activity.partitions]
     conv_ts = pl.col("conv_ts")
     converted = (
@@ -107,7 +113,8 @@ def daily_events(cfg: DataConfig, warehouse: Path, day: dt.date) -> tuple[Joined
     events = pl.concat(
         [
             activity.impressions.filter(in_day(pl.col("ts"), day)).select(*carried, pl.lit(1, pl.Int64).alias("imps")),
-            activity.clicked.filter(in_day(pl.col("first_click"), day)).select(*carried, pl.lit(1, pl.Int64).alias("clicks")),
+            activity.clicked.filter(in_day(pl.col("first_click"), day)).select(
+                *carried, pl.lit(1, pl.Int64).alias("clicks")),
             converted.select(*carried, "convs", "conv_value"),
         ],
         how="diagonal",
@@ -115,9 +122,14 @@ def daily_events(cfg: DataConfig, warehouse: Path, day: dt.date) -> tuple[Joined
 
     scans = snapshot_scans(warehouse, day, sources)
     inputs += [str(validated_dir(warehouse, table, day)) for table in scans]
-    events, *snapshots = pl.collect_all([events, *scans.values()])
+    # One query: the sequences' events share the scans and joins of the activity with the counters'.
+    plans = [events, *(sequence_events(cfg, seq, activity, day) for seq in sequences), *scans.values()]
+    events, *collected = pl.collect_all(plans)
+    sequence_rows = dict(zip((seq.name for seq in sequences), collected[:len(sequences)], strict=True))
+    snapshots = collected[len(sequences):]
     # One chunk per column: gathers on it are ~5x faster.
-    return join_snapshots(events.rechunk(), sources, dict(zip(scans, snapshots, strict=True)), warehouse, day), inputs
+    rows = join_snapshots(events.rechunk(), sources, dict(zip(scans, snapshots, strict=True)), warehouse, day)
+    return rows, inputs, sequence_rows
 
 
 def combine_hashes(column_hashes: list[np.ndarray]) -> np.ndarray:
@@ -187,7 +199,7 @@ def build_daily_aggregates(cfg: DataConfig, warehouse: Path, day: dt.date) -> di
     return a manifest. Raises when two keys of the day share a key hash."""
     started = time.perf_counter()
     timings = dict.fromkeys(("events", "counters", "write"), 0.0)
-    events, inputs = daily_events(cfg, warehouse, day)
+    events, inputs, sequence_rows = daily_events(cfg, warehouse, day)
     impressions = int(events.rows["imps"].sum())
     manifest: dict = {"date": day_str(day), "impressions": impressions, "inputs": inputs, "rows": {}, "outputs": {}}
     t = time.perf_counter()
@@ -209,7 +221,7 @@ def build_daily_aggregates(cfg: DataConfig, warehouse: Path, day: dt.date) -> di
         manifest["rows"][key.name] = counters.height
         manifest["outputs"][key.name] = str(target)
     for seq in cfg.features.sequences:  # each one's state as of the next day: this day's events added
-        state = sequence_state(cfg, warehouse, seq, day + dt.timedelta(days=1))
+        state = sequence_state(cfg, warehouse, seq, day + dt.timedelta(days=1), sequence_rows[seq.name])
         manifest["rows"][seq.name] = state.users
         manifest["outputs"][seq.name] = str(sequence_state_dir(warehouse, seq.name, state.day))
     timings["sequences"] = time.perf_counter() - t

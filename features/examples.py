@@ -261,9 +261,11 @@ def build_training_table(cfg: DataConfig, warehouse: Path, run_date: dt.date) ->
     target = training_dir(warehouse, day)
     timings: dict[str, float] = {}
     # Read (or caught up) before hashing the inputs, which hold the states' partitions.
-    sequences: dict[str, SequenceState] = {seq.name: sequence_state(cfg, warehouse, seq, day) for seq in cfg.features.sequences}
+    sequences: dict[str, SequenceState] = {
+        seq.name: sequence_state(cfg, warehouse, seq, day) for seq in cfg.features.sequences}
+    timings["sequence_states"] = time.perf_counter() - started
     inputs = input_hashes(cfg, warehouse, day)
-    timings["hash_inputs"] = time.perf_counter() - started
+    timings["hash_inputs"] = time.perf_counter() - started - timings["sequence_states"]
 
     previous = _read_manifest(training_manifest_path(warehouse, day))
     if previous and previous.get("inputs") == inputs and (target / DATA_FILE).exists() and recorded_sha256(target / DATA_FILE) == previous.get("content_sha256"):

@@ -100,8 +100,8 @@ def day_activity(cfg: DataConfig, warehouse: Path, day: dt.date, carried: list[s
     clicks = pl.concat([scan_events(warehouse, "clicks", d) for d in days])
     conversions = pl.concat([scan_events(warehouse, "conversions", d) for d in days])
     clicked = first_clicks(impressions, clicks, cfg.contract.click_window)
-    return DayActivity(impressions, clicked, attributed_conversions(clicked, conversions, cfg.contract.attribution_window),
-                       activity_partitions(warehouse, days))
+    converted = attributed_conversions(clicked, conversions, cfg.contract.attribution_window)
+    return DayActivity(impressions, clicked, converted, activity_partitions(warehouse, days))
 
 
 def _scan_label_events(

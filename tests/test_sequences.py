@@ -23,6 +23,7 @@ from test_config import demo_dict
 from test_examples import CONFIG, CONVERSIONS, EVENTS, IMPRESSIONS, ITEMS, USERS, at, write
 from test_examples import build_warehouse as build_examples_warehouse
 
+import features.daily_counters
 import features.examples
 import features.sequences
 from features.catalog import DATA_FILE, daily_dir, sequence_state_dir, sequence_state_root, training_dir, validated_dir
@@ -56,7 +57,8 @@ CFG = parse_config(tomllib.loads(CONFIG + SEQUENCES))
 
 # (impression_id, hour, minute, user, item, slot) per day
 DAY_IMPRESSIONS = {
-    D1: [("1a", 10, 0, "u1", "i1", 1), ("1b", 11, 0, "u1", "i2", 2), ("1c", 12, 0, "u2", "i3", 1), ("1d", 13, 0, "u1", "i4", 3)],
+    D1: [("1a", 10, 0, "u1", "i1", 1), ("1b", 11, 0, "u1", "i2", 2), ("1c", 12, 0, "u2", "i3", 1),
+         ("1d", 13, 0, "u1", "i4", 3)],
     D2: [("2a", 9, 0, "u1", "i3", 3), ("2b", 9, 0, "u1", "i4", 1), ("2c", 23, 50, "u2", "i1", 2)],
     D3: [("3a", 10, 0, "u1", "i2", 1), ("3b", 10, 0, "u3", "i1", 1)],
     D4: [("4a", 8, 0, "u1", "i1", 2), ("4b", 8, 0, "u2", "i2", 1)],
@@ -65,7 +67,8 @@ DAY_IMPRESSIONS = {
 # 1d's click comes after the 30 min window: no click. 2a and 2b are clicked at the same
 # time (newest first ties: impression_id). 2c's click is on D3, 5c's on D6.
 CLICKS = {D1: [("1a", 10, 5), ("1b", 11, 10), ("1c", 12, 1), ("1d", 13, 40)], D2: [("2a", 9, 5), ("2b", 9, 5)],
-          D3: [("2c", 0, 10), ("3a", 10, 2)], D4: [("4a", 8, 1), ("4b", 8, 30)], D5: [("5a", 12, 0)], D6: [("5c", 0, 5)]}
+          D3: [("2c", 0, 10), ("3a", 10, 2)], D4: [("4a", 8, 1), ("4b", 8, 30)], D5: [("5a", 12, 0)],
+          D6: [("5c", 0, 5)]}
 CONVS = {D1: [("1b", 11, 40, 5.0)], D3: [("3a", 10, 30, 2.0)], D4: [("4b", 9, 0, 1.0)]}
 ITEM_CATEGORY = {"i1": "c1", "i2": "c2", "i3": "c1", "i4": "c3"}
 
@@ -79,14 +82,19 @@ def build_world(warehouse: Path, clicks: dict = CLICKS) -> None:
             "impression_id": [r[0] for r in rows], "ts": [at(day, r[1], r[2]) for r in rows],
             "user_id": [r[3] for r in rows], "item_id": [r[4] for r in rows], "slot": [r[5] for r in rows],
         }, IMPRESSIONS)  # fmt: skip
-        day_clicks = clicks.get(day, [])
-        write(warehouse, "clicks", day, {"impression_id": [c[0] for c in day_clicks],
-                                         "ts": [at(day, c[1], c[2]) for c in day_clicks]}, EVENTS)
+        write_clicks(warehouse, day, clicks.get(day, []))
         convs = CONVS.get(day, [])
-        write(warehouse, "conversions", day, {"impression_id": [c[0] for c in convs], "ts": [at(day, c[1], c[2]) for c in convs],
-                                              "value": [c[3] for c in convs]}, CONVERSIONS)
+        write(warehouse, "conversions", day, {
+            "impression_id": [c[0] for c in convs], "ts": [at(day, c[1], c[2]) for c in convs],
+            "value": [c[3] for c in convs],
+        }, CONVERSIONS)  # fmt: skip
         write(warehouse, "users", day, users, USERS)
         write(warehouse, "items", day, items, ITEMS)
+
+
+def write_clicks(warehouse: Path, day: dt.date, clicks: list[tuple]) -> None:
+    ids, ts = [c[0] for c in clicks], [at(day, c[1], c[2]) for c in clicks]
+    write(warehouse, "clicks", day, {"impression_id": ids, "ts": ts}, EVENTS)
 
 
 def run_nights(cfg, warehouse: Path, nights: list[dt.date]) -> dict[dt.date, dict]:
@@ -179,7 +187,8 @@ def test_first_day_of_history_has_only_empty_sequences(world):
 def test_schema_of_the_sequence_columns(world):
     warehouse, manifests = world
     schema = pq.read_schema(training_dir(warehouse, D4) / DATA_FILE)
-    names = ["clicked__item_id", "clicked__category_id", "clicked__slot", "clicked__age_days", "bought__item_id", "bought__age_days"]
+    names = ["clicked__item_id", "clicked__category_id", "clicked__slot", "clicked__age_days",
+             "bought__item_id", "bought__age_days"]
     assert names == [n for n in schema.names if "__" in n]
     assert schema.field("clicked__slot").type == pa.large_list(pa.int64())
     assert schema.field("bought__age_days").type == pa.large_list(pa.int32())
@@ -195,21 +204,29 @@ def test_the_features_stage_adds_one_day_to_the_previous_state(tmp_path, monkeyp
     build_world(tmp_path)
     run_nights(CFG, tmp_path, [D1, D2, D3, D4])
     read = []
-    real = features.sequences.day_events
-    monkeypatch.setattr(features.sequences, "day_events", lambda cfg, wh, seq, day: read.append(day) or real(cfg, wh, seq, day))
+    for module in (features.daily_counters, features.sequences):
+        monkeypatch.setattr(module, "day_activity", lambda cfg, wh, day, carried, real=module.day_activity:
+                            read.append(day) or real(cfg, wh, day, carried))
     manifest = build_daily_aggregates(CFG, tmp_path, D5)
-    assert read == [D5, D5]  # one day's events per sequence, none of the older days
-    assert manifest["rows"]["clicked"] == 2 and manifest["outputs"]["clicked"] == str(sequence_state_dir(tmp_path, "clicked", D6))
+    assert read == [D5]  # the day's activity, read once for the counters and both sequences; no older day
+    assert manifest["rows"]["clicked"] == 2
+    assert manifest["outputs"]["clicked"] == str(sequence_state_dir(tmp_path, "clicked", D6))
     state = json.loads((sequence_state_dir(tmp_path, "clicked", D6) / "manifest.json").read_text())
     assert sorted(state["inputs"]) == sorted(f"validated/{t}/date={d}" for t in ("impressions", "clicks", "conversions")
                                              for d in ("2026-05-04", "2026-05-05"))
     # u1 had 3 clicks, gets 1 (5a) and keeps 3; u2 had 3, gets none (5c's click is on D6)
     assert (state["users"], state["elements"]) == (2, 6)
-    assert state["reconciliation"] == {"previous_users": 2, "previous_elements": 6, "events_added": 1, "elements_dropped": 1}
-    assert state["previous_sha256"] == json.loads((sequence_state_dir(tmp_path, "clicked", D5) / "manifest.json").read_text())["content_sha256"]
+    assert state["reconciliation"] == {"previous_users": 2, "previous_elements": 6, "events_added": 1,
+                                       "elements_dropped": 1}
+    previous = json.loads((sequence_state_dir(tmp_path, "clicked", D5) / "manifest.json").read_text())
+    assert state["previous_sha256"] == previous["content_sha256"]
     # the states the mature days still need are kept, older ones deleted
     assert sorted(p.name for p in sequence_state_root(tmp_path, "clicked").iterdir()) == [
         "date=2026-05-04", "date=2026-05-05", "date=2026-05-06"]
+
+
+def table_bytes(warehouse: Path, day: dt.date) -> bytes:
+    return (training_dir(warehouse, day) / DATA_FILE).read_bytes()
 
 
 def test_a_killed_write_leaves_the_previous_state_and_the_rerun_finishes_it(tmp_path, monkeypatch):
@@ -234,22 +251,24 @@ def test_a_killed_write_leaves_the_previous_state_and_the_rerun_finishes_it(tmp_
     run_nights(CFG, killed, [D5])
     for name in ("clicked", "bought"):
         assert state_files(killed, name, D6) == state_files(uninterrupted, name, D6)
-    assert (training_dir(killed, D4) / DATA_FILE).read_bytes() == (training_dir(uninterrupted, D4) / DATA_FILE).read_bytes()
+    assert table_bytes(killed, D4) == table_bytes(uninterrupted, D4)
 
 
 def test_a_rewritten_partition_rebuilds_the_states_built_on_it(tmp_path):
     build_world(tmp_path)
     manifests = run_nights(CFG, tmp_path, [D1, D2, D3, D4, D5])
-    assert sequences_by_user(tmp_path, D4, "clicked")["u1"][0] == encoded(tmp_path, manifests[D4], "item_id", ["i2", "i3", "i4"])
+    before = sequences_by_user(tmp_path, D4, "clicked")["u1"][0]
+    assert before == encoded(tmp_path, manifests[D4], "item_id", ["i2", "i3", "i4"])
     # D3's clicks are validated again without 3a's (u1, i2): states D4 (which added D3's
     # events), D5 and D6 (built on it) are stale
     clicks = CLICKS | {D3: [("2c", 0, 10)]}
-    write(tmp_path, "clicks", D3, {"impression_id": ["2c"], "ts": [at(D3, 0, 10)]}, EVENTS)
+    write_clicks(tmp_path, D3, clicks[D3])
     rebuilt = build_training_table(CFG, tmp_path, D5)
     assert not rebuilt["skipped"]
     assert sequences_by_user(tmp_path, D4, "clicked")["u1"] == [
-        encoded(tmp_path, rebuilt, "item_id", ["i3", "i4", "i2"]), encoded(tmp_path, rebuilt, "category_id", ["c1", "c3", "c2"]),
-        encoded(tmp_path, rebuilt, "slot", [3, 1, 2]), [2, 2, 3]]
+        encoded(tmp_path, rebuilt, "item_id", ["i3", "i4", "i2"]),
+        encoded(tmp_path, rebuilt, "category_id", ["c1", "c3", "c2"]), encoded(tmp_path, rebuilt, "slot", [3, 1, 2]),
+        [2, 2, 3]]
     fresh = tmp_path / "fresh"
     build_world(fresh, clicks)
     run_nights(CFG, fresh, [D1, D2, D3, D4, D5])
@@ -286,7 +305,8 @@ SYNTHETIC_SEQUENCES = [SequenceFeature(name="clicked", items=["item_id", "catego
 
 def synthetic_config(warehouse: Path, sequences: list[SequenceFeature] = SYNTHETIC_SEQUENCES):
     cfg = load_config(ROOT / "configs" / "demo.toml", SYNTHETIC)
-    return cfg.model_copy(update={"warehouse": warehouse, "features": cfg.features.model_copy(update={"sequences": sequences})})
+    features = cfg.features.model_copy(update={"sequences": sequences})
+    return cfg.model_copy(update={"warehouse": warehouse, "features": features})
 
 
 def synthetic_days(cfg) -> list[dt.date]:
@@ -314,19 +334,17 @@ def sequence_frame(cfg, day: dt.date) -> pl.DataFrame:
 def more_events_from(warehouse: Path, day: dt.date, last: dt.date) -> None:
     """Every impression of day's users on ``day`` and later gets a click a minute after it
     and a conversion five minutes after that (each in the partition of its own day)."""
+    days = [day + dt.timedelta(days=n) for n in range((last - day).days + 1)]
     users = pl.read_parquet(validated_dir(warehouse, "impressions", day) / DATA_FILE)["user_id"].unique()
-    shown = pl.concat([pl.read_parquet(validated_dir(warehouse, "impressions", d) / DATA_FILE).select("impression_id", "ts", "user_id")
-                       for d in (day + dt.timedelta(days=n) for n in range((last - day).days + 1))])
+    shown = pl.concat([pl.read_parquet(validated_dir(warehouse, "impressions", d) / DATA_FILE) for d in days])
     shown = shown.filter(pl.col("user_id").is_in(users.implode()))
     for table, delay in (("clicks", dt.timedelta(minutes=1)), ("conversions", dt.timedelta(minutes=6))):
-        added = shown.select("impression_id", (pl.col("ts") + delay).alias("ts"))
-        for d in (day + dt.timedelta(days=n) for n in range((last - day).days + 1)):
-            path = validated_dir(warehouse, table, d) / DATA_FILE
-            old = pl.read_parquet(path)
-            new = added.filter(pl.col("ts").dt.date() == d)
-            if table == "conversions":
-                new = new.with_columns(pl.lit(1.0).alias("value"))
-            write_parquet_dir(validated_dir(warehouse, table, d), pl.concat([old, new.select(old.columns)], how="vertical_relaxed").to_arrow())
+        added = shown.select("impression_id", (pl.col("ts") + delay).alias("ts"), pl.lit(1.0).alias("value"))
+        for d in days:
+            old = pl.read_parquet(validated_dir(warehouse, table, d) / DATA_FILE)
+            new = added.filter(pl.col("ts").dt.date() == d).select(old.columns)
+            merged = pl.concat([old, new], how="vertical_relaxed")
+            write_parquet_dir(validated_dir(warehouse, table, d), merged.to_arrow())
 
 
 @pytest.fixture(scope="module")
@@ -358,7 +376,8 @@ def test_events_of_the_day_and_later_do_not_reach_its_rows(synthetic, monkeypatc
     assert labels[1] > labels[0] + 100  # the perturbation is real: day L's rows have many more clicks
     # A leaky variant that reads the state as of the next day (events of L included) fails the same check.
     real = features.sequences.sequence_state
-    monkeypatch.setattr(features.examples, "sequence_state", lambda cfg, wh, seq, d: real(cfg, wh, seq, d + dt.timedelta(days=1)))
+    monkeypatch.setattr(features.examples, "sequence_state",
+                        lambda cfg, wh, seq, d: real(cfg, wh, seq, d + dt.timedelta(days=1)))
     leaky = []
     for cfg in (a, perturbed):
         shutil.rmtree(training_dir(cfg.warehouse, day))
@@ -370,7 +389,7 @@ def test_events_of_the_day_and_later_do_not_reach_its_rows(synthetic, monkeypatc
 def test_same_seed_same_bytes(synthetic):
     worlds, written = synthetic
     assert len(written["a"]) == 3 and written["a"] == written["b"]
-    lengths = sequence_frame(worlds["b"], max(written["b"])).select(pl.col("clicked__item_id").list.len())["clicked__item_id"]
+    lengths = sequence_frame(worlds["b"], max(written["b"]))["clicked__item_id"].list.len()
     assert lengths.min() == 0 and lengths.max() == 5  # new users and truncated histories
 
 
@@ -412,21 +431,27 @@ def with_sequence(**sequence):
         (with_sequence(name="1clicked"), "features.sequences[0].name: String should match pattern"),
         (with_sequence(event="view"), "features.sequences[0].event: Input should be 'click' or 'conversion'"),
         (with_sequence(max_length=0), "features.sequences[0].max_length: Input should be greater than or equal to 1"),
-        (with_sequence(max_length=1001), "features.sequences[0].max_length: Input should be less than or equal to 1000"),
+        (with_sequence(max_length=1001),
+         "features.sequences[0].max_length: Input should be less than or equal to 1000"),
         (with_sequence(max_age_days=-1), "features.sequences[0].max_age_days"),
         (with_sequence(items=[]), "features.sequences[0].items: List should have at least 1 item"),
         (with_sequence(colour="red"), "features.sequences[0].colour: unknown key"),
         (with_sequence(items=["item_id", "nope"]), "features.sequences[0].items[1]: 'nope' is not a sparse feature"),
-        (with_sequence(items=["category_id"]), "features.sequences[0].items[0]: 'category_id' reads column 'category_id'; "
-                                               "the first carried feature must be the candidate item's id"),
-        (with_sequence(items=["item_id", "interests"]), "features.sequences[0].items[1]: 'interests' is a kind 'list' feature"),
-        (with_sequence(items=["item_id", "city"]), "features.sequences[0].items[1]: 'city' is a kind 'id' feature of table 'users'"),
+        (with_sequence(items=["category_id"]),
+         "features.sequences[0].items[0]: 'category_id' reads column 'category_id'; the first carried "
+         "feature must be the candidate item's id"),
+        (with_sequence(items=["item_id", "interests"]),
+         "features.sequences[0].items[1]: 'interests' is a kind 'list' feature"),
+        (with_sequence(items=["item_id", "city"]),
+         "features.sequences[0].items[1]: 'city' is a kind 'id' feature of table 'users'"),
         (with_sequence(items=["item_id", "category_id", "item_id"]), "features.sequences[0].items: repeated item_id"),
         (with_sequence(name="user"), "features.sequences[0].name: 'user' is already a feature or column name"),
         (with_sequence(name="user_ctr_7d"), "features.sequences[0].name: 'user_ctr_7d' is already"),
-        (with_sequence(key="city"), "features.sequences[0].key: 'city' must be user_id or the column of a feature of table"),
+        (with_sequence(key="city"),
+         "features.sequences[0].key: 'city' must be user_id or the column of a feature of table"),
         (with_sequence(encoder="gru"), "features.sequences[0].encoder"),
-        (with_sequence(encoder="attention", attention_heads=3), "features.sequences[0].attention_heads: 3 does not divide the dim 16"),
+        (with_sequence(encoder="attention", attention_heads=3),
+         "features.sequences[0].attention_heads: 3 does not divide the dim 16"),
     ],
 )
 def test_bad_sequence_config_names_the_key(edit, message):
@@ -439,7 +464,7 @@ def test_bad_sequence_config_names_the_key(edit, message):
 
 def test_sequence_columns_may_not_collide():
     data = demo_dict()
-    data["features"]["sequences"] = [{"name": "clicked", "items": ["item_id"]}, {"name": "clicked", "items": ["item_id"]}]
+    data["features"]["sequences"] = [{"name": "clicked", "items": ["item_id"]}] * 2
     with pytest.raises(ConfigError, match=r"features.sequences\[1\].name: 'clicked' is already"):
         parse_config(data, "bad.toml")
     data["features"]["sequences"] = [{"name": "a", "items": ["item_id"]}]
@@ -452,6 +477,7 @@ def test_defaults_and_a_valid_sequence():
     data = demo_dict()
     data["features"]["sequences"] = [{"name": "clicked", "items": ["item_id", "category_id", "device"]}]
     seq = parse_config(data).features.sequences[0]
-    assert (seq.event, seq.key, seq.max_length, seq.max_age_days, seq.encoder, seq.attention_heads) == ("click", "user_id", 50, 0, "din", 1)
+    defaults = (seq.event, seq.key, seq.max_length, seq.max_age_days, seq.encoder, seq.attention_heads)
+    assert defaults == ("click", "user_id", 50, 0, "din", 1)
     assert seq.column_names == ["clicked__item_id", "clicked__category_id", "clicked__device", "clicked__age_days"]
     assert parse_config(demo_dict()).features.sequences == []
