@@ -24,9 +24,9 @@ Columns of ``<warehouse>/training/date=L/part-0.parquet``, in this order:
   newest first, the key's events strictly before L (its state as of the start of L);
 * dense features, Float32, in ``cfg.features.dense_names()`` order.
 
-Null handling: a null id encodes to 0 (padding), a null list to an empty list (also a
-sequence of a key with no events before L); a key with
-no history gets ``rolling_defaults`` (log1p(0) = 0 counts, the global smoothed rates);
+Null handling: a null id encodes to 0 (padding), a null list to an empty list (so does a
+sequence of a key without events before L); a key with no history gets
+``rolling_defaults`` (log1p(0) = 0 counts, the global smoothed rates);
 a numeric feature that is null or NaN (e.g. an item missing from the snapshot) becomes
 0.0 after its transform (``log1p`` clips negatives to 0 first; serving.encoding.numeric_values).
 
@@ -34,7 +34,8 @@ Rerun safety: ``manifest.json`` (written inside the same atomic folder as the da
 the sha256 of every input partition and of the spec; a rerun with the same inputs is
 skipped. Vocabularies apply each day once, so a rerun after a kill encodes with the same
 vocabulary versions and writes the same bytes; a rolling state is written before the table
-and read back on rerun only while the daily partitions it summed are unchanged.
+and read back on rerun only while the daily partitions it summed are unchanged. A sequence
+state of L (features.sequences, caught up first when missing or stale) is an input too.
 """
 
 from __future__ import annotations

@@ -45,6 +45,7 @@ import datetime as dt
 import json
 import shutil
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -83,7 +84,7 @@ class SequenceState:
     day: dt.date
     elements: pl.DataFrame
 
-    @property
+    @cached_property
     def users(self) -> int:
         return self.elements[KEY].n_unique()
 
