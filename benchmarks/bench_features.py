@@ -3,6 +3,7 @@
     python -m benchmarks.bench_features                                   # 1M impressions/day, 28 days of history
     python -m benchmarks.bench_features --impressions 200000 --history-days 7
     python -m benchmarks.bench_features --warehouse /tmp/bench-wh          # keep the data there
+    python -m benchmarks.bench_features --sequence-length 50               # + a click sequence of 50
 
 Writes a synthetic warehouse of validated partitions directly (vectorised numpy/pyarrow,
 shaped like the demo spec): ``--history-days`` days of N impressions behind the training
@@ -14,6 +15,10 @@ wait for. Then, each in a fresh process (so peak RSS is per stage):
   vocabularies fresh, no rolling state yet: the states are recomputed from the history;
 * examples, next night: ``features`` for L (untimed), then ``build_training_table`` for
   L + 1: the steady state, each key's rolling state advanced by one day.
+
+``--sequence-length N`` adds a behaviour sequence to the spec (``clicked``: the user's last
+N clicked items with their categories, features.sequences): the features stage then also
+advances its per-user state each day, and the training table carries its list columns.
 
 Each line shows wall seconds and the stage's CPU seconds (user + system, all threads):
 on a busy machine the wall time grows, the CPU time much less. The last line times the
@@ -180,10 +185,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--impressions", type=int, default=1_000_000, help="impressions per day (default %(default)s)")
     parser.add_argument("--history-days", type=int, default=28, help="days of history behind the training day (default %(default)s)")
     parser.add_argument("--warehouse", type=Path, default=None, help="keep the data here (default: a temp dir, removed)")
+    parser.add_argument("--sequence-length", type=int, default=0,
+                        help="add a click sequence of this many items and their categories (default: none)")
     args = parser.parse_args(argv)
 
     warehouse = args.warehouse or Path(tempfile.mkdtemp(prefix="bench-features-"))
-    cfg = load_config(args.config, {"warehouse": str(warehouse)})
+    overrides: dict = {"warehouse": str(warehouse)}
+    if args.sequence_length:
+        overrides["features"] = {"sequences": [
+            {"name": "clicked", "items": ["item_id", "category_id"], "max_length": args.sequence_length}]}
+    cfg = load_config(args.config, overrides)
     lag = cfg.contract.maturity_lag_days
     try:
         t = time.perf_counter()

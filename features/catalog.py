@@ -16,6 +16,9 @@ said otherwise; a ``*_root`` function names the folder of all of a dataset's par
     features/daily/<key>/date=D/          daily_dir                 an aggregate key's counters of D (features)
     features/rolling/<key>/date=D/        rolling_state_dir         its window counts as of the start of D
                                                                     (examples: state.arrow, manifest.json)
+    features/sequences/<name>/date=D/     sequence_state_dir        a behaviour sequence's per-key elements as of
+                                                                    the start of D (features: part-0.parquet,
+                                                                    manifest.json; features.sequences)
     vocab/<feature>/v000001.parquet       vocab_version_path        a version of a feature's vocabulary (examples)
     vocab/<feature>/manifest.json         vocab_manifest_path       its versions and applied days
     training/date=L/                      training_dir              the training table of mature day L (examples)
@@ -108,6 +111,14 @@ def rolling_state_root(warehouse: Path, key_name: str) -> Path:
 
 def rolling_state_dir(warehouse: Path, key_name: str, day: dt.date) -> Path:
     return _partition(rolling_state_root(warehouse, key_name), day)
+
+
+def sequence_state_root(warehouse: Path, sequence: str) -> Path:
+    return Path(warehouse) / "features" / "sequences" / sequence
+
+
+def sequence_state_dir(warehouse: Path, sequence: str, day: dt.date) -> Path:
+    return _partition(sequence_state_root(warehouse, sequence), day)
 
 
 def vocab_dir(warehouse: Path, feature: str) -> Path:

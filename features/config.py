@@ -28,7 +28,7 @@ from pydantic import (
 )
 
 from serving.encoding import NumericTransform
-from serving.spec import aggregate_feature_names
+from serving.spec import aggregate_feature_names, sequence_age_column, sequence_column
 
 # TOML has no path type: paths arrive as strings (the one lax coercion allowed).
 TomlPath = Annotated[Path, BeforeValidator(lambda v: Path(v) if isinstance(v, str) else v)]
@@ -183,6 +183,33 @@ class AggregateKey(_Section):
     columns: list[str] = Field(min_length=1)
 
 
+class SequenceFeature(_Section):
+    """A behaviour sequence: per row of day L, the ``key``'s (the user's) last ``max_length``
+    events of kind ``event`` strictly before L, newest first (features.sequences).
+
+    Each element carries the sparse features named in ``items``, encoded with their own
+    vocabularies: the first is the candidate item's id feature (column ``item_id``), so a
+    history item and a candidate item share one embedding row; the others are ``kind = "id"``
+    features of table ``items`` (the item's attribute in the snapshot of the row's day, as
+    the candidate gets it) or ``impressions`` (the value on the impression that was clicked
+    or converted). ``encoder`` and ``attention_heads`` are read by the model only.
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    event: Literal["click", "conversion"] = "click"
+    key: str = Field("user_id", min_length=1, description="the impressions column whose value owns the history")
+    items: list[str] = Field(min_length=1, description="sparse features carried per element; the first: the item id")
+    max_length: int = Field(50, ge=1, le=1000, description="N: the newest N events are kept")
+    max_age_days: int = Field(0, ge=0, description="0: no limit; else older events (as of the row's day) drop out")
+    encoder: Literal["mean", "din", "attention"] = "din"
+    attention_heads: int = Field(1, ge=1, description="encoder = 'attention': heads, dividing the item feature's dim")
+
+    @property
+    def column_names(self) -> list[str]:
+        """Its training-table columns: one list per carried feature, then the ages."""
+        return [sequence_column(self.name, f) for f in self.items] + [sequence_age_column(self.name)]
+
+
 class FeaturesConfig(_Section):
     windows_days: list[int] = Field(default_factory=lambda: [1, 7, 28], min_length=1,
                                     description=f"counter windows in days, each 1 to {MAX_DAYS}")
@@ -190,6 +217,7 @@ class FeaturesConfig(_Section):
     aggregate_keys: list[AggregateKey] = Field(default_factory=list)
     sparse: list[SparseFeature] = Field(min_length=1)
     numeric: list[NumericFeature] = Field(default_factory=list)
+    sequences: list[SequenceFeature] = Field(default_factory=list)
 
     @field_validator("windows_days")
     @classmethod
@@ -203,6 +231,42 @@ class FeaturesConfig(_Section):
         names = [f.name for f in self.sparse] + [f.name for f in self.numeric] + [k.name for k in self.aggregate_keys]
         if dupes := repeated(names):
             raise ValueError(f"feature names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+    @model_validator(mode="after")
+    def _sequences_carry_item_features(self) -> FeaturesConfig:
+        sparse = {f.name: f for f in self.sparse}
+        features = (*self.sparse, *self.numeric)
+        impressions_columns = {"user_id", *(f.column for f in features if f.table == "impressions")}
+        taken = {*sparse, *(f.name for f in self.numeric), *(k.name for k in self.aggregate_keys), *self.dense_names()}
+        for i, seq in enumerate(self.sequences):
+            at = f"features.sequences[{i}]"
+            if seq.name in taken:
+                raise ValueError(f"{at}.name: {seq.name!r} is already a feature or column name")
+            if seq.key not in impressions_columns:
+                raise ValueError(f"{at}.key: {seq.key!r} must be user_id or the column of a feature of table "
+                                 f"'impressions' ({', '.join(sorted(impressions_columns))})")
+            if dupes := repeated(seq.items):
+                raise ValueError(f"{at}.items: repeated {', '.join(dupes)}")
+            for j, name in enumerate(seq.items):
+                feature = sparse.get(name)
+                if feature is None:
+                    raise ValueError(f"{at}.items[{j}]: {name!r} is not a sparse feature ({', '.join(sparse)})")
+                if feature.kind != "id" or feature.table not in ("items", "impressions"):
+                    raise ValueError(f"{at}.items[{j}]: {name!r} is a kind {feature.kind!r} feature of table "
+                                     f"{feature.table!r}; a sequence carries kind 'id' features of table items or "
+                                     "impressions")
+            item = sparse[seq.items[0]]
+            if item.column != "item_id":
+                raise ValueError(f"{at}.items[0]: {item.name!r} reads column {item.column!r}; the first carried "
+                                 "feature must be the candidate item's id (column 'item_id'), whose embedding rows the "
+                                 "history shares")
+            if item.dim % seq.attention_heads:
+                raise ValueError(f"{at}.attention_heads: {seq.attention_heads} does not divide the dim {item.dim} "
+                                 f"of {item.name!r}")
+            if clash := sorted(taken & set(seq.column_names)):
+                raise ValueError(f"{at}: its column {clash[0]!r} is already a feature or column name")
+            taken |= {seq.name, *seq.column_names}
         return self
 
     def dense_names(self) -> list[str]:

@@ -20,6 +20,9 @@ also carries ``key_hash``, a stable 64-bit hash of its key tuple, which the roll
 states' order. The file's metadata (``DAILY_INPUTS``) holds the sha256 of every validated
 partition the day was counted from: a day validated again afterwards makes the partition
 stale (``stale_daily_aggregates``), which ``examples`` refuses to read.
+
+The stage also adds D's events to each behaviour sequence's state (features.sequences:
+the state as of the start of D + 1 is written), reading D's activity only.
 """
 
 from __future__ import annotations
@@ -36,18 +39,17 @@ import pyarrow.parquet as pq
 
 from features.catalog import (
     daily_dir,
-    days_since_history_start,
-    partition_days,
     scan_validated,
+    sequence_state_dir,
     validated_dir,
-    validated_root,
     warehouse_relative,
 )
 from features.config import AggregateKey, DataConfig
-from features.contract import SNAPSHOT_TABLES, day_start, day_str, in_day
+from features.contract import SNAPSHOT_TABLES, day_str, in_day
 from features.errors import DataContractError, StageError
 from features.io import changed_folders, sha256_dir, write_parquet_dir
-from features.labels import attributed_conversions, first_clicks, scan_events
+from features.labels import day_activity
+from features.sequences import carried_columns, sequence_events, sequence_state
 from features.snapshots import (
     SNAPSHOT_JOIN_KEY,
     CodedColumn,
@@ -108,34 +110,26 @@ def key_column_sources(
     return sources
 
 
-def daily_events(cfg: DataConfig, warehouse: Path, day: dt.date) -> tuple[JoinedRows, list[str]]:
+def daily_events(
+    cfg: DataConfig, warehouse: Path, day: dt.date
+) -> tuple[JoinedRows, list[str], dict[str, pl.DataFrame]]:
     """Rows of activity on ``day`` (an impression shown, first clicked or converting that
     day): the key columns of the impressions + imps, clicks, convs, conv_value, joined to
-    the snapshots that hold the other key columns; and the partitions it reads."""
+    the snapshots that hold the other key columns; the partitions it reads; and each
+    behaviour sequence's events of the day (features.sequences.sequence_events), read in
+    the same pass."""
     sources = key_column_sources(cfg.features.aggregate_keys, warehouse, day)
     carried = list(dict.fromkeys(
         [c for c, t in sources.items() if t == "impressions"]
         + [SNAPSHOT_JOIN_KEY[t] for t in sources.values() if t != "impressions"]
     ))
-    lag = cfg.contract.maturity_lag_days
-    earlier = [day - dt.timedelta(days=n) for n in range(lag, 0, -1)]
-    imps_root = validated_root(warehouse, "impressions")
-    days = [*days_since_history_start(partition_days(imps_root), earlier, "validated impressions", imps_root), day]
-
-    # Only earlier impressions late enough to have a click or an attributed conversion on
-    # ``day`` matter: that skips most of the earlier days before the join.
-    earliest = day_start(day) - cfg.contract.click_window - cfg.contract.attribution_window
-    impressions = pl.concat(
-        [scan_validated(warehouse, "impressions", d).select("impression_id", "ts", *carried) for d in days]
-    ).filter(pl.col("ts") >= earliest)
-    clicks = pl.concat([scan_events(warehouse, "clicks", d) for d in days])
-    conversions = pl.concat([scan_events(warehouse, "conversions", d) for d in days])
-    inputs = [str(validated_dir(warehouse, t, d)) for d in days for t in ("impressions", "clicks", "conversions")]
-
-    clicked = first_clicks(impressions, clicks, cfg.contract.click_window)
+    sequences = cfg.features.sequences
+    activity = day_activity(cfg, warehouse, day, list(dict.fromkeys(
+        carried + [c for seq in sequences for c in carried_columns(cfg, seq)])))
+    inputs = [str(p) for p in activity.partitions]
     conv_ts = pl.col("conv_ts")
     converted = (
-        attributed_conversions(clicked, conversions, cfg.contract.attribution_window)
+        activity.conversions
         .group_by("impression_id")
         .agg(
             in_day(conv_ts.min(), day).cast(pl.Int64).alias("convs"),
@@ -148,8 +142,9 @@ def daily_events(cfg: DataConfig, warehouse: Path, day: dt.date) -> tuple[Joined
     )
     events = pl.concat(
         [
-            impressions.filter(in_day(pl.col("ts"), day)).select(*carried, pl.lit(1, pl.Int64).alias("imps")),
-            clicked.filter(in_day(pl.col("first_click"), day)).select(*carried, pl.lit(1, pl.Int64).alias("clicks")),
+            activity.impressions.filter(in_day(pl.col("ts"), day)).select(*carried, pl.lit(1, pl.Int64).alias("imps")),
+            activity.clicked.filter(in_day(pl.col("first_click"), day)).select(
+                *carried, pl.lit(1, pl.Int64).alias("clicks")),
             converted.select(*carried, "convs", "conv_value"),
         ],
         how="diagonal",
@@ -157,9 +152,14 @@ def daily_events(cfg: DataConfig, warehouse: Path, day: dt.date) -> tuple[Joined
 
     scans = snapshot_scans(warehouse, day, sources)
     inputs += [str(validated_dir(warehouse, table, day)) for table in scans]
-    events, *snapshots = pl.collect_all([events, *scans.values()])
+    # One query: the sequences' events share the scans and joins of the activity with the counters'.
+    plans = [events, *(sequence_events(cfg, seq, activity, day) for seq in sequences), *scans.values()]
+    events, *collected = pl.collect_all(plans)
+    sequence_rows = dict(zip((seq.name for seq in sequences), collected[:len(sequences)], strict=True))
+    snapshots = collected[len(sequences):]
     # One chunk per column: gathers on it are ~5x faster.
-    return join_snapshots(events.rechunk(), sources, dict(zip(scans, snapshots, strict=True)), warehouse, day), inputs
+    rows = join_snapshots(events.rechunk(), sources, dict(zip(scans, snapshots, strict=True)), warehouse, day)
+    return rows, inputs, sequence_rows
 
 
 def combine_hashes(column_hashes: list[np.ndarray]) -> np.ndarray:
@@ -229,7 +229,7 @@ def build_daily_aggregates(cfg: DataConfig, warehouse: Path, day: dt.date) -> di
     return a manifest. Raises when two keys of the day share a key hash."""
     started = time.perf_counter()
     timings = dict.fromkeys(("events", "counters", "write"), 0.0)
-    events, inputs = daily_events(cfg, warehouse, day)
+    events, inputs, sequence_rows = daily_events(cfg, warehouse, day)
     impressions = int(events.rows["imps"].sum())
     manifest: dict = {"date": day_str(day), "impressions": impressions, "inputs": inputs, "rows": {}, "outputs": {}}
     counted_from = {DAILY_INPUTS: json.dumps({warehouse_relative(warehouse, Path(p)): sha256_dir(Path(p))
@@ -252,6 +252,11 @@ def build_daily_aggregates(cfg: DataConfig, warehouse: Path, day: dt.date) -> di
         t = time.perf_counter()
         manifest["rows"][key.name] = counters.height
         manifest["outputs"][key.name] = str(target)
+    for seq in cfg.features.sequences:  # each one's state as of the next day: this day's events added
+        state = sequence_state(cfg, warehouse, seq, day + dt.timedelta(days=1), sequence_rows[seq.name])
+        manifest["rows"][seq.name] = state.users
+        manifest["outputs"][seq.name] = str(sequence_state_dir(warehouse, seq.name, state.day))
+    timings["sequences"] = time.perf_counter() - t
     manifest["seconds"] = round(time.perf_counter() - started, 3)
     manifest["timings_s"] = {k: round(v, 4) for k, v in timings.items()}
     return manifest

@@ -18,10 +18,15 @@ Columns of ``<warehouse>/training/date=L/part-0.parquet``, in this order:
 * sparse features, named as in the spec: Int64 embedding rows (kind=id) or
   List(Int64) (kind=list), encoded with the vocabularies after applying day L's ids;
   Int64 bucket rows of a number (kind=bucket, serving.encoding.bucket_ids);
+* behaviour sequences (features.sequences), per sequence S of the spec: per carried
+  feature F a List(Int64) ``S__F`` (serving.spec.sequence_column) of embedding rows
+  encoded with F's vocabulary, then a List(Int32) ``S__age_days`` of each element's age;
+  newest first, the key's events strictly before L (its state as of the start of L);
 * dense features, Float32, in ``cfg.features.dense_names()`` order.
 
-Null handling: a null id encodes to 0 (padding), a null list to an empty list; a key with
-no history gets ``rolling_defaults`` (log1p(0) = 0 counts, the global smoothed rates);
+Null handling: a null id encodes to 0 (padding), a null list to an empty list (so does a
+sequence of a key without events before L); a key with no history gets
+``rolling_defaults`` (log1p(0) = 0 counts, the global smoothed rates);
 a numeric feature that is null or NaN (e.g. an item missing from the snapshot) becomes
 0.0 after its transform (``log1p`` clips negatives to 0 first; serving.encoding.numeric_values).
 A dense value that is not finite after its transform (a raw inf, a number beyond float32's
@@ -32,7 +37,8 @@ Rerun safety: ``manifest.json`` (written inside the same atomic folder as the da
 the sha256 of every input partition and of the spec; a rerun with the same inputs is
 skipped. Vocabularies apply each day once, so a rerun after a kill encodes with the same
 vocabulary versions and writes the same bytes; a rolling state is written before the table
-and read back on rerun only while the daily partitions it summed are unchanged.
+and read back on rerun only while the daily partitions it summed are unchanged. A sequence
+state of L (features.sequences, caught up first when missing or stale) is an input too.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ from features.catalog import (
     holds_data,
     report_path,
     scan_validated,
+    sequence_state_dir,
     training_dir,
     training_manifest_path,
     validated_dir,
@@ -68,6 +75,7 @@ from features.errors import DataContractError, StageError
 from features.io import atomic_dir, changed_folders, record_sha256, recorded_sha256, sha256_dir
 from features.labels import build_labels
 from features.rolling_state import RollingState, rolling_state, state_features
+from features.sequences import SequenceState, sequence_columns, sequence_state
 from features.snapshots import (
     SNAPSHOT_JOIN_KEY,
     JoinedRows,
@@ -76,6 +84,7 @@ from features.snapshots import (
 )
 from features.vocab import load_vocabulary, update_vocabulary
 from serving.encoding import NumericTransform, numeric_values
+from serving.spec import sequence_age_column, sequence_column
 
 ID_COLUMNS = ("impression_id", "ts", "raw_user_id")
 LABEL_COLUMNS = ("click", "conversion", "conversion_value")
@@ -91,8 +100,12 @@ def mature_day(cfg: DataConfig, run_date: dt.date) -> dt.date:
 
 
 def spec_sha256(cfg: DataConfig) -> str:
-    """Hash of the config sections that decide the table's content."""
-    spec = {"features": cfg.features.model_dump(mode="json"), "contract": cfg.contract.model_dump(mode="json")}
+    """Hash of the config sections that decide the table's content (a sequence's encoder
+    settings do not; a spec without sequences hashes as before they existed)."""
+    features = cfg.features.model_dump(mode="json", exclude={"sequences": {"__all__": {"encoder", "attention_heads"}}})
+    if not features["sequences"]:
+        del features["sequences"]
+    spec = {"features": features, "contract": cfg.contract.model_dump(mode="json")}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
@@ -105,6 +118,7 @@ def input_partitions(cfg: DataConfig, warehouse: Path, day: dt.date) -> list[Pat
     paths += [validated_dir(warehouse, "conversions", day + dt.timedelta(days=n)) for n in range(lag + 1)]
     history = [day - dt.timedelta(days=n) for n in range(1, max(cfg.features.windows_days) + 1)]
     paths += [daily_dir(warehouse, key.name, d) for key in cfg.features.aggregate_keys for d in history]
+    paths += [sequence_state_dir(warehouse, seq.name, day) for seq in cfg.features.sequences]
     return [p for p in paths if holds_data(p)]
 
 
@@ -262,6 +276,9 @@ def training_schema(cfg: DataConfig) -> pa.Schema:
         pa.field("conversion_value", pa.float64()),
     ]
     fields += [pa.field(f.name, pa.large_list(pa.int64()) if f.kind == "list" else pa.int64()) for f in spec.sparse]
+    for seq in spec.sequences:
+        fields += [pa.field(sequence_column(seq.name, f), pa.large_list(pa.int64())) for f in seq.items]
+        fields.append(pa.field(sequence_age_column(seq.name), pa.large_list(pa.int32())))
     fields += [pa.field(name, pa.float32()) for name in spec.dense_names()]
     return pa.schema(fields)
 
@@ -287,6 +304,10 @@ def build_training_table(cfg: DataConfig, warehouse: Path, run_date: dt.date) ->
     day = mature_day(cfg, run_date)
     target = training_dir(warehouse, day)
     timings: dict[str, float] = {}
+    # Read (or caught up) before listing the inputs, which hold the states' partitions.
+    sequences: dict[str, SequenceState] = {
+        seq.name: sequence_state(cfg, warehouse, seq, day) for seq in cfg.features.sequences}
+    timings["sequence_states"] = time.perf_counter() - started
     partitions = input_partitions(cfg, warehouse, day)
     daily = [p for p in partitions if p.is_relative_to(daily_features_root(warehouse))]
     if stale := stale_daily_aggregates(warehouse, daily):
@@ -294,7 +315,7 @@ def build_training_table(cfg: DataConfig, warehouse: Path, run_date: dt.date) ->
                          f"from data validated again since: run `funnelrank features` for their dates (or their "
                          f"nights) first")
     inputs = input_hashes(cfg, warehouse, partitions)
-    timings["hash_inputs"] = time.perf_counter() - started
+    timings["hash_inputs"] = time.perf_counter() - started - timings["sequence_states"]
 
     previous = _read_manifest(training_manifest_path(warehouse, day))
     if previous and previous.get("inputs") == inputs and (target / DATA_FILE).exists() and recorded_sha256(target / DATA_FILE) == previous.get("content_sha256"):
@@ -317,6 +338,10 @@ def build_training_table(cfg: DataConfig, warehouse: Path, run_date: dt.date) ->
         for feature in spec.sparse:
             columns[feature.name], vocab_versions[feature.name] = _encode_sparse(warehouse, feature, day, rows)
         timings["vocab_encode"] = time.perf_counter() - t
+        t = time.perf_counter()
+        for seq in spec.sequences:
+            columns.update(sequence_columns(cfg, warehouse, seq, sequences[seq.name], rows, vocab_versions))
+        timings["sequences"] = time.perf_counter() - t
         t = time.perf_counter()
         rolled = rolled_columns(cfg, rows, states.result())
     timings["rolling"] = time.perf_counter() - t
@@ -349,6 +374,7 @@ def build_training_table(cfg: DataConfig, warehouse: Path, run_date: dt.date) ->
                 "labels": list(LABEL_COLUMNS),
                 "sparse": [f.name for f in spec.sparse],
                 "dense": spec.dense_names(),
+                "sequences": {seq.name: seq.column_names for seq in spec.sequences},
             },
             "content_sha256": content_sha,
             "inputs": inputs,

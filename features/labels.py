@@ -5,20 +5,29 @@ included); ``conversion`` = a conversion within ``attribution_window`` after the
 impression's FIRST qualifying click. Late events live in later days' partitions, so a
 day's labels read the clicks of ``day .. day + ceil(click_window / 1 day)`` and the
 conversions of ``day .. day + maturity_lag_days``. The two join helpers here are shared
-with the point-in-time aggregates, so features and labels count the same events.
+with the point-in-time aggregates and the behaviour sequences (through ``day_activity``,
+the events by the day they happen on), so features and labels count the same events.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
-from features.catalog import holds_data, scan_validated, validated_dir
+from features.catalog import (
+    days_since_history_start,
+    holds_data,
+    partition_days,
+    scan_validated,
+    validated_dir,
+    validated_root,
+)
 from features.config import DataConfig
-from features.contract import day_str
+from features.contract import DAILY_TABLES, day_start, day_str
 from features.errors import DataContractError
 
 
@@ -50,6 +59,49 @@ def attributed_conversions(clicked: pl.LazyFrame, conversions: pl.LazyFrame, win
     return conversions.select("impression_id", pl.col("ts").alias("conv_ts"), "value").join(
         clicked, on="impression_id"
     ).filter(pl.col("conv_ts").is_between(pl.col("first_click"), pl.col("first_click") + window, closed="both"))
+
+
+@dataclass(frozen=True)
+class DayActivity:
+    """What can hold an event on a day D, by the time the event happens: an impression shown
+    on D, first clicked on D (``clicked.first_click``) or whose first attributed conversion
+    is on D (``conversions.conv_ts``). Impressions of up to ``maturity_lag_days`` before D
+    are read, as their clicks and conversions may fall on D."""
+
+    impressions: pl.LazyFrame  # impression_id, ts, the carried columns; those late enough to have an event on D
+    clicked: pl.LazyFrame  # first_clicks of them: one row per clicked impression
+    conversions: pl.LazyFrame  # attributed_conversions of ``clicked``: conv_ts, value and its columns
+    partitions: list[Path]  # the validated partitions read: per day, impressions, clicks, conversions
+
+
+def activity_days(cfg: DataConfig, warehouse: Path, day: dt.date) -> list[dt.date]:
+    """The days whose impressions can have an event on ``day``: ``day`` and the
+    ``maturity_lag_days`` before it, those since history starts (a missing one after that raises)."""
+    earlier = [day - dt.timedelta(days=n) for n in range(cfg.contract.maturity_lag_days, 0, -1)]
+    imps_root = validated_root(warehouse, "impressions")
+    return [*days_since_history_start(partition_days(imps_root), earlier, "validated impressions", imps_root), day]
+
+
+def activity_partitions(warehouse: Path, days: list[dt.date]) -> list[Path]:
+    """The validated partitions of ``days`` (``activity_days``) that ``day_activity`` reads."""
+    return [validated_dir(warehouse, t, d) for d in days for t in DAILY_TABLES]
+
+
+def day_activity(cfg: DataConfig, warehouse: Path, day: dt.date, carried: list[str]) -> DayActivity:
+    """The impressions, first clicks and attributed conversions that can fall on ``day``,
+    each row with the impression's ``carried`` columns."""
+    days = activity_days(cfg, warehouse, day)
+    # Only earlier impressions late enough to have a click or an attributed conversion on
+    # ``day`` matter: that skips most of the earlier days before the join.
+    earliest = day_start(day) - cfg.contract.click_window - cfg.contract.attribution_window
+    impressions = pl.concat(
+        [scan_validated(warehouse, "impressions", d).select("impression_id", "ts", *carried) for d in days]
+    ).filter(pl.col("ts") >= earliest)
+    clicks = pl.concat([scan_events(warehouse, "clicks", d) for d in days])
+    conversions = pl.concat([scan_events(warehouse, "conversions", d) for d in days])
+    clicked = first_clicks(impressions, clicks, cfg.contract.click_window)
+    converted = attributed_conversions(clicked, conversions, cfg.contract.attribution_window)
+    return DayActivity(impressions, clicked, converted, activity_partitions(warehouse, days))
 
 
 def _scan_label_events(

@@ -47,6 +47,18 @@ def aggregate_feature_names(key: str, windows_days: Sequence[int]) -> list[str]:
     return [f"{key}_{metric}_{w}d" for w in windows_days for metric in AGGREGATE_METRICS]
 
 
+def sequence_column(sequence: str, feature: str) -> str:
+    """The training-table column of behaviour sequence ``sequence``'s elements encoded as
+    sparse feature ``feature`` (a list of embedding rows per row, newest first)."""
+    return f"{sequence}__{feature}"
+
+
+def sequence_age_column(sequence: str) -> str:
+    """The training-table column of each element's age in days (the row's day minus the
+    event's day, >= 1), aligned with the sequence's ``sequence_column`` lists."""
+    return f"{sequence}__age_days"
+
+
 @dataclass(frozen=True)
 class TaskOutput:
     """A task as the scorer returns it: ``p_<name>`` is the model's output ``p_<served>``."""
