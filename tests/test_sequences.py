@@ -263,6 +263,7 @@ def test_a_rewritten_partition_rebuilds_the_states_built_on_it(tmp_path):
     # events), D5 and D6 (built on it) are stale
     clicks = CLICKS | {D3: [("2c", 0, 10)]}
     write_clicks(tmp_path, D3, clicks[D3])
+    build_daily_aggregates(CFG, tmp_path, D3)  # D3's counters are stale too: examples refuses them until rerun
     rebuilt = build_training_table(CFG, tmp_path, D5)
     assert not rebuilt["skipped"]
     assert sequences_by_user(tmp_path, D4, "clicked")["u1"] == [
