@@ -137,7 +137,7 @@ def main() -> None:
     from pipeline.bundle import export_bundle
     from pipeline.config import load_config
     from serving.bundle import load_bundle
-    from serving.http import parse_rank_request, rank_response
+    from serving.rank_api import parse_rank_request, rank_response
     from serving.scorer import Scorer
     from serving.spec import ScoringLimits
 

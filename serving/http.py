@@ -1,4 +1,5 @@
-"""HTTP serving of a bundle with the standard library only (``funnelrank serve``).
+"""The HTTP/1.1 server of a bundle, standard library only, and its entry point ``serve``
+(``funnelrank serve``).
 
 Routes:
 * ``POST /v1/rank``   body {"user_id": str, "context": {...}, "candidates": [{"item_id": str}, ...]}
@@ -28,24 +29,19 @@ must send its headers within ``header_timeout_s`` of its first byte and its body
 to what the process's file descriptors allow): over it the connection idle the longest
 is closed to make room, and when none is idle the new one gets 503 and is closed.
 
-A reload builds the new Scorer completely, then swaps one reference: requests in flight
-finish on the scorer they started with. A bundle that fails to load leaves the old one.
-SIGTERM or SIGINT: stop accepting, close idle connections, answer the requests in flight
-(``Connection: close``) for up to ``drain_timeout_s``, then exit 0.
+A reload swaps the scorer whole (serving.service): requests in flight finish on the one they
+started with. SIGTERM or SIGINT: stop accepting, close idle connections, answer the requests
+in flight (``Connection: close``) for up to ``drain_timeout_s``, then exit 0.
 
 Design (for latency under concurrency on a few cores): one asyncio event loop parses
-HTTP/1.1 (keep-alive) and JSON and builds each request's model inputs from the scorer's
-precomputed per-user / per-item arrays; a micro-batcher hands every rank request that
-arrived while the model was busy to onnxruntime as one batch, in one worker thread
-(onnxruntime releases the GIL, so parsing the next requests overlaps the model). No
-thread per connection, no lock around the model.
+HTTP/1.1 (keep-alive) and JSON (serving.rank_api) and builds each request's model inputs
+from the scorer's precomputed per-user / per-item arrays; serving.service's micro-batcher
+runs the model in one worker thread. No thread per connection.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import functools
 import hmac
 import json
 import math
@@ -56,24 +52,16 @@ import socket
 import sys
 import threading
 import time
-from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http import HTTPStatus
-from json.encoder import encode_basestring_ascii
 from pathlib import Path
 
-import numpy as np
-
-from serving.bundle import BundleError, load_bundle
-from serving.scorer import SCORE, BatchOnlyError, Scorer, merge_feeds
-from serving.spec import ScoringLimits
+from serving.rank_api import RequestError, parse_rank_request, rank_response
+from serving.scorer import BatchOnlyError
+from serving.service import MicroBatcher, RankingService
 
 # route -> the one method it answers
 ROUTE_METHODS = {"/v1/rank": "POST", "/healthz": "GET", "/readyz": "GET", "/metrics": "GET", "/admin/reload": "POST"}
-LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-INT64_RANGE = (-(1 << 63), (1 << 63) - 1)
-MAX_BATCH_ROWS = 8192  # rows per onnxruntime call when coalescing concurrent requests
 MAX_HEADER_BYTES = 64 * 1024
 LINGER_S = 1.0  # after an error that closes the connection, how long to drain the unread bytes
 ACCEPT_RETRY_S = 1.0  # after accept() failed for want of resources
@@ -97,258 +85,6 @@ def admin_token(token_file: str | Path | None) -> str | None:
     if not token:
         raise ServerStartError(f"the admin token file {token_file} is empty")
     return token
-
-
-class RequestError(Exception):
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.headers = headers or {}
-
-
-def parse_rank_request(body: bytes, limits: ScoringLimits) -> dict:
-    """The validated rank request of ``body``; RequestError (4xx) naming the problem."""
-    try:
-        request = json.loads(body, parse_constant=_refuse_non_finite)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise RequestError(400, f"body is not valid JSON: {err}") from None
-    except ValueError:  # Python refuses to convert integers this long (a CPU-time guard)
-        raise RequestError(400, f"body holds an integer of more than {sys.get_int_max_str_digits()} digits") from None
-    except RecursionError:
-        raise RequestError(400, "body is nested too deeply") from None
-    if not isinstance(request, dict):
-        raise RequestError(400, "body must be a JSON object with user_id, context and candidates")
-    if "user_id" not in request:
-        raise RequestError(400, "missing field user_id")
-    if not isinstance(request["user_id"], str) or not request["user_id"]:
-        raise RequestError(400, f"user_id must be a non-empty string, got {type(request['user_id']).__name__}")
-    context = request.get("context", {})
-    if context is None:
-        context = {}
-    if not isinstance(context, dict):
-        raise RequestError(400, f"context must be an object, got {type(context).__name__}")
-    for name, value in context.items():
-        _check_context_value(name, value, limits.max_context_value_chars)
-    candidates = request.get("candidates")
-    if not isinstance(candidates, list):
-        raise RequestError(400, "missing field candidates (a list of {\"item_id\": str})" if candidates is None
-                           else f"candidates must be a list, got {type(candidates).__name__}")
-    if not candidates:
-        raise RequestError(400, "candidates is empty")
-    if len(candidates) > limits.max_candidates:
-        raise RequestError(413, f"candidates has {len(candidates)} items, above the limit of {limits.max_candidates}")
-    for i, c in enumerate(candidates):
-        if not isinstance(c, dict) or not isinstance(c.get("item_id"), str):
-            raise RequestError(400, f"candidates[{i}] must be an object with a string item_id")
-    return {"user_id": request["user_id"], "context": context, "candidates": candidates}
-
-
-def _refuse_non_finite(token: str) -> None:
-    # JSON has no NaN or Infinity; Python's parser accepts them unless told otherwise
-    raise RequestError(400, f"body holds {token}, which is not JSON (numbers must be finite)")
-
-
-def _check_context_value(name: str, value: object, max_chars: int) -> None:
-    """RequestError unless ``value`` is a context value the scorer can take: text of at most
-    ``max_chars`` characters (the scorer caches what it encodes: long text would fill
-    memory), an integer in int64's range, a float, a bool or null."""
-    if isinstance(value, str):
-        if len(value) > max_chars:
-            raise RequestError(400, f"context.{name[:100]} has {len(value):,} characters, above the limit of "
-                                    f"{max_chars} (scoring.max_context_value_chars)")
-    elif isinstance(value, int):
-        if not INT64_RANGE[0] <= value <= INT64_RANGE[1]:
-            raise RequestError(400, f"context.{name[:100]} is an integer outside the 64-bit range")
-    elif isinstance(value, float):
-        if not math.isfinite(value):  # e.g. 1e999, which JSON parsing turns into inf
-            raise RequestError(400, f"context.{name[:100]} is not a finite number")
-    elif value is not None:
-        raise RequestError(400, f"context.{name[:100]} must be a string, number or null, got {type(value).__name__}")
-
-
-@functools.lru_cache(maxsize=16)
-def _item_template(names: tuple[str, ...]) -> str:
-    """'{"item_id":%s,"p_click":%.9g,...}': one ranked candidate (names are identifiers)."""
-    return '{"item_id":%s,' + ",".join(f'"{name}":%.9g' for name in names) + "}"
-
-
-def rank_response(model_version: str, item_ids: list[str], names: tuple[str, ...], outputs: tuple[np.ndarray, ...]) -> bytes:
-    """The /v1/rank response body: candidates by score descending (ties keep the request's
-    order), as serving.scorer.ranked, written straight to JSON text. The model's float32
-    outputs are written with 9 significant digits (they read back as the same float32):
-    ~3x faster than json.dumps of Python floats, whose shortest repr of a float32 widened
-    to float64 takes 17 digits. A non-finite output is an error, never invalid JSON."""
-    if not all(np.isfinite(o).all() for o in outputs):
-        raise RequestError(500, f"model {model_version} returned non-finite scores")
-    order = np.argsort(-outputs[names.index(SCORE)], kind="stable")
-    template = _item_template(names)
-    ids = [encode_basestring_ascii(item_ids[k]) for k in order.tolist()]
-    items = ",".join([template % row for row in zip(ids, *(o[order].tolist() for o in outputs))])
-    return b'{"model_version":%s,"items":[%s]}' % (encode_basestring_ascii(model_version).encode(), items.encode())
-
-
-class Metrics:
-    """Counters and a latency histogram per route, rendered as Prometheus text."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.requests: dict[tuple[str, int], int] = defaultdict(int)
-        self.buckets: dict[str, list[int]] = defaultdict(lambda: [0] * (len(LATENCY_BUCKETS) + 1))
-        self.latency_sum: dict[str, float] = defaultdict(float)
-        self.reloads: dict[str, int] = defaultdict(int)
-        self.model_calls = 0  # onnxruntime calls for rank requests; requests / calls = mean batch
-        self.model_requests = 0
-        # set by the event loop only: plain ints, read whole
-        self.connections_open = 0
-        self.requests_in_flight = 0  # from a request's first byte to its answer
-        self.connections_closed: dict[str, int] = defaultdict(int)  # closed by the server, by reason
-
-    def observe(self, route: str, status: int, seconds: float) -> None:
-        slot = next((i for i, b in enumerate(LATENCY_BUCKETS) if seconds <= b), len(LATENCY_BUCKETS))
-        with self.lock:
-            self.requests[(route, status)] += 1
-            self.buckets[route][slot] += 1
-            self.latency_sum[route] += seconds
-
-    def batched(self, requests: int) -> None:
-        with self.lock:
-            self.model_calls += 1
-            self.model_requests += requests
-
-    def reloaded(self, result: str) -> None:
-        with self.lock:
-            self.reloads[result] += 1
-
-    def closed(self, reason: str) -> None:
-        with self.lock:
-            self.connections_closed[reason] += 1
-
-    def render(self, scorer: Scorer) -> str:
-        lines = [
-            "# HELP funnelrank_requests_total HTTP requests by route and status.",
-            "# TYPE funnelrank_requests_total counter",
-        ]
-        with self.lock:
-            for (route, status), n in sorted(self.requests.items()):
-                lines.append(f'funnelrank_requests_total{{route="{route}",status="{status}"}} {n}')
-            lines += ["# HELP funnelrank_request_duration_seconds Request latency.",
-                      "# TYPE funnelrank_request_duration_seconds histogram"]
-            for route, counts in sorted(self.buckets.items()):
-                total = 0
-                for bound, n in zip((*LATENCY_BUCKETS, "+Inf"), counts):
-                    total += n
-                    lines.append(f'funnelrank_request_duration_seconds_bucket{{route="{route}",le="{bound}"}} {total}')
-                lines.append(f'funnelrank_request_duration_seconds_sum{{route="{route}"}} {self.latency_sum[route]:.6f}')
-                lines.append(f'funnelrank_request_duration_seconds_count{{route="{route}"}} {total}')
-            lines += ["# HELP funnelrank_reloads_total Bundle reloads by result.", "# TYPE funnelrank_reloads_total counter"]
-            lines += [f'funnelrank_reloads_total{{result="{r}"}} {n}' for r, n in sorted(self.reloads.items())]
-            lines += ["# HELP funnelrank_model_calls_total onnxruntime calls (each scores one or more coalesced rank requests).",
-                      "# TYPE funnelrank_model_calls_total counter", f"funnelrank_model_calls_total {self.model_calls}",
-                      "# HELP funnelrank_model_requests_total Rank requests scored by those calls.",
-                      "# TYPE funnelrank_model_requests_total counter", f"funnelrank_model_requests_total {self.model_requests}"]
-            lines += ["# HELP funnelrank_connections_open Client connections open now.",
-                      "# TYPE funnelrank_connections_open gauge",
-                      f"funnelrank_connections_open {self.connections_open}",
-                      "# HELP funnelrank_requests_in_flight Requests begun and not yet answered (this one included).",
-                      "# TYPE funnelrank_requests_in_flight gauge",
-                      f"funnelrank_requests_in_flight {self.requests_in_flight}",
-                      "# HELP funnelrank_connections_closed_total Connections the server closed, by reason.",
-                      "# TYPE funnelrank_connections_closed_total counter"]
-            lines += [f'funnelrank_connections_closed_total{{reason="{r}"}} {n}'
-                      for r, n in sorted(self.connections_closed.items())]
-        lines += ["# HELP funnelrank_model_info The served bundle.", "# TYPE funnelrank_model_info gauge",
-                  f'funnelrank_model_info{{version="{scorer.version}",bundle_sha256="{scorer.bundle.sha256}"}} 1']
-        return "\n".join(lines) + "\n"
-
-
-class RankingService:
-    """The served scorer (one reference, swapped whole on reload), limits and metrics."""
-
-    def __init__(self, bundle_path: Path, threads: int = 1, scoring: dict | None = None,
-                 token: str | None = None) -> None:
-        """``scoring``: ScoringLimits fields over the bundle's own; ``token``: the
-        admin token (None: the HTTP reload route is off)."""
-        self.bundle_path = Path(bundle_path)
-        self.threads = threads
-        self.scorer = Scorer(load_bundle(self.bundle_path), intra_op_threads=threads)
-        self.limits = dataclasses.replace(self.scorer.spec.scoring, **(scoring or {}))
-        self.admin_token = token
-        self.metrics = Metrics()
-        self._reload_lock = threading.Lock()
-
-    def reload(self) -> str:
-        """Load the bundle folder again and swap it in; the version served afterwards."""
-        with self._reload_lock:
-            try:
-                fresh = Scorer(load_bundle(self.bundle_path), intra_op_threads=self.threads)
-            except Exception as err:  # noqa: BLE001 - whatever breaks the new bundle, the old one keeps serving
-                self.metrics.reloaded("error")
-                reason = str(err) if isinstance(err, BundleError) else f"{type(err).__name__}: {err}"
-                raise RequestError(500, f"reload failed, still serving {self.scorer.version}: {reason}") from None
-            self.scorer = fresh  # one reference assignment: atomic for the request threads
-            self.metrics.reloaded("ok")
-            return fresh.version
-
-
-@dataclass
-class _Pending:
-    scorer: Scorer
-    feeds: dict[str, np.ndarray]
-    rows: int
-    done: asyncio.Future = field(repr=False)
-
-
-class MicroBatcher:
-    """Coalesces the rank requests waiting while onnxruntime is busy into one call.
-
-    Requests queue up while a batch runs in the worker thread; the next batch takes all of
-    them (up to MAX_BATCH_ROWS rows), so batches grow with the load and a lone request
-    runs at once. Requests of different scorers (during a reload) are run separately.
-    """
-
-    def __init__(self, metrics: Metrics) -> None:
-        self.metrics = metrics
-        self.queue: asyncio.Queue[_Pending] = asyncio.Queue()
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="funnelrank-model")
-        self.task: asyncio.Task | None = None
-
-    def start(self) -> None:
-        self.task = asyncio.get_running_loop().create_task(self._work())
-
-    async def run(self, scorer: Scorer, feeds: dict[str, np.ndarray], rows: int) -> tuple[np.ndarray, ...]:
-        pending = _Pending(scorer, feeds, rows, asyncio.get_running_loop().create_future())
-        self.queue.put_nowait(pending)
-        return await pending.done
-
-    async def _work(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = [await self.queue.get()]
-            rows = batch[0].rows
-            while not self.queue.empty() and rows < MAX_BATCH_ROWS:
-                batch.append(self.queue.get_nowait())
-                rows += batch[-1].rows
-            for scorer in {id(p.scorer): p.scorer for p in batch}.values():
-                group = [p for p in batch if p.scorer is scorer]
-                self.metrics.batched(len(group))
-                try:
-                    feeds = group[0].feeds if len(group) == 1 else merge_feeds([p.feeds for p in group])
-                    outputs = await loop.run_in_executor(self.executor, scorer.run, feeds, sum(p.rows for p in group))
-                except Exception as err:  # noqa: BLE001 - fail these requests, keep serving
-                    for p in group:
-                        if not p.done.done():
-                            p.done.set_exception(err)
-                    continue
-                start = 0
-                for p in group:
-                    if not p.done.done():  # a cancelled request (server stopping) takes no result
-                        p.done.set_result(tuple(o[start : start + p.rows] for o in outputs))
-                    start += p.rows
-
-    def close(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-        self.executor.shutdown(wait=False, cancel_futures=True)
 
 
 @dataclass

@@ -169,8 +169,8 @@ def _same_ranking(got: list[dict], want: list[dict]) -> None:
 def test_micro_batcher_scores_coalesced_requests_as_one_call(bundles):
     """Requests queued while the model is busy run as one onnxruntime call and each gets
     its own rows back, equal to scoring it alone."""
-    from serving.http import Metrics, MicroBatcher
     from serving.scorer import Scorer, ranked
+    from serving.service import Metrics, MicroBatcher
 
     _, a, _, users, items = bundles
     scorer = Scorer(load_bundle(a))
@@ -219,7 +219,7 @@ def test_rank_response_is_the_ranking_as_json():
     precision, for awkward item ids; non-finite scores are an error, not invalid JSON."""
     import numpy as np
 
-    from serving.http import RequestError, rank_response
+    from serving.rank_api import RequestError, rank_response
     from serving.scorer import ranked
 
     rng = np.random.default_rng(0)

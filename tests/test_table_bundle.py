@@ -26,8 +26,9 @@ from pipeline.config import parse_config
 from pipeline.export_stage import export_run
 from pipeline.train_stage import train_run
 from serving.bundle import BundleError, load_bundle
-from serving.http import HttpServer, RankingService
+from serving.http import HttpServer
 from serving.scorer import BatchOnlyError, Scorer
+from serving.service import RankingService
 
 ROWS = {"train": 3000, "val": 600, "test": 700}
 PRICE_BOUNDARIES = [5.0, 10.0, 20.0, 40.0]
