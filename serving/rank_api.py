@@ -17,7 +17,7 @@ from json.encoder import encode_basestring_ascii
 
 import numpy as np
 
-from serving.scorer import SCORE
+from serving.scorer import ranking_order
 from serving.spec import ScoringLimits
 
 INT64_RANGE = (-(1 << 63), (1 << 63) - 1)
@@ -104,7 +104,7 @@ def rank_response(model_version: str, item_ids: list[str], names: tuple[str, ...
     to float64 takes 17 digits. A non-finite output is an error, never invalid JSON."""
     if not all(np.isfinite(o).all() for o in outputs):
         raise RequestError(500, f"model {model_version} returned non-finite scores")
-    order = np.argsort(-outputs[names.index(SCORE)], kind="stable")
+    order = ranking_order(names, outputs)
     template = _item_template(names)
     ids = [encode_basestring_ascii(item_ids[k]) for k in order.tolist()]
     items = ",".join([template % row for row in zip(ids, *(o[order].tolist() for o in outputs))])

@@ -159,10 +159,16 @@ def _load_model(bundle: Bundle, options: ort.SessionOptions, outputs: list[str])
     return session
 
 
+def ranking_order(names: tuple[str, ...], outputs: tuple[np.ndarray, ...]) -> np.ndarray:
+    """The candidates' rows by score descending, ties in the request's order (``names``: the
+    outputs' names, one of them ``score``)."""
+    return np.argsort(-outputs[names.index(SCORE)], kind="stable")
+
+
 def ranked(item_ids: list[str], names: tuple[str, ...], outputs: tuple[np.ndarray, ...]) -> list[dict]:
-    """Candidates with their predictions (``names``: their keys, one of them ``score``), by
-    score descending (ties keep the request's order)."""
-    order = np.argsort(-outputs[names.index(SCORE)], kind="stable")
+    """Candidates with their predictions (``names``: their keys, one of them ``score``), in
+    ranking_order."""
+    order = ranking_order(names, outputs)
     rows = [{"item_id": item_ids[k]} for k in order.tolist()]
     for name, values in zip(names, outputs):  # a column at a time: ~2x faster than dict(zip(...)) per row
         for row, value in zip(rows, values[order].tolist()):
