@@ -207,7 +207,7 @@ def main() -> None:
         t3 = time.thread_time()
         rank_response(scorer.version, item_ids, scorer.result_names, outputs)
         t4 = time.thread_time()
-        for name, a, b in zip(phases, (t0, t1, t2, t3), (t1, t2, t3, t4)):
+        for name, a, b in zip(phases, (t0, t1, t2, t3), (t1, t2, t3, t4), strict=True):
             phases[name].append((b - a) * 1000)
     # CPU time (not wall time): what each phase costs, whatever else shares the cores.
     print("  CPU time per phase of one HTTP request's work (in-process, p50): "

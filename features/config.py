@@ -154,7 +154,7 @@ class SparseFeature(_Section):
         b = self.boundaries
         if not b:
             raise ValueError(f"feature {self.name!r}: kind = 'bucket' needs boundaries (ascending cut points)")
-        if any(x >= y for x, y in zip(b, b[1:])):  # finite already: _Section refuses inf and nan
+        if any(x >= y for x, y in zip(b, b[1:], strict=False)):  # finite already: _Section refuses inf and nan
             raise ValueError(f"feature {self.name!r}: boundaries must be strictly ascending, got {b}")
         return self
 
@@ -367,7 +367,7 @@ class TableSourceConfig(_Section):
             if any(f is not None for f in files) or self.split_column is None:
                 raise ValueError("give either train/val/test files, or path and split_column")
         elif any(f is None for f in files):
-            missing = [n for n, f in zip(("train", "val", "test"), files) if f is None]
+            missing = [n for n, f in zip(("train", "val", "test"), files, strict=True) if f is None]
             raise ValueError(f"missing {', '.join(missing)}: give train, val and test files (or path and split_column)")
         return self
 

@@ -72,7 +72,13 @@ from features.config import DataConfig, SparseFeature
 from features.contract import SNAPSHOT_TABLES, day_str
 from features.daily_counters import stale_daily_aggregates
 from features.errors import DataContractError, StageError
-from features.io import atomic_dir, changed_folders, record_sha256, recorded_sha256, sha256_dir
+from features.io import (
+    atomic_dir,
+    changed_folders,
+    record_sha256,
+    recorded_sha256,
+    sha256_dir,
+)
 from features.labels import build_labels
 from features.rolling_state import RollingState, rolling_state, state_features
 from features.sequences import SequenceState, sequence_columns, sequence_state

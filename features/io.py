@@ -20,7 +20,6 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-
 TEMPORARY_PREFIXES = (".tmp-", ".old-")  # + "<name>-<pid>": a write in progress, a replaced folder
 
 

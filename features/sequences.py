@@ -66,8 +66,19 @@ from features.catalog import (
 from features.config import DataConfig, SequenceFeature
 from features.contract import day_str, in_day
 from features.errors import DataContractError, StageError
-from features.io import atomic_dir, atomic_write_json, record_sha256, recorded_sha256, sha256_dir
-from features.labels import DayActivity, activity_days, activity_partitions, day_activity
+from features.io import (
+    atomic_dir,
+    atomic_write_json,
+    record_sha256,
+    recorded_sha256,
+    sha256_dir,
+)
+from features.labels import (
+    DayActivity,
+    activity_days,
+    activity_partitions,
+    day_activity,
+)
 from features.snapshots import SNAPSHOT_JOIN_KEY, JoinedRows
 from features.vocab import load_vocabulary
 from serving.spec import sequence_age_column, sequence_column

@@ -318,7 +318,6 @@ def _logits_without_intercept(
     world: World, rng: np.random.Generator, user: np.ndarray, item: np.ndarray, device: np.ndarray, slot: np.ndarray
 ) -> np.ndarray:
     """(n, 2) hidden logits (click, conversion-given-click) before the intercepts."""
-    n = len(user)
     dim = world.user_factors.shape[1]
     # Products of the factors: the latent match is their mean, and a block of the MMoE x
     # (times 1.0 by default, which is exact: the default world is unchanged).

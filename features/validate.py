@@ -210,7 +210,7 @@ def _check_all_tables(
         valid = frame.filter(pl.col(REASON).is_null()).drop(REASON)
         quarantined = frame.filter(pl.col(REASON).is_not_null())
         counts = quarantined.get_column(REASON).value_counts()
-        reasons = dict(sorted(zip(counts[REASON].to_list(), counts["count"].to_list()), key=lambda rc: (-rc[1], rc[0])))
+        reasons = dict(sorted(zip(counts[REASON].to_list(), counts["count"].to_list(), strict=True), key=lambda rc: (-rc[1], rc[0])))
         # Every input row must land in exactly one output.
         if valid.height + quarantined.height != frame.height or sum(reasons.values()) != quarantined.height:
             raise StageError(

@@ -39,7 +39,13 @@ from features.config import SparseFeature
 from features.errors import StageError
 from features.io import atomic_write_bytes, atomic_write_json, sha256_file
 from features.snapshots import CodedColumn
-from serving.encoding import as_strings, bucket_ids, encode_ids, encode_list_ids, list_elements
+from serving.encoding import (
+    as_strings,
+    bucket_ids,
+    encode_ids,
+    encode_list_ids,
+    list_elements,
+)
 
 VOCAB_SCHEMA = pa.schema([("key", pa.large_string()), ("index", pa.int64()), ("count", pa.int64())])
 

@@ -123,7 +123,7 @@ def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
 
 def _region(offsets: Sequence[int], sizes: Sequence[int]) -> tuple[slice, ...]:
     """The index of a shard inside its whole tensor."""
-    return tuple(slice(o, o + n) for o, n in zip(offsets, sizes))
+    return tuple(slice(o, o + n) for o, n in zip(offsets, sizes, strict=True))
 
 
 def gather_whole(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -76,7 +76,7 @@ class OnnxRanker(nn.Module):
 
     def forward(self, dense: torch.Tensor, sparse: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         pooled = []
-        for table, kind, mean, ids in zip(self.tables, self.kinds, self.means, sparse):
+        for table, kind, mean, ids in zip(self.tables, self.kinds, self.means, sparse, strict=True):
             if kind != "list":  # one id per row: id, bucket
                 pooled.append(table(ids))
                 continue
@@ -156,7 +156,7 @@ def check_parity(
     for batch in batches:
         out = model(batch.dense, batch.sparse)
         want = {f"p_{view}": p.numpy() for view, p in out.probs.items()} | {SCORE: blend(out.probs, tasks).numpy()}
-        got = dict(zip(names, session.run(names, onnx_inputs(batch, spec))))
+        got = dict(zip(names, session.run(names, onnx_inputs(batch, spec)), strict=True))
         for name in names:
             for runtime, values in (("PyTorch", want[name]), ("onnxruntime", got[name])):
                 not_finite[name, runtime] += int(np.count_nonzero(~np.isfinite(values)))

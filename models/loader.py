@@ -204,7 +204,7 @@ def _take(block: _Block, rows: np.ndarray | slice) -> _Block:
         offsets = [o[rows.start : rows.stop + 1] for o in block.list_offsets]
         values = block.list_values
     else:
-        gathered = [_gather_list(o, v, rows) for o, v in zip(block.list_offsets, block.list_values)]
+        gathered = [_gather_list(o, v, rows) for o, v in zip(block.list_offsets, block.list_values, strict=True)]
         offsets = [o for o, _ in gathered]
         values = [v for _, v in gathered]
 
@@ -223,7 +223,7 @@ def _take(block: _Block, rows: np.ndarray | slice) -> _Block:
 
 def _list_parts(block: _Block) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per list feature: (lengths, values) of exactly the block's rows."""
-    return [(np.diff(o), v[o[0] : o[-1]]) for o, v in zip(block.list_offsets, block.list_values)]
+    return [(np.diff(o), v[o[0] : o[-1]]) for o, v in zip(block.list_offsets, block.list_values, strict=True)]
 
 
 def _list_parts_of(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
@@ -442,8 +442,8 @@ class TrainingTableLoader:
             yield self._batch(carry)
 
     def _batch(self, block: _Block) -> Batch:
-        lists = dict(zip(self._list_features, _list_parts(block)))
-        ids = dict(zip(self._id_features, block.ids.T))  # key-major rows
+        lists = dict(zip(self._list_features, _list_parts(block), strict=True))
+        ids = dict(zip(self._id_features, block.ids.T, strict=True))  # key-major rows
         n = len(block)
         ones = np.ones(n, dtype=np.int64)
         values = [ids[k] if k in ids else lists[k][1] for k in self.keys]

@@ -76,7 +76,7 @@ class LossWeighting(nn.Module):
     def weights(self) -> dict[str, float]:
         """Current effective weight per task (for logging)."""
         w = self.fixed if self.log_vars is None else torch.exp(-self.log_vars.detach())
-        return {t: float(v) for t, v in zip(self.names, w)}
+        return {t: float(v) for t, v in zip(self.names, w, strict=True)}
 
 
 def training_loss(

@@ -84,7 +84,7 @@ def dense_stats(files: Sequence[Path], names: Sequence[str]) -> tuple[np.ndarray
         total += x.sum(0)
         total_sq += (x * x).sum(0)
     if not n.all():
-        empty = [c for c, k in zip(names, n) if k == 0]
+        empty = [c for c, k in zip(names, n, strict=True) if k == 0]
         raise StageError(f"dense columns {empty} have no values in {[str(f) for f in files]}")
     mean = total / np.maximum(n, 1)
     std = np.sqrt(np.maximum(total_sq / np.maximum(n, 1) - mean**2, 0.0))

@@ -80,7 +80,7 @@ def gather_predictions(pred: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     everyone: list = [None] * world_size()
     dist.all_gather_object(everyone, pred)
     rows = np.array([len(p["user"]) for p in everyone], dtype=np.float64)
-    return {k: (sum(p[k] * n for p, n in zip(everyone, rows)) / rows.sum() if k.startswith("gate_")
+    return {k: (sum(p[k] * n for p, n in zip(everyone, rows, strict=True)) / rows.sum() if k.startswith("gate_")
                 else np.concatenate([p[k] for p in everyone])) for k in pred}
 
 

@@ -80,7 +80,10 @@ def to_toml(tree: Mapping, prefix: str = "") -> str:
     return "\n".join(lines).strip("\n") + "\n"
 
 
-def git_commit(repo: Path = Path(__file__).resolve().parent.parent) -> str | None:
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+
+def git_commit(repo: Path = REPOSITORY) -> str | None:
     try:
         done = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
@@ -179,7 +182,7 @@ def plot_roc(curves: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> plt.Figure:
 def plot_reliability(curves: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> plt.Figure:
     """Reliability diagram per task (mean prediction vs observed rate per bin)."""
     fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 4), squeeze=False)
-    for ax, (task, (labels, probs)) in zip(axes[0], curves.items()):
+    for ax, (task, (labels, probs)) in zip(axes[0], curves.items(), strict=True):
         mean_p, observed, _ = reliability_curve(labels, probs)
         top = max(float(np.nanmax(np.r_[mean_p, observed, 1e-3])), 1e-3)
         ax.plot([0, top], [0, top], color="grey", linestyle=":")

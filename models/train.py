@@ -374,7 +374,7 @@ class Trainer:
         self.check_finite(unchecked, epoch, self.train_steps)
         totals = reduce_values([rows, *(float(v) for v in sums.values())], self.device)  # over all ranks
         return {"train/samples_per_s": totals[0] / (time.perf_counter() - started),
-                **{f"train/loss_{k}": v / totals[0] for k, v in zip(sums, totals[1:])}}
+                **{f"train/loss_{k}": v / totals[0] for k, v in zip(sums, totals[1:], strict=True)}}
 
     def step(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
         """One optimisation step on ``batch`` (the run's ``step``-th); its loss parts."""
@@ -499,7 +499,7 @@ def _steps_per_epoch(train: TrainingTableLoader, val: TrainingTableLoader, devic
     """Training and validation steps every rank takes: the most batches any rank's shard has."""
     most = reduce_values([len(train), len(val)], device, dist.ReduceOp.MAX)
     fewest = reduce_values([len(train), len(val)], device, dist.ReduceOp.MIN)
-    for (name, loader), n in zip((("training", train), ("validation", val)), fewest):
+    for (name, loader), n in zip((("training", train), ("validation", val)), fewest, strict=True):
         if n == 0:
             raise StageError(f"the {name} table {[str(f) for f in loader.files]} has fewer rows than the "
                              f"{world_size()} ranks of this job: every rank needs one")

@@ -80,7 +80,7 @@ def plot_trends(runs: Sequence, metrics: Sequence[str]):
 
     labels = [r.data.tags.get("run_date") or r.info.run_name for r in runs]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.5), squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
+    for ax, metric in zip(axes[0], metrics, strict=True):
         values = [r.data.metrics.get(f"best/{metric}", float("nan")) for r in runs]
         # 95% interval of each value where its standard error is logged (AUCs); none otherwise
         spread = [1.96 * r.data.metrics.get(f"best/{metric}_se", 0.0) for r in runs]

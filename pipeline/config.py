@@ -66,7 +66,7 @@ class PromoteConfig(_Section):
     calibration_max: float = Field(1.25, gt=0.0)
 
     @model_validator(mode="after")
-    def _bounds_ordered(self) -> "PromoteConfig":
+    def _bounds_ordered(self) -> PromoteConfig:
         if self.calibration_min >= self.calibration_max:
             raise ValueError(f"calibration_min ({self.calibration_min}) must be below calibration_max ({self.calibration_max})")
         return self

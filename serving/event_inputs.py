@@ -32,7 +32,15 @@ import pyarrow as pa
 
 from serving.bundle import Bundle
 from serving.encoding import KeyIndex, finite_numeric_values, join_key_columns
-from serving.joins import AggregateTable, CodedKey, LazyColumns, SnapshotTable, cells, column_positions, expand
+from serving.joins import (
+    AggregateTable,
+    CodedKey,
+    LazyColumns,
+    SnapshotTable,
+    cells,
+    column_positions,
+    expand,
+)
 from serving.spec import AggregateInput, AggregateKeySpec, BundleSpec, NumericInput
 
 REQUIRED_COLUMNS = ("user_id", "item_id")  # of an events bundle's rows
@@ -113,7 +121,7 @@ class EventInputs:
                 self.key_aggregates[table].append((aggregate, positions))
             elif "context" not in sources:
                 parts = []
-                for c, source in zip(key.columns, sources):
+                for c, source in zip(key.columns, sources, strict=True):
                     if source == "snapshot-key":
                         table = self.key_snapshot[c]
                         snapshot = self.snapshots[table]

@@ -54,7 +54,7 @@ class SnapshotTable:
         self.index = KeyIndex(keys)  # vectorised lookup for batches
         # Request path: one dict lookup per candidate beats hashing 200 strings in numpy
         # (~15 us vs ~300 us); memory ~100 bytes per key.
-        self.row_of: dict[str, int] = dict(zip(as_strings(keys).to_pylist(), range(len(keys))))
+        self.row_of: dict[str, int] = dict(zip(as_strings(keys).to_pylist(), range(len(keys)), strict=True))
         self.n = table.num_rows
         self.ids: dict[str, np.ndarray] = {}
         self.lists: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # name -> (padded [n+1, L], lengths [n+1])
@@ -146,7 +146,7 @@ class CodedKey:
         """The aggregate row of each request row; default_row when absent; -1 when a part is unknown."""
         composite = 0
         known = True
-        for table, codes, radix in zip(self.tables, self.codes, self.radix):
+        for table, codes, radix in zip(self.tables, self.codes, self.radix, strict=True):
             code = codes[snapshot_rows[table]]
             known = known & (code >= 0)
             composite = composite + np.maximum(code, 0) * radix

@@ -107,5 +107,5 @@ def rank_response(model_version: str, item_ids: list[str], names: tuple[str, ...
     order = ranking_order(names, outputs)
     template = _item_template(names)
     ids = [encode_basestring_ascii(item_ids[k]) for k in order.tolist()]
-    items = ",".join([template % row for row in zip(ids, *(o[order].tolist() for o in outputs))])
+    items = ",".join([template % row for row in zip(ids, *(o[order].tolist() for o in outputs), strict=True)])
     return b'{"model_version":%s,"items":[%s]}' % (encode_basestring_ascii(model_version).encode(), items.encode())

@@ -79,7 +79,7 @@ class Scorer:
                   for a in range(0, n, ONNX_CHUNK_ROWS)]
         if len(slices) == 1:
             return tuple(slices[0])
-        return tuple(np.concatenate(parts) for parts in zip(*slices))
+        return tuple(np.concatenate(parts) for parts in zip(*slices, strict=True))
 
     def score_table(self, table: pa.Table, workers: int = 1) -> pa.Table:
         """``table`` with ``result_names`` appended: p_<task> per task (the default funnel:
@@ -102,8 +102,8 @@ class Scorer:
 
             with ThreadPoolExecutor(workers) as pool:
                 parts = list(pool.map(score_chunk, range(0, n, BATCH_CHUNK_ROWS)))
-            outputs = tuple(np.concatenate(values) for values in zip(*parts))
-        for name, values in zip(self.result_names, outputs):
+            outputs = tuple(np.concatenate(values) for values in zip(*parts, strict=True))
+        for name, values in zip(self.result_names, outputs, strict=True):
             table = table.append_column(name, pa.array(values, pa.float32()))
         return table
 
@@ -170,8 +170,8 @@ def ranked(item_ids: list[str], names: tuple[str, ...], outputs: tuple[np.ndarra
     ranking_order."""
     order = ranking_order(names, outputs)
     rows = [{"item_id": item_ids[k]} for k in order.tolist()]
-    for name, values in zip(names, outputs):  # a column at a time: ~2x faster than dict(zip(...)) per row
-        for row, value in zip(rows, values[order].tolist()):
+    for name, values in zip(names, outputs, strict=True):  # a column at a time: ~2x faster than dict(zip(...)) per row
+        for row, value in zip(rows, values[order].tolist(), strict=True):
             row[name] = value
     return rows
 

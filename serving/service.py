@@ -76,7 +76,7 @@ class Metrics:
                       "# TYPE funnelrank_request_duration_seconds histogram"]
             for route, counts in sorted(self.buckets.items()):
                 total = 0
-                for bound, n in zip((*LATENCY_BUCKETS, "+Inf"), counts):
+                for bound, n in zip((*LATENCY_BUCKETS, "+Inf"), counts, strict=True):
                     total += n
                     lines.append(f'funnelrank_request_duration_seconds_bucket{{route="{route}",le="{bound}"}} {total}')
                 lines.append(f'funnelrank_request_duration_seconds_sum{{route="{route}"}} {self.latency_sum[route]:.6f}')

@@ -176,7 +176,7 @@ def test_the_same_sample_as_a_feature_table_trains_the_funnel_by_config_alone(tm
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     table_config = ROOT / "configs" / "aliccp_table.toml"
-    paths = {s: str(DATA / name) for s, name in zip(("train", "val", "test"), ALICCP_SAMPLES)}
+    paths = {s: str(DATA / name) for s, name in zip(("train", "val", "test"), ALICCP_SAMPLES, strict=True)}
     cfg = load_config(table_config, {"warehouse": str(tmp_path / "warehouse"), "state_dir": str(tmp_path / "state"),
                                      "table": paths, "train": {"epochs": 1}})
     prepared = prepare_table(cfg, cfg.warehouse)

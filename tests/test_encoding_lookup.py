@@ -9,7 +9,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from serving.encoding import KeyIndex, bucket_ids, encode_ids, list_elements, per_distinct, vocab_encoder
+from serving.encoding import (
+    KeyIndex,
+    bucket_ids,
+    encode_ids,
+    list_elements,
+    per_distinct,
+    vocab_encoder,
+)
 
 
 def _random_values(rng: np.random.Generator, keys: list[str], n: int) -> pa.Array:

@@ -30,7 +30,11 @@ from features.catalog import (
 from features.contract import TS
 from features.daily_counters import build_daily_aggregates
 from features.errors import DataContractError
-from features.examples import build_training_table, stale_training_tables, training_schema
+from features.examples import (
+    build_training_table,
+    stale_training_tables,
+    training_schema,
+)
 from features.io import atomic_write_json, write_parquet_dir
 from features.synthetic import generate_logs
 from models.tracking import to_toml

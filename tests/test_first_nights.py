@@ -57,7 +57,7 @@ def test_first_nights_then_a_second_warehouse_and_another_tracking_store(tmp_pat
 
     assert main(["nightly", "--config", str(config), "--start", str(DAYS[0]), "--end", str(DAYS[4])]) == 0
     out = capsys.readouterr().out
-    for night, have in zip(DAYS[:4], (0, 0, 1, 2)):
+    for night, have in zip(DAYS[:4], (0, 0, 1, 2), strict=True):
         lines = _lines(out, night)
         assert f"{have} mature day(s) of data so far" in lines["train"] and "training needs 3" in lines["train"]
         assert lines["train"].split()[2] == "skipped"

@@ -189,7 +189,7 @@ def test_micro_batcher_scores_coalesced_requests_as_one_call(bundles):
 
     outputs, metrics = asyncio.run(score_all())
     assert (metrics.model_calls, metrics.model_requests) == (1, len(requests))
-    for request, (ids, _), out in zip(requests, prepared, outputs):
+    for request, (ids, _), out in zip(requests, prepared, outputs, strict=True):
         assert len(out[0]) == len(ids)
         _same_ranking(ranked(ids, scorer.result_names, out), scorer.score(request))
 
@@ -207,7 +207,7 @@ def test_concurrent_http_requests_match_the_in_process_scorer(server, bundles):
 
     with ThreadPoolExecutor(10) as pool:
         results = list(pool.map(post, requests))
-    for request, (status, data) in zip(requests, results):
+    for request, (status, data) in zip(requests, results, strict=True):
         assert status == 200, data
         _same_ranking(json.loads(data)["items"], scorer.score(request))
     metrics = call(port, "GET", "/metrics")[1].decode()
@@ -233,7 +233,7 @@ def test_rank_response_is_the_ranking_as_json():
     want = ranked(ids, names, (p_click, p_ctcvr, score))
     assert got["model_version"] == "abc123"
     assert [r["item_id"] for r in got["items"]] == [r["item_id"] for r in want]
-    for g, w in zip(got["items"], want):
+    for g, w in zip(got["items"], want, strict=True):
         for name in ("p_click", "p_conversion", "score"):
             assert np.float32(g[name]) == np.float32(w[name])  # the same float32 reads back
     score[2] = np.nan

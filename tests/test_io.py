@@ -11,8 +11,15 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from features.io import (SHA256_XATTR, atomic_dir, atomic_write_json, recorded_sha256, sha256_dir, sha256_file,
-                         write_parquet_dir)
+from features.io import (
+    SHA256_XATTR,
+    atomic_dir,
+    atomic_write_json,
+    recorded_sha256,
+    sha256_dir,
+    sha256_file,
+    write_parquet_dir,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 

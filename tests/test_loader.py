@@ -28,7 +28,7 @@ def table_files(tmp_path: Path) -> tuple[list[Path], pa.Table]:
     """Two files (250 rows in row groups of 37, 180 rows in row groups of 50)."""
     parts = [synthetic_training_table(SPEC, 250, seed=1, users=30), synthetic_training_table(SPEC, 180, seed=2, users=30)]
     paths = []
-    for i, (part, group_rows) in enumerate(zip(parts, (37, 50))):
+    for i, (part, group_rows) in enumerate(zip(parts, (37, 50), strict=True)):
         path = tmp_path / f"part-{i}.parquet"
         pq.write_table(part, path, row_group_size=group_rows)
         paths.append(path)

@@ -8,8 +8,19 @@ import numpy as np
 import pytest
 
 from features.config import TaskConfig, task_views
-from models.metrics import (auc, auc_difference_standard_error, auc_standard_error, calibration, ece, gauc, logloss,
-                            reliability_curve, roc_curve, view_auc_difference_standard_errors, view_metrics)
+from models.metrics import (
+    auc,
+    auc_difference_standard_error,
+    auc_standard_error,
+    calibration,
+    ece,
+    gauc,
+    logloss,
+    reliability_curve,
+    roc_curve,
+    view_auc_difference_standard_errors,
+    view_metrics,
+)
 
 
 def _pairwise_auc(labels: np.ndarray, scores: np.ndarray) -> float:

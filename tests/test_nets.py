@@ -167,7 +167,7 @@ def test_independent_tasks_each_learn_their_own_label_on_every_row() -> None:
                         np.zeros(2, np.float32), np.ones(2, np.float32)).backbone
     nets = [list(n.parameters()) for n in soft.nets.values()]
     pairs = [(0, 1), (0, 2), (1, 2)]
-    expected = sum(((p - q) ** 2).sum() for i, j in pairs for p, q in zip(nets[i], nets[j]))
+    expected = sum(((p - q) ** 2).sum() for i, j in pairs for p, q in zip(nets[i], nets[j], strict=True))
     torch.testing.assert_close(soft.penalty(), expected)
 
 

@@ -97,7 +97,7 @@ def test_cgc_layer_matches_the_per_task_mixture() -> None:
     task_inputs, shared_input = [torch.randn(B, IN_DIM) for _ in range(3)], torch.randn(B, IN_DIM)
     mixed, shared_next, gates = layer(task_inputs, shared_input)
     shared_out = [e(shared_input) for e in layer.shared_experts]
-    own_out = [[e(x) for e in experts] for experts, x in zip(layer.task_experts, task_inputs)]
+    own_out = [[e(x) for e in experts] for experts, x in zip(layer.task_experts, task_inputs, strict=True)]
     for t, x in enumerate(task_inputs):
         w = torch.softmax(layer.task_gates[t](x), -1)  # own experts first, then the shared ones
         expected = sum(w[:, [k]] * out for k, out in enumerate(own_out[t] + shared_out))

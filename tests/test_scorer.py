@@ -111,7 +111,7 @@ def test_score_is_sorted_and_equals_score_table(setup):
     table = scorer.score_table(pa.table({"user_id": [str(users[3])] * len(candidates), "item_id": candidates,
                                          "device": ["ios"] * len(candidates), "slot": [2] * len(candidates)}))
     by_item = {r["item_id"]: r for r in ranked}
-    for item, p_click, p_conv, score in zip(*(table.column(c).to_pylist() for c in ("item_id", "p_click", "p_conversion", "score"))):
+    for item, p_click, p_conv, score in zip(*(table.column(c).to_pylist() for c in ("item_id", "p_click", "p_conversion", "score")), strict=True):
         assert (by_item[item]["p_click"], by_item[item]["p_conversion"], by_item[item]["score"]) == (p_click, p_conv, score)
         assert score == pytest.approx(p_click * p_conv, rel=1e-5)  # exponents 1, 1
     # the context matters: another slot changes the scores

@@ -20,15 +20,30 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from test_config import demo_dict
-from test_examples import CONFIG, CONVERSIONS, EVENTS, IMPRESSIONS, ITEMS, USERS, at, write
+from test_examples import (
+    CONFIG,
+    CONVERSIONS,
+    EVENTS,
+    IMPRESSIONS,
+    ITEMS,
+    USERS,
+    at,
+    write,
+)
 from test_examples import build_warehouse as build_examples_warehouse
 
 import features.daily_counters
 import features.examples
 import features.sequences
-from features.catalog import DATA_FILE, daily_dir, sequence_state_dir, sequence_state_root, training_dir, validated_dir
+from features.catalog import (
+    DATA_FILE,
+    daily_dir,
+    sequence_state_dir,
+    sequence_state_root,
+    training_dir,
+    validated_dir,
+)
 from features.config import SequenceFeature
-from features.contract import TS
 from features.daily_counters import build_daily_aggregates
 from features.examples import build_training_table, mature_day
 from features.io import write_parquet_dir

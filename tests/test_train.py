@@ -242,7 +242,7 @@ def test_cosine_schedule_decays_the_dense_rate_and_depends_on_the_step_only():
     assert {dense_learning_rate(constant, s, 100) for s in (0, 50, 99)} == {0.02}
     rates = [dense_learning_rate(cosine, s, 100) for s in range(100)]
     assert rates[0] == 0.02 and rates[50] == pytest.approx(0.01) and 0 < rates[-1] < 1e-4
-    assert all(a > b for a, b in zip(rates, rates[1:]))  # strictly decreasing: a resumed run picks up at its step
+    assert all(a > b for a, b in zip(rates, rates[1:], strict=False))  # strictly decreasing: a resumed run picks up at its step
 
 
 def test_a_learning_rate_that_diverges_stops_at_the_step_naming_the_task(tmp_path, warehouse) -> None:
