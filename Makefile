@@ -1,6 +1,7 @@
 # funnelrank: set-up and the two everyday commands.
 #   make demo   set everything up and run the nightly demo on synthetic data
-#   make test   set everything up and run the test suite
+#   make test   set everything up, lint, and run the test suite
+#   make lint   ruff: lint rules and formatting
 # Everything installs into a project-local virtualenv (.venv) from constraints.txt,
 # the set of versions seen working together; a fresh machine gets the same set.
 
@@ -14,7 +15,7 @@ PIP    := $(BIN)/pip install -q --disable-pip-version-check -c constraints.txt
 # this machine's pip config lists local wheel folders, some absent: drop that noise
 QUIET  := 2>&1 | { grep -v 'is ignored: it is neither' || true; }
 
-.PHONY: venv demo test clean
+.PHONY: venv demo lint test clean
 
 venv: $(VENV)/.installed
 
@@ -32,7 +33,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt third_party/fbgemm-gpu-placeh
 demo: venv
 	$(BIN)/funnelrank demo --config $(CONFIG)
 
-test: venv
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -37,8 +37,17 @@ from benchmarks.common import in_child, peak_rss_mib
 BACKBONES = ("single_task", "shared_bottom", "mmoe", "ple")
 
 
-def _run(config: Path, backbone: str, seed: int, epochs: int, batch_size: int, workdir: str, table: dict, sparse: list[dict],
-         out) -> None:
+def _run(
+    config: Path,
+    backbone: str,
+    seed: int,
+    epochs: int,
+    batch_size: int,
+    workdir: str,
+    table: dict,
+    sparse: list[dict],
+    out,
+) -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -51,19 +60,41 @@ def _run(config: Path, backbone: str, seed: int, epochs: int, batch_size: int, w
     from pipeline.train_stage import train_run
 
     started = time.perf_counter()
-    cfg = load_config(config, {"seed": seed, "warehouse": f"{workdir}/warehouse", "state_dir": f"{workdir}/state-{backbone}-{seed}",
-                               "model": {"backbone": backbone}, "train": {"epochs": epochs, "batch_size": batch_size},
-                               "table": table, "features": {"sparse": sparse}})
+    cfg = load_config(
+        config,
+        {
+            "seed": seed,
+            "warehouse": f"{workdir}/warehouse",
+            "state_dir": f"{workdir}/state-{backbone}-{seed}",
+            "model": {"backbone": backbone},
+            "train": {"epochs": epochs, "batch_size": batch_size},
+            "table": table,
+            "features": {"sparse": sparse},
+        },
+    )
     result = train_run(cfg, cfg.warehouse, None, progress=False)
     _, test_files = evaluation_table(cfg, cfg.warehouse, None)
-    test = TrainingTableLoader(test_files, cfg.features.sparse, cfg.features.dense_names(), 8192, shuffle=False, seed=0,
-                               labels=cfg.label_columns)
+    test = TrainingTableLoader(
+        test_files,
+        cfg.features.sparse,
+        cfg.features.dense_names(),
+        8192,
+        shuffle=False,
+        seed=0,
+        labels=cfg.label_columns,
+    )
     metrics = validation_metrics(cfg, predict(result.model, test, torch.device("cpu")))
-    out.put({"test": {view: metrics[f"{view}_auc"] for view in cfg.views()},
-             "test_se": {view: metrics[f"{view}_auc_se"] for view in cfg.views()},
-             "samples_per_s": statistics.mean(h["train/samples_per_s"] for h in result.history),
-             "epochs": result.epochs_run, "best_epoch": result.best_epoch, "seconds": time.perf_counter() - started,
-             "peak_rss_mib": peak_rss_mib()})
+    out.put(
+        {
+            "test": {view: metrics[f"{view}_auc"] for view in cfg.views()},
+            "test_se": {view: metrics[f"{view}_auc_se"] for view in cfg.views()},
+            "samples_per_s": statistics.mean(h["train/samples_per_s"] for h in result.history),
+            "epochs": result.epochs_run,
+            "best_epoch": result.best_epoch,
+            "seconds": time.perf_counter() - started,
+            "peak_rss_mib": peak_rss_mib(),
+        }
+    )
 
 
 def _train_rows(config: Path, table: dict, warehouse: Path):
@@ -112,8 +143,16 @@ def bucketised_numeric(config: Path, buckets: int, warehouse: Path, table: dict)
     for f in cfg.features.numeric:
         values = frame.get_column(f.column).drop_nulls().cast(pl.Float64).to_numpy()
         cuts = np.unique(np.quantile(values, np.linspace(0.0, 1.0, buckets + 1)[1:-1]))
-        sparse.append({"name": f"{f.name}_bucket", "table": f.table, "column": f.column, "kind": "bucket",
-                       "boundaries": cuts.tolist(), "dim": 8})
+        sparse.append(
+            {
+                "name": f"{f.name}_bucket",
+                "table": f.table,
+                "column": f.column,
+                "kind": "bucket",
+                "boundaries": cuts.tolist(),
+                "dim": 8,
+            }
+        )
     return sparse
 
 
@@ -123,46 +162,78 @@ def _spread(values: list[float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", type=Path, default=Path("configs/census.toml"))
     parser.add_argument("--backbones", nargs="+", default=list(BACKBONES), choices=BACKBONES)
     parser.add_argument("--seeds", type=int, default=3, help="runs per backbone, seeds 0..N-1 (default %(default)s)")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=1024)
-    parser.add_argument("--bucket-numeric", type=int, default=0, metavar="N",
-                        help="also feed each numeric column as a kind = \"bucket\" feature cut at the train split's N-quantiles")
-    parser.add_argument("--train-fraction", type=float, default=1.0, metavar="F",
-                        help="train on a seeded random share F of the train split (val and test unchanged): "
-                             "how test AUC grows with training rows")
+    parser.add_argument(
+        "--bucket-numeric",
+        type=int,
+        default=0,
+        metavar="N",
+        help='also feed each numeric column as a kind = "bucket" feature cut at the train split\'s N-quantiles',
+    )
+    parser.add_argument(
+        "--train-fraction",
+        type=float,
+        default=1.0,
+        metavar="F",
+        help="train on a seeded random share F of the train split (val and test unchanged): "
+        "how test AUC grows with training rows",
+    )
     args = parser.parse_args(argv)
 
     rows = []
     with tempfile.TemporaryDirectory() as workdir:  # one warehouse: the table is prepared once
         table = train_subset(args.config, args.train_fraction, Path(workdir))
         sparse = bucketised_numeric(args.config, args.bucket_numeric, Path(workdir) / "warehouse", table)
-        print(f"config {args.config}  train fraction {args.train_fraction:g}  epochs {args.epochs}  batch {args.batch_size}  "
-              f"seeds {args.seeds}  sparse features {len(sparse)}  "
-              f"cores {os.cpu_count()}  load avg {os.getloadavg()[0]:.2f}", flush=True)
+        print(
+            f"config {args.config}  train fraction {args.train_fraction:g}  epochs {args.epochs}  batch "
+            f"{args.batch_size}  "
+            f"seeds {args.seeds}  sparse features {len(sparse)}  "
+            f"cores {os.cpu_count()}  load avg {os.getloadavg()[0]:.2f}",
+            flush=True,
+        )
         for backbone in args.backbones:
-            runs = [in_child(_run, args.config, backbone, seed, args.epochs, args.batch_size, workdir, table, sparse)
-                    for seed in range(args.seeds)]
+            runs = [
+                in_child(_run, args.config, backbone, seed, args.epochs, args.batch_size, workdir, table, sparse)
+                for seed in range(args.seeds)
+            ]
             for seed, r in enumerate(runs):
-                print(f"  {backbone:13s} seed {seed}: " + "  ".join(f"{v} {a:.4f} (SE {r['test_se'][v]:.4f})" for v, a in r["test"].items())
-                      + f"  {r['samples_per_s']:,.0f} samples/s  best epoch {r['best_epoch']}  {r['seconds']:.1f} s", flush=True)
+                print(
+                    f"  {backbone:13s} seed {seed}: "
+                    + "  ".join(f"{v} {a:.4f} (SE {r['test_se'][v]:.4f})" for v, a in r["test"].items())
+                    + f"  {r['samples_per_s']:,.0f} samples/s  best epoch {r['best_epoch']}  {r['seconds']:.1f} s",
+                    flush=True,
+                )
             rows.append((backbone, runs))
 
     views = list(rows[0][1][0]["test"])
-    header = f"{'backbone':13s} " + " ".join(f"{'test ' + v + ' AUC':>19s} {'SE':>6s}" for v in views) + \
-        f" {'samples/s':>10s} {'wall s':>7s} {'peak RSS':>9s}"
+    header = (
+        f"{'backbone':13s} "
+        + " ".join(f"{'test ' + v + ' AUC':>19s} {'SE':>6s}" for v in views)
+        + f" {'samples/s':>10s} {'wall s':>7s} {'peak RSS':>9s}"
+    )
     print("\n" + header)
     for backbone, runs in rows:
-        print(f"{backbone:13s} " + " ".join(f"{_spread([r['test'][v] for r in runs]):>19s} "
-                                            f"{statistics.mean(r['test_se'][v] for r in runs):6.4f}" for v in views)
-              + f" {statistics.mean(r['samples_per_s'] for r in runs):>10,.0f}"
-              + f" {statistics.mean(r['seconds'] for r in runs):>7.1f}"
-              + f" {max(r['peak_rss_mib'] for r in runs):>6.0f} MiB")
-    print("AUC: mean ± std over seeds.  SE: standard error of one run's test AUC, from the test split's finite "
-          "sample (DeLong), mean over seeds.")
+        print(
+            f"{backbone:13s} "
+            + " ".join(
+                f"{_spread([r['test'][v] for r in runs]):>19s} {statistics.mean(r['test_se'][v] for r in runs):6.4f}"
+                for v in views
+            )
+            + f" {statistics.mean(r['samples_per_s'] for r in runs):>10,.0f}"
+            + f" {statistics.mean(r['seconds'] for r in runs):>7.1f}"
+            + f" {max(r['peak_rss_mib'] for r in runs):>6.0f} MiB"
+        )
+    print(
+        "AUC: mean ± std over seeds.  SE: standard error of one run's test AUC, from the test split's finite "
+        "sample (DeLong), mean over seeds."
+    )
 
 
 if __name__ == "__main__":

@@ -64,7 +64,8 @@ def _ids(prefix: str, numbers: np.ndarray) -> pa.Array:
 def _snapshots(n_users: int, n_items: int, rng: np.random.Generator) -> tuple[pa.Table, pa.Table]:
     interest_len = rng.integers(0, 4, n_users)
     interests = pa.ListArray.from_arrays(
-        pa.array(np.concatenate([[0], np.cumsum(interest_len)]), pa.int32()), _ids("cat", rng.integers(0, 40, interest_len.sum()))
+        pa.array(np.concatenate([[0], np.cumsum(interest_len)]), pa.int32()),
+        _ids("cat", rng.integers(0, 40, interest_len.sum())),
     )
     users = pa.table({
         "user_id": _ids("u", np.arange(n_users)),
@@ -83,7 +84,9 @@ def _snapshots(n_users: int, n_items: int, rng: np.random.Generator) -> tuple[pa
     return users, items
 
 
-def _events(ids: pa.Array, ts_us: np.ndarray, day_start_us: int, value: np.ndarray | None = None) -> dict[int, pa.Table]:
+def _events(
+    ids: pa.Array, ts_us: np.ndarray, day_start_us: int, value: np.ndarray | None = None
+) -> dict[int, pa.Table]:
     """Split events by their own UTC day (0 = this day, 1 = the next)."""
     out = {}
     offset = (ts_us - day_start_us) // US_PER_DAY
@@ -138,7 +141,9 @@ def write_warehouse(warehouse: Path, n: int, history_days: int, lag: int, seed: 
 
 
 def _empty(table: str) -> pa.Table:
-    fields = [("impression_id", pa.string()), ("ts", TS)] + ([("value", pa.float64())] if table == "conversions" else [])
+    fields = [("impression_id", pa.string()), ("ts", TS)] + (
+        [("value", pa.float64())] if table == "conversions" else []
+    )
     return pa.schema(fields).empty_table()
 
 
@@ -183,35 +188,51 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     parser.add_argument("--impressions", type=int, default=1_000_000, help="impressions per day (default %(default)s)")
-    parser.add_argument("--history-days", type=int, default=28, help="days of history behind the training day (default %(default)s)")
-    parser.add_argument("--warehouse", type=Path, default=None, help="keep the data here (default: a temp dir, removed)")
-    parser.add_argument("--sequence-length", type=int, default=0,
-                        help="add a click sequence of this many items and their categories (default: none)")
+    parser.add_argument(
+        "--history-days", type=int, default=28, help="days of history behind the training day (default %(default)s)"
+    )
+    parser.add_argument(
+        "--warehouse", type=Path, default=None, help="keep the data here (default: a temp dir, removed)"
+    )
+    parser.add_argument(
+        "--sequence-length",
+        type=int,
+        default=0,
+        help="add a click sequence of this many items and their categories (default: none)",
+    )
     args = parser.parse_args(argv)
 
     warehouse = args.warehouse or Path(tempfile.mkdtemp(prefix="bench-features-"))
     overrides: dict = {"warehouse": str(warehouse)}
     if args.sequence_length:
-        overrides["features"] = {"sequences": [
-            {"name": "clicked", "items": ["item_id", "category_id"], "max_length": args.sequence_length}]}
+        overrides["features"] = {
+            "sequences": [{"name": "clicked", "items": ["item_id", "category_id"], "max_length": args.sequence_length}]
+        }
     cfg = load_config(args.config, overrides)
     lag = cfg.contract.maturity_lag_days
     try:
         t = time.perf_counter()
         day_l = write_warehouse(warehouse, args.impressions, args.history_days, lag, cfg.seed)
-        print(f"wrote {args.history_days + 2} days x {args.impressions:,} impressions in {time.perf_counter() - t:.1f} s")
+        print(
+            f"wrote {args.history_days + 2} days x {args.impressions:,} impressions in {time.perf_counter() - t:.1f} s"
+        )
 
         print(f"load average before the stages: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         history = [START + dt.timedelta(days=d) for d in range(args.history_days)]
         secs, cpu, rss, phases = in_child(_stage_features, cfg, warehouse, history)
         n_hist = args.impressions * len(history)
-        print(f"features: {n_hist:,} impressions ({len(history)} days) in {secs:.2f} s (CPU {cpu:.1f} s) = {n_hist / secs:,.0f} impressions/s, peak RSS {rss:,.0f} MiB")
+        print(
+            f"features: {n_hist:,} impressions ({len(history)} days) in {secs:.2f} s (CPU {cpu:.1f} s) = "
+            f"{n_hist / secs:,.0f} impressions/s, peak RSS {rss:,.0f} MiB"
+        )
         print(f"features phases over all days (s): {phases}")
 
         for night, day in (("first night", day_l), ("next night", day_l + dt.timedelta(days=1))):
             if day > day_l:
                 in_child(_stage_features, cfg, warehouse, [day - dt.timedelta(days=1)])
-            secs, cpu, rss, timings, write_alone = in_child(_stage_examples, cfg, warehouse, day + dt.timedelta(days=lag))
+            secs, cpu, rss, timings, write_alone = in_child(
+                _stage_examples, cfg, warehouse, day + dt.timedelta(days=lag)
+            )
             print(
                 f"examples, {night}: {args.impressions:,} impressions in {secs:.2f} s (CPU {cpu:.1f} s) = "
                 f"{args.impressions / secs:,.0f} impressions/s, peak RSS {rss:,.0f} MiB"
@@ -219,8 +240,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"examples phases, {night} (s): {timings}")
         (write_s, write_cpu), cores = write_alone, os.cpu_count()
         print(
-            f"writing the table alone, once more: {write_s:.2f} s (CPU {write_cpu:.2f} s) = a ceiling of {args.impressions / write_s:,.0f} "
-            f"impressions/s for the stage; at 1M impressions/s the write alone takes {write_cpu * 1e6 / args.impressions / cores:.0%} of "
+            f"writing the table alone, once more: {write_s:.2f} s (CPU {write_cpu:.2f} s) = a ceiling of "
+            f"{args.impressions / write_s:,.0f} "
+            "impressions/s for the stage; at 1M impressions/s the write alone takes "
+            f"{write_cpu * 1e6 / args.impressions / cores:.0%} of "
             f"the {cores} cores' time"
         )
         print(f"load average after the stages: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")

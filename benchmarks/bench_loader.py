@@ -51,7 +51,9 @@ def synthetic_training_table(spec: FeaturesConfig, rows: int, seed: int, users: 
     columns["impression_id"] = pa.array(np.arange(rows)).cast(pa.large_string())
     columns["raw_user_id"] = pa.array(rng.integers(0, users, rows)).cast(pa.large_string())
     start = np.datetime64("2026-11-01T00:00", "ms")
-    columns["ts"] = pa.array(start + rng.integers(0, 86_400_000, rows).astype("timedelta64[ms]"), pa.timestamp("us", tz="UTC"))
+    columns["ts"] = pa.array(
+        start + rng.integers(0, 86_400_000, rows).astype("timedelta64[ms]"), pa.timestamp("us", tz="UTC")
+    )
     return pa.table(columns)
 
 

@@ -60,7 +60,10 @@ def http_client(port: int, requests: int, clients: int, payload_file: str, rate:
     length_re = re.compile(rb"(?i)\r\ncontent-length: *(\d+)")
 
     async def one(reader, writer, body: bytes) -> bool:
-        writer.write(b"POST /v1/rank HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        writer.write(
+            b"POST /v1/rank HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(body), body)
+        )
         head = await reader.readuntil(b"\r\n\r\n")
         await reader.readexactly(int(length_re.search(head).group(1)))
         return head.startswith(b"HTTP/1.1 200 ")
@@ -91,8 +94,18 @@ def http_client(port: int, requests: int, clients: int, payload_file: str, rate:
     cpu = time.process_time()
     started = time.perf_counter() + 0.5  # the open loop's clock starts once every connection is warm
     wall = asyncio.run(run_all())
-    print(json.dumps({"requests": len(latencies), "errors": errors[0], "wall_s": wall, "cpu_s": time.process_time() - cpu,
-                      "p50_ms": float(np.percentile(latencies, 50)), "p99_ms": float(np.percentile(latencies, 99))}))
+    print(
+        json.dumps(
+            {
+                "requests": len(latencies),
+                "errors": errors[0],
+                "wall_s": wall,
+                "cpu_s": time.process_time() - cpu,
+                "p50_ms": float(np.percentile(latencies, 50)),
+                "p99_ms": float(np.percentile(latencies, 99)),
+            }
+        )
+    )
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -106,9 +119,18 @@ def _server_mean_ms(port: int) -> float:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     conn.request("GET", "/metrics")
     text = conn.getresponse().read().decode()
-    value = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-             if line.startswith("funnelrank_request_duration_seconds_") and 'route="/v1/rank"' in line and "_bucket" not in line}
-    return 1000 * value["funnelrank_request_duration_seconds_sum"] / max(value["funnelrank_request_duration_seconds_count"], 1)
+    value = {
+        line.split("{")[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("funnelrank_request_duration_seconds_")
+        and 'route="/v1/rank"' in line
+        and "_bucket" not in line
+    }
+    return (
+        1000
+        * value["funnelrank_request_duration_seconds_sum"]
+        / max(value["funnelrank_request_duration_seconds_count"], 1)
+    )
 
 
 def main() -> None:
@@ -117,12 +139,22 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=200)
     parser.add_argument("--http-requests", type=int, default=10_000)
     parser.add_argument("--http-clients", type=int, default=20)
-    parser.add_argument("--http-rate", type=float, default=500.0,
-                        help="offered requests/s of the open-loop HTTP run (0: skip it; default %(default)s)")
+    parser.add_argument(
+        "--http-rate",
+        type=float,
+        default=500.0,
+        help="offered requests/s of the open-loop HTTP run (0: skip it; default %(default)s)",
+    )
     parser.add_argument("--http-client", nargs=3, metavar=("PORT", "PAYLOADS", "RATE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.http_client:
-        http_client(int(args.http_client[0]), args.http_requests, args.http_clients, args.http_client[1], float(args.http_client[2]))
+        http_client(
+            int(args.http_client[0]),
+            args.http_requests,
+            args.http_clients,
+            args.http_client[1],
+            float(args.http_client[2]),
+        )
         return
 
     import pyarrow as pa
@@ -143,15 +175,22 @@ def main() -> None:
 
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="bench-scoring-"))
-    cfg = load_config(ROOT / "configs" / "demo.toml", {
-        "generate": {"days": 4, "impressions_per_day": 50_000}, "contract": {"attribution_window_hours": 1},
-    })
+    cfg = load_config(
+        ROOT / "configs" / "demo.toml",
+        {
+            "generate": {"days": 4, "impressions_per_day": 50_000},
+            "contract": {"attribution_window_hours": 1},
+        },
+    )
     cfg = cfg.model_copy(update={"warehouse": tmp / "warehouse", "state_dir": tmp / "state"})
     t = time.perf_counter()
     files = build_warehouse(cfg)
     model = small_model(cfg, files)
     bundle_path = export_bundle(cfg, cfg.warehouse, model, tmp / "bundle", files)
-    print(f"setup (warehouse + export): {time.perf_counter() - t:.1f} s; model {cfg.model.backbone} {cfg.model.expert_dims} x{cfg.model.n_experts}")
+    print(
+        f"setup (warehouse + export): {time.perf_counter() - t:.1f} s; model {cfg.model.backbone} "
+        f"{cfg.model.expert_dims} x{cfg.model.n_experts}"
+    )
     scorer = Scorer(load_bundle(bundle_path), intra_op_threads=1)
     users = pq.read_table(raw_dir(cfg.warehouse, "users")).column("user_id").to_pylist()
     items = pq.read_table(raw_dir(cfg.warehouse, "items")).column("item_id").to_pylist()
@@ -159,8 +198,11 @@ def main() -> None:
 
     def request(k: int) -> dict:
         picked = rng.choice(len(items), args.candidates, replace=False)
-        return {"user_id": users[k % len(users)], "context": {"device": "ios", "slot": int(k % 10)},
-                "candidates": [{"item_id": items[i]} for i in picked]}
+        return {
+            "user_id": users[k % len(users)],
+            "context": {"device": "ios", "slot": int(k % 10)},
+            "candidates": [{"item_id": items[i]} for i in picked],
+        }
 
     def torch_score(feeds: dict[str, np.ndarray]) -> np.ndarray:
         values, lengths = [], []
@@ -173,8 +215,11 @@ def main() -> None:
             else:
                 values.append(ids)
                 lengths.append(np.ones(len(ids), np.int64))
-        kjt = KeyedJaggedTensor(keys=model.sparse_names, values=torch.from_numpy(np.concatenate(values)),
-                                lengths=torch.from_numpy(np.concatenate(lengths)))
+        kjt = KeyedJaggedTensor(
+            keys=model.sparse_names,
+            values=torch.from_numpy(np.concatenate(values)),
+            lengths=torch.from_numpy(np.concatenate(lengths)),
+        )
         with torch.no_grad():
             out = model(torch.from_numpy(feeds["dense"]), kjt)
         return (out.probs["click"] * out.probs["ctcvr"]).numpy()
@@ -193,9 +238,20 @@ def main() -> None:
         torch_score(scorer.feeds(scorer.request_table(r)))
         torch_ms.append((time.perf_counter() - t) * 1000)
     print(f"in-process 1 user x {args.candidates} candidates, {len(requests)} requests, 1 thread:")
-    print(f"  onnxruntime scorer  {_percentiles(onnx_ms)}   (target p99 <= 3 ms); CPU time per request: {_percentiles(onnx_cpu_ms)}")
-    print(f"  PyTorch eager       {_percentiles(torch_ms)}   ratio p50 torch/onnx {np.median(torch_ms) / np.median(onnx_ms):.2f}x")
-    phases: dict[str, list[float]] = {"parse JSON + validate": [], "encode features": [], "onnxruntime": [], "rank + serialise JSON": []}
+    print(
+        f"  onnxruntime scorer  {_percentiles(onnx_ms)}   (target p99 <= 3 ms); CPU time per request: "
+        f"{_percentiles(onnx_cpu_ms)}"
+    )
+    print(
+        f"  PyTorch eager       {_percentiles(torch_ms)}   ratio p50 torch/onnx "
+        f"{np.median(torch_ms) / np.median(onnx_ms):.2f}x"
+    )
+    phases: dict[str, list[float]] = {
+        "parse JSON + validate": [],
+        "encode features": [],
+        "onnxruntime": [],
+        "rank + serialise JSON": [],
+    }
     for r in requests:
         body = json.dumps(r).encode()
         t0 = time.thread_time()
@@ -210,8 +266,10 @@ def main() -> None:
         for name, a, b in zip(phases, (t0, t1, t2, t3), (t1, t2, t3, t4), strict=True):
             phases[name].append((b - a) * 1000)
     # CPU time (not wall time): what each phase costs, whatever else shares the cores.
-    print("  CPU time per phase of one HTTP request's work (in-process, p50): "
-          + ", ".join(f"{name} {np.median(ms):.3f} ms" for name, ms in phases.items()))
+    print(
+        "  CPU time per phase of one HTTP request's work (in-process, p50): "
+        + ", ".join(f"{name} {np.median(ms):.3f} ms" for name, ms in phases.items())
+    )
 
     # batch: a day of impressions as the input table
     rows = pq.read_table(validated_root(cfg.warehouse, "impressions")).select(["user_id", "item_id", "device", "slot"])
@@ -230,9 +288,12 @@ def main() -> None:
     t = time.perf_counter()
     torch_score(feeds)
     torch_s = time.perf_counter() - t + feature_s
-    print(f"batch score_table, {rows.num_rows:,} rows, {cores} threads: {rows.num_rows / onnx_s:,.0f} rows/s (target >= 300,000); "
-          f"PyTorch eager on the same features {rows.num_rows / torch_s:,.0f} rows/s; ratio {torch_s / onnx_s:.2f}x; "
-          f"scorer CPU time {onnx_cpu_s:.2f} s = {rows.num_rows / onnx_cpu_s:,.0f} rows per CPU-second")
+    print(
+        f"batch score_table, {rows.num_rows:,} rows, {cores} threads: {rows.num_rows / onnx_s:,.0f} rows/s (target "
+        ">= 300,000); "
+        f"PyTorch eager on the same features {rows.num_rows / torch_s:,.0f} rows/s; ratio {torch_s / onnx_s:.2f}x; "
+        f"scorer CPU time {onnx_cpu_s:.2f} s = {rows.num_rows / onnx_cpu_s:,.0f} rows per CPU-second"
+    )
 
     # HTTP: server process + load-generator process
     payloads = tmp / "payloads.json"
@@ -240,8 +301,12 @@ def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--bundle", str(bundle_path), "--port", str(port)],
-                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "serve", "--bundle", str(bundle_path), "--port", str(port)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -255,25 +320,53 @@ def main() -> None:
             if time.monotonic() > deadline or server.poll() is not None:
                 raise SystemExit(f"server did not start: {server.stderr.read().decode()}")
             time.sleep(0.05)
+
         def load(rate: float) -> tuple[dict, float]:
             cpu = _cpu_seconds(server.pid)
-            client = subprocess.run([sys.executable, __file__, "--http-requests", str(args.http_requests), "--http-clients",
-                                     str(args.http_clients), "--http-client", str(port), str(payloads), str(rate)],
-                                    capture_output=True, text=True, check=True)
+            client = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--http-requests",
+                    str(args.http_requests),
+                    "--http-clients",
+                    str(args.http_clients),
+                    "--http-client",
+                    str(port),
+                    str(payloads),
+                    str(rate),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             return json.loads(client.stdout.strip().splitlines()[-1]), _cpu_seconds(server.pid) - cpu
 
         result, server_cpu = load(0.0)
-        print(f"HTTP loopback, {args.http_clients} concurrent clients, {result['requests']:,} requests of {args.candidates} candidates: "
-              f"p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms, {result['requests'] / result['wall_s']:,.0f} req/s, "
-              f"errors {result['errors']} (target p99 <= 20 ms, 0 errors)")
-        print(f"  server's own mean time per request {_server_mean_ms(port):.2f} ms (queueing included); CPU time per request: "
-              f"server {1000 * server_cpu / result['requests']:.3f} ms, load generator {1000 * result['cpu_s'] / result['requests']:.3f} ms "
-              f"(so {os.cpu_count()} cores serve at most ~{result['requests'] * os.cpu_count() / (server_cpu + result['cpu_s']):,.0f} req/s)")
+        print(
+            f"HTTP loopback, {args.http_clients} concurrent clients, {result['requests']:,} requests of "
+            f"{args.candidates} candidates: "
+            f"p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms, "
+            f"{result['requests'] / result['wall_s']:,.0f} req/s, "
+            f"errors {result['errors']} (target p99 <= 20 ms, 0 errors)"
+        )
+        print(
+            f"  server's own mean time per request {_server_mean_ms(port):.2f} ms (queueing included); CPU time per "
+            "request: "
+            f"server {1000 * server_cpu / result['requests']:.3f} ms, load generator "
+            f"{1000 * result['cpu_s'] / result['requests']:.3f} ms "
+            f"(so {os.cpu_count()} cores serve at most "
+            f"~{result['requests'] * os.cpu_count() / (server_cpu + result['cpu_s']):,.0f} req/s)"
+        )
         if args.http_rate:
             result, _ = load(args.http_rate)
-            print(f"HTTP open loop, {args.http_rate:,.0f} req/s offered over {args.http_clients} connections, {result['requests']:,} "
-                  f"requests: p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms (from each request's due time), "
-                  f"{result['requests'] / result['wall_s']:,.0f} req/s served, errors {result['errors']}")
+            print(
+                f"HTTP open loop, {args.http_rate:,.0f} req/s offered over {args.http_clients} connections, "
+                f"{result['requests']:,} "
+                f"requests: p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms (from each request's due "
+                "time), "
+                f"{result['requests'] / result['wall_s']:,.0f} req/s served, errors {result['errors']}"
+            )
     finally:
         server.terminate()
         server.wait(timeout=10)

@@ -4,7 +4,8 @@ feature (the way most multi-task libraries embed: multi-hot features as padded i
 masked pooling, dense gradients, ``torch.optim.Adagrad`` for the tables and AdamW for the
 dense layers), on one synthetic training table.
 
-    python -m benchmarks.bench_train [--rows 400000] [--batch-size 4096] [--config configs/demo.toml] [--capacity-scale 1]
+    python -m benchmarks.bench_train [--rows 400000] [--batch-size 4096] [--config configs/demo.toml]
+        [--capacity-scale 1]
 
 Prints samples/s of each and the ratio, and the samples/s of the dense layers alone (the
 pooled embeddings precomputed): any embedding implementation adds its time to theirs, so
@@ -106,7 +107,9 @@ def per_feature_embedding_model(spec: FeaturesConfig, cfg, tasks, dense_mean: np
             self.backbone = BACKBONES[cfg.backbone](in_dim, cfg, [t.name for t in tasks])
             self.heads = TaskHeads(self.backbone.out_dim, tasks)
 
-        def backbone_input(self, dense: torch.Tensor, ids: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> torch.Tensor:
+        def backbone_input(
+            self, dense: torch.Tensor, ids: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]
+        ) -> torch.Tensor:
             """The pooled embeddings and the normalised dense features, side by side."""
             pooled = []
             for f in self.features:
@@ -125,7 +128,9 @@ def per_feature_embedding_model(spec: FeaturesConfig, cfg, tasks, dense_mean: np
             hidden, gates = self.backbone(features)
             return ModelOutput(*self.heads(hidden), features, gates)
 
-        def forward(self, dense: torch.Tensor, ids: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> ModelOutput:
+        def forward(
+            self, dense: torch.Tensor, ids: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]
+        ) -> ModelOutput:
             return self.from_backbone_input(self.backbone_input(dense, ids, masks))
 
     return PerFeatureEmbeddingNet()
@@ -185,8 +190,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rows", type=int, default=400_000)
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--config", type=Path, default=Path("configs/demo.toml"))
-    p.add_argument("--capacity-scale", type=int, default=1,
-                   help="multiply every vocabulary's capacity (dense embedding gradients cost grows with table size)")
+    p.add_argument(
+        "--capacity-scale",
+        type=int,
+        default=1,
+        help="multiply every vocabulary's capacity (dense embedding gradients cost grows with table size)",
+    )
     args = p.parse_args(argv)
     cfg = load_config(args.config)
     if args.capacity_scale != 1:
@@ -218,7 +227,9 @@ def main(argv: list[str] | None = None) -> None:
             weighting = LossWeighting(mcfg, cfg.tasks)
 
             def step(i: int) -> None:
-                loss, _ = training_loss(forward(i), batches[i].labels, cfg.tasks, mcfg.conversion_head, weighting, penalty(), 0.0)
+                loss, _ = training_loss(
+                    forward(i), batches[i].labels, cfg.tasks, mcfg.conversion_head, weighting, penalty(), 0.0
+                )
                 for o in optimizers:
                     o.zero_grad()
                 loss.backward()  # torchrec: also updates the embedding rows (fused row-wise Adagrad)
@@ -231,24 +242,35 @@ def main(argv: list[str] | None = None) -> None:
             return dense_optimizer([q for n, q in baseline.named_parameters() if not n.startswith("tables.")], tcfg)
 
         torchrec_step = stepper(lambda i: model(batches[i].dense, batches[i].sparse), net.backbone.penalty, [dense_opt])
-        baseline_step = stepper(lambda i: baseline(batches[i].dense, *padded[i]), baseline.backbone.penalty,
-                                [torch.optim.Adagrad(baseline.tables.parameters(), lr=tcfg.sparse_lr), baseline_dense_optimizer()])
+        baseline_step = stepper(
+            lambda i: baseline(batches[i].dense, *padded[i]),
+            baseline.backbone.penalty,
+            [torch.optim.Adagrad(baseline.tables.parameters(), lr=tcfg.sparse_lr), baseline_dense_optimizer()],
+        )
 
         # The dense layers alone, on the pooled embeddings precomputed (with a gradient, as
         # the embeddings would take it): what any embedding implementation, even a free one,
         # adds its own time to. baseline / this is the ceiling of the ratio for this model.
         with torch.no_grad():
             inputs = [baseline.backbone_input(b.dense, *padded[i]) for i, b in enumerate(batches)]
-        dense_only_step = stepper(lambda i: baseline.from_backbone_input(inputs[i].clone().requires_grad_(True)),
-                                  baseline.backbone.penalty, [baseline_dense_optimizer()])
+        dense_only_step = stepper(
+            lambda i: baseline.from_backbone_input(inputs[i].clone().requires_grad_(True)),
+            baseline.backbone.penalty,
+            [baseline_dense_optimizer()],
+        )
 
-        print(f"rows {args.rows:,}  batch {args.batch_size}  backbone {mcfg.backbone}  head {mcfg.conversion_head}  "
-              f"sparse features {len(spec.sparse)} ({sum(f.num_embeddings * f.dim for f in spec.sparse):,} embedding params)  "
-              f"dense {len(mean)}  threads {torch.get_num_threads()}  load avg {os.getloadavg()[0]:.2f}")
+        print(
+            f"rows {args.rows:,}  batch {args.batch_size}  backbone {mcfg.backbone}  head {mcfg.conversion_head}  "
+            f"sparse features {len(spec.sparse)} ({sum(f.num_embeddings * f.dim for f in spec.sparse):,} embedding "
+            "params)  "
+            f"dense {len(mean)}  threads {torch.get_num_threads()}  load avg {os.getloadavg()[0]:.2f}"
+        )
         rates = {}
-        for name, step in (("torchrec DMP + fused row-wise Adagrad", torchrec_step),
-                           ("nn.Embedding per feature + Adagrad (dense grads)", baseline_step),
-                           ("dense layers alone (embeddings precomputed)", dense_only_step)):
+        for name, step in (
+            ("torchrec DMP + fused row-wise Adagrad", torchrec_step),
+            ("nn.Embedding per feature + Adagrad (dense grads)", baseline_step),
+            ("dense layers alone (embeddings precomputed)", dense_only_step),
+        ):
             for i in range(min(3, len(batches))):  # warm-up
                 step(i)
             started = time.perf_counter()
@@ -257,8 +279,11 @@ def main(argv: list[str] | None = None) -> None:
             rates[name] = sum(len(b) for b in batches) / (time.perf_counter() - started)
             print(f"{name:50s} {rates[name]:>10,.0f} samples/s  (load avg {os.getloadavg()[0]:.2f})")
         torchrec, per_feature, dense_only = rates.values()
-        print(f"ratio {torchrec / per_feature:.2f}x; ceiling for this model (embeddings free) {dense_only / per_feature:.2f}x   "
-              f"({dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC)")
+        print(
+            f"ratio {torchrec / per_feature:.2f}x; ceiling for this model (embeddings free) "
+            f"{dense_only / per_feature:.2f}x   "
+            f"({dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC)"
+        )
 
 
 if __name__ == "__main__":

@@ -90,13 +90,18 @@ def truth_rows(warehouse: Path, day: dt.date) -> dict[str, np.ndarray]:
 
     from features.catalog import training_dir, truth_dir
 
-    rows = pl.scan_parquet(training_dir(warehouse, day) / "*.parquet").select("impression_id", "raw_user_id", "click", "conversion")
+    rows = pl.scan_parquet(training_dir(warehouse, day) / "*.parquet").select(
+        "impression_id", "raw_user_id", "click", "conversion"
+    )
     truth = pl.scan_parquet(truth_dir(warehouse, day) / "*.parquet").select(
         "impression_id", "click_logit_observable", "conversion_logit_observable"
     )
     joined = rows.join(truth, on="impression_id", how="left", maintain_order="left").collect()
     if joined["click_logit_observable"].null_count():
-        raise ValueError(f"{truth_dir(warehouse, day)} lacks {joined['click_logit_observable'].null_count()} impressions of the training table")
+        raise ValueError(
+            f"{truth_dir(warehouse, day)} lacks {joined['click_logit_observable'].null_count()} impressions of the "
+            "training table"
+        )
     return {
         "click": joined["click"].to_numpy(),
         "conversion": joined["conversion"].to_numpy(),
@@ -112,8 +117,12 @@ def oracle_metrics(cfg: FunnelConfig, rows: dict[str, np.ndarray]) -> dict[str, 
 
     p_click = 1.0 / (1.0 + np.exp(-rows["click_logit"]))
     p_cvr = 1.0 / (1.0 + np.exp(-rows["conversion_logit"]))
-    m = view_metrics(cfg.views(), {"click": rows["click"], "conversion": rows["conversion"]},
-                     {"click": p_click, "cvr": p_cvr, "ctcvr": p_click * p_cvr}, rows["user"])
+    m = view_metrics(
+        cfg.views(),
+        {"click": rows["click"], "conversion": rows["conversion"]},
+        {"click": p_click, "cvr": p_cvr, "ctcvr": p_click * p_cvr},
+        rows["user"],
+    )
     return {k: m[k] for k in METRICS}
 
 
@@ -128,8 +137,14 @@ def model_metrics(cfg: FunnelConfig, warehouse: Path, run_date: dt.date, day: dt
     from pipeline.train_stage import train_run
 
     result = train_run(cfg, warehouse, run_date, progress=False)
-    loader = TrainingTableLoader(parquet_files(training_dir(warehouse, day)), cfg.features.sparse,
-                                 cfg.features.dense_names(), 8192, shuffle=False, seed=0)
+    loader = TrainingTableLoader(
+        parquet_files(training_dir(warehouse, day)),
+        cfg.features.sparse,
+        cfg.features.dense_names(),
+        8192,
+        shuffle=False,
+        seed=0,
+    )
     m = validation_metrics(cfg, predict(result.model, loader, torch.device("cpu")))
     return {k: m[k] for k in METRICS}, result.epochs_run
 
@@ -152,7 +167,9 @@ def _read_runs(path: Path) -> list[dict]:
     if not path.exists():
         return []
     with path.open() as f:
-        return [{k: (v if k in ("backbone", "head") else float(v)) for k, v in row.items()} for row in csv.DictReader(f)]
+        return [
+            {k: (v if k in ("backbone", "head") else float(v)) for k, v in row.items()} for row in csv.DictReader(f)
+        ]
 
 
 def _append_run(path: Path, row: dict) -> None:
@@ -165,28 +182,48 @@ def _append_run(path: Path, row: dict) -> None:
         f.flush()
 
 
-def run_experiment(base: FunnelConfig, correlations: list[float], seeds: int, workdir: Path, runs_csv: Path,
-                   backbones: tuple[str, ...] = BACKBONES, heads: tuple[str, ...] = HEADS) -> list[dict]:
+def run_experiment(
+    base: FunnelConfig,
+    correlations: list[float],
+    seeds: int,
+    workdir: Path,
+    runs_csv: Path,
+    backbones: tuple[str, ...] = BACKBONES,
+    heads: tuple[str, ...] = HEADS,
+) -> list[dict]:
     """Every (correlation, seed, backbone, head) run not yet in ``runs_csv``; returns all rows
     (oracle rows have backbone ``oracle``)."""
     done = {(r["correlation"], r["seed"], r["backbone"], r["head"]) for r in _read_runs(runs_csv)}
     for k in range(seeds):  # seed-major: a run cut short still has every correlation for its first seeds
         seed = base.seed + k
         for correlation in correlations:
-            keys = [(correlation, float(seed), b, h) for b in backbones for h in heads] + [(correlation, float(seed), "oracle", "-")]
+            keys = [(correlation, float(seed), b, h) for b in backbones for h in heads] + [
+                (correlation, float(seed), "oracle", "-")
+            ]
             if all(key in done for key in keys):
                 continue
             folder = workdir / f"corr{correlation}-seed{seed}"
-            cfg = with_overrides(base, top={"seed": seed, "state_dir": str(folder / "state")},
-                                 generate={"task_correlation": correlation})
+            cfg = with_overrides(
+                base, top={"seed": seed, "state_dir": str(folder / "state")}, generate={"task_correlation": correlation}
+            )
             started = time.perf_counter()
             build_warehouse(cfg, folder / "warehouse")
             day = held_out_day(cfg)
             run_date = log_days(cfg)[-1] - dt.timedelta(days=1)  # validation day = test day - 1
             if keys[-1] not in done:
                 oracle = oracle_metrics(cfg, truth_rows(folder / "warehouse", day))
-                _append_run(runs_csv, {"correlation": correlation, "seed": seed, "backbone": "oracle", "head": "-",
-                                       "epochs": 0, "seconds": round(time.perf_counter() - started, 1), **oracle})
+                _append_run(
+                    runs_csv,
+                    {
+                        "correlation": correlation,
+                        "seed": seed,
+                        "backbone": "oracle",
+                        "head": "-",
+                        "epochs": 0,
+                        "seconds": round(time.perf_counter() - started, 1),
+                        **oracle,
+                    },
+                )
             print(f"correlation {correlation} seed {seed}: data in {time.perf_counter() - started:.0f} s", flush=True)
             for backbone in backbones:
                 for head in heads:
@@ -196,10 +233,24 @@ def run_experiment(base: FunnelConfig, correlations: list[float], seeds: int, wo
                     model_cfg = with_overrides(cfg, model={"backbone": backbone, "conversion_head": head})
                     metrics, epochs = model_metrics(model_cfg, folder / "warehouse", run_date, day)
                     seconds = round(time.perf_counter() - started, 1)
-                    _append_run(runs_csv, {"correlation": correlation, "seed": seed, "backbone": backbone, "head": head,
-                                           "epochs": epochs, "seconds": seconds, **metrics})
-                    print(f"  {backbone:13s} {head:6s} " + "  ".join(f"{m} {metrics[m]:.4f}" for m in METRICS)
-                          + f"  ({epochs} epochs, {seconds:.0f} s)", flush=True)
+                    _append_run(
+                        runs_csv,
+                        {
+                            "correlation": correlation,
+                            "seed": seed,
+                            "backbone": backbone,
+                            "head": head,
+                            "epochs": epochs,
+                            "seconds": seconds,
+                            **metrics,
+                        },
+                    )
+                    print(
+                        f"  {backbone:13s} {head:6s} "
+                        + "  ".join(f"{m} {metrics[m]:.4f}" for m in METRICS)
+                        + f"  ({epochs} epochs, {seconds:.0f} s)",
+                        flush=True,
+                    )
     return _read_runs(runs_csv)
 
 
@@ -208,8 +259,9 @@ def summarise(rows: list[dict]) -> list[dict]:
     plus each model's click and CTCVR AUC minus shared_bottom's (same head, same seed)."""
     by_run = {(r["correlation"], r["seed"], r["backbone"], r["head"]): r for r in rows}
     order = {b: i for i, b in enumerate(("oracle", *BACKBONES))}
-    groups = sorted({(r["correlation"], r["backbone"], r["head"]) for r in rows},
-                    key=lambda g: (-g[0], order.get(g[1], 99), g[2]))
+    groups = sorted(
+        {(r["correlation"], r["backbone"], r["head"]) for r in rows}, key=lambda g: (-g[0], order.get(g[1], 99), g[2])
+    )
     out = []
     for correlation, backbone, head in groups:
         members = [r for r in rows if (r["correlation"], r["backbone"], r["head"]) == (correlation, backbone, head)]
@@ -219,9 +271,15 @@ def summarise(rows: list[dict]) -> list[dict]:
             entry[f"{m}_mean"] = float(values.mean())
             entry[f"{m}_std"] = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
         for m in ("click_auc", "ctcvr_auc"):  # paired by seed: the same data for both models
-            deltas = [r[m] - by_run[key][m] for r in members if (key := (correlation, r["seed"], "shared_bottom", head)) in by_run]
+            deltas = [
+                r[m] - by_run[key][m]
+                for r in members
+                if (key := (correlation, r["seed"], "shared_bottom", head)) in by_run
+            ]
             entry[f"{m}_vs_shared_bottom"] = float(np.mean(deltas)) if deltas and backbone != "oracle" else float("nan")
-            entry[f"{m}_vs_shared_bottom_std"] = float(np.std(deltas, ddof=1)) if len(deltas) > 1 and backbone != "oracle" else float("nan")
+            entry[f"{m}_vs_shared_bottom_std"] = (
+                float(np.std(deltas, ddof=1)) if len(deltas) > 1 and backbone != "oracle" else float("nan")
+            )
         out.append(entry)
     return out
 
@@ -231,7 +289,15 @@ def _mean_spread(mean: float, std: float, sign: str = "") -> str:
 
 
 def markdown(summary: list[dict]) -> str:
-    header = ["correlation", "model", "head", "seeds", *METRICS, "Δ click AUC vs shared_bottom", "Δ CTCVR AUC vs shared_bottom"]
+    header = [
+        "correlation",
+        "model",
+        "head",
+        "seeds",
+        *METRICS,
+        "Δ click AUC vs shared_bottom",
+        "Δ CTCVR AUC vs shared_bottom",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for e in summary:
         cells = [f"{e['correlation']:.2f}", e["backbone"], e["head"], str(e["seeds"])]
@@ -253,41 +319,81 @@ def write_summary(summary: list[dict], output: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 2)[2])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 2)[2],
+    )
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="base config (default %(default)s)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per correlation: config seed + 0..N-1 (default %(default)s)")
-    p.add_argument("--correlations", type=float, nargs="+", default=[0.9, 0.3], help="task correlations (default %(default)s)")
+    p.add_argument(
+        "--seeds", type=int, default=3, help="seeds per correlation: config seed + 0..N-1 (default %(default)s)"
+    )
+    p.add_argument(
+        "--correlations", type=float, nargs="+", default=[0.9, 0.3], help="task correlations (default %(default)s)"
+    )
     p.add_argument("--days", type=int, help="days of logs (default: the config's)")
     p.add_argument("--users", type=int, help="users (default: the config's)")
     p.add_argument("--items", type=int, help="items (default: the config's)")
     p.add_argument("--impressions-per-day", type=int, help="impressions per day (default: the config's)")
     p.add_argument("--epochs", type=int, help="max training epochs (default: the config's)")
     p.add_argument("--window-days", type=int, help="training window incl. the validation day (default: the config's)")
-    p.add_argument("--batch-size", type=int, help="training batch (default: the config's; a small run needs a small one to take enough steps)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help="training batch (default: the config's; a small run needs a small one to take enough steps)",
+    )
     p.add_argument("--workdir", type=Path, help="where the warehouses go (default: a temporary folder, removed after)")
-    p.add_argument("--output", type=Path, default=Path("state/mtl_experiment"),
-                   help="writes <output>.md, <output>.csv and <output>-runs.csv (default %(default)s)")
-    p.add_argument("--backbones", nargs="+", choices=(*BACKBONES, "soft_sharing", "ple"), default=list(BACKBONES),
-                   help="(default: the MMoE paper's three, %(default)s)")
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=Path("state/mtl_experiment"),
+        help="writes <output>.md, <output>.csv and <output>-runs.csv (default %(default)s)",
+    )
+    p.add_argument(
+        "--backbones",
+        nargs="+",
+        choices=(*BACKBONES, "soft_sharing", "ple"),
+        default=list(BACKBONES),
+        help="(default: the MMoE paper's three, %(default)s)",
+    )
     p.add_argument("--heads", nargs="+", choices=HEADS, default=list(HEADS), help="(default: both)")
-    p.add_argument("--report-only", action="store_true", help="write the table from the runs already in <output>-runs.csv, train nothing")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="write the table from the runs already in <output>-runs.csv, train nothing",
+    )
     args = p.parse_args(argv)
 
     base = load_config(args.config)
-    generate = {k: v for k, v in (("days", args.days), ("users", args.users), ("items", args.items),
-                                  ("impressions_per_day", args.impressions_per_day)) if v is not None}
-    train = {k: v for k, v in (("epochs", args.epochs), ("window_days", args.window_days), ("batch_size", args.batch_size))
-             if v is not None}
+    generate = {
+        k: v
+        for k, v in (
+            ("days", args.days),
+            ("users", args.users),
+            ("items", args.items),
+            ("impressions_per_day", args.impressions_per_day),
+        )
+        if v is not None
+    }
+    train = {
+        k: v
+        for k, v in (("epochs", args.epochs), ("window_days", args.window_days), ("batch_size", args.batch_size))
+        if v is not None
+    }
     base = with_overrides(base, generate=generate, train=train)
     needed = base.train.window_days + 1 + base.contract.maturity_lag_days  # + the test day
     if base.generate.days < needed:
-        p.error(f"--days must be at least train.window_days + 1 + the maturity lag = {needed} (got {base.generate.days})")
+        p.error(
+            f"--days must be at least train.window_days + 1 + the maturity lag = {needed} (got {base.generate.days})"
+        )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     runs_csv = args.output.with_name(args.output.name + "-runs.csv")
     g = base.generate
-    print(f"mtl experiment: correlations {args.correlations}, {args.seeds} seed(s) from {base.seed}; {g.days} days x "
-          f"{g.impressions_per_day:,} impressions, {g.users:,} users, {g.items:,} items; runs -> {runs_csv}", flush=True)
+    print(
+        f"mtl experiment: correlations {args.correlations}, {args.seeds} seed(s) from {base.seed}; {g.days} days x "
+        f"{g.impressions_per_day:,} impressions, {g.users:,} users, {g.items:,} items; runs -> {runs_csv}",
+        flush=True,
+    )
     if args.report_only:
         rows = _read_runs(runs_csv)
     elif args.workdir:

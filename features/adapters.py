@@ -48,7 +48,8 @@ Command sequence (from the repo root; 2026-11-01 is ``generate.start_date``)::
     for d in 2026-11-02 2026-11-03 2026-11-04; do   # run date D builds day D - 1
         funnelrank examples --config configs/aliccp.toml --warehouse $W --date $d
     done
-    funnelrank train --config configs/aliccp.toml --warehouse $W --date 2026-11-04   # trains on 11-01..02, validates on 11-03
+    # trains on 11-01..02, validates on 11-03
+    funnelrank train --config configs/aliccp.toml --warehouse $W --date 2026-11-04
 """
 
 from __future__ import annotations
@@ -103,8 +104,14 @@ def _read_sample(path: Path) -> pl.DataFrame:
         raise DataContractError(f"cannot read Ali-CCP sample {path}: {err}") from None
     missing = [c for c in (*ALICCP_LABELS, *ALICCP_SPARSE, *ALICCP_DENSE) if c not in header]
     if missing:
-        raise DataContractError(f"Ali-CCP sample {path} lacks column(s) {', '.join(missing)} (it has: {', '.join(header)})")
-    types = {c: pl.Int8 for c in ALICCP_LABELS} | {c: pl.String for c in ALICCP_SPARSE} | {c: pl.Float64 for c in ALICCP_DENSE}
+        raise DataContractError(
+            f"Ali-CCP sample {path} lacks column(s) {', '.join(missing)} (it has: {', '.join(header)})"
+        )
+    types = (
+        {c: pl.Int8 for c in ALICCP_LABELS}
+        | {c: pl.String for c in ALICCP_SPARSE}
+        | {c: pl.Float64 for c in ALICCP_DENSE}
+    )
     try:
         frame = pl.read_csv(path, schema_overrides=types, columns=list(types))
     except (pl.exceptions.PolarsError, OSError) as err:
@@ -130,14 +137,19 @@ def _day_events(frame: pl.DataFrame, day: dt.date, contract: ContractConfig, see
     start = dt.datetime.combine(day, dt.time(), tzinfo=dt.UTC)
     ts = pl.lit(start).dt.cast_time_unit("us") + pl.duration(seconds=pl.col("_imp_s"))
     click_ts = ts + pl.duration(seconds=pl.col("_click_s"))
-    return frame.with_row_index("_row").with_columns(
-        *(pl.Series(name, values) for name, values in seconds.items())
-    ).with_columns(
-        pl.format("aliccp-{}-{}", pl.lit(day.strftime("%Y%m%d")), pl.col("_row").cast(pl.String).str.zfill(6)).alias("impression_id"),
-        ts.alias("ts"),
-        click_ts.alias("click_ts"),
-        (click_ts + pl.duration(seconds=pl.col("_conv_s"))).alias("conversion_ts"),
-    ).drop("_row", *seconds)
+    return (
+        frame.with_row_index("_row")
+        .with_columns(*(pl.Series(name, values) for name, values in seconds.items()))
+        .with_columns(
+            pl.format(
+                "aliccp-{}-{}", pl.lit(day.strftime("%Y%m%d")), pl.col("_row").cast(pl.String).str.zfill(6)
+            ).alias("impression_id"),
+            ts.alias("ts"),
+            click_ts.alias("click_ts"),
+            (click_ts + pl.duration(seconds=pl.col("_conv_s"))).alias("conversion_ts"),
+        )
+        .drop("_row", *seconds)
+    )
 
 
 def _arrow(frame: pl.DataFrame) -> pa.Table:
@@ -172,23 +184,32 @@ def aliccp_to_raw(csv_paths_by_day: dict[dt.date, Path], warehouse: Path, contra
     if not days:
         raise ValueError("aliccp_to_raw: no sample files given")
     if days != [days[0] + dt.timedelta(days=i) for i in range(len(days))]:
-        raise ValueError(f"aliccp_to_raw: days must be consecutive (label windows and history have no gaps), got {', '.join(map(day_str, days))}")
+        raise ValueError(
+            "aliccp_to_raw: days must be consecutive (label windows and history have no gaps), got "
+            f"{', '.join(map(day_str, days))}"
+        )
 
     impression_columns = [aliccp_column(f) for f in ALICCP_CONTEXT_FIELDS] + list(ALICCP_DENSE)
     renames = {f: aliccp_column(f) for f in ALICCP_SPARSE} | {ALICCP_USER_ID: "user_id", ALICCP_ITEM_ID: "item_id"}
-    frames = {day: _day_events(_read_sample(csv_paths_by_day[day]).rename(renames), day, contract, seed) for day in days}
+    frames = {
+        day: _day_events(_read_sample(csv_paths_by_day[day]).rename(renames), day, contract, seed) for day in days
+    }
     last = frames[days[-1]]
     for k in range(1, contract.maturity_lag_days + 1):
         closing = days[-1] + dt.timedelta(days=k)
         copy = last.head(1).with_columns(pl.lit(0, pl.Int8).alias(label) for label in ALICCP_LABELS)
-        frames[closing] = _day_events(copy.drop("impression_id", "ts", "click_ts", "conversion_ts"), closing, contract, seed)
+        frames[closing] = _day_events(
+            copy.drop("impression_id", "ts", "click_ts", "conversion_ts"), closing, contract, seed
+        )
 
     summary: dict = {"days": {}, "closing_days": []}
     for day, frame in frames.items():
         clicks = frame.filter(pl.col("click") == 1).select("impression_id", pl.col("click_ts").alias("ts"))
         conversions = frame.filter(pl.col("purchase") == 1).select("impression_id", pl.col("conversion_ts").alias("ts"))
-        write_parquet_dir(raw_dir(warehouse, "impressions", day),
-                          _arrow(frame.select("impression_id", "ts", "user_id", "item_id", *impression_columns)))
+        write_parquet_dir(
+            raw_dir(warehouse, "impressions", day),
+            _arrow(frame.select("impression_id", "ts", "user_id", "item_id", *impression_columns)),
+        )
         write_parquet_dir(raw_dir(warehouse, "clicks", day), _arrow(clicks))
         write_parquet_dir(raw_dir(warehouse, "conversions", day), _arrow(conversions))
         counts = {"impressions": frame.height, "clicks": clicks.height, "conversions": conversions.height}
@@ -202,15 +223,27 @@ def aliccp_to_raw(csv_paths_by_day: dict[dt.date, Path], warehouse: Path, contra
     items, items_conflicting = _snapshot(rows, "item_id", ALICCP_ITEM_FIELDS)
     write_parquet_dir(raw_dir(warehouse, "users"), _arrow(users))
     write_parquet_dir(raw_dir(warehouse, "items"), _arrow(items))
-    summary |= {"users": users.height, "items": items.height,
-                "users_with_differing_attributes": users_conflicting, "items_with_differing_attributes": items_conflicting}
+    summary |= {
+        "users": users.height,
+        "items": items.height,
+        "users_with_differing_attributes": users_conflicting,
+        "items_with_differing_attributes": items_conflicting,
+    }
     return summary
 
 
 def describe_aliccp_summary(summary: dict) -> str:
-    lines = [f"{day}: {c['impressions']} impressions, {c['clicks']} clicks, {c['conversions']} conversions <- {c['source']}"
-             for day, c in summary["days"].items()]
-    lines.append(f"closing day(s) {', '.join(summary['closing_days'])}: 1 copied impression each, no events (label windows only)")
-    lines.append(f"users snapshot: {summary['users']} ids ({summary['users_with_differing_attributes']} with differing attributes, first kept); "
-                 f"items snapshot: {summary['items']} ids ({summary['items_with_differing_attributes']} with differing attributes, first kept)")
+    lines = [
+        f"{day}: {c['impressions']} impressions, {c['clicks']} clicks, {c['conversions']} conversions <- {c['source']}"
+        for day, c in summary["days"].items()
+    ]
+    lines.append(
+        f"closing day(s) {', '.join(summary['closing_days'])}: 1 copied impression each, no events (label windows only)"
+    )
+    lines.append(
+        f"users snapshot: {summary['users']} ids ({summary['users_with_differing_attributes']} with differing "
+        "attributes, first kept); "
+        f"items snapshot: {summary['items']} ids ({summary['items_with_differing_attributes']} with differing "
+        "attributes, first kept)"
+    )
     return "\n".join(lines)

@@ -55,6 +55,7 @@ def _partition(root: Path, day: dt.date) -> Path:
 
 # ---------------------------------------------------------------- contract v1 and its checks
 
+
 def raw_dir(warehouse: Path, table: str, day: dt.date | None = None) -> Path:
     """The folder of a raw table (a day's partition for daily tables)."""
     if table in DAILY_TABLES:
@@ -91,6 +92,7 @@ def truth_dir(warehouse: Path, day: dt.date) -> Path:
 
 
 # ---------------------------------------------------------------- features and training tables
+
 
 def daily_features_root(warehouse: Path) -> Path:
     """The folder of every aggregate key's daily counters."""
@@ -143,6 +145,7 @@ def training_manifest_path(warehouse: Path, day: dt.date) -> Path:
 
 # ---------------------------------------------------------------- a [table] source
 
+
 def table_dir(warehouse: Path) -> Path:
     """Everything prepared from a ``[table]`` source (features.table_source)."""
     return Path(warehouse) / "table"
@@ -174,6 +177,7 @@ def default_state_dir(warehouse: Path) -> Path:
 
 
 # ---------------------------------------------------------------- what is there
+
 
 def warehouse_relative(warehouse: Path, path: Path) -> str:
     """``path`` relative to the warehouse, as manifests and input hashes record it."""
@@ -235,6 +239,8 @@ def scan_validated(warehouse: Path, table: str, day: dt.date):
     folder = validated_dir(warehouse, table, day)
     files = sorted(folder.glob("*.parquet"))
     if not files:
-        raise DataContractError(f"no validated {table} for {day_str(day)} in {folder}: "
-                                f"run `funnelrank validate --date {day_str(day)}` first")
+        raise DataContractError(
+            f"no validated {table} for {day_str(day)} in {folder}: "
+            f"run `funnelrank validate --date {day_str(day)}` first"
+        )
     return pl.scan_parquet(files)

@@ -78,7 +78,9 @@ class GenerateConfig(_Section):
     target_cvr: float = Field(0.10, gt=0.0, lt=1.0, description="conversion rate given click")
     noise: float = Field(0.3, ge=0.0, le=100.0, description="std of the per-impression logit noise (unobservable)")
     latent_match_scale: float = Field(
-        1.0, ge=0.0, le=100.0,
+        1.0,
+        ge=0.0,
+        le=100.0,
         description="scales the user x item latent factor products (the latent match term and the MMoE "
         "x's product block); 0 leaves a world without dot-product interactions",
     )
@@ -116,8 +118,12 @@ class ContractConfig(_Section):
 class ValidateConfig(_Section):
     max_bad_row_share: float = Field(0.01, ge=0.0, le=1.0)
     min_bad_rows: int = Field(
-        10, ge=0, le=1_000_000_000, description="a table with fewer bad rows never fails the day on max_bad_row_share (tiny tables: "
-        "one bad row of 76 is 1.3%); the rows are still quarantined and counted")
+        10,
+        ge=0,
+        le=1_000_000_000,
+        description="a table with fewer bad rows never fails the day on max_bad_row_share (tiny tables: "
+        "one bad row of 76 is 1.3%); the rows are still quarantined and counted",
+    )
 
 
 class SparseFeature(_Section):
@@ -139,8 +145,9 @@ class SparseFeature(_Section):
     boundaries: list[float] = Field(default_factory=list)
     # FBGEMM's table-batched kernels need embedding dims in multiples of 4.
     dim: int = Field(16, ge=4, le=4096, multiple_of=4, description="embedding width, 4 to 4096")
-    capacity: int = Field(100_000, ge=1, le=MAX_ROWS,
-                          description="max in-vocabulary ids (excl. padding and OOV), at most 1e9")
+    capacity: int = Field(
+        100_000, ge=1, le=MAX_ROWS, description="max in-vocabulary ids (excl. padding and OOV), at most 1e9"
+    )
     min_count: int = Field(1, ge=1, description="ids seen fewer times go to OOV buckets")
     oov_buckets: int = Field(8, ge=1, le=1_000_000)
     pooling: Literal["sum", "mean"] = "sum"
@@ -211,8 +218,9 @@ class SequenceFeature(_Section):
 
 
 class FeaturesConfig(_Section):
-    windows_days: list[int] = Field(default_factory=lambda: [1, 7, 28], min_length=1,
-                                    description=f"counter windows in days, each 1 to {MAX_DAYS}")
+    windows_days: list[int] = Field(
+        default_factory=lambda: [1, 7, 28], min_length=1, description=f"counter windows in days, each 1 to {MAX_DAYS}"
+    )
     prior_strength: float = Field(20.0, ge=0.0, le=1e9, description="pseudo-impressions behind smoothed rates")
     aggregate_keys: list[AggregateKey] = Field(default_factory=list)
     sparse: list[SparseFeature] = Field(min_length=1)
@@ -244,8 +252,10 @@ class FeaturesConfig(_Section):
             if seq.name in taken:
                 raise ValueError(f"{at}.name: {seq.name!r} is already a feature or column name")
             if seq.key not in impressions_columns:
-                raise ValueError(f"{at}.key: {seq.key!r} must be user_id or the column of a feature of table "
-                                 f"'impressions' ({', '.join(sorted(impressions_columns))})")
+                raise ValueError(
+                    f"{at}.key: {seq.key!r} must be user_id or the column of a feature of table "
+                    f"'impressions' ({', '.join(sorted(impressions_columns))})"
+                )
             if dupes := repeated(seq.items):
                 raise ValueError(f"{at}.items: repeated {', '.join(dupes)}")
             for j, name in enumerate(seq.items):
@@ -253,17 +263,22 @@ class FeaturesConfig(_Section):
                 if feature is None:
                     raise ValueError(f"{at}.items[{j}]: {name!r} is not a sparse feature ({', '.join(sparse)})")
                 if feature.kind != "id" or feature.table not in ("items", "impressions"):
-                    raise ValueError(f"{at}.items[{j}]: {name!r} is a kind {feature.kind!r} feature of table "
-                                     f"{feature.table!r}; a sequence carries kind 'id' features of table items or "
-                                     "impressions")
+                    raise ValueError(
+                        f"{at}.items[{j}]: {name!r} is a kind {feature.kind!r} feature of table "
+                        f"{feature.table!r}; a sequence carries kind 'id' features of table items or "
+                        "impressions"
+                    )
             item = sparse[seq.items[0]]
             if item.column != "item_id":
-                raise ValueError(f"{at}.items[0]: {item.name!r} reads column {item.column!r}; the first carried "
-                                 "feature must be the candidate item's id (column 'item_id'), whose embedding rows the "
-                                 "history shares")
+                raise ValueError(
+                    f"{at}.items[0]: {item.name!r} reads column {item.column!r}; the first carried "
+                    "feature must be the candidate item's id (column 'item_id'), whose embedding rows the "
+                    "history shares"
+                )
             if item.dim % seq.attention_heads:
-                raise ValueError(f"{at}.attention_heads: {seq.attention_heads} does not divide the dim {item.dim} "
-                                 f"of {item.name!r}")
+                raise ValueError(
+                    f"{at}.attention_heads: {seq.attention_heads} does not divide the dim {item.dim} of {item.name!r}"
+                )
             if clash := sorted(taken & set(seq.column_names)):
                 raise ValueError(f"{at}: its column {clash[0]!r} is already a feature or column name")
             taken |= {seq.name, *seq.column_names}
@@ -298,13 +313,16 @@ class TaskConfig(_Section):
     name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     label: str | None = Field(None, description="column with the 0/1 label; default: the task's name")
     after: str | None = Field(None, description="the task whose positives this one follows (funnel step)")
-    joint_name: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
-                                   description="funnel step: name of P(after and task), e.g. ctcvr")
-    conditional_name: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
-                                         description="funnel step: name of P(task | after), e.g. cvr")
+    joint_name: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="funnel step: name of P(after and task), e.g. ctcvr"
+    )
+    conditional_name: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="funnel step: name of P(task | after), e.g. cvr"
+    )
     loss_weight: float = Field(1.0, ge=0.0, le=1000.0, description="model.loss_weighting = 'fixed' only")
-    score_exponent: float = Field(1.0, ge=0.0, le=100.0,
-                                  description="ranking score = product of p ** score_exponent over the tasks")
+    score_exponent: float = Field(
+        1.0, ge=0.0, le=100.0, description="ranking score = product of p ** score_exponent over the tasks"
+    )
 
     @property
     def label_column(self) -> str:
@@ -326,8 +344,10 @@ class TaskConfig(_Section):
 
 
 def _funnel_tasks() -> list[TaskConfig]:
-    return [TaskConfig(name="click"),
-            TaskConfig(name="conversion", after="click", joint_name="ctcvr", conditional_name="cvr")]
+    return [
+        TaskConfig(name="click"),
+        TaskConfig(name="conversion", after="click", joint_name="ctcvr", conditional_name="cvr"),
+    ]
 
 
 def task_views(tasks: list[TaskConfig]) -> dict[str, tuple[str, str | None]]:
@@ -357,7 +377,8 @@ class TableSourceConfig(_Section):
     path: TomlPath | None = None
     split_column: str | None = None
     split_values: dict[Literal["train", "val", "test"], str] = Field(
-        default_factory=lambda: {"train": "train", "val": "val", "test": "test"})
+        default_factory=lambda: {"train": "train", "val": "val", "test": "test"}
+    )
     user_column: str | None = Field(None, description="groups rows for GAUC (per-user AUC); none: GAUC is nan")
 
     @model_validator(mode="after")
@@ -390,8 +411,10 @@ class DataConfig(_Section):
         names = [t.name for t in self.tasks]
         views = [n for t in self.tasks for n in ((t.joint_name, t.conditional_name) if t.after else (t.name,))]
         labels = self.label_columns
-        for what, values in (("task names and views", names + [v for v in views if v not in names]),
-                             ("task labels", labels)):
+        for what, values in (
+            ("task names and views", names + [v for v in views if v not in names]),
+            ("task labels", labels),
+        ):
             if dupes := repeated(values):
                 raise ValueError(f"{what} must be unique; repeated: {', '.join(dupes)}")
         for t in self.tasks:
@@ -408,8 +431,10 @@ class DataConfig(_Section):
         else:
             others = [f.name for f in (*self.features.sparse, *self.features.numeric) if f.table != "table"]
             if others or self.features.aggregate_keys:
-                raise ValueError("a [table] source reads every feature from the table: set table = 'table' on "
-                                 f"{', '.join(others) or 'every feature'} and drop aggregate_keys")
+                raise ValueError(
+                    "a [table] source reads every feature from the table: set table = 'table' on "
+                    f"{', '.join(others) or 'every feature'} and drop aggregate_keys"
+                )
         return self
 
     def check_view_metrics(self, key: str, chosen: Sequence[str | None], kinds: str) -> None:
@@ -418,8 +443,9 @@ class DataConfig(_Section):
         views = list(self.views())
         known = {f"{v}_{m}" for v in views for m in kinds.split("|")}
         if bad := [m for m in chosen if m is not None and m not in known]:
-            raise ValueError(f"{key}: unknown metric {', '.join(bad)}; choose <view>_<{kinds}> with a view "
-                             f"among {', '.join(views)}")
+            raise ValueError(
+                f"{key}: unknown metric {', '.join(bad)}; choose <view>_<{kinds}> with a view among {', '.join(views)}"
+            )
 
     def views(self) -> dict[str, tuple[str, str | None]]:
         return task_views(self.tasks)

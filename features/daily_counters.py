@@ -65,16 +65,18 @@ KEY_HASH_STEP = np.uint64(0x9E3779B97F4A7C15)
 DAILY_INPUTS = "funnelrank.counted_from"
 
 
-def stale_daily_aggregates(warehouse: Path, folders: list[Path],
-                           hashed: dict[str, str | None] | None = None) -> list[str]:
+def stale_daily_aggregates(
+    warehouse: Path, folders: list[Path], hashed: dict[str, str | None] | None = None
+) -> list[str]:
     """The daily partitions among ``folders`` counted from validated partitions that have
     changed since (validated again) or are gone, each with what changed. Partitions written
     without the record (by an older version) have nothing to compare and pass. ``hashed``:
     see ``changed_folders``."""
     stale = []
     for folder in folders:
-        recorded = {k.decode(): v for f in folder.glob("*.parquet")
-                    for k, v in (pq.read_metadata(f).metadata or {}).items()}
+        recorded = {
+            k.decode(): v for f in folder.glob("*.parquet") for k, v in (pq.read_metadata(f).metadata or {}).items()
+        }
         if DAILY_INPUTS not in recorded:
             continue
         if changed := changed_folders(warehouse, json.loads(recorded[DAILY_INPUTS]), hashed):
@@ -119,18 +121,20 @@ def daily_events(
     behaviour sequence's events of the day (features.sequences.sequence_events), read in
     the same pass."""
     sources = key_column_sources(cfg.features.aggregate_keys, warehouse, day)
-    carried = list(dict.fromkeys(
-        [c for c, t in sources.items() if t == "impressions"]
-        + [SNAPSHOT_JOIN_KEY[t] for t in sources.values() if t != "impressions"]
-    ))
+    carried = list(
+        dict.fromkeys(
+            [c for c, t in sources.items() if t == "impressions"]
+            + [SNAPSHOT_JOIN_KEY[t] for t in sources.values() if t != "impressions"]
+        )
+    )
     sequences = cfg.features.sequences
-    activity = day_activity(cfg, warehouse, day, list(dict.fromkeys(
-        carried + [c for seq in sequences for c in carried_columns(cfg, seq)])))
+    activity = day_activity(
+        cfg, warehouse, day, list(dict.fromkeys(carried + [c for seq in sequences for c in carried_columns(cfg, seq)]))
+    )
     inputs = [str(p) for p in activity.partitions]
     conv_ts = pl.col("conv_ts")
     converted = (
-        activity.conversions
-        .group_by("impression_id")
+        activity.conversions.group_by("impression_id")
         .agg(
             in_day(conv_ts.min(), day).cast(pl.Int64).alias("convs"),
             pl.col("value").filter(in_day(conv_ts, day)).sum().alias("conv_value"),
@@ -144,7 +148,8 @@ def daily_events(
         [
             activity.impressions.filter(in_day(pl.col("ts"), day)).select(*carried, pl.lit(1, pl.Int64).alias("imps")),
             activity.clicked.filter(in_day(pl.col("first_click"), day)).select(
-                *carried, pl.lit(1, pl.Int64).alias("clicks")),
+                *carried, pl.lit(1, pl.Int64).alias("clicks")
+            ),
             converted.select(*carried, "convs", "conv_value"),
         ],
         how="diagonal",
@@ -155,8 +160,8 @@ def daily_events(
     # One query: the sequences' events share the scans and joins of the activity with the counters'.
     plans = [events, *(sequence_events(cfg, seq, activity, day) for seq in sequences), *scans.values()]
     events, *collected = pl.collect_all(plans)
-    sequence_rows = dict(zip((seq.name for seq in sequences), collected[:len(sequences)], strict=True))
-    snapshots = collected[len(sequences):]
+    sequence_rows = dict(zip((seq.name for seq in sequences), collected[: len(sequences)], strict=True))
+    snapshots = collected[len(sequences) :]
     # One chunk per column: gathers on it are ~5x faster.
     rows = join_snapshots(events.rechunk(), sources, dict(zip(scans, snapshots, strict=True)), warehouse, day)
     return rows, inputs, sequence_rows
@@ -168,7 +173,6 @@ def combine_hashes(column_hashes: list[np.ndarray]) -> np.ndarray:
     for hashes in column_hashes:
         combined = mix64(combined * KEY_HASH_STEP + hashes)
     return combined
-
 
 
 def _compact(codes: np.ndarray, n_codes: int) -> tuple[np.ndarray, int]:
@@ -232,8 +236,9 @@ def build_daily_aggregates(cfg: DataConfig, warehouse: Path, day: dt.date) -> di
     events, inputs, sequence_rows = daily_events(cfg, warehouse, day)
     impressions = int(events.rows["imps"].sum())
     manifest: dict = {"date": day_str(day), "impressions": impressions, "inputs": inputs, "rows": {}, "outputs": {}}
-    counted_from = {DAILY_INPUTS: json.dumps({warehouse_relative(warehouse, Path(p)): sha256_dir(Path(p))
-                                              for p in inputs})}
+    counted_from = {
+        DAILY_INPUTS: json.dumps({warehouse_relative(warehouse, Path(p)): sha256_dir(Path(p)) for p in inputs})
+    }
     t = time.perf_counter()
     timings["events"] = t - started
     key_columns = dict.fromkeys(c for key in cfg.features.aggregate_keys for c in key.columns)
@@ -260,4 +265,3 @@ def build_daily_aggregates(cfg: DataConfig, warehouse: Path, day: dt.date) -> di
     manifest["seconds"] = round(time.perf_counter() - started, 3)
     manifest["timings_s"] = {k: round(v, 4) for k, v in timings.items()}
     return manifest
-

@@ -120,7 +120,9 @@ def input_partitions(cfg: DataConfig, warehouse: Path, day: dt.date) -> list[Pat
     warehouse = Path(warehouse)
     lag = cfg.contract.maturity_lag_days
     paths = [validated_dir(warehouse, t, day) for t in ("impressions", *SNAPSHOT_TABLES)]
-    paths += [validated_dir(warehouse, "clicks", day + dt.timedelta(days=n)) for n in range(cfg.contract.click_lag_days + 1)]
+    paths += [
+        validated_dir(warehouse, "clicks", day + dt.timedelta(days=n)) for n in range(cfg.contract.click_lag_days + 1)
+    ]
     paths += [validated_dir(warehouse, "conversions", day + dt.timedelta(days=n)) for n in range(lag + 1)]
     history = [day - dt.timedelta(days=n) for n in range(1, max(cfg.features.windows_days) + 1)]
     paths += [daily_dir(warehouse, key.name, d) for key in cfg.features.aggregate_keys for d in history]
@@ -158,7 +160,11 @@ def validate_counts(warehouse: Path, day: dt.date) -> dict | None:
         return None
     try:
         table = json.loads(path.read_text())["tables"]["impressions"]
-        return {"input_rows": int(table["input_rows"]), "valid_rows": int(table["valid_rows"]), "quarantined_rows": int(table["quarantined_rows"])}
+        return {
+            "input_rows": int(table["input_rows"]),
+            "valid_rows": int(table["valid_rows"]),
+            "quarantined_rows": int(table["quarantined_rows"]),
+        }
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise StageError(f"validate report {path} has no readable impressions counts: {err!r}") from None
 
@@ -173,13 +179,18 @@ def _snapshot_columns(cfg: DataConfig, schemas: dict[str, pl.Schema]) -> dict[st
             if not any(col in cols for cols in wanted.values()):
                 table = next((t for t in schemas if col in schemas[t]), None)
                 if table is None:
-                    raise DataContractError(f"aggregate key {key.name!r}: column {col!r} is in none of the validated {', '.join(schemas)}")
+                    raise DataContractError(
+                        f"aggregate key {key.name!r}: column {col!r} is in none of the validated {', '.join(schemas)}"
+                    )
                 wanted[table].append(col)
     seen: dict[str, str] = {}
     for table, cols in wanted.items():
         for col in cols:
             if col in seen and col != SNAPSHOT_JOIN_KEY.get(table):
-                raise StageError(f"column {col!r} is read from both {seen[col]} and {table}: rename one in the feature spec's source data")
+                raise StageError(
+                    f"column {col!r} is read from both {seen[col]} and {table}: rename one in the feature spec's "
+                    "source data"
+                )
             seen.setdefault(col, table)
             if col not in schemas[table]:
                 raise DataContractError(f"validated {table} has no column {col!r} (named by the feature spec)")
@@ -196,7 +207,9 @@ def day_rows(cfg: DataConfig, warehouse: Path, day: dt.date) -> JoinedRows:
     for table, cols in wanted.items():
         table_of.update({c: table for c in cols if c not in table_of})
     scans = snapshot_scans(warehouse, day, table_of)
-    impressions, *snapshots = pl.collect_all([frames["impressions"].select(*dict.fromkeys(base + wanted["impressions"])), *scans.values()])
+    impressions, *snapshots = pl.collect_all(
+        [frames["impressions"].select(*dict.fromkeys(base + wanted["impressions"])), *scans.values()]
+    )
     return join_snapshots(impressions, table_of, dict(zip(scans, snapshots, strict=True)), warehouse, day)
 
 
@@ -215,15 +228,23 @@ def rolled_columns(cfg: DataConfig, rows: JoinedRows, states: dict[str, RollingS
     """Every aggregate key's dense features of ``rows``, looked up in the keys' states."""
     keys = cfg.features.aggregate_keys
     coded = {column: rows.coded(column) for key in keys for column in key.columns}
-    return pl.concat([pl.DataFrame(), *(state_features(cfg, key, states[key.name], coded) for key in keys)], how="horizontal")
+    return pl.concat(
+        [pl.DataFrame(), *(state_features(cfg, key, states[key.name], coded) for key in keys)], how="horizontal"
+    )
 
 
 def numeric_feature_expr(column: str, transform: NumericTransform) -> pl.Expr:
     """``column`` as its dense feature (Float32), by the scorer's own rule
     (serving.encoding.numeric_values), a whole column per call."""
-    return pl.col(column).cast(pl.Float64).map_batches(
-        lambda values: pl.Series(values.name, numeric_values(values.to_arrow(), transform)),
-        return_dtype=pl.Float32, is_elementwise=True)
+    return (
+        pl.col(column)
+        .cast(pl.Float64)
+        .map_batches(
+            lambda values: pl.Series(values.name, numeric_values(values.to_arrow(), transform)),
+            return_dtype=pl.Float32,
+            is_elementwise=True,
+        )
+    )
 
 
 def check_finite_dense(cfg: DataConfig, raw: pl.DataFrame, dense: pl.DataFrame, where: str) -> None:
@@ -242,9 +263,11 @@ def check_finite_dense(cfg: DataConfig, raw: pl.DataFrame, dense: pl.DataFrame, 
         raise StageError(f"{where}: aggregate feature {name!r} is not finite in {n}{also}")
     values = raw.get_column(feature.column).filter(dense.get_column(name).is_finite().not_())
     shown = ", ".join(map(repr, values.unique(maintain_order=True).head(5).to_list()))
-    raise DataContractError(f"{where}: {feature.table} column {feature.column!r} gives feature {name!r} (transform "
-                            f"{feature.transform}) values that are not finite in {n}, from raw values {shown}: "
-                            f"fix or null them (null and NaN mean missing){also}")
+    raise DataContractError(
+        f"{where}: {feature.table} column {feature.column!r} gives feature {name!r} (transform "
+        f"{feature.transform}) values that are not finite in {n}, from raw values {shown}: "
+        f"fix or null them (null and NaN mean missing){also}"
+    )
 
 
 def _encode_sparse(warehouse: Path, feature: SparseFeature, day: dt.date, rows: JoinedRows) -> tuple[pa.Array, int]:
@@ -255,8 +278,10 @@ def _encode_sparse(warehouse: Path, feature: SparseFeature, day: dt.date, rows: 
         try:
             return pa.array(buckets.encode(values), pa.int64()), buckets.version
         except TypeError as err:
-            raise DataContractError(f"feature {feature.name!r} (kind bucket): validated {feature.table} column "
-                                    f"{feature.column!r} of {day_str(day)}: {err}") from None
+            raise DataContractError(
+                f"feature {feature.name!r} (kind bucket): validated {feature.table} column "
+                f"{feature.column!r} of {day_str(day)}: {err}"
+            ) from None
     if feature.kind == "list":
         # Encoded per row of its table; a snapshot row counts once per impression joined to it.
         values, source_rows = rows.source(feature.column)
@@ -312,19 +337,27 @@ def build_training_table(cfg: DataConfig, warehouse: Path, run_date: dt.date) ->
     timings: dict[str, float] = {}
     # Read (or caught up) before listing the inputs, which hold the states' partitions.
     sequences: dict[str, SequenceState] = {
-        seq.name: sequence_state(cfg, warehouse, seq, day) for seq in cfg.features.sequences}
+        seq.name: sequence_state(cfg, warehouse, seq, day) for seq in cfg.features.sequences
+    }
     timings["sequence_states"] = time.perf_counter() - started
     partitions = input_partitions(cfg, warehouse, day)
     daily = [p for p in partitions if p.is_relative_to(daily_features_root(warehouse))]
     if stale := stale_daily_aggregates(warehouse, daily):
-        raise StageError(f"training table of {day_str(day)}: the daily aggregates {'; '.join(stale)} were counted "
-                         f"from data validated again since: run `funnelrank features` for their dates (or their "
-                         f"nights) first")
+        raise StageError(
+            f"training table of {day_str(day)}: the daily aggregates {'; '.join(stale)} were counted "
+            f"from data validated again since: run `funnelrank features` for their dates (or their "
+            f"nights) first"
+        )
     inputs = input_hashes(cfg, warehouse, partitions)
     timings["hash_inputs"] = time.perf_counter() - started - timings["sequence_states"]
 
     previous = _read_manifest(training_manifest_path(warehouse, day))
-    if previous and previous.get("inputs") == inputs and (target / DATA_FILE).exists() and recorded_sha256(target / DATA_FILE) == previous.get("content_sha256"):
+    if (
+        previous
+        and previous.get("inputs") == inputs
+        and (target / DATA_FILE).exists()
+        and recorded_sha256(target / DATA_FILE) == previous.get("content_sha256")
+    ):
         return previous | {"skipped": True}
 
     t = time.perf_counter()
@@ -338,7 +371,9 @@ def build_training_table(cfg: DataConfig, warehouse: Path, run_date: dt.date) ->
         t = time.perf_counter()
         spec = cfg.features
         columns: dict[str, pa.Array | pa.ChunkedArray] = {}
-        ids = rows.rows.select("impression_id", "ts", pl.col("user_id").alias("raw_user_id")).hstack(labels.drop("impression_id").get_columns())
+        ids = rows.rows.select("impression_id", "ts", pl.col("user_id").alias("raw_user_id")).hstack(
+            labels.drop("impression_id").get_columns()
+        )
         columns.update(zip(ids.columns, ids.to_arrow().columns, strict=True))
         vocab_versions: dict[str, int] = {}
         for feature in spec.sparse:
@@ -385,7 +420,8 @@ def build_training_table(cfg: DataConfig, warehouse: Path, run_date: dt.date) ->
             "content_sha256": content_sha,
             "inputs": inputs,
             "vocab_versions": vocab_versions,
-            "timings_s": {k: round(v, 4) for k, v in timings.items()} | {"total": round(time.perf_counter() - started, 4)},
+            "timings_s": {k: round(v, 4) for k, v in timings.items()}
+            | {"total": round(time.perf_counter() - started, 4)},
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest | {"skipped": False}
@@ -395,14 +431,19 @@ def _reconcile(warehouse: Path, day: dt.date, rows_out: int) -> dict:
     """Row counts: impressions in = rows out + quarantined (from the validate report)."""
     n_valid = scan_validated(warehouse, "impressions", day).select(pl.len()).collect().item()
     if rows_out != n_valid:
-        raise StageError(f"training table of {day_str(day)} has {rows_out} rows for {n_valid} validated impressions in {validated_dir(warehouse, 'impressions', day)}")
+        raise StageError(
+            f"training table of {day_str(day)} has {rows_out} rows for {n_valid} validated impressions in "
+            f"{validated_dir(warehouse, 'impressions', day)}"
+        )
     report = validate_counts(warehouse, day)
     if report is None:
         return {"impressions_in": n_valid, "rows_out": rows_out, "quarantined": None, "validate_report": None}
     if report["input_rows"] != rows_out + report["quarantined_rows"]:
         raise StageError(
-            f"counts do not reconcile for {day_str(day)}: validate report {report_path(warehouse, 'validate', day)} has "
-            f"{report['input_rows']} impressions in and {report['quarantined_rows']} quarantined, training table has {rows_out} rows"
+            f"counts do not reconcile for {day_str(day)}: validate report {report_path(warehouse, 'validate', day)} "
+            "has "
+            f"{report['input_rows']} impressions in and {report['quarantined_rows']} quarantined, training table "
+            f"has {rows_out} rows"
         )
     return {
         "impressions_in": report["input_rows"],

@@ -89,16 +89,24 @@ def atomic_write_json(target: Path, obj: object) -> None:
     atomic_write_bytes(target, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
-def write_parquet_dir(target: Path, table: pa.Table | pl.DataFrame, row_group_size: int = 1 << 20,
-                      metadata: Mapping[str, str] | None = None) -> Path:
+def write_parquet_dir(
+    target: Path,
+    table: pa.Table | pl.DataFrame,
+    row_group_size: int = 1 << 20,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
     """Write ``table`` as ``target/part-0.parquet`` atomically (replacing the folder), with
     its recorded sha256 (``record_sha256``) and ``metadata`` as the file's key-value
     metadata. A polars frame is written by polars, which encodes the columns in parallel
     (about twice as fast as pyarrow's writer)."""
     with atomic_dir(target) as tmp:
         if isinstance(table, pl.DataFrame):
-            table.write_parquet(tmp / "part-0.parquet", compression="zstd", row_group_size=row_group_size,
-                                metadata=dict(metadata) if metadata else None)
+            table.write_parquet(
+                tmp / "part-0.parquet",
+                compression="zstd",
+                row_group_size=row_group_size,
+                metadata=dict(metadata) if metadata else None,
+            )
         else:
             if metadata:
                 table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
@@ -150,8 +158,9 @@ def sha256_dir(path: Path) -> str:
     return h.hexdigest()
 
 
-def changed_folders(root: Path, recorded: Mapping[str, str],
-                    hashed: dict[str, str | None] | None = None) -> dict[str, str]:
+def changed_folders(
+    root: Path, recorded: Mapping[str, str], hashed: dict[str, str | None] | None = None
+) -> dict[str, str]:
     """The folders of ``recorded`` (path relative to ``root`` -> the ``sha256_dir`` an output
     was built from) that changed since: path -> "changed" or "is gone". ``hashed`` caches
     the current hashes across calls (None: the folder is gone)."""

@@ -56,9 +56,11 @@ def first_clicks(impressions: pl.LazyFrame, clicks: pl.LazyFrame, window: dt.tim
 
 def attributed_conversions(clicked: pl.LazyFrame, conversions: pl.LazyFrame, window: dt.timedelta) -> pl.LazyFrame:
     """Conversion events in [first_click, first_click + window], with the clicked rows' columns."""
-    return conversions.select("impression_id", pl.col("ts").alias("conv_ts"), "value").join(
-        clicked, on="impression_id"
-    ).filter(pl.col("conv_ts").is_between(pl.col("first_click"), pl.col("first_click") + window, closed="both"))
+    return (
+        conversions.select("impression_id", pl.col("ts").alias("conv_ts"), "value")
+        .join(clicked, on="impression_id")
+        .filter(pl.col("conv_ts").is_between(pl.col("first_click"), pl.col("first_click") + window, closed="both"))
+    )
 
 
 @dataclass(frozen=True)
@@ -104,9 +106,7 @@ def day_activity(cfg: DataConfig, warehouse: Path, day: dt.date, carried: list[s
     return DayActivity(impressions, clicked, converted, activity_partitions(warehouse, days))
 
 
-def _scan_label_events(
-    warehouse: Path, table: str, day: dt.date, lag_days: int, allow_immature: bool
-) -> pl.LazyFrame:
+def _scan_label_events(warehouse: Path, table: str, day: dt.date, lag_days: int, allow_immature: bool) -> pl.LazyFrame:
     """Events of ``day .. day + lag_days``; a missing later day means immature labels."""
     frames = [scan_events(warehouse, table, day)]
     for ahead in range(1, lag_days + 1):
@@ -122,7 +122,11 @@ def _scan_label_events(
 
 
 def build_labels(
-    cfg: DataConfig, warehouse: Path, day: dt.date, allow_immature: bool = False, impressions: pl.DataFrame | None = None
+    cfg: DataConfig,
+    warehouse: Path,
+    day: dt.date,
+    allow_immature: bool = False,
+    impressions: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
     """impression_id, click (Int8), conversion (Int8), conversion_value (Float64) for every
     validated impression of ``day``, in the impressions' order.
@@ -141,10 +145,25 @@ def build_labels(
     # which spares two joins of every impression on its string id.
     rows = impressions.lazy().select("impression_id", "ts").with_row_index("row")
     clicked = first_clicks(rows, clicks, contract.click_window).select("impression_id", "row", "first_click")
-    converted = attributed_conversions(clicked, conversions, contract.attribution_window).group_by("row").agg(pl.col("value").sum())
+    converted = (
+        attributed_conversions(clicked, conversions, contract.attribution_window)
+        .group_by("row")
+        .agg(pl.col("value").sum())
+    )
     clicked, converted = pl.collect_all([clicked.select("row"), converted])
-    click, conversion, value = np.zeros(impressions.height, np.int8), np.zeros(impressions.height, np.int8), np.zeros(impressions.height)
+    click, conversion, value = (
+        np.zeros(impressions.height, np.int8),
+        np.zeros(impressions.height, np.int8),
+        np.zeros(impressions.height),
+    )
     click[clicked["row"].to_numpy()] = 1
     conversion[converted["row"].to_numpy()] = 1
     value[converted["row"].to_numpy()] = converted["value"].to_numpy()
-    return pl.DataFrame({"impression_id": impressions["impression_id"], "click": click, "conversion": conversion, "conversion_value": value})
+    return pl.DataFrame(
+        {
+            "impression_id": impressions["impression_id"],
+            "click": click,
+            "conversion": conversion,
+            "conversion_value": value,
+        }
+    )

@@ -91,8 +91,10 @@ def _scan_daily_hashed(warehouse: Path, key: AggregateKey, day: dt.date) -> pl.L
     path = daily_dir(warehouse, key.name, day)
     scan = pl.scan_parquet(path / "*.parquet")
     if "key_hash" not in scan.collect_schema():
-        raise DataContractError(f"{path} has no key_hash column (written by an older version): "
-                                f"rerun `funnelrank features` for {day_str(day)}")
+        raise DataContractError(
+            f"{path} has no key_hash column (written by an older version): "
+            f"rerun `funnelrank features` for {day_str(day)}"
+        )
     return scan.select("key_hash", *COUNTS)
 
 
@@ -123,8 +125,10 @@ def _state_manifest(path: Path) -> dict | None:
 
 def _state_matches(manifest: dict | None, cfg: DataConfig, key: AggregateKey, daily_sha: dict[str, str]) -> bool:
     return bool(manifest) and (
-        manifest.get("format") == STATE_FORMAT and manifest.get("key_columns") == key.columns
-        and manifest.get("windows") == list(cfg.features.windows_days) and manifest.get("daily_sha256") == daily_sha
+        manifest.get("format") == STATE_FORMAT
+        and manifest.get("key_columns") == key.columns
+        and manifest.get("windows") == list(cfg.features.windows_days)
+        and manifest.get("daily_sha256") == daily_sha
     )
 
 
@@ -177,8 +181,10 @@ def _advanced_state(warehouse: Path, key: AggregateKey, previous: RollingState) 
     if day in existing:
         added, added_counts = _read_daily_sorted(warehouse, key, day)
     elif existing and min(existing) <= day:
-        raise DataContractError(f"daily aggregates of key {key.name!r} for {day_str(day)} missing in {root}: "
-                                "a stage did not run for that day")
+        raise DataContractError(
+            f"daily aggregates of key {key.name!r} for {day_str(day)} missing in {root}: "
+            "a stage did not run for that day"
+        )
     else:
         added, added_counts = np.zeros(0, np.uint64), np.zeros((0, len(COUNTS)), np.int64)
     pos = np.searchsorted(keys, added)
@@ -215,8 +221,10 @@ def _advanced_state(warehouse: Path, key: AggregateKey, previous: RollingState) 
         gone, gone_counts = gone[nonzero], gone_counts[nonzero]
         pos = np.searchsorted(keys, gone)
         if len(gone) and (len(keys) == 0 or not (keys[np.minimum(pos, len(keys) - 1)] == gone).all()):
-            raise StageError(f"rolling state of key {key.name!r} for {day_str(day)} lacks keys of "
-                             f"{daily_dir(warehouse, key.name, leaving)}")
+            raise StageError(
+                f"rolling state of key {key.name!r} for {day_str(day)} lacks keys of "
+                f"{daily_dir(warehouse, key.name, leaving)}"
+            )
         for j in range(len(COUNTS)):
             counts[i * len(COUNTS) + j][pos] -= gone_counts[:, j]
     keep = _in_longest_window(counts, windows)
@@ -283,7 +291,8 @@ def rolling_state(
         # Yesterday's window: today's without day - 1, plus the day that has just left it.
         previous_days = window_days(yesterday, max(windows))
         previous_sha = daily_partition_hashes(warehouse, key, previous_days[-1:]) | {
-            p: sha for p, sha in daily_sha.items()
+            p: sha
+            for p, sha in daily_sha.items()
             if p != warehouse_relative(warehouse, daily_dir(warehouse, key.name, yesterday))
         }
     previous = None

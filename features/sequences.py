@@ -110,8 +110,14 @@ def stored_columns(cfg: DataConfig, seq: SequenceFeature) -> list[str]:
 
 def _identity(cfg: DataConfig, seq: SequenceFeature) -> dict:
     """What a state's content depends on besides the events (a change rebuilds it)."""
-    return {"format": STATE_FORMAT, "event": seq.event, "key": seq.key, "max_length": seq.max_length,
-            "columns": stored_columns(cfg, seq), "contract": cfg.contract.model_dump(mode="json")}
+    return {
+        "format": STATE_FORMAT,
+        "event": seq.event,
+        "key": seq.key,
+        "max_length": seq.max_length,
+        "columns": stored_columns(cfg, seq),
+        "contract": cfg.contract.model_dump(mode="json"),
+    }
 
 
 def _history_start(warehouse: Path) -> dt.date:
@@ -142,7 +148,8 @@ def sequence_events(cfg: DataConfig, seq: SequenceFeature, activity: DayActivity
         events = activity.clicked.select("impression_id", pl.col("first_click").alias(TS), *carried)
     else:
         events = activity.conversions.group_by("impression_id").agg(
-            pl.col("conv_ts").min().alias(TS), *[pl.col(c).first() for c in carried])
+            pl.col("conv_ts").min().alias(TS), *[pl.col(c).first() for c in carried]
+        )
     return (
         events.filter(in_day(pl.col(TS), day) & pl.col(seq.key).is_not_null())
         .sort([seq.key, TS, "impression_id"], descending=[False, True, False])
@@ -162,15 +169,22 @@ def _advanced(previous: SequenceState, events: pl.DataFrame, max_length: int) ->
     merged = pl.concat([events, previous.elements], how="vertical_relaxed").sort(KEY, maintain_order=True)
     kept = merged.filter(pl.int_range(pl.len()).over(KEY) < max_length)
     # Independently of the merge: each key keeps min(N, old + new) elements.
-    per_key = pl.concat([previous.elements.group_by(KEY).len(), events.group_by(KEY).len()]).group_by(KEY).agg(
-        pl.col("len").sum())
+    per_key = (
+        pl.concat([previous.elements.group_by(KEY).len(), events.group_by(KEY).len()])
+        .group_by(KEY)
+        .agg(pl.col("len").sum())
+    )
     expected = int(per_key["len"].clip(upper_bound=max_length).sum())
     state = SequenceState(previous.day + dt.timedelta(days=1), kept)
     if (kept.height, state.users) != (expected, per_key.height):
-        raise StageError(f"sequence state of {day_str(state.day)} has {kept.height} elements of {state.users} keys, "
-                         f"expected {expected} of {per_key.height}")
+        raise StageError(
+            f"sequence state of {day_str(state.day)} has {kept.height} elements of {state.users} keys, "
+            f"expected {expected} of {per_key.height}"
+        )
     return state, {
-        "previous_users": previous.users, "previous_elements": previous.elements.height, "events_added": events.height,
+        "previous_users": previous.users,
+        "previous_elements": previous.elements.height,
+        "events_added": events.height,
         "elements_dropped": previous.elements.height + events.height - kept.height,
     }
 
@@ -213,8 +227,14 @@ def _load(warehouse: Path, seq: SequenceFeature, day: dt.date) -> SequenceState 
     return state if (state.users, state.elements.height) == (manifest.get("users"), manifest.get("elements")) else None
 
 
-def _write(cfg: DataConfig, warehouse: Path, seq: SequenceFeature, state: SequenceState, previous_sha256: str | None,
-           reconciliation: dict) -> str:
+def _write(
+    cfg: DataConfig,
+    warehouse: Path,
+    seq: SequenceFeature,
+    state: SequenceState,
+    previous_sha256: str | None,
+    reconciliation: dict,
+) -> str:
     """Write the state atomically, delete the ones no stage reads any more; return the data file's sha256."""
     target = sequence_state_dir(warehouse, seq.name, state.day)
     with atomic_dir(target) as tmp:
@@ -233,8 +253,9 @@ def _write(cfg: DataConfig, warehouse: Path, seq: SequenceFeature, state: Sequen
     return content_sha256
 
 
-def _newest_trusted(cfg: DataConfig, warehouse: Path, seq: SequenceFeature, day: dt.date,
-                    start: dt.date) -> tuple[SequenceState, str | None] | None:
+def _newest_trusted(
+    cfg: DataConfig, warehouse: Path, seq: SequenceFeature, day: dt.date, start: dt.date
+) -> tuple[SequenceState, str | None] | None:
     """The newest state on or before ``day`` to build on, with its data's sha256: among the
     newest run of consecutive kept states, the trusted ones from the oldest up to the first
     that is not (a stale state taints those built on it). None: none to build on."""
@@ -255,8 +276,9 @@ def _newest_trusted(cfg: DataConfig, warehouse: Path, seq: SequenceFeature, day:
     return None
 
 
-def sequence_state(cfg: DataConfig, warehouse: Path, seq: SequenceFeature, day: dt.date,
-                   events_before: pl.DataFrame | None = None) -> SequenceState:
+def sequence_state(
+    cfg: DataConfig, warehouse: Path, seq: SequenceFeature, day: dt.date, events_before: pl.DataFrame | None = None
+) -> SequenceState:
     """The sequence's elements as of the start of ``day`` (events of the days before it):
     read when trusted, else advanced day by day from the newest trusted state before it
     (or from the first day of history), each day written atomically. ``events_before``:
@@ -275,8 +297,14 @@ def sequence_state(cfg: DataConfig, warehouse: Path, seq: SequenceFeature, day: 
     return state
 
 
-def sequence_columns(cfg: DataConfig, warehouse: Path, seq: SequenceFeature, state: SequenceState, rows: JoinedRows,
-                     vocab_versions: dict[str, int]) -> dict[str, pa.Array]:
+def sequence_columns(
+    cfg: DataConfig,
+    warehouse: Path,
+    seq: SequenceFeature,
+    state: SequenceState,
+    rows: JoinedRows,
+    vocab_versions: dict[str, int],
+) -> dict[str, pa.Array]:
     """The sequence's training-table columns for ``rows`` (of ``state.day``), in
     ``seq.column_names`` order: per carried feature a list of embedding rows, then the ages
     (see the module doc). ``vocab_versions``: the version each feature was encoded with."""
@@ -322,6 +350,7 @@ def sequence_columns(cfg: DataConfig, warehouse: Path, seq: SequenceFeature, sta
     row_offsets = pa.array(row_offsets, pa.int64())
     return {
         name: pa.LargeListArray.from_arrays(row_offsets, pa.array(column[row_picked]))
-        for name, column in zip([*(sequence_column(seq.name, f) for f in seq.items), sequence_age_column(seq.name)],
-                                values, strict=True)
+        for name, column in zip(
+            [*(sequence_column(seq.name, f) for f in seq.items), sequence_age_column(seq.name)], values, strict=True
+        )
     }

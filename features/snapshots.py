@@ -40,7 +40,9 @@ class CodedColumn:
     @classmethod
     def encode(cls, column: pl.Series) -> CodedColumn:
         encoded = pc.dictionary_encode(column.rechunk().to_arrow())
-        return cls(pc.fill_null(encoded.indices, len(encoded.dictionary)).to_numpy(zero_copy_only=False), encoded.dictionary)
+        return cls(
+            pc.fill_null(encoded.indices, len(encoded.dictionary)).to_numpy(zero_copy_only=False), encoded.dictionary
+        )
 
     @property
     def null_code(self) -> int:
@@ -112,7 +114,9 @@ def snapshot_scans(warehouse: Path, day: dt.date, table_of: dict[str, str]) -> d
     }
 
 
-def join_snapshots(rows: pl.DataFrame, table_of: dict[str, str], snapshots: dict[str, pl.DataFrame], warehouse: Path, day: dt.date) -> JoinedRows:
+def join_snapshots(
+    rows: pl.DataFrame, table_of: dict[str, str], snapshots: dict[str, pl.DataFrame], warehouse: Path, day: dt.date
+) -> JoinedRows:
     """``rows`` joined to each of ``snapshots`` (``snapshot_scans`` of ``day``, collected)
     on the table's join key, which ``rows`` must hold."""
     joined = JoinedRows(rows, {}, {}, table_of)
@@ -124,7 +128,11 @@ def join_snapshots(rows: pl.DataFrame, table_of: dict[str, str], snapshots: dict
             snapshot.select(on).with_row_index("row"), on=on, how="left", maintain_order="left"
         )
         if found.height != len(key.values):
-            raise StageError(f"{validated_dir(warehouse, table, day)} holds some {on} more than once: a snapshot has one row per key")
-        joined.snapshot_row[table] = np.append(found["row"].fill_null(snapshot.height).to_numpy(), snapshot.height)[key.codes]
+            raise StageError(
+                f"{validated_dir(warehouse, table, day)} holds some {on} more than once: a snapshot has one row per key"
+            )
+        joined.snapshot_row[table] = np.append(found["row"].fill_null(snapshot.height).to_numpy(), snapshot.height)[
+            key.codes
+        ]
         joined.snapshots[table] = pl.concat([snapshot, pl.DataFrame(schema=snapshot.schema).clear(1)])
     return joined

@@ -114,16 +114,18 @@ class GenerateSummary:
     def describe(self) -> str:
         end = self.start_date + dt.timedelta(days=self.days)
         r = self.rows
-        return "\n".join([
-            f"synthetic logs: {self.days} day(s) from {self.start_date} (seed {self.seed}, "
-            f"task correlation {self.task_correlation:.2f}) -> {self.warehouse}",
-            f"  impressions {r['impressions']:>12,}   users {r['users']:,}   items {r['items']:,}",
-            f"  clicks      {r['clicks']:>12,}   CTR {self.ctr:.2%}",
-            f"  conversions {r['conversions']:>12,}   CVR after click {self.cvr_after_click:.2%}, "
-            f"{self.late_conversion_share:.1%} on a later day than their click",
-            f"  not written: {self.events_after_end:,} clicks/conversions after the log's end ({end} 00:00 UTC)",
-            f"  {self.seconds:.1f} s, {self.impressions_per_second:,.0f} impressions/s",
-        ])
+        return "\n".join(
+            [
+                f"synthetic logs: {self.days} day(s) from {self.start_date} (seed {self.seed}, "
+                f"task correlation {self.task_correlation:.2f}) -> {self.warehouse}",
+                f"  impressions {r['impressions']:>12,}   users {r['users']:,}   items {r['items']:,}",
+                f"  clicks      {r['clicks']:>12,}   CTR {self.ctr:.2%}",
+                f"  conversions {r['conversions']:>12,}   CVR after click {self.cvr_after_click:.2%}, "
+                f"{self.late_conversion_share:.1%} on a later day than their click",
+                f"  not written: {self.events_after_end:,} clicks/conversions after the log's end ({end} 00:00 UTC)",
+                f"  {self.seconds:.1f} s, {self.impressions_per_second:,.0f} impressions/s",
+            ]
+        )
 
 
 @dataclass
@@ -407,13 +409,15 @@ IMPRESSIONS_SCHEMA = pa.schema([
 # p_*: the probabilities the labels were drawn with (they include the unobservable
 # noise). *_logit_observable: the same logits without that noise, i.e. what a perfect
 # model that sees every feature can rank by; use them for the oracle AUC.
-TRUTH_SCHEMA = pa.schema([
-    ("impression_id", pa.string()),
-    ("p_click", pa.float64()),
-    ("p_conversion_given_click", pa.float64()),
-    ("click_logit_observable", pa.float64()),
-    ("conversion_logit_observable", pa.float64()),
-])
+TRUTH_SCHEMA = pa.schema(
+    [
+        ("impression_id", pa.string()),
+        ("p_click", pa.float64()),
+        ("p_conversion_given_click", pa.float64()),
+        ("click_logit_observable", pa.float64()),
+        ("conversion_logit_observable", pa.float64()),
+    ]
+)
 CLICKS_SCHEMA = pa.schema([("impression_id", pa.string()), ("ts", TS)])
 CONVERSIONS_SCHEMA = pa.schema([("impression_id", pa.string()), ("ts", TS), ("value", pa.float64())])
 
@@ -494,7 +498,9 @@ class _EventBuffer:
             return schema.empty_table()
         ts = np.concatenate([e.ts for e in pieces])
         order = np.argsort(ts, kind="stable")
-        ids = pa.concat_arrays([_impression_ids(start_date + dt.timedelta(days=e.impression_day), e.row) for e in pieces])
+        ids = pa.concat_arrays(
+            [_impression_ids(start_date + dt.timedelta(days=e.impression_day), e.row) for e in pieces]
+        )
         columns = {"impression_id": ids.take(pa.array(order)), "ts": pa.array(ts[order], TS)}
         if "value" in schema.names:
             columns["value"] = pa.array(np.concatenate([e.value for e in pieces])[order], pa.float64())
@@ -578,7 +584,10 @@ def _generate_day(
     ts = _day_timestamps(_stream(cfg.seed, DAY_STREAM, day_index), g.impressions_per_day,
                          start_us + day_index * US_PER_DAY)  # fmt: skip
     total = _Counts()
-    with atomic_dir(raw_dir(warehouse, "impressions", day)) as imp_tmp, atomic_dir(truth_dir(warehouse, day)) as truth_tmp:
+    with (
+        atomic_dir(raw_dir(warehouse, "impressions", day)) as imp_tmp,
+        atomic_dir(truth_dir(warehouse, day)) as truth_tmp,
+    ):
         # Dictionary pages only where values repeat: unique ids and random floats gain nothing.
         imp_writer = pq.ParquetWriter(imp_tmp / DATA_FILE, IMPRESSIONS_SCHEMA, compression="zstd",
                                       use_dictionary=["user_id", "item_id", "device", "slot"])  # fmt: skip

@@ -125,8 +125,10 @@ def header_names(path: Path) -> list[str]:
 
 def check_unique_header(path: Path, names: list[str]) -> None:
     if dupes := repeated(names):
-        raise DataContractError(f"table file {path}: column {dupes[0]!r} is named {names.count(dupes[0])} times in the header"
-                                + (f" (also repeated: {', '.join(map(repr, dupes[1:]))})" if dupes[1:] else ""))
+        raise DataContractError(
+            f"table file {path}: column {dupes[0]!r} is named {names.count(dupes[0])} times in the header"
+            + (f" (also repeated: {', '.join(map(repr, dupes[1:]))})" if dupes[1:] else "")
+        )
 
 
 def parquet_source(path: Path, sha256: str, warehouse: Path) -> Path:
@@ -158,15 +160,21 @@ def check_columns(cfg: DataConfig, path: Path, names: list[str]) -> None:
     source = cfg.table
     wanted = [(f.column, f"feature {f.name!r}") for f in (*cfg.features.sparse, *cfg.features.numeric)]
     wanted += [(t.label_column, f"label of task {t.name!r}") for t in cfg.tasks]
-    wanted += [(c, f"table.{key}") for key, c in (("user_column", source.user_column), ("split_column", source.split_column)) if c]
+    wanted += [
+        (c, f"table.{key}")
+        for key, c in (("user_column", source.user_column), ("split_column", source.split_column))
+        if c
+    ]
     for column, used_by in wanted:
         if column not in names:
             raise DataContractError(f"table file {path}: no column {column!r} ({used_by})")
     features = {f.column: f.name for f in (*cfg.features.sparse, *cfg.features.numeric)}
     for t in cfg.tasks:
         if t.label_column in features:
-            raise DataContractError(f"table file {path}: column {t.label_column!r} is the label of task {t.name!r} "
-                                    f"and also feature {features[t.label_column]!r}'s input: a label cannot be a feature")
+            raise DataContractError(
+                f"table file {path}: column {t.label_column!r} is the label of task {t.name!r} "
+                f"and also feature {features[t.label_column]!r}'s input: a label cannot be a feature"
+            )
 
 
 def read_splits(cfg: DataConfig, inputs: dict[str, Path], sources: dict[str, Path]) -> dict[str, pl.DataFrame]:
@@ -183,8 +191,10 @@ def read_splits(cfg: DataConfig, inputs: dict[str, Path], sources: dict[str, Pat
     if other.height:
         seen = other.get_column(source.split_column).cast(pl.String).value_counts(sort=True)
         shown = ", ".join(f"{v!r} ({n:,} rows)" for v, n in seen.head(BAD_VALUES_SHOWN).iter_rows())
-        raise DataContractError(f"table file {path}: {other.height:,} rows of split column {source.split_column!r} "
-                                f"match none of split_values {wanted}: {shown}")
+        raise DataContractError(
+            f"table file {path}: {other.height:,} rows of split column {source.split_column!r} "
+            f"match none of split_values {wanted}: {shown}"
+        )
     return {split: frame.filter(value == source.split_values[split]) for split in SPLITS}
 
 
@@ -197,23 +207,38 @@ def check_types(cfg: DataConfig, path: Path, schema: pl.Schema) -> None:
     for f in cfg.features.sparse:
         dtype = schema[f.column]
         if f.kind == "bucket" and not (dtype.is_numeric() or dtype == pl.Boolean):
-            raise DataContractError(f"table file {path}: column {f.column!r} (feature {f.name!r}, kind bucket) has type {dtype}, expected numbers")
+            raise DataContractError(
+                f"table file {path}: column {f.column!r} (feature {f.name!r}, kind bucket) has type {dtype}, "
+                "expected numbers"
+            )
         if f.kind == "id" and not _is_id_type(dtype):
-            raise DataContractError(f"table file {path}: column {f.column!r} (feature {f.name!r}) has type {dtype}, expected integer or string ids")
+            raise DataContractError(
+                f"table file {path}: column {f.column!r} (feature {f.name!r}) has type {dtype}, expected integer or "
+                "string ids"
+            )
         # a list: a list column, or a CSV string of delimited ids
         if f.kind == "list" and not (dtype == pl.String or (isinstance(dtype, pl.List) and _is_id_type(dtype.inner))):
-            raise DataContractError(f"table file {path}: column {f.column!r} (feature {f.name!r}) has type {dtype}, "
-                                    f"expected a list of integer or string ids (or '{LIST_DELIMITER}'-separated ids)")
+            raise DataContractError(
+                f"table file {path}: column {f.column!r} (feature {f.name!r}) has type {dtype}, "
+                f"expected a list of integer or string ids (or '{LIST_DELIMITER}'-separated ids)"
+            )
     user = cfg.table.user_column
     if user is not None and not _is_id_type(schema[user]):
-        raise DataContractError(f"table file {path}: user column {user!r} has type {schema[user]}, expected integer or string ids")
+        raise DataContractError(
+            f"table file {path}: user column {user!r} has type {schema[user]}, expected integer or string ids"
+        )
     for f in cfg.features.numeric:
         if not (schema[f.column].is_numeric() or schema[f.column] == pl.Boolean):
-            raise DataContractError(f"table file {path}: column {f.column!r} (feature {f.name!r}) has type {schema[f.column]}, expected numbers")
+            raise DataContractError(
+                f"table file {path}: column {f.column!r} (feature {f.name!r}) has type {schema[f.column]}, expected "
+                "numbers"
+            )
     for t in cfg.tasks:
         if not (schema[t.label_column].is_numeric() or schema[t.label_column] == pl.Boolean):
-            raise DataContractError(f"table file {path}: label column {t.label_column!r} (task {t.name!r}) has type "
-                                    f"{schema[t.label_column]}, expected 0/1")
+            raise DataContractError(
+                f"table file {path}: label column {t.label_column!r} (task {t.name!r}) has type "
+                f"{schema[t.label_column]}, expected 0/1"
+            )
 
 
 def check_labels(cfg: DataConfig, path: Path, split: str, frame: pl.DataFrame) -> None:
@@ -223,15 +248,19 @@ def check_labels(cfg: DataConfig, path: Path, split: str, frame: pl.DataFrame) -
         bad = frame.filter(label.is_not_null() & (label != 0.0) & (label != 1.0)).get_column(t.label_column)
         if len(bad):
             shown = ", ".join(map(repr, bad.unique(maintain_order=True).head(BAD_VALUES_SHOWN).to_list()))
-            raise DataContractError(f"table file {path} ({split} split): label column {t.label_column!r} (task {t.name!r}) "
-                                    f"has {len(bad):,} rows that are not 0/1, e.g. {shown}")
+            raise DataContractError(
+                f"table file {path} ({split} split): label column {t.label_column!r} (task {t.name!r}) "
+                f"has {len(bad):,} rows that are not 0/1, e.g. {shown}"
+            )
 
 
 def quarantine_null_labels(cfg: DataConfig, frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(rows with every label, rows with a null label + ``reason``)."""
     reason = pl.lit(None, dtype=pl.String)
     for t in reversed(cfg.tasks):  # the first task's null label names the reason
-        reason = pl.when(pl.col(t.label_column).is_null()).then(pl.lit(f"null label {t.label_column}")).otherwise(reason)
+        reason = (
+            pl.when(pl.col(t.label_column).is_null()).then(pl.lit(f"null label {t.label_column}")).otherwise(reason)
+        )
     frame = frame.with_columns(reason.alias(REASON))
     good = frame.filter(pl.col(REASON).is_null()).drop(REASON)
     return good, frame.filter(pl.col(REASON).is_not_null())
@@ -255,13 +284,16 @@ def table_schema(cfg: DataConfig) -> pa.Schema:
     fields += [pa.field(f.name, pa.large_list(pa.int64()) if f.kind == "list" else pa.int64()) for f in spec.sparse]
     fields += [pa.field(name, pa.float32()) for name in spec.dense_names()]
     if dupes := repeated([f.name for f in fields]):
-        raise StageError(f"training table columns must be unique; repeated: {', '.join(dupes)} "
-                         "(a feature named like a label column or like raw_user_id): rename the feature")
+        raise StageError(
+            f"training table columns must be unique; repeated: {', '.join(dupes)} "
+            "(a feature named like a label column or like raw_user_id): rename the feature"
+        )
     return pa.schema(fields)
 
 
-def encode_split(cfg: DataConfig, frame: pl.DataFrame, vocabs: dict[str, Vocabulary | Buckets], schema: pa.Schema,
-                 where: str) -> pa.Table:
+def encode_split(
+    cfg: DataConfig, frame: pl.DataFrame, vocabs: dict[str, Vocabulary | Buckets], schema: pa.Schema, where: str
+) -> pa.Table:
     """One split's rows (labels all present) as a training table of ``schema``; ``where``
     names the rows in errors."""
     columns: dict[str, pa.Array] = {}
@@ -290,8 +322,10 @@ def reset_vocabularies(warehouse: Path, cfg: DataConfig) -> None:
     for f in cfg.features.sparse:
         days = read_manifest(warehouse, f.name)["applied_days"]
         if set(days) - {TABLE_DAY.isoformat()}:
-            raise StageError(f"vocabulary {vocab_dir(warehouse, f.name)} holds event-log days ({', '.join(sorted(days)[:3])}, ...): "
-                             "a table source needs a warehouse of its own")
+            raise StageError(
+                f"vocabulary {vocab_dir(warehouse, f.name)} holds event-log days ({', '.join(sorted(days)[:3])}, ...): "
+                "a table source needs a warehouse of its own"
+            )
         shutil.rmtree(vocab_dir(warehouse, f.name), ignore_errors=True)
 
 
@@ -344,22 +378,34 @@ def prepare_table(cfg: DataConfig, warehouse: Path) -> PreparedTable:
     for split in SPLITS:
         frame, path = frames[split], paths[split]
         if frame.height == 0:
-            where = f" with {cfg.table.split_column} = {cfg.table.split_values[split]!r}" if cfg.table.split_column else ""
+            where = (
+                f" with {cfg.table.split_column} = {cfg.table.split_values[split]!r}" if cfg.table.split_column else ""
+            )
             raise DataContractError(f"table {split} split is empty: no rows in {path}{where}")
         check_types(cfg, path, frame.schema)
         check_labels(cfg, path, split, frame)
         good[split], quarantined = quarantine_null_labels(cfg, frame)
         if good[split].height == 0:
-            raise DataContractError(f"table {split} split has no row with every label in {path}: all {frame.height:,} rows have a null label")
+            raise DataContractError(
+                f"table {split} split has no row with every label in {path}: all {frame.height:,} rows have a null "
+                "label"
+            )
         quarantine = table_quarantine_dir(warehouse, split)
         if quarantined.height:
             write_parquet_dir(quarantine, quarantined.to_arrow(), row_group_size=TABLE_ROW_GROUP_ROWS)
         else:
             shutil.rmtree(quarantine, ignore_errors=True)
-        splits[split] = {"input": inputs[split], "rows_in": frame.height, "rows_out": good[split].height, "quarantined": quarantined.height}
+        splits[split] = {
+            "input": inputs[split],
+            "rows_in": frame.height,
+            "rows_out": good[split].height,
+            "quarantined": quarantined.height,
+        }
 
     reset_vocabularies(warehouse, cfg)
-    vocabs = {f.name: update_vocabulary(warehouse, f, TABLE_DAY, sparse_values(f, good["train"])) for f in cfg.features.sparse}
+    vocabs = {
+        f.name: update_vocabulary(warehouse, f, TABLE_DAY, sparse_values(f, good["train"])) for f in cfg.features.sparse
+    }
     for split in SPLITS:
         table = encode_split(cfg, good[split], vocabs, schema, f"table file {paths[split]} ({split} split)")
         write_parquet_dir(table_split_dir(warehouse, split), table, row_group_size=TABLE_ROW_GROUP_ROWS)

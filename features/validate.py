@@ -170,8 +170,11 @@ def validate_day(cfg: DataConfig, warehouse: Path, day: dt.date) -> ValidationRe
         raise
 
     report = ValidationReport(day, {name: c.report for name, c in checked.items()}, thresholds)
-    report.failed_tables = [n for n, t in report.tables.items() if t.bad_row_share > thresholds["max_bad_row_share"]
-                            and t.quarantined_rows >= thresholds["min_bad_rows"]]
+    report.failed_tables = [
+        n
+        for n, t in report.tables.items()
+        if t.bad_row_share > thresholds["max_bad_row_share"] and t.quarantined_rows >= thresholds["min_bad_rows"]
+    ]
     for name, c in checked.items():
         write_parquet_dir(quarantine_dir(warehouse, name, day), _to_arrow(c.quarantined, name))
     if report.passed:
@@ -210,14 +213,23 @@ def _check_all_tables(
         valid = frame.filter(pl.col(REASON).is_null()).drop(REASON)
         quarantined = frame.filter(pl.col(REASON).is_not_null())
         counts = quarantined.get_column(REASON).value_counts()
-        reasons = dict(sorted(zip(counts[REASON].to_list(), counts["count"].to_list(), strict=True), key=lambda rc: (-rc[1], rc[0])))
+        reasons = dict(
+            sorted(
+                zip(counts[REASON].to_list(), counts["count"].to_list(), strict=True), key=lambda rc: (-rc[1], rc[0])
+            )
+        )
         # Every input row must land in exactly one output.
         if valid.height + quarantined.height != frame.height or sum(reasons.values()) != quarantined.height:
             raise StageError(
                 f"validate {name}: {valid.height} valid + {quarantined.height} quarantined != {frame.height} input rows"
             )
         report = TableReport(
-            name, [str(f) for f in files], frame.height, valid.height, quarantined.height, reasons,
+            name,
+            [str(f) for f in files],
+            frame.height,
+            valid.height,
+            quarantined.height,
+            reasons,
             time.perf_counter() - started,
         )
         checked[name] = CheckedTable(valid, quarantined, report)
@@ -243,7 +255,9 @@ class _ValidKeys:
         if (table, day) not in self._known:
             files = _partition_files(self.warehouse, table, day)
             if files:
-                self.remember(table, day, _find_faults(_read_partition(table, files, list(REQUIRED[table])), table, day, self))
+                self.remember(
+                    table, day, _find_faults(_read_partition(table, files, list(REQUIRED[table])), table, day, self)
+                )
             else:  # before the start of history
                 self._known[(table, day)] = pl.Series(KEYS[table], [], dtype=pl.String)
         return self._known[(table, day)]
@@ -274,7 +288,8 @@ def _partition_files(warehouse: Path, table: str, day: dt.date) -> list[Path]:
         raise DataContractError(
             f"{table}: {folder} holds {', '.join(unknown)}, which validate does not read: the contract's data files "
             f"are *.parquet directly in the partition folder (besides them only the writer markers "
-            f"{', '.join(WRITER_MARKERS)} and .*.crc checksums); move their rows into such files, or remove them")
+            f"{', '.join(WRITER_MARKERS)} and .*.crc checksums); move their rows into such files, or remove them"
+        )
     return data
 
 
@@ -283,8 +298,9 @@ def _names(files: list[Path]) -> str:
     return shown + (f" and {len(files) - 3} more" if len(files) > 3 else "")
 
 
-def _read_partition(table: str, files: list[Path], columns: list[str],
-                    spec_needs: dict[str, list[tuple[str, str]]] | None = None) -> pl.DataFrame:
+def _read_partition(
+    table: str, files: list[Path], columns: list[str], spec_needs: dict[str, list[tuple[str, str]]] | None = None
+) -> pl.DataFrame:
     """Read ``columns`` (+ the optional contract columns) of every file, types normalised;
     the feature spec's columns (``spec_needs``) must have types their features can read."""
     parts = [pl.from_arrow(_read_file(path, table, columns, spec_needs or {})) for path in files]
@@ -342,8 +358,12 @@ def _plain(dtype: pa.DataType) -> pa.DataType:
 
 def _is_id(dtype: pa.DataType) -> bool:
     dtype = _plain(dtype)
-    return pa.types.is_integer(dtype) or pa.types.is_string(dtype) or pa.types.is_large_string(dtype) or (
-        pa.types.is_string_view(dtype))
+    return (
+        pa.types.is_integer(dtype)
+        or pa.types.is_string(dtype)
+        or pa.types.is_large_string(dtype)
+        or (pa.types.is_string_view(dtype))
+    )
 
 
 def _is_id_list(dtype: pa.DataType) -> bool:
@@ -369,8 +389,10 @@ def _check_spec_type(dtype: pa.DataType, needs: list[tuple[str, str]], table: st
     for feature, kind in needs:
         accepts, wanted = SPEC_KINDS[kind]
         if not accepts(dtype):
-            raise DataContractError(f"{table}: column {column!r} in {path} has type {dtype}, but feature {feature!r} "
-                                    f"of the spec reads it as {wanted}")
+            raise DataContractError(
+                f"{table}: column {column!r} in {path} has type {dtype}, but feature {feature!r} "
+                f"of the spec reads it as {wanted}"
+            )
 
 
 def _normalise(column: pa.ChunkedArray, expected: pa.DataType, path: Path, name: str) -> pa.ChunkedArray:
@@ -390,7 +412,9 @@ def _normalise(column: pa.ChunkedArray, expected: pa.DataType, path: Path, name:
         return column
     hint = ""
     if pa.types.is_timestamp(found):
-        hint = " (a naive timestamp: store UTC with tz='UTC')" if found.tz is None else f" (time zone {found.tz}, not UTC)"
+        hint = (
+            " (a naive timestamp: store UTC with tz='UTC')" if found.tz is None else f" (time zone {found.tz}, not UTC)"
+        )
     raise DataContractError(f"column {name!r} in {path} has type {found}{hint}, expected {expected}")
 
 
@@ -448,6 +472,7 @@ def _share_message(report: ValidationReport, warehouse: Path) -> str:
             f"{name}: {t.quarantined_rows:,} of {t.input_rows:,} rows ({t.bad_row_share:.2%}) broke the contract, "
             f"above max_bad_row_share {report.thresholds['max_bad_row_share']:.2%} (and at least min_bad_rows "
             f"{report.thresholds['min_bad_rows']}); top reasons: {top}; "
-            f"files: {_names([Path(f) for f in t.files])}; quarantined rows in {quarantine_dir(warehouse, name, report.day)}"
+            f"files: {_names([Path(f) for f in t.files])}; quarantined rows in "
+            f"{quarantine_dir(warehouse, name, report.day)}"
         )
     return "; ".join(parts) + f". Report: {report_path(warehouse, 'validate', report.day)}"

@@ -128,12 +128,16 @@ def load_vocabulary(warehouse: Path, feature: SparseFeature, version: int | None
     return Vocabulary(feature.name, feature.capacity, feature.oov_buckets, version, table)
 
 
-def day_counts(values: pa.Array | pa.ChunkedArray | CodedColumn, kind: str, weights: np.ndarray | None = None) -> tuple[pa.Array, np.ndarray]:
+def day_counts(
+    values: pa.Array | pa.ChunkedArray | CodedColumn, kind: str, weights: np.ndarray | None = None
+) -> tuple[pa.Array, np.ndarray]:
     """Distinct keys of a column and how often each occurs (list columns flattened, nulls
     dropped). ``weights``: how many rows each value stands for (default 1 each). A
     dictionary-encoded or coded column is counted from its codes without rehashing."""
     if isinstance(values, CodedColumn):
-        return as_strings(values.values), np.bincount(values.codes, minlength=values.null_code + 1)[:-1].astype(np.int64)
+        return as_strings(values.values), np.bincount(values.codes, minlength=values.null_code + 1)[:-1].astype(
+            np.int64
+        )
     if isinstance(values, pa.ChunkedArray):
         values = values.combine_chunks()
     if kind == "list":
@@ -166,7 +170,10 @@ def merge_counts(previous: pa.Table, keys: pa.Array, counts: np.ndarray, feature
     )
     n_admitted = int((merged["index"] > 0).sum())
     if n_admitted > feature.capacity:
-        raise StageError(f"vocabulary {feature.name!r} already holds {n_admitted} ids, above features.sparse capacity {feature.capacity}: capacity can grow, never shrink")
+        raise StageError(
+            f"vocabulary {feature.name!r} already holds {n_admitted} ids, above features.sparse capacity "
+            f"{feature.capacity}: capacity can grow, never shrink"
+        )
     admit = (
         merged.filter((pl.col("index") == 0) & (pl.col("count") >= feature.min_count))
         .sort(["count", "key"], descending=[True, False])
@@ -185,7 +192,11 @@ def merge_counts(previous: pa.Table, keys: pa.Array, counts: np.ndarray, feature
 
 
 def update_vocabulary(
-    warehouse: Path, feature: SparseFeature, day: dt.date, values: pa.Array | pa.ChunkedArray | CodedColumn, weights: np.ndarray | None = None
+    warehouse: Path,
+    feature: SparseFeature,
+    day: dt.date,
+    values: pa.Array | pa.ChunkedArray | CodedColumn,
+    weights: np.ndarray | None = None,
 ) -> Vocabulary | Buckets:
     """Apply one day's values of ``feature`` and return the vocabulary to encode that day with
     (a bucket feature: its Buckets, nothing written). ``weights``: how many rows each value
@@ -212,7 +223,14 @@ def update_vocabulary(
         atomic_write_bytes(path, sink.getvalue().to_pybytes())
         n_admitted = int(np.count_nonzero(table.column("index").to_numpy()))
         manifest["versions"].append(
-            {"version": version, "file": path.name, "day": day_s, "admitted": n_admitted, "keys": table.num_rows, "sha256": sha256_file(path)}
+            {
+                "version": version,
+                "file": path.name,
+                "day": day_s,
+                "admitted": n_admitted,
+                "keys": table.num_rows,
+                "sha256": sha256_file(path),
+            }
         )
     manifest.update(
         current_version=version,

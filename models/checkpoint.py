@@ -55,19 +55,34 @@ def load_plain_fused_state(model: DistributedModelParallel, whole: Mapping[str, 
     model.fused_optimizer.load_state_dict(state_dict)
 
 
-def save_resumable(path: Path, model_state: Mapping[str, torch.Tensor], model: DistributedModelParallel,
-                   weighting: nn.Module, dense_opt: torch.optim.Optimizer, state: dict) -> None:
+def save_resumable(
+    path: Path,
+    model_state: Mapping[str, torch.Tensor],
+    model: DistributedModelParallel,
+    weighting: nn.Module,
+    dense_opt: torch.optim.Optimizer,
+    state: dict,
+) -> None:
     """Write ``last.pt``: everything a killed run resumes from. A collective (the fused
     optimiser's state is gathered); rank 0 writes. ``model_state``: ``plain_state(model)``."""
     fused_state = plain_fused_state(model)
     if this_rank() == 0:
-        write_checkpoint(path, {"model": model_state, "weighting": weighting.state_dict(),
-                                "dense_opt": dense_opt.state_dict(), "fused_opt": fused_state,
-                                "rng": torch.get_rng_state(), "state": state})
+        write_checkpoint(
+            path,
+            {
+                "model": model_state,
+                "weighting": weighting.state_dict(),
+                "dense_opt": dense_opt.state_dict(),
+                "fused_opt": fused_state,
+                "rng": torch.get_rng_state(),
+                "state": state,
+            },
+        )
 
 
-def load_resumable(path: Path, model: DistributedModelParallel, weighting: nn.Module,
-                   dense_opt: torch.optim.Optimizer) -> dict:
+def load_resumable(
+    path: Path, model: DistributedModelParallel, weighting: nn.Module, dense_opt: torch.optim.Optimizer
+) -> dict:
     """Restore the model, the loss weighting, both optimisers and torch's RNG from
     ``last.pt`` (in place, into whatever shards this rank holds); return the loop's state."""
     saved = torch.load(path, weights_only=False, map_location="cpu")
@@ -98,7 +113,9 @@ def warm_start(net: MultiTaskNet, initial: Mapping[str, torch.Tensor]) -> None:
                 rows = min(source.shape[0], target.shape[0])
                 target[:rows].copy_(source[:rows])
             elif source.shape != target.shape:
-                raise StageError(f"warm start: '{key}' has shape {tuple(source.shape)} in initial_state, "
-                                 f"{tuple(target.shape)} in the model")
+                raise StageError(
+                    f"warm start: '{key}' has shape {tuple(source.shape)} in initial_state, "
+                    f"{tuple(target.shape)} in the model"
+                )
             else:
                 target.copy_(source)

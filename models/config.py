@@ -24,23 +24,34 @@ class ModelConfig(_Section):
         "esmm", description="direct: pCVR on clicked rows; esmm: pCTCVR = pCTR x pCVR on all impressions"
     )
     loss_weighting: Literal["fixed", "uncertainty"] = Field(
-        "fixed", description="fixed: tasks[].loss_weight; uncertainty: learned (Kendall et al. 2018)")
-    expert_dims: list[int] = Field(
-        default_factory=lambda: [128, 64], min_length=1, max_length=MAX_LAYERS,
-        description=f"hidden sizes of each expert (mmoe), the shared bottom, or each task's network; "
-                    f"each 1 to {MAX_LAYER_SIZE}",
+        "fixed", description="fixed: tasks[].loss_weight; uncertainty: learned (Kendall et al. 2018)"
     )
-    tower_dims: list[int] = Field(default_factory=lambda: [32], max_length=MAX_LAYERS,
-                                  description=f"hidden sizes of each task's tower, each 1 to {MAX_LAYER_SIZE}")
+    expert_dims: list[int] = Field(
+        default_factory=lambda: [128, 64],
+        min_length=1,
+        max_length=MAX_LAYERS,
+        description=f"hidden sizes of each expert (mmoe), the shared bottom, or each task's network; "
+        f"each 1 to {MAX_LAYER_SIZE}",
+    )
+    tower_dims: list[int] = Field(
+        default_factory=lambda: [32],
+        max_length=MAX_LAYERS,
+        description=f"hidden sizes of each task's tower, each 1 to {MAX_LAYER_SIZE}",
+    )
     n_experts: int = Field(4, ge=1, le=MAX_EXPERTS, description=f"mmoe: experts, at most {MAX_EXPERTS}")
-    ple_levels: int = Field(2, ge=1, le=MAX_LAYERS,
-                            description="ple: extraction (CGC) levels; 1 = a single customised gate control layer")
+    ple_levels: int = Field(
+        2, ge=1, le=MAX_LAYERS, description="ple: extraction (CGC) levels; 1 = a single customised gate control layer"
+    )
     ple_shared_experts: int = Field(2, ge=1, le=MAX_EXPERTS, description="ple: shared experts per level")
     ple_task_experts: int = Field(1, ge=1, le=MAX_EXPERTS, description="ple: experts of each task per level")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     soft_sharing_strength: float = Field(1e-3, ge=0.0, le=1e3, description="L2 pull between the task networks' weights")
-    cross_layers: int = Field(0, ge=0, le=MAX_LAYERS, description="DCN-v2 cross layers on the backbone input "
-                              "(explicit feature crosses, e.g. user x item); 0 = none")
+    cross_layers: int = Field(
+        0,
+        ge=0,
+        le=MAX_LAYERS,
+        description="DCN-v2 cross layers on the backbone input (explicit feature crosses, e.g. user x item); 0 = none",
+    )
 
     @field_validator("expert_dims", "tower_dims")
     @classmethod
@@ -55,14 +66,19 @@ class TrainConfig(_Section):
 
     window_days: int = Field(7, ge=2, le=3650, description="mature days used; the newest is the validation day")
     min_window_days: int = Field(
-        3, ge=2, le=3650, description="a young warehouse (fewer mature days than window_days) trains on the days it has once "
-        "there are this many; before that the nightly run skips train, evaluate, export and promote")
+        3,
+        ge=2,
+        le=3650,
+        description="a young warehouse (fewer mature days than window_days) trains on the days it has once "
+        "there are this many; before that the nightly run skips train, evaluate, export and promote",
+    )
     epochs: int = Field(3, ge=1, le=10_000, description="at most 10,000")
     # The global batch: a torchrun job of N ranks gives each rank batch_size / N rows per
     # step (batch_size must divide evenly), so steps per epoch, learning rates and results
     # stay comparable whatever the world size; raise it to scale per-GPU work.
-    batch_size: int = Field(4096, ge=1, le=1 << 24,
-                            description="global batch, split evenly over the ranks of a torchrun job; at most 2**24")
+    batch_size: int = Field(
+        4096, ge=1, le=1 << 24, description="global batch, split evenly over the ranks of a torchrun job; at most 2**24"
+    )
     sparse_optimizer: Literal["rowwise_adagrad", "adam"] = Field(
         "rowwise_adagrad", description="fused into the embedding backward; adam needs a CUDA device"
     )
@@ -70,15 +86,19 @@ class TrainConfig(_Section):
     dense_lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(1e-5, ge=0.0, description="AdamW, dense parameters only")
     lr_schedule: Literal["constant", "cosine"] = Field(
-        "constant", description="dense learning rate: constant, or cosine decay from dense_lr to 0 over train.epochs")
+        "constant", description="dense learning rate: constant, or cosine decay from dense_lr to 0 over train.epochs"
+    )
     early_stopping_metric: str | None = Field(
-        None, description="<task view>_<auc|gauc|logloss>, e.g. click_auc or ctcvr_logloss; default: the first task's auc")
+        None,
+        description="<task view>_<auc|gauc|logloss>, e.g. click_auc or ctcvr_logloss; default: the first task's auc",
+    )
     patience: int = Field(2, ge=1, description="stop after this many epochs without improvement")
     shuffle_buffer_rows: int = Field(262_144, ge=1, le=1 << 30, description="at most 2**30")
     threads: int = Field(0, ge=0, le=1024, description="torch CPU threads; 0 = all cores; at most 1024")
     log_every_steps: int = Field(50, ge=1)
     sharding: Literal["auto", "table_wise", "row_wise", "column_wise", "data_parallel"] = Field(
-        "table_wise", description="embedding tables over the ranks: auto = torchrec's planner picks among the sharded "
+        "table_wise",
+        description="embedding tables over the ranks: auto = torchrec's planner picks among the sharded "
         "types; row_wise needs CUDA; data_parallel replicates the tables and trains them with the dense optimiser",
     )
     mixed_precision: bool = Field(True, description="bf16 autocast of the dense layers on CUDA; no effect on the CPU")
@@ -103,7 +123,9 @@ class TrainingConfig(DataConfig):
 
     @model_validator(mode="after")
     def _known_early_stopping_metric(self) -> TrainingConfig:
-        self.check_view_metrics("train.early_stopping_metric", [self.train.early_stopping_metric], "auc|gauc|logloss|ece")
+        self.check_view_metrics(
+            "train.early_stopping_metric", [self.train.early_stopping_metric], "auc|gauc|logloss|ece"
+        )
         return self
 
     @property

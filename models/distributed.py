@@ -52,6 +52,7 @@ SHARDING_TYPES = {
 
 # ---------------------------------------------------------------- the process group
 
+
 def _launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
@@ -87,8 +88,9 @@ def this_rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def reduce_values(values: list[float], device: torch.device,
-                  op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> list[float]:
+def reduce_values(
+    values: list[float], device: torch.device, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM
+) -> list[float]:
     """Element-wise ``op`` of ``values`` over all ranks (the same result on every rank)."""
     if world_size() == 1:
         return values
@@ -121,6 +123,7 @@ def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
 
 # ---------------------------------------------------------------- world-size independent state
 
+
 def _region(offsets: Sequence[int], sizes: Sequence[int]) -> tuple[slice, ...]:
     """The index of a shard inside its whole tensor."""
     return tuple(slice(o, o + n) for o, n in zip(offsets, sizes, strict=True))
@@ -133,8 +136,11 @@ def gather_whole(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
     (the fused optimiser lists only the tables a rank holds); rank 0 gets their union."""
     whole = {k: v.detach().cpu().clone() for k, v in tensors.items() if not isinstance(v, ShardedTensor)}
     # this rank's pieces: key -> (global shape, [(offsets, CPU copy of a local shard)])
-    mine = {k: (tuple(v.metadata().size), [(s.metadata.shard_offsets, s.tensor.detach().cpu()) for s in v.local_shards()])
-            for k, v in tensors.items() if isinstance(v, ShardedTensor)}
+    mine = {
+        k: (tuple(v.metadata().size), [(s.metadata.shard_offsets, s.tensor.detach().cpu()) for s in v.local_shards()])
+        for k, v in tensors.items()
+        if isinstance(v, ShardedTensor)
+    }
     everyone = [mine]
     if world_size() > 1:
         everyone = [None] * world_size() if this_rank() == 0 else None
@@ -180,18 +186,23 @@ def load_plain_state(module: torch.nn.Module, state: Mapping[str, torch.Tensor])
 
 # ---------------------------------------------------------------- sharding
 
-def distribute(model: MultiTaskNet, tcfg: TrainConfig, device: torch.device, *,
-               freeze_embeddings: bool = False) -> DistributedModelParallel:
+
+def distribute(
+    model: MultiTaskNet, tcfg: TrainConfig, device: torch.device, *, freeze_embeddings: bool = False
+) -> DistributedModelParallel:
     """Shard the EBC as ``train.sharding`` says, with the sparse optimiser fused into its
     backward (learning rate 0 when ``freeze_embeddings``: the rows do not move; data-parallel
     tables are dense parameters: leave them out of the dense optimiser). The dense layers
     are not wrapped in DDP yet: call ``init_data_parallel()`` after freezing any."""
     if tcfg.sharding == "row_wise" and device.type == "cpu":
-        raise StageError("train.sharding = 'row_wise' needs a CUDA device: on the CPU torchrec's planner offers "
-                         "table_wise, column_wise and data_parallel")
+        raise StageError(
+            "train.sharding = 'row_wise' needs a CUDA device: on the CPU torchrec's planner offers "
+            "table_wise, column_wise and data_parallel"
+        )
     lr = 0.0 if freeze_embeddings else tcfg.sparse_lr
-    sparse_opt = (RowWiseAdagrad, {"lr": lr}) if tcfg.sparse_optimizer == "rowwise_adagrad" \
-        else (torch.optim.Adam, {"lr": lr})
+    sparse_opt = (
+        (RowWiseAdagrad, {"lr": lr}) if tcfg.sparse_optimizer == "rowwise_adagrad" else (torch.optim.Adam, {"lr": lr})
+    )
     initial = plain_state(model)  # on CPU the sharder re-initialises tables: keep the seeded ones
     apply_optimizer_in_backward(sparse_opt[0], model.ebc.parameters(), sparse_opt[1])
     types = [t.value for t in SHARDING_TYPES[tcfg.sharding]]
@@ -201,8 +212,11 @@ def distribute(model: MultiTaskNet, tcfg: TrainConfig, device: torch.device, *,
     # The planner warns on every run about its own defaults (directly built Topology,
     # heuristic storage reservation); the plan it makes here is the one wanted.
     with library_noise_silenced("torchrec.distributed.planner", FutureWarning):
-        topology = Topology(world_size=world, compute_device=device.type,
-                            local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+        topology = Topology(
+            world_size=world,
+            compute_device=device.type,
+            local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world)),
+        )
         planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
         plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
     dmp = DistributedModelParallel(model, device=device, plan=plan, sharders=sharders, init_data_parallel=False)

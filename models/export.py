@@ -63,9 +63,13 @@ class OnnxRanker(nn.Module):
         super().__init__()
         by_name = {f.name: f for f in spec.sparse}
         if [f.name for f in spec.sparse] != model.sparse_names:
-            raise StageError(f"model sparse features {model.sparse_names} differ from the spec's {[f.name for f in spec.sparse]}")
+            raise StageError(
+                f"model sparse features {model.sparse_names} differ from the spec's {[f.name for f in spec.sparse]}"
+            )
         if list(model.heads) != [t.name for t in tasks]:
-            raise StageError(f"model task heads {list(model.heads)} differ from the config's tasks {[t.name for t in tasks]}")
+            raise StageError(
+                f"model task heads {list(model.heads)} differ from the config's tasks {[t.name for t in tasks]}"
+            )
         self.kinds = [by_name[n].kind for n in model.sparse_names]
         self.means = [by_name[n].pooling == "mean" for n in model.sparse_names]
         weights = {n: model.ebc.embedding_bags[n].weight.detach().clone().cpu() for n in model.sparse_names}
@@ -94,7 +98,9 @@ def to_onnx_module(model: MultiTaskNet, spec: FeaturesConfig, tasks: Sequence[Ta
     into a fresh MultiTaskNet first; training already returns such a plain model.
     """
     if not isinstance(model, MultiTaskNet):
-        raise StageError(f"export needs a plain MultiTaskNet, got {type(model).__name__}: load its plain state_dict into one")
+        raise StageError(
+            f"export needs a plain MultiTaskNet, got {type(model).__name__}: load its plain state_dict into one"
+        )
     return OnnxRanker(model, spec, tasks).eval()
 
 
@@ -108,8 +114,13 @@ def export_onnx(model: MultiTaskNet, spec: FeaturesConfig, tasks: Sequence[TaskC
     batch = torch.export.Dim("batch", min=1)
     n = 4
     dense = torch.zeros(n, len(model.normalizer.mean))
-    sparse = [torch.zeros(n, 3, dtype=torch.int64) if f.kind == "list" else torch.zeros(n, dtype=torch.int64) for f in spec.sparse]
-    dims = [{0: batch, 1: torch.export.Dim(f"{f.name}_len", min=1)} if f.kind == "list" else {0: batch} for f in spec.sparse]
+    sparse = [
+        torch.zeros(n, 3, dtype=torch.int64) if f.kind == "list" else torch.zeros(n, dtype=torch.int64)
+        for f in spec.sparse
+    ]
+    dims = [
+        {0: batch, 1: torch.export.Dim(f"{f.name}_len", min=1)} if f.kind == "list" else {0: batch} for f in spec.sparse
+    ]
     # The exporter warns about operators this model never uses (torchvision's) and about
     # its own deprecations: noise in every nightly log. Parity (below) checks the result.
     with library_noise_silenced("torch.onnx._internal.exporter._registration"):
@@ -164,13 +175,23 @@ def check_parity(
         sizes.append(len(batch))
     failed = [f"{name} in {runtime} ({n:,} of {sum(sizes):,} rows)" for (name, runtime), n in not_finite.items() if n]
     if failed:
-        raise StageError(f"ONNX parity failed for {onnx_path}: outputs not finite: {', '.join(failed)}; the model "
-                         "has NaN or inf weights (or the parity rows inf values)")
+        raise StageError(
+            f"ONNX parity failed for {onnx_path}: outputs not finite: {', '.join(failed)}; the model "
+            "has NaN or inf weights (or the parity rows inf values)"
+        )
     bad = {k: v for k, v in worst.items() if not v <= PARITY_TOLERANCE}
     if bad:
         detail = ", ".join(f"{k} max abs diff {v:.3g}" for k, v in bad.items())
-        raise StageError(f"ONNX parity failed for {onnx_path} (tolerance {PARITY_TOLERANCE}): {detail} over batch sizes {sorted(set(sizes))}")
-    return {"max_abs_diff": worst, "rows": int(sum(sizes)), "batch_sizes": sorted(set(sizes)), "tolerance": PARITY_TOLERANCE}
+        raise StageError(
+            f"ONNX parity failed for {onnx_path} (tolerance {PARITY_TOLERANCE}): {detail} over batch sizes "
+            f"{sorted(set(sizes))}"
+        )
+    return {
+        "max_abs_diff": worst,
+        "rows": int(sum(sizes)),
+        "batch_sizes": sorted(set(sizes)),
+        "tolerance": PARITY_TOLERANCE,
+    }
 
 
 def parity_batches(cfg: TrainingConfig, files: Sequence[Path], min_rows: int = PARITY_MIN_ROWS) -> list[Batch]:
@@ -178,8 +199,16 @@ def parity_batches(cfg: TrainingConfig, files: Sequence[Path], min_rows: int = P
     of the largest size until ``min_rows`` rows (or the table's end)."""
     batches: list[Batch] = []
     for size in PARITY_BATCH_SIZES:
-        loader = TrainingTableLoader(files, cfg.features.sparse, cfg.features.dense_names(), batch_size=size, shuffle=False,
-                                     seed=cfg.seed, prefetch=0, labels=cfg.label_columns)
+        loader = TrainingTableLoader(
+            files,
+            cfg.features.sparse,
+            cfg.features.dense_names(),
+            batch_size=size,
+            shuffle=False,
+            seed=cfg.seed,
+            prefetch=0,
+            labels=cfg.label_columns,
+        )
         for batch in loader:
             batches.append(batch)
             if size != PARITY_BATCH_SIZES[-1] or sum(len(b) for b in batches) >= min_rows:

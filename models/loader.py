@@ -125,8 +125,9 @@ class _Block:
         return len(self.user)
 
 
-def _check_schema(path: Path, schema: pa.Schema, sparse: Sequence[SparseFeature], dense_names: Sequence[str],
-                  labels: Sequence[str]) -> None:
+def _check_schema(
+    path: Path, schema: pa.Schema, sparse: Sequence[SparseFeature], dense_names: Sequence[str], labels: Sequence[str]
+) -> None:
     """Raise StageError naming the file and column for a missing or mistyped column."""
 
     def column_type(name: str, wanted: str) -> pa.DataType:
@@ -321,7 +322,9 @@ class TrainingTableLoader:
                 if meta.row_group(i).num_rows > 0
             ]
         self._row_groups = _share(row_groups, rank, world)
-        self._columns = self.keys + self.dense_names + list(self.label_names) + ([USER_COLUMN] if self._has_user else [])
+        self._columns = (
+            self.keys + self.dense_names + list(self.label_names) + ([USER_COLUMN] if self._has_user else [])
+        )
         self._user_dictionary: pa.Array | None = None
         self._user_lock = threading.Lock()
 
@@ -350,7 +353,9 @@ class TrainingTableLoader:
         """Sorted distinct user ids of all files (built once, on first use)."""
         with self._user_lock:
             if self._user_dictionary is None:
-                distinct = [pc.unique(pq.read_table(f, columns=[USER_COLUMN]).column(0).combine_chunks()) for f in self.files]
+                distinct = [
+                    pc.unique(pq.read_table(f, columns=[USER_COLUMN]).column(0).combine_chunks()) for f in self.files
+                ]
                 merged = pc.unique(pa.chunked_array(distinct).combine_chunks().drop_null())
                 self._user_dictionary = pc.take(merged, pc.sort_indices(merged))
             return self._user_dictionary

@@ -27,8 +27,9 @@ from models.nets import ModelOutput
 _P_MAX = 1.0 - 1e-7
 
 
-def task_losses(out: ModelOutput, labels: Mapping[str, torch.Tensor], tasks: Sequence[TaskConfig],
-                head: str) -> dict[str, torch.Tensor]:
+def task_losses(
+    out: ModelOutput, labels: Mapping[str, torch.Tensor], tasks: Sequence[TaskConfig], head: str
+) -> dict[str, torch.Tensor]:
     """Mean loss per task name (see the module docstring); ``labels`` by label column."""
     if head not in ("direct", "esmm"):
         raise ValueError(f"unknown conversion head {head!r}; expected 'direct' or 'esmm'")

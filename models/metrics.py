@@ -244,8 +244,11 @@ def view_auc_difference_standard_errors(
     out = {}
     for view, (label, mask_column) in views.items():
         keep = _view_rows(labels, mask_column)
-        out[view] = auc_difference_standard_error(_as_labels(labels[label])[keep], np.asarray(probs_a[view]).ravel()[keep],
-                                                  np.asarray(probs_b[view]).ravel()[keep])
+        out[view] = auc_difference_standard_error(
+            _as_labels(labels[label])[keep],
+            np.asarray(probs_a[view]).ravel()[keep],
+            np.asarray(probs_b[view]).ravel()[keep],
+        )
     return out
 
 

@@ -65,6 +65,7 @@ class TaskHeads(nn.ModuleDict):
 
 # ---------------------------------------------------------------- dense normalisation
 
+
 def dense_stats(files: Sequence[Path], names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """Mean and std of the dense columns over ``files`` (one vectorised pass per file).
 
@@ -104,6 +105,7 @@ class DenseNormalizer(nn.Module):
 
 
 # ---------------------------------------------------------------- backbones
+
 
 def mlp(in_dim: int, dims: Sequence[int], dropout: float) -> nn.Sequential:
     layers: list[nn.Module] = []
@@ -159,7 +161,9 @@ class SoftSharing(SingleTask):
 
     def penalty(self) -> torch.Tensor:
         nets = [list(net.parameters()) for net in self.nets.values()]
-        return sum(((p - q) ** 2).sum() for i, a in enumerate(nets) for b in nets[i + 1:] for p, q in zip(a, b, strict=True))
+        return sum(
+            ((p - q) ** 2).sum() for i, a in enumerate(nets) for b in nets[i + 1 :] for p, q in zip(a, b, strict=True)
+        )
 
 
 class SharedBottom(Backbone):
@@ -210,7 +214,8 @@ class CGCLayer(nn.Module):
         super().__init__()
         n_own, n_shared = cfg.ple_task_experts, cfg.ple_shared_experts
         self.task_experts = nn.ModuleList(
-            nn.ModuleList(mlp(in_dim, cfg.expert_dims, cfg.dropout) for _ in range(n_own)) for _ in range(n_tasks))
+            nn.ModuleList(mlp(in_dim, cfg.expert_dims, cfg.dropout) for _ in range(n_own)) for _ in range(n_tasks)
+        )
         self.shared_experts = nn.ModuleList(mlp(in_dim, cfg.expert_dims, cfg.dropout) for _ in range(n_shared))
         self.task_gates = nn.ModuleList(nn.Linear(in_dim, n_own + n_shared) for _ in range(n_tasks))
         self.shared_gate = nn.Linear(in_dim, n_tasks * n_own + n_shared) if shared_gate else None
@@ -219,11 +224,18 @@ class CGCLayer(nn.Module):
         self, task_inputs: Sequence[torch.Tensor], shared_input: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """-> (task outputs [B, T, H], next shared input [B, H] or None, task gates [B, T, E_own + E_shared])."""
-        own = torch.stack([torch.stack([e(x) for e in experts], dim=1)
-                           for experts, x in zip(self.task_experts, task_inputs, strict=True)], dim=1)  # [B, T, E_own, H]
+        own = torch.stack(
+            [
+                torch.stack([e(x) for e in experts], dim=1)
+                for experts, x in zip(self.task_experts, task_inputs, strict=True)
+            ],
+            dim=1,
+        )  # [B, T, E_own, H]
         shared = torch.stack([e(shared_input) for e in self.shared_experts], dim=1)  # [B, E_shared, H]
         b, n_tasks, n_own, h = own.shape
-        gates = torch.stack([torch.softmax(g(x), dim=-1) for g, x in zip(self.task_gates, task_inputs, strict=True)], dim=1)
+        gates = torch.stack(
+            [torch.softmax(g(x), dim=-1) for g, x in zip(self.task_gates, task_inputs, strict=True)], dim=1
+        )
         # every task's mixture in one bmm: row (b, t) mixes task t's experts and the shared ones
         pools = torch.cat([own, shared.unsqueeze(1).expand(-1, n_tasks, -1, -1)], dim=2)  # [B, T, E, H]
         mixed = torch.bmm(gates.reshape(b * n_tasks, 1, -1), pools.reshape(b * n_tasks, -1, h)).view(b, n_tasks, h)
@@ -246,8 +258,11 @@ class PLE(Backbone):
         super().__init__()
         self.tasks = list(tasks)
         self.levels = nn.ModuleList(
-            CGCLayer(in_dim if i == 0 else cfg.expert_dims[-1], cfg, len(self.tasks), shared_gate=i < cfg.ple_levels - 1)
-            for i in range(cfg.ple_levels))
+            CGCLayer(
+                in_dim if i == 0 else cfg.expert_dims[-1], cfg, len(self.tasks), shared_gate=i < cfg.ple_levels - 1
+            )
+            for i in range(cfg.ple_levels)
+        )
         self.towers, self.out_dim = task_towers(cfg, tasks)
 
     def shared_parameters(self):
@@ -279,6 +294,7 @@ BACKBONES: dict[str, type[Backbone]] = {
 
 
 # ---------------------------------------------------------------- the model
+
 
 def embedding_configs(spec: FeaturesConfig) -> list[EmbeddingBagConfig]:
     """One table per sparse feature, named after it (torchrec keys = feature names)."""
@@ -350,4 +366,3 @@ class MultiTaskNet(nn.Module):
         hidden, gates = self.backbone(x)
         logits, probs = self.heads(hidden)
         return ModelOutput(logits, probs, x, gates)
-

@@ -47,8 +47,13 @@ def fixed_steps(loader: TrainingTableLoader, steps: int) -> Iterator[tuple[Batch
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, loader: TrainingTableLoader, device: torch.device, steps: int | None = None,
-            amp: bool = False) -> dict[str, np.ndarray]:
+def predict(
+    model: torch.nn.Module,
+    loader: TrainingTableLoader,
+    device: torch.device,
+    steps: int | None = None,
+    amp: bool = False,
+) -> dict[str, np.ndarray]:
     """Over a whole loader: ``label_<column>`` per label, ``p_<view>`` per task view, the
     user codes ``user`` and (mmoe, ple) each task's mean gate weights ``gate_<task>``.
 
@@ -62,8 +67,11 @@ def predict(model: torch.nn.Module, loader: TrainingTableLoader, device: torch.d
         out = forward(model, batch, amp)
         if repeated:
             continue
-        columns = {"user": batch.user, **{f"label_{k}": v for k, v in batch.labels.items()},
-                   **{f"p_{k}": v for k, v in out.probs.items()}}
+        columns = {
+            "user": batch.user,
+            **{f"label_{k}": v for k, v in batch.labels.items()},
+            **{f"p_{k}": v for k, v in out.probs.items()},
+        }
         for k, v in columns.items():
             parts.setdefault(k, []).append(v.cpu().numpy())
         for t, w in (out.gates or {}).items():
@@ -80,14 +88,22 @@ def gather_predictions(pred: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     everyone: list = [None] * world_size()
     dist.all_gather_object(everyone, pred)
     rows = np.array([len(p["user"]) for p in everyone], dtype=np.float64)
-    return {k: (sum(p[k] * n for p, n in zip(everyone, rows, strict=True)) / rows.sum() if k.startswith("gate_")
-                else np.concatenate([p[k] for p in everyone])) for k in pred}
+    return {
+        k: (
+            sum(p[k] * n for p, n in zip(everyone, rows, strict=True)) / rows.sum()
+            if k.startswith("gate_")
+            else np.concatenate([p[k] for p in everyone])
+        )
+        for k in pred
+    }
 
 
 def _labels_and_probs(pred: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """``predict``'s output as (label column -> labels, task view -> probabilities)."""
-    return ({k.removeprefix("label_"): v for k, v in pred.items() if k.startswith("label_")},
-            {k.removeprefix("p_"): v for k, v in pred.items() if k.startswith("p_")})
+    return (
+        {k.removeprefix("label_"): v for k, v in pred.items() if k.startswith("label_")},
+        {k.removeprefix("p_"): v for k, v in pred.items() if k.startswith("p_")},
+    )
 
 
 def validation_metrics(cfg: TrainingConfig, pred: dict[str, np.ndarray]) -> dict[str, float]:
@@ -96,8 +112,9 @@ def validation_metrics(cfg: TrainingConfig, pred: dict[str, np.ndarray]) -> dict
     return view_metrics(cfg.views(), *_labels_and_probs(pred), groups)
 
 
-def auc_difference_standard_errors(cfg: TrainingConfig, pred_a: dict[str, np.ndarray],
-                                   pred_b: dict[str, np.ndarray]) -> dict[str, float]:
+def auc_difference_standard_errors(
+    cfg: TrainingConfig, pred_a: dict[str, np.ndarray], pred_b: dict[str, np.ndarray]
+) -> dict[str, float]:
     """Per task view, the standard error of auc(a) - auc(b) for two models' ``predict``
     outputs on the same rows (paired: ``models.metrics.auc_difference_standard_error``)."""
     labels, probs_a = _labels_and_probs(pred_a)

@@ -69,8 +69,13 @@ def _toml_value(v: object) -> str:
 
 def to_toml(tree: Mapping, prefix: str = "") -> str:
     """A config tree (a run config's ``model_dump(by_alias=True)``) as TOML that loads back."""
-    lines = [f"{k} = {_toml_value(v)}" for k, v in tree.items()
-             if v is not None and not isinstance(v, Mapping) and not (isinstance(v, list) and v and isinstance(v[0], Mapping))]
+    lines = [
+        f"{k} = {_toml_value(v)}"
+        for k, v in tree.items()
+        if v is not None
+        and not isinstance(v, Mapping)
+        and not (isinstance(v, list) and v and isinstance(v[0], Mapping))
+    ]
     for k, v in tree.items():
         if isinstance(v, Mapping):
             lines += ["", f"[{prefix}{k}]", to_toml(v, f"{prefix}{k}.")]
@@ -94,8 +99,14 @@ def git_commit(repo: Path = REPOSITORY) -> str | None:
 class RunTracker:
     """One MLflow run: created, or reopened by id when a killed training resumes."""
 
-    def __init__(self, state_dir: Path, run_name: str, tags: Mapping[str, str], run_id: str | None = None,
-                 experiment: str = EXPERIMENT) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        run_name: str,
+        tags: Mapping[str, str],
+        run_id: str | None = None,
+        experiment: str = EXPERIMENT,
+    ) -> None:
         self.client = MlflowClient(tracking_uri=tracking_uri(state_dir))
         if run_id is not None:
             self.run_id = run_id
@@ -104,13 +115,16 @@ class RunTracker:
             return
         found = self.client.get_experiment_by_name(experiment)
         if found is None:
-            artifacts = None if os.environ.get("MLFLOW_TRACKING_URI") else (Path(state_dir).resolve() / "mlartifacts").as_uri()
+            artifacts = (
+                None if os.environ.get("MLFLOW_TRACKING_URI") else (Path(state_dir).resolve() / "mlartifacts").as_uri()
+            )
             experiment_id = self.client.create_experiment(experiment, artifact_location=artifacts)
         else:
             experiment_id = found.experiment_id
         fail_orphaned_runs(self.client, experiment_id)
-        self.run_id = self.client.create_run(experiment_id, run_name=run_name,
-                                             tags={**tags, PROCESS_TAG: _this_process()}).info.run_id
+        self.run_id = self.client.create_run(
+            experiment_id, run_name=run_name, tags={**tags, PROCESS_TAG: _this_process()}
+        ).info.run_id
 
     def log_params(self, params: Mapping[str, str]) -> None:
         items = [Param(k, v[:6000]) for k, v in params.items()]
@@ -149,12 +163,14 @@ def fail_orphaned_runs(client: MlflowClient, experiment_id: str) -> None:
     for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=10_000):
         owner, _, pid = run.data.tags.get(PROCESS_TAG, "").rpartition(":")
         if owner == host and pid.isdigit() and not process_alive(int(pid)):
-            client.set_tag(run.info.run_id, "outcome",
-                           f"failed: its process {pid} ended without ending the run (killed)")
+            client.set_tag(
+                run.info.run_id, "outcome", f"failed: its process {pid} ended without ending the run (killed)"
+            )
             client.set_terminated(run.info.run_id, status="FAILED")
 
 
 # ---------------------------------------------------------------- plots
+
 
 def plot_loss_curves(history: Sequence[Mapping[str, float]]) -> plt.Figure:
     """Per-epoch train and validation loss of each task."""
@@ -200,8 +216,13 @@ def plot_gate_usage(usage: Mapping[str, np.ndarray]) -> plt.Figure:
     im = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
     for (i, j), v in np.ndenumerate(matrix):
         ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w" if v < 0.5 else "k")
-    ax.set(xticks=range(matrix.shape[1]), yticks=range(len(tasks)), yticklabels=tasks, xlabel="expert",
-           title="gate usage (mean weight per expert)")
+    ax.set(
+        xticks=range(matrix.shape[1]),
+        yticks=range(len(tasks)),
+        yticklabels=tasks,
+        xlabel="expert",
+        title="gate usage (mean weight per expert)",
+    )
     fig.colorbar(im)
     fig.tight_layout()
     return fig

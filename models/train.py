@@ -128,9 +128,12 @@ def run_key(cfg: TrainingConfig, warehouse: Path, data: TrainingData) -> str:
     """Checkpoint folder name: the data's name and a hash of the whole config, the
     warehouse, the MLflow store (a checkpoint names its run there) and the data's hashes
     (its ``data.*`` tags), so changed inputs start afresh."""
-    identity = {"config": cfg.model_dump(mode="json"), "warehouse": str(Path(warehouse).resolve()),
-                "tracking_uri": tracking_uri(cfg.state_dir),
-                "data": {k: v for k, v in data.tags.items() if k.startswith("data.")}}
+    identity = {
+        "config": cfg.model_dump(mode="json"),
+        "warehouse": str(Path(warehouse).resolve()),
+        "tracking_uri": tracking_uri(cfg.state_dir),
+        "data": {k: v for k, v in data.tags.items() if k.startswith("data.")},
+    }
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     return f"{data.name}-{digest[:12]}"
 
@@ -154,6 +157,7 @@ def dense_learning_rate(tcfg: TrainConfig, step: int, total_steps: int) -> float
 
 
 # ---------------------------------------------------------------- the loop
+
 
 def train_model(
     cfg: TrainingConfig,
@@ -211,13 +215,17 @@ def _join_training(cfg: TrainingConfig) -> torch.device:
     tcfg = cfg.train
     device = local_device()
     if tcfg.sparse_optimizer == "adam" and device.type == "cpu":
-        raise StageError("train.sparse_optimizer = 'adam' needs a CUDA device: FBGEMM's fused CPU embedding "
-                         "kernels support row-wise Adagrad only; use 'rowwise_adagrad'")
+        raise StageError(
+            "train.sparse_optimizer = 'adam' needs a CUDA device: FBGEMM's fused CPU embedding "
+            "kernels support row-wise Adagrad only; use 'rowwise_adagrad'"
+        )
     init_process_group(cfg.state_dir, device)
     world = world_size()
     if tcfg.batch_size % world:
-        raise StageError(f"train.batch_size = {tcfg.batch_size} is the global batch and must split evenly over "
-                         f"the {world} ranks of this job")
+        raise StageError(
+            f"train.batch_size = {tcfg.batch_size} is the global batch and must split evenly over "
+            f"the {world} ranks of this job"
+        )
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     torch.set_num_threads(tcfg.threads or max(1, (os.cpu_count() or 1) // local_ranks))
     torch.manual_seed(cfg.seed)
@@ -226,17 +234,37 @@ def _join_training(cfg: TrainingConfig) -> torch.device:
 
 def _fresh_state() -> dict:
     """The loop's state before the first epoch (saved in last.pt, restored on resume)."""
-    return {"epoch": 0, "step": 0, "best": None, "best_epoch": -1, "bad_epochs": 0, "history": [],
-            "finished": False, "mlflow_run_id": None}
+    return {
+        "epoch": 0,
+        "step": 0,
+        "best": None,
+        "best_epoch": -1,
+        "bad_epochs": 0,
+        "history": [],
+        "finished": False,
+        "mlflow_run_id": None,
+    }
 
 
 def _progress_bar(enabled: bool) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), disable=not enabled or this_rank() != 0)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        disable=not enabled or this_rank() != 0,
+    )
 
 
-def _open_tracker(cfg: TrainingConfig, key: str, data: TrainingData, state: dict, parent_run_id: str | None,
-                  extra_tags: Mapping[str, str] | None) -> RunTracker | None:
+def _open_tracker(
+    cfg: TrainingConfig,
+    key: str,
+    data: TrainingData,
+    state: dict,
+    parent_run_id: str | None,
+    extra_tags: Mapping[str, str] | None,
+) -> RunTracker | None:
     """Rank 0's MLflow run of an unfinished training (a resumed one reopens its own; the
     first opening logs the config as params); the run id is shared with every rank."""
     tracker = None
@@ -255,8 +283,9 @@ def _open_tracker(cfg: TrainingConfig, key: str, data: TrainingData, state: dict
     return tracker
 
 
-def _end_epoch(cfg: TrainingConfig, state: dict, record: dict, val: dict[str, float],
-               tracker: RunTracker | None) -> bool:
+def _end_epoch(
+    cfg: TrainingConfig, state: dict, record: dict, val: dict[str, float], tracker: RunTracker | None
+) -> bool:
     """Record the epoch, move early stopping on; True when it is the best epoch so far
     (the same on every rank: metrics come from gathered predictions)."""
     done = record["epoch"]  # epochs finished, this one included
@@ -280,8 +309,9 @@ def _is_better(metric: str, value: float, best: float | None) -> bool:
     return best is None or (value > best if metric.endswith(HIGHER_IS_BETTER) else value < best)
 
 
-def _finish(trainer: Trainer, data: TrainingData, key: str, ckpt_dir: Path, state: dict,
-            tracker: RunTracker | None) -> TrainResult:
+def _finish(
+    trainer: Trainer, data: TrainingData, key: str, ckpt_dir: Path, state: dict, tracker: RunTracker | None
+) -> TrainResult:
     """The best epoch's model, unsharded; a finished run's MLflow artifacts (rank 0)."""
     cfg = trainer.cfg
     metric = cfg.early_stopping_metric
@@ -293,18 +323,42 @@ def _finish(trainer: Trainer, data: TrainingData, key: str, ckpt_dir: Path, stat
     result_model.eval()
     if tracker is not None:
         if state["finished"]:
-            whole_val = TrainingTableLoader(data.val_files, shuffle=False, batch_size=cfg.train.batch_size,
-                                            **trainer.loader_options)
-            _log_final_artifacts(tracker, cfg, data, state["history"], best,
-                                 predict(result_model, whole_val, torch.device("cpu")), ckpt_dir)
+            whole_val = TrainingTableLoader(
+                data.val_files, shuffle=False, batch_size=cfg.train.batch_size, **trainer.loader_options
+            )
+            _log_final_artifacts(
+                tracker,
+                cfg,
+                data,
+                state["history"],
+                best,
+                predict(result_model, whole_val, torch.device("cpu")),
+                ckpt_dir,
+            )
         tracker.end("FINISHED" if state["finished"] else "KILLED")
     barrier()
-    return TrainResult(key, ckpt_dir, result_model, state["best_epoch"], state["best"], state["epoch"], best["val"],
-                       state["history"], state["mlflow_run_id"])
+    return TrainResult(
+        key,
+        ckpt_dir,
+        result_model,
+        state["best_epoch"],
+        state["best"],
+        state["epoch"],
+        best["val"],
+        state["history"],
+        state["mlflow_run_id"],
+    )
 
 
-def _log_final_artifacts(tracker: RunTracker, cfg: TrainingConfig, data: TrainingData, history: list[dict],
-                         best: dict, pred: dict[str, np.ndarray], ckpt_dir: Path) -> None:
+def _log_final_artifacts(
+    tracker: RunTracker,
+    cfg: TrainingConfig,
+    data: TrainingData,
+    history: list[dict],
+    best: dict,
+    pred: dict[str, np.ndarray],
+    ckpt_dir: Path,
+) -> None:
     """Config, vocab versions, plots (loss, ROC, reliability, gates) and the best checkpoint."""
     tracker.client.log_text(tracker.run_id, to_toml(cfg.model_dump(by_alias=True)), "config.toml")
     if data.vocab_versions:
@@ -320,6 +374,7 @@ def _log_final_artifacts(tracker: RunTracker, cfg: TrainingConfig, data: Trainin
 
 
 # ---------------------------------------------------------------- one epoch
+
 
 class NonFiniteLoss(ArithmeticError):
     """A training step's loss is inf or NaN (the message names the epoch, step and task)."""
@@ -373,15 +428,24 @@ class Trainer:
                 _log_step(bar, task, tracker, parts, state["step"], rows * world / (time.perf_counter() - started))
         self.check_finite(unchecked, epoch, self.train_steps)
         totals = reduce_values([rows, *(float(v) for v in sums.values())], self.device)  # over all ranks
-        return {"train/samples_per_s": totals[0] / (time.perf_counter() - started),
-                **{f"train/loss_{k}": v / totals[0] for k, v in zip(sums, totals[1:], strict=True)}}
+        return {
+            "train/samples_per_s": totals[0] / (time.perf_counter() - started),
+            **{f"train/loss_{k}": v / totals[0] for k, v in zip(sums, totals[1:], strict=True)},
+        }
 
     def step(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
         """One optimisation step on ``batch`` (the run's ``step``-th); its loss parts."""
         cfg, mcfg = self.cfg, self.cfg.model
         out = forward(self.model, batch, self.amp)
-        loss, parts = training_loss(out, batch.labels, cfg.tasks, mcfg.conversion_head, self.weighting,
-                                    self.net.backbone.penalty(), mcfg.soft_sharing_strength)
+        loss, parts = training_loss(
+            out,
+            batch.labels,
+            cfg.tasks,
+            mcfg.conversion_head,
+            self.weighting,
+            self.net.backbone.penalty(),
+            mcfg.soft_sharing_strength,
+        )
         self.dense_opt.zero_grad(set_to_none=True)
         loss.backward()  # also updates the embedding rows (fused optimiser); DDP averages dense gradients
         average_gradients(self.weighting.parameters())
@@ -415,43 +479,67 @@ class Trainer:
         else:
             weights = ", ".join(f"{t} {w:.3g}" for t, w in self.weighting.weights().items())
             what = f"the weighted total loss (task weights {weights})"
-        raise NonFiniteLoss(f"{what} is not finite at epoch {epoch + 1}, step {done - len(steps) + i + 1} of "
-                            f"{self.train_steps}: lower train.dense_lr / train.sparse_lr or look for huge values in "
-                            f"the training table")
+        raise NonFiniteLoss(
+            f"{what} is not finite at epoch {epoch + 1}, step {done - len(steps) + i + 1} of "
+            f"{self.train_steps}: lower train.dense_lr / train.sparse_lr or look for huge values in "
+            f"the training table"
+        )
 
     def validate(self) -> tuple[dict[str, float], dict[str, np.ndarray]]:
         """(metrics, predictions) of the validation table, all ranks' rows."""
         pred = gather_predictions(predict(self.model, self.val_loader, self.device, self.val_steps, self.amp))
         return validation_metrics(self.cfg, pred), pred
 
-    def epoch_record(self, epoch: int, train_stats: dict[str, float], val: dict[str, float],
-                     pred: dict[str, np.ndarray]) -> dict[str, float]:
+    def epoch_record(
+        self, epoch: int, train_stats: dict[str, float], val: dict[str, float], pred: dict[str, np.ndarray]
+    ) -> dict[str, float]:
         """The epoch's line of the history: training speed and losses, task weights, the
         tasks' gradient cosine, validation metrics and gate usage."""
-        cosine = gradient_cosine(self.model.module, self.net, self.cosine_batch, self.cfg.tasks,
-                                 self.cfg.model.conversion_head)
-        return {"epoch": epoch + 1, **train_stats,
-                **{f"train/task_weight_{t}": w for t, w in self.weighting.weights().items()},
-                **{f"train/{k}": v for k, v in cosine.items()},
-                **{f"val/{k}": v for k, v in val.items()},
-                **{f"val/{k}_expert{e}": float(w) for k, g in pred.items() if k.startswith("gate_")
-                   for e, w in enumerate(g)}}
+        cosine = gradient_cosine(
+            self.model.module, self.net, self.cosine_batch, self.cfg.tasks, self.cfg.model.conversion_head
+        )
+        return {
+            "epoch": epoch + 1,
+            **train_stats,
+            **{f"train/task_weight_{t}": w for t, w in self.weighting.weights().items()},
+            **{f"train/{k}": v for k, v in cosine.items()},
+            **{f"val/{k}": v for k, v in val.items()},
+            **{
+                f"val/{k}_expert{e}": float(w)
+                for k, g in pred.items()
+                if k.startswith("gate_")
+                for e, w in enumerate(g)
+            },
+        }
 
-    def save(self, ckpt_dir: Path, state: dict, improved: bool, val: dict[str, float],
-             pred: dict[str, np.ndarray]) -> None:
+    def save(
+        self, ckpt_dir: Path, state: dict, improved: bool, val: dict[str, float], pred: dict[str, np.ndarray]
+    ) -> None:
         """The epoch's checkpoints: ``best.pt`` when it ``improved``, ``last.pt`` always. A
         collective (sharded state is gathered); rank 0 writes, every rank waits for it."""
         model_state = plain_state(self.model)
         if improved and this_rank() == 0:
-            write_checkpoint(ckpt_dir / "best.pt", {"model": model_state, "epoch": state["epoch"], "val": val,
-                                                    "gate_usage": {k.removeprefix("gate_"): g for k, g in pred.items()
-                                                                   if k.startswith("gate_")}})
+            write_checkpoint(
+                ckpt_dir / "best.pt",
+                {
+                    "model": model_state,
+                    "epoch": state["epoch"],
+                    "val": val,
+                    "gate_usage": {k.removeprefix("gate_"): g for k, g in pred.items() if k.startswith("gate_")},
+                },
+            )
         save_resumable(ckpt_dir / "last.pt", model_state, self.model, self.weighting, self.dense_opt, state)
         barrier()
 
 
-def _log_step(bar: Progress, task: TaskID, tracker: RunTracker | None, parts: dict[str, torch.Tensor], step: int,
-              samples_per_s: float) -> None:
+def _log_step(
+    bar: Progress,
+    task: TaskID,
+    tracker: RunTracker | None,
+    parts: dict[str, torch.Tensor],
+    step: int,
+    samples_per_s: float,
+) -> None:
     """Every ``train.log_every_steps``: the step's losses on the bar and in MLflow."""
     step_losses = {k: float(v) for k, v in parts.items()}
     bar.update(task, info=f"loss {step_losses['total']:.4f}  {samples_per_s:,.0f} samples/s")
@@ -459,8 +547,13 @@ def _log_step(bar: Progress, task: TaskID, tracker: RunTracker | None, parts: di
         tracker.log_metrics({f"train/step_loss_{k}": v for k, v in step_losses.items()}, step)
 
 
-def _build_trainer(cfg: TrainingConfig, data: TrainingData, device: torch.device,
-                   initial_state: Mapping[str, torch.Tensor] | None, freeze_shared: bool) -> Trainer:
+def _build_trainer(
+    cfg: TrainingConfig,
+    data: TrainingData,
+    device: torch.device,
+    initial_state: Mapping[str, torch.Tensor] | None,
+    freeze_shared: bool,
+) -> Trainer:
     """The model (seeded on the CPU, alike on every rank; its tables go into the shards),
     its optimisers and this rank's loaders."""
     tcfg, mcfg, spec = cfg.train, cfg.model, cfg.features
@@ -478,21 +571,45 @@ def _build_trainer(cfg: TrainingConfig, data: TrainingData, device: torch.device
     model = distribute(net, tcfg, device, freeze_embeddings=freeze_shared)
     if world > 1:
         model.init_data_parallel()  # DDP over the dense layers that train
-    dense_params = [p for name, p in in_backward_optimizer_filter(model.named_parameters())
-                    if p.requires_grad and not (freeze_shared and name.startswith("ebc."))]  # data-parallel tables
+    dense_params = [
+        p
+        for name, p in in_backward_optimizer_filter(model.named_parameters())
+        if p.requires_grad and not (freeze_shared and name.startswith("ebc."))
+    ]  # data-parallel tables
     weights = {"params": list(weighting.parameters()), "weight_decay": 0.0}
     dense_opt = dense_optimizer([{"params": dense_params}, weights], tcfg)
-    options = dict(sparse=spec.sparse, dense_names=dense_names, labels=cfg.label_columns,
-                   seed=cfg.seed, pin_memory=device.type == "cuda")
+    options = dict(
+        sparse=spec.sparse,
+        dense_names=dense_names,
+        labels=cfg.label_columns,
+        seed=cfg.seed,
+        pin_memory=device.type == "cuda",
+    )
     mine = dict(batch_size=tcfg.batch_size // world, shard=(rank, world), **options)
-    train_loader = TrainingTableLoader(data.train_files, shuffle=True, shuffle_buffer_rows=tcfg.shuffle_buffer_rows,
-                                       **mine)
+    train_loader = TrainingTableLoader(
+        data.train_files, shuffle=True, shuffle_buffer_rows=tcfg.shuffle_buffer_rows, **mine
+    )
     val_loader = TrainingTableLoader(data.val_files, shuffle=False, **mine)
     train_steps, val_steps = _steps_per_epoch(train_loader, val_loader, device)
     cosine_batch = next(iter(val_loader)).to(device)
     amp = tcfg.mixed_precision and device.type == "cuda"
-    return Trainer(cfg, device, amp, net, model, weighting, dense_opt, train_loader, val_loader, train_steps, val_steps,
-                   cosine_batch, mean, std, options)
+    return Trainer(
+        cfg,
+        device,
+        amp,
+        net,
+        model,
+        weighting,
+        dense_opt,
+        train_loader,
+        val_loader,
+        train_steps,
+        val_steps,
+        cosine_batch,
+        mean,
+        std,
+        options,
+    )
 
 
 def _steps_per_epoch(train: TrainingTableLoader, val: TrainingTableLoader, device: torch.device) -> tuple[int, int]:
@@ -501,13 +618,16 @@ def _steps_per_epoch(train: TrainingTableLoader, val: TrainingTableLoader, devic
     fewest = reduce_values([len(train), len(val)], device, dist.ReduceOp.MIN)
     for (name, loader), n in zip((("training", train), ("validation", val)), fewest, strict=True):
         if n == 0:
-            raise StageError(f"the {name} table {[str(f) for f in loader.files]} has fewer rows than the "
-                             f"{world_size()} ranks of this job: every rank needs one")
+            raise StageError(
+                f"the {name} table {[str(f) for f in loader.files]} has fewer rows than the "
+                f"{world_size()} ranks of this job: every rank needs one"
+            )
     return int(most[0]), int(most[1])
 
 
-def gradient_cosine(model: torch.nn.Module, net: MultiTaskNet, batch: Batch, tasks: Sequence[TaskConfig],
-                    head: str) -> dict[str, float]:
+def gradient_cosine(
+    model: torch.nn.Module, net: MultiTaskNet, batch: Batch, tasks: Sequence[TaskConfig], head: str
+) -> dict[str, float]:
     """Cosine between the task losses' gradients on what the tasks share: ``grad_cosine``
     (the mean over pairs of tasks) and, with more than two tasks, ``grad_cosine/<a>-<b>``.
 
@@ -526,9 +646,14 @@ def gradient_cosine(model: torch.nn.Module, net: MultiTaskNet, batch: Batch, tas
     shared = [p for p in net.backbone.shared_parameters() if p.requires_grad] or [out.features]
     if not all(t.requires_grad for t in shared):
         return {"grad_cosine": float("nan")}
-    grads = {t.name: torch.cat([g.flatten() for g in torch.autograd.grad(losses[t.name], shared, retain_graph=True)])
-             for t in tasks}
+    grads = {
+        t.name: torch.cat([g.flatten() for g in torch.autograd.grad(losses[t.name], shared, retain_graph=True)])
+        for t in tasks
+    }
     names = list(grads)
-    pairs = {f"grad_cosine/{a}-{b}": float(torch.nn.functional.cosine_similarity(grads[a], grads[b], dim=0))
-             for i, a in enumerate(names) for b in names[i + 1:]}
+    pairs = {
+        f"grad_cosine/{a}-{b}": float(torch.nn.functional.cosine_similarity(grads[a], grads[b], dim=0))
+        for i, a in enumerate(names)
+        for b in names[i + 1 :]
+    }
     return {"grad_cosine": float(np.mean(list(pairs.values()))), **(pairs if len(pairs) > 1 else {})}

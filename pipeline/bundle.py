@@ -70,7 +70,9 @@ def bundle_dir(cfg: FunnelConfig, key: str) -> Path:
     return Path(cfg.state_dir) / "bundles" / key
 
 
-def _encode_snapshot(cfg: FunnelConfig, warehouse: Path, table: str, day: dt.date, key_columns: set[str], vocab_versions: dict) -> pa.Table:
+def _encode_snapshot(
+    cfg: FunnelConfig, warehouse: Path, table: str, day: dt.date, key_columns: set[str], vocab_versions: dict
+) -> pa.Table:
     """The users/items snapshot of ``day`` as the scorer reads it: the key, each sparse
     feature of the table encoded (``sparse:<name>``), each numeric feature transformed
     (``dense:<name>``), and raw columns used by aggregate keys (``raw:<column>``)."""
@@ -83,10 +85,14 @@ def _encode_snapshot(cfg: FunnelConfig, warehouse: Path, table: str, day: dt.dat
             continue
         vocab = load_vocabulary(warehouse, f, vocab_versions[f.name])
         values = frame[f.column].to_arrow()
-        columns[f"sparse:{f.name}"] = vocab.encode_list(values) if f.kind == "list" else pa.array(vocab.encode(values), pa.int64())
+        columns[f"sparse:{f.name}"] = (
+            vocab.encode_list(values) if f.kind == "list" else pa.array(vocab.encode(values), pa.int64())
+        )
     for f in spec.numeric:
         if f.table == table:
-            columns[f"dense:{f.name}"] = frame.select(numeric_feature_expr(f.column, f.transform)).to_series().to_arrow()
+            columns[f"dense:{f.name}"] = (
+                frame.select(numeric_feature_expr(f.column, f.transform)).to_series().to_arrow()
+            )
     for col in sorted(key_columns):
         if col != key:
             columns[f"raw:{col}"] = frame[col].to_arrow()
@@ -100,7 +106,9 @@ def serving_spec(cfg: FunnelConfig, vocab_versions: dict) -> BundleSpec:
     spec = cfg.features
     dense: list[AggregateInput | NumericInput] = [
         AggregateInput(name, key.name)
-        for key in spec.aggregate_keys for name in aggregate_feature_names(key.name, spec.windows_days)]
+        for key in spec.aggregate_keys
+        for name in aggregate_feature_names(key.name, spec.windows_days)
+    ]
     dense += [NumericInput(f.name, f.table, f.column, f.transform) for f in spec.numeric]
     if [d.name for d in dense] != spec.dense_names():
         raise StageError(f"bundle dense features {[d.name for d in dense]} differ from the spec's {spec.dense_names()}")
@@ -111,10 +119,19 @@ def serving_spec(cfg: FunnelConfig, vocab_versions: dict) -> BundleSpec:
         outputs=tuple(output_names(cfg.tasks)),
         tasks=tuple(TaskOutput(t.name, t.served_name, t.score_exponent) for t in cfg.tasks),
         sparse=tuple(
-            SparseInput(f.name, f.table, f.column, f.kind, f.capacity, f.oov_buckets, f.pooling, vocab_versions[f.name],
-                        **({"boundaries": tuple(f.boundaries)} if f.kind == "bucket"
-                           else {"vocab": f"vocab/{f.name}.parquet"}))
-            for f in spec.sparse),
+            SparseInput(
+                f.name,
+                f.table,
+                f.column,
+                f.kind,
+                f.capacity,
+                f.oov_buckets,
+                f.pooling,
+                vocab_versions[f.name],
+                **({"boundaries": tuple(f.boundaries)} if f.kind == "bucket" else {"vocab": f"vocab/{f.name}.parquet"}),
+            )
+            for f in spec.sparse
+        ),
         dense=tuple(dense),
         scoring=ScoringLimits(**cfg.scoring.model_dump()),
         # a list column of a CSV-born table may hold delimited ids (features.table_source)
@@ -122,15 +139,25 @@ def serving_spec(cfg: FunnelConfig, vocab_versions: dict) -> BundleSpec:
     )
 
 
-def event_serving_spec(cfg: FunnelConfig, key_sources: dict[str, str], as_of: dt.date, snapshot_day: dt.date,
-                       defaults: dict[str, dict[str, float]]) -> EventFeatures:
+def event_serving_spec(
+    cfg: FunnelConfig,
+    key_sources: dict[str, str],
+    as_of: dt.date,
+    snapshot_day: dt.date,
+    defaults: dict[str, dict[str, float]],
+) -> EventFeatures:
     """The spec.json entries of an event-log bundle: its aggregate keys, snapshots and the
     aggregates' values for a key with no history."""
     return EventFeatures(
         aggregate_keys=tuple(
-            AggregateKeySpec(k.name, tuple(k.columns), {c: key_sources[c] for c in k.columns},
-                             f"features/aggregates/{k.name}.parquet")
-            for k in cfg.features.aggregate_keys),
+            AggregateKeySpec(
+                k.name,
+                tuple(k.columns),
+                {c: key_sources[c] for c in k.columns},
+                f"features/aggregates/{k.name}.parquet",
+            )
+            for k in cfg.features.aggregate_keys
+        ),
         snapshots={t: SnapshotSpec(f"features/{t}.parquet", SNAPSHOT_KEY[t]) for t in SNAPSHOT_TABLES},
         features_as_of=as_of,
         snapshot_day=snapshot_day,
@@ -138,15 +165,22 @@ def event_serving_spec(cfg: FunnelConfig, key_sources: dict[str, str], as_of: dt
     )
 
 
-def _event_feature_days(cfg: FunnelConfig, warehouse: Path, as_of: dt.date | None) -> tuple[dt.date, dt.date, dict[str, str]]:
+def _event_feature_days(
+    cfg: FunnelConfig, warehouse: Path, as_of: dt.date | None
+) -> tuple[dt.date, dt.date, dict[str, str]]:
     """(features as of, snapshot day, aggregate-key column sources) of an event-log bundle."""
     spec = cfg.features
     for f in spec.sparse:
         if f.kind == "list" and f.table == "impressions":
-            raise StageError(f"sparse feature {f.name!r}: list features of the impressions table (request context) are not supported by the scorer")
+            raise StageError(
+                f"sparse feature {f.name!r}: list features of the impressions table (request context) are not "
+                "supported by the scorer"
+            )
     if as_of is None:
-        newest = [newest_partition_day(daily_root(warehouse, k.name), f"daily aggregates of {k.name!r}")
-                  for k in spec.aggregate_keys]
+        newest = [
+            newest_partition_day(daily_root(warehouse, k.name), f"daily aggregates of {k.name!r}")
+            for k in spec.aggregate_keys
+        ]
         users = validated_root(warehouse, "users")
         as_of = max(newest) + dt.timedelta(days=1) if newest else newest_partition_day(users, "validated users")
     snapshot_day = newest_partition_day(validated_root(warehouse, "users"), "validated users", until=as_of)
@@ -157,14 +191,25 @@ def _event_feature_days(cfg: FunnelConfig, warehouse: Path, as_of: dt.date | Non
     return as_of, snapshot_day, {c: "request" if t == "impressions" else t for c, t in sources.items()}
 
 
-def _write_event_features(cfg: FunnelConfig, warehouse: Path, out: Path, key_sources: dict[str, str], snapshot_day: dt.date,
-                          as_of: dt.date, vocab_versions: dict) -> dict:
+def _write_event_features(
+    cfg: FunnelConfig,
+    warehouse: Path,
+    out: Path,
+    key_sources: dict[str, str],
+    snapshot_day: dt.date,
+    as_of: dt.date,
+    vocab_versions: dict,
+) -> dict:
     """Write the encoded users/items snapshots and the aggregates' rolling features under
     ``out/features``; return the aggregates' defaults (a key with no history)."""
     (out / "features" / "aggregates").mkdir(parents=True)
     for table in SNAPSHOT_TABLES:
         key_columns = {c for c, s in key_sources.items() if s == table}
-        pq.write_table(_encode_snapshot(cfg, warehouse, table, snapshot_day, key_columns, vocab_versions), out / "features" / f"{table}.parquet", compression="zstd")
+        pq.write_table(
+            _encode_snapshot(cfg, warehouse, table, snapshot_day, key_columns, vocab_versions),
+            out / "features" / f"{table}.parquet",
+            compression="zstd",
+        )
     frames, defaults = rolled_features(cfg, warehouse, as_of)
     for key in cfg.features.aggregate_keys:
         rolled = frames[key.name].collect().to_arrow()
@@ -182,11 +227,21 @@ def _versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             return "unknown"
 
-    return {"funnelrank": version("funnelrank"), "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__}
+    return {
+        "funnelrank": version("funnelrank"),
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": ort.__version__,
+    }
 
 
 def export_bundle(
-    cfg: FunnelConfig, warehouse: Path, model: MultiTaskNet, out_dir: Path, parity_files: Sequence[Path], as_of: dt.date | None = None,
+    cfg: FunnelConfig,
+    warehouse: Path,
+    model: MultiTaskNet,
+    out_dir: Path,
+    parity_files: Sequence[Path],
+    as_of: dt.date | None = None,
     inputs: dict | None = None,
 ) -> Path:
     """Write the serving bundle to ``out_dir`` atomically and return it.

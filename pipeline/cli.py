@@ -43,12 +43,20 @@ def _positive(text: str) -> int:
     return value
 
 
-def _common(p: argparse.ArgumentParser, config_default: Path | None = DEFAULT_CONFIG,
-            config_help: str = "run config (TOML), default %(default)s") -> None:
+def _common(
+    p: argparse.ArgumentParser,
+    config_default: Path | None = DEFAULT_CONFIG,
+    config_help: str = "run config (TOML), default %(default)s",
+) -> None:
     p.add_argument("--config", type=Path, default=config_default, help=config_help)
-    p.add_argument("--warehouse", type=Path, default=None, help="data root; default: the config's `warehouse`. Its "
-                   "state (MLflow store, checkpoints, bundles, nightly records) goes to <warehouse>/state unless the "
-                   "config names a state_dir")
+    p.add_argument(
+        "--warehouse",
+        type=Path,
+        default=None,
+        help="data root; default: the config's `warehouse`. Its "
+        "state (MLflow store, checkpoints, bundles, nightly records) goes to <warehouse>/state unless the "
+        "config names a state_dir",
+    )
 
 
 def _load(args: argparse.Namespace, overrides: dict | None = None) -> tuple[FunnelConfig, Path]:
@@ -70,8 +78,10 @@ def _locked(warehouse: Path) -> contextlib.AbstractContextManager:
 
 def _refuse_table(cfg: FunnelConfig, args: argparse.Namespace) -> None:
     if cfg.table is not None:
-        raise StageError(f"{args.config} trains on a feature table ([table] section): it has no event logs to "
-                         f"{args.command}; use `funnelrank train`, `evaluate`, `export` and `score` with it")
+        raise StageError(
+            f"{args.config} trains on a feature table ([table] section): it has no event logs to "
+            f"{args.command}; use `funnelrank train`, `evaluate`, `export` and `score` with it"
+        )
 
 
 def _load_event_logs(args: argparse.Namespace) -> tuple[FunnelConfig, Path]:
@@ -83,8 +93,11 @@ def _load_event_logs(args: argparse.Namespace) -> tuple[FunnelConfig, Path]:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     flags = {
-        "days": args.days, "users": args.users, "items": args.items,
-        "impressions_per_day": args.impressions_per_day, "task_correlation": args.task_correlation,
+        "days": args.days,
+        "users": args.users,
+        "items": args.items,
+        "impressions_per_day": args.impressions_per_day,
+        "task_correlation": args.task_correlation,
         "start_date": args.start_date,
     }
     overrides: dict = {"generate": {k: v for k, v in flags.items() if v is not None}}
@@ -144,8 +157,10 @@ def cmd_examples(args: argparse.Namespace) -> int:
         manifest = build_training_table(cfg, warehouse, args.date)
     rows = manifest["rows"]
     state = "skipped (inputs unchanged)" if manifest["skipped"] else f"written in {manifest['timings_s']['total']:.2f}s"
-    print(f"training table {manifest['date']}: {rows['rows_out']:,} rows of {rows['impressions_in']:,} impressions "
-          f"({rows['quarantined'] if rows['quarantined'] is not None else 'no report'} quarantined), {state}")
+    print(
+        f"training table {manifest['date']}: {rows['rows_out']:,} rows of {rows['impressions_in']:,} impressions "
+        f"({rows['quarantined'] if rows['quarantined'] is not None else 'no report'} quarantined), {state}"
+    )
     return 0
 
 
@@ -158,8 +173,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank returns the same result: rank 0 reports
         return 0
     metric = cfg.early_stopping_metric
-    print(f"train {result.run_key}: {result.epochs_run} epochs, best epoch {result.best_epoch} "
-          f"({metric} {result.best_metric:.4f}); checkpoints in {result.checkpoint_dir}; MLflow run {result.mlflow_run_id}")
+    print(
+        f"train {result.run_key}: {result.epochs_run} epochs, best epoch {result.best_epoch} "
+        f"({metric} {result.best_metric:.4f}); checkpoints in {result.checkpoint_dir}; MLflow run "
+        f"{result.mlflow_run_id}"
+    )
     _print_metrics("val", cfg, result.val_metrics)
     return 0
 
@@ -167,8 +185,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _print_metrics(what: str, cfg: FunnelConfig, metrics: dict[str, float]) -> None:
     for view in cfg.views():
         se = metrics.get(f"{view}_auc_se", float("nan"))  # absent from a checkpoint of an older funnelrank
-        print(f"  {what} {view:>12s}  auc {metrics[f'{view}_auc']:.4f} ± {se:.4f}  "
-              + "  ".join(f"{m} {metrics[f'{view}_{m}']:.4f}" for m in ("gauc", "logloss", "calibration")))
+        print(
+            f"  {what} {view:>12s}  auc {metrics[f'{view}_auc']:.4f} ± {se:.4f}  "
+            + "  ".join(f"{m} {metrics[f'{view}_{m}']:.4f}" for m in ("gauc", "logloss", "calibration"))
+        )
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -207,8 +227,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from serving.http import ServerStartError, serve
 
     try:
-        return serve(args.bundle, host=args.host, port=args.port, threads=args.threads, scoring=scoring,
-                     admin_token_file=args.admin_token_file)
+        return serve(
+            args.bundle,
+            host=args.host,
+            port=args.port,
+            threads=args.threads,
+            scoring=scoring,
+            admin_token_file=args.admin_token_file,
+        )
     except BundleError as err:
         raise StageError(str(err)) from None
     except ServerStartError as err:  # the address, the token file: a usage error, one line
@@ -294,84 +320,180 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start-date", type=_date, help="first day, YYYY-MM-DD")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    p = add("adapt-aliccp", cmd_adapt_aliccp, "Write the Ali-CCP train/val/test samples as raw logs (contract v1) on three consecutive days from generate.start_date.")
-    p.add_argument("--data-dir", type=Path, default=Path("../shared/data/ali-ccp"), help="folder of the ali_ccp_*_sample.csv files (default %(default)s)")
+    p = add(
+        "adapt-aliccp",
+        cmd_adapt_aliccp,
+        "Write the Ali-CCP train/val/test samples as raw logs (contract v1) on three consecutive days from "
+        "generate.start_date.",
+    )
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path("../shared/data/ali-ccp"),
+        help="folder of the ali_ccp_*_sample.csv files (default %(default)s)",
+    )
     p.add_argument("--start-date", type=_date, help="first day, YYYY-MM-DD (default: the config's generate.start_date)")
 
     p = add("validate", cmd_validate, "Check a day's raw partitions against the contract; quarantine bad rows.")
     p.add_argument("--date", type=_date, required=True, help="the day to validate, YYYY-MM-DD")
 
-    p = add("features", cmd_features, "Count a day's impressions, clicks and conversions per aggregate key (by event time).")
+    p = add(
+        "features", cmd_features, "Count a day's impressions, clicks and conversions per aggregate key (by event time)."
+    )
     p.add_argument("--date", type=_date, required=True, help="the day to aggregate, YYYY-MM-DD")
 
-    p = add("examples", cmd_examples, "Write the training table of the mature day (--date minus the maturity lag) and update the vocabularies.")
+    p = add(
+        "examples",
+        cmd_examples,
+        "Write the training table of the mature day (--date minus the maturity lag) and update the vocabularies.",
+    )
     p.add_argument("--date", type=_date, required=True, help="the nightly run date, YYYY-MM-DD")
 
-    p = add("train", cmd_train, "Train the multi-task model on the window of mature days, or on a [table] source's train "
-            "split (resumes a killed run); log it to MLflow.")
-    p.add_argument("--date", type=_date, help="the nightly run date, YYYY-MM-DD (event logs; a [table] source needs none)")
+    p = add(
+        "train",
+        cmd_train,
+        "Train the multi-task model on the window of mature days, or on a [table] source's train "
+        "split (resumes a killed run); log it to MLflow.",
+    )
+    p.add_argument(
+        "--date", type=_date, help="the nightly run date, YYYY-MM-DD (event logs; a [table] source needs none)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    p = add("export", cmd_export, "Export the trained model of the run as an ONNX serving bundle (parity-checked on the validation day, or a [table] source's test split) and log it to the run's MLflow artifacts.")
-    p.add_argument("--date", type=_date, help="the nightly run date, YYYY-MM-DD (event logs; a [table] source needs none)")
+    p = add(
+        "export",
+        cmd_export,
+        "Export the trained model of the run as an ONNX serving bundle (parity-checked on the validation day, or a "
+        "[table] source's test split) and log it to the run's MLflow artifacts.",
+    )
+    p.add_argument(
+        "--date", type=_date, help="the nightly run date, YYYY-MM-DD (event logs; a [table] source needs none)"
+    )
 
-    p = add("score", cmd_score, "Batch-score a Parquet file with an exported bundle (no torch needed): (user_id, item_id, context) rows, "
-            "or a [table] model's feature columns.")
+    p = add(
+        "score",
+        cmd_score,
+        "Batch-score a Parquet file with an exported bundle (no torch needed): (user_id, item_id, context) rows, "
+        "or a [table] model's feature columns.",
+    )
     p.add_argument("--bundle", type=Path, required=True, help="exported bundle folder")
-    p.add_argument("--input", type=Path, required=True, help="Parquet file: user_id, item_id and context columns (event-log "
-                   "bundles) or the feature columns the table was trained on (table bundles)")
-    p.add_argument("--output", type=Path, required=True, help="Parquet file to write (atomically): the input + p_<task> per "
-                   "task (p_click, p_conversion by default) + score")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                   help="threads scoring chunks of rows at once, each encoding and running the model (default: the cores, %(default)s)")
+    p.add_argument(
+        "--input",
+        type=Path,
+        required=True,
+        help="Parquet file: user_id, item_id and context columns (event-log "
+        "bundles) or the feature columns the table was trained on (table bundles)",
+    )
+    p.add_argument(
+        "--output",
+        type=Path,
+        required=True,
+        help="Parquet file to write (atomically): the input + p_<task> per "
+        "task (p_click, p_conversion by default) + score",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="threads scoring chunks of rows at once, each encoding and running the model "
+        "(default: the cores, %(default)s)",
+    )
 
-    p = add("serve", cmd_serve, "Serve an exported bundle over HTTP: POST /v1/rank, GET /healthz /readyz /metrics; "
-            "SIGHUP reloads, SIGTERM drains. Exit codes: 2 the address or the admin token file cannot be used, 3 the "
-            "bundle.",
-            config_default=None, config_help="take the server's limits and timeouts from this config's [scoring] "
-            "(default: the bundle's, from the config it was exported with)")
+    p = add(
+        "serve",
+        cmd_serve,
+        "Serve an exported bundle over HTTP: POST /v1/rank, GET /healthz /readyz /metrics; "
+        "SIGHUP reloads, SIGTERM drains. Exit codes: 2 the address or the admin token file cannot be used, 3 the "
+        "bundle.",
+        config_default=None,
+        config_help="take the server's limits and timeouts from this config's [scoring] "
+        "(default: the bundle's, from the config it was exported with)",
+    )
     p.add_argument("--bundle", type=Path, required=True, help="exported bundle folder (reloaded from the same path)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default %(default)s: loopback only)")
     p.add_argument("--port", type=int, default=8080, help="port (default %(default)s; 0 picks a free one)")
-    p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads per model call (default %(default)s)")
-    p.add_argument("--max-candidates", type=_positive, default=None,
-                   help="candidates per request at most (default: scoring.max_candidates)")
-    p.add_argument("--max-body-bytes", type=_positive, default=None,
-                   help="request body limit (default: scoring.max_body_bytes)")
-    p.add_argument("--admin-token-file", type=Path, default=None,
-                   help="turn POST /admin/reload on with the token in this file (default: the FUNNELRANK_ADMIN_TOKEN "
-                   "environment variable; neither: only SIGHUP reloads)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="onnxruntime intra-op threads per model call (default %(default)s)"
+    )
+    p.add_argument(
+        "--max-candidates",
+        type=_positive,
+        default=None,
+        help="candidates per request at most (default: scoring.max_candidates)",
+    )
+    p.add_argument(
+        "--max-body-bytes", type=_positive, default=None, help="request body limit (default: scoring.max_body_bytes)"
+    )
+    p.add_argument(
+        "--admin-token-file",
+        type=Path,
+        default=None,
+        help="turn POST /admin/reload on with the token in this file (default: the FUNNELRANK_ADMIN_TOKEN "
+        "environment variable; neither: only SIGHUP reloads)",
+    )
 
     from pipeline.nightly import STAGES  # noqa: PLC0415 - light module: no heavy imports at its top
 
-    p = add("nightly", cmd_nightly, "Run the night for --date D (or backfill --start..--end): validate -> features -> examples -> "
-            "train -> evaluate -> export -> promote. Finished stages with unchanged inputs are skipped, so the same "
-            "command resumes a failed or killed night. Exit codes: 3 a stage failed, 4 bad raw data, 5 warehouse locked.")
+    p = add(
+        "nightly",
+        cmd_nightly,
+        "Run the night for --date D (or backfill --start..--end): validate -> features -> examples -> "
+        "train -> evaluate -> export -> promote. Finished stages with unchanged inputs are skipped, so the same "
+        "command resumes a failed or killed night. Exit codes: 3 a stage failed, 4 bad raw data, 5 warehouse locked.",
+    )
     p.add_argument("--date", type=_date, help="the night to run, YYYY-MM-DD")
     p.add_argument("--start", type=_date, help="backfill: first night")
     p.add_argument("--end", type=_date, help="backfill: last night (inclusive)")
-    p.add_argument("--from", dest="rerun_from", choices=STAGES, help="rerun this stage and every later one even if their inputs are unchanged")
+    p.add_argument(
+        "--from",
+        dest="rerun_from",
+        choices=STAGES,
+        help="rerun this stage and every later one even if their inputs are unchanged",
+    )
     p.add_argument("--to", choices=STAGES, default=STAGES[-1], help="stop after this stage (default %(default)s)")
 
-    for stage, text in (("evaluate", "Score the night's mature day with its candidate and the champion, side by side in MLflow "
-                                     "(the night's earlier stages run first when they have not); a [table] source: score the "
-                                     "trained model on the test split"),
-                        ("promote", "Register the night's bundle in the MLflow registry and move `champion` if the gate passes "
-                                    "(the night's earlier stages run first when they have not)")):
+    for stage, text in (
+        (
+            "evaluate",
+            "Score the night's mature day with its candidate and the champion, side by side in MLflow "
+            "(the night's earlier stages run first when they have not); a [table] source: score the "
+            "trained model on the test split",
+        ),
+        (
+            "promote",
+            "Register the night's bundle in the MLflow registry and move `champion` if the gate passes "
+            "(the night's earlier stages run first when they have not)",
+        ),
+    ):
         p = add(stage, cmd_night_stage, f"{text}.")
         p.add_argument("--date", type=_date, help="the nightly run date, YYYY-MM-DD (required for event logs)")
 
-    runs = sub.add_parser("runs", help="Work with the training runs in MLflow (`runs compare`).",
-                          description="Work with the training runs in MLflow.")
+    runs = sub.add_parser(
+        "runs",
+        help="Work with the training runs in MLflow (`runs compare`).",
+        description="Work with the training runs in MLflow.",
+    )
     runs_sub = runs.add_subparsers(dest="runs_command", required=True, metavar="ACTION")
-    p = runs_sub.add_parser("compare", help="Training runs side by side: key metrics, config keys that differ, metric trends over nights.",
-                            description="Training runs side by side: key validation metrics, the config keys that differ, "
-                            "and a plot of the metrics over the nights (written to --output or logged to the newest run).")
+    p = runs_sub.add_parser(
+        "compare",
+        help="Training runs side by side: key metrics, config keys that differ, metric trends over nights.",
+        description="Training runs side by side: key validation metrics, the config keys that differ, "
+        "and a plot of the metrics over the nights (written to --output or logged to the newest run).",
+    )
     _common(p)
     p.set_defaults(func=cmd_runs)
-    p.add_argument("run_ids", nargs="*", metavar="RUN_ID", help="MLflow run ids (default: the newest --last finished training runs)")
-    p.add_argument("--last", type=int, default=5, help="compare the newest N finished training runs (default %(default)s)")
-    p.add_argument("--output", type=Path, help="write the trend plot (PNG) here instead of logging it to the newest run in MLflow")
+    p.add_argument(
+        "run_ids",
+        nargs="*",
+        metavar="RUN_ID",
+        help="MLflow run ids (default: the newest --last finished training runs)",
+    )
+    p.add_argument(
+        "--last", type=int, default=5, help="compare the newest N finished training runs (default %(default)s)"
+    )
+    p.add_argument(
+        "--output", type=Path, help="write the trend plot (PNG) here instead of logging it to the newest run in MLflow"
+    )
 
     return parser
 

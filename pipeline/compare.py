@@ -39,8 +39,12 @@ def find_runs(cfg: FunnelConfig, run_ids: Sequence[str] = (), last: int = 5) -> 
     experiment = client.get_experiment_by_name(EXPERIMENT)
     if experiment is None:
         raise StageError(f"no training runs yet in {tracking_uri(cfg.state_dir)} (experiment {EXPERIMENT!r})")
-    runs = client.search_runs([experiment.experiment_id], "tags.stage = 'train' and attributes.status = 'FINISHED'",
-                              order_by=["attributes.start_time DESC"], max_results=last)
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        "tags.stage = 'train' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=last,
+    )
     if not runs:
         raise StageError(f"no finished training runs in {tracking_uri(cfg.state_dir)}")
     return sorted(runs, key=lambda r: (r.data.tags.get("run_date", ""), r.info.start_time))
@@ -92,7 +96,9 @@ def plot_trends(runs: Sequence, metrics: Sequence[str]):
     return fig
 
 
-def compare_runs(cfg: FunnelConfig, run_ids: Sequence[str] = (), last: int = 5, output: Path | None = None) -> tuple[list, str]:
+def compare_runs(
+    cfg: FunnelConfig, run_ids: Sequence[str] = (), last: int = 5, output: Path | None = None
+) -> tuple[list, str]:
     """Print-ready rows and where the trend picture went (a path, or an MLflow artifact)."""
     from mlflow.tracking import MlflowClient
 
@@ -118,7 +124,10 @@ def render(rows: list[tuple[str, list[str]]]) -> None:
     from rich.table import Table
 
     header, *body = rows
-    table = Table(title="funnelrank runs (validation metrics of the best epoch, AUC ± its standard error; config keys that differ)")
+    table = Table(
+        title="funnelrank runs (validation metrics of the best epoch, AUC ± its standard error; "
+        "config keys that differ)"
+    )
     table.add_column(header[0])
     for cell in header[1]:
         table.add_column(cell, justify="right")

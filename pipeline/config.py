@@ -28,47 +28,88 @@ class ScoringConfig(_Section):
     which defines the defaults (a bundle without a key gets the same); ``funnelrank serve
     --config`` overrides them."""
 
-    max_candidates: int = Field(_LIMITS.max_candidates, ge=1, le=1_000_000, description="HTTP: candidates per request at most")
-    max_body_bytes: int = Field(_LIMITS.max_body_bytes, ge=1024, le=1 << 30, description="HTTP: request body size limit")
-    max_context_value_chars: int = Field(_LIMITS.max_context_value_chars, ge=1, le=65_536,
-                                         description="HTTP: a longer context value is a 400 naming it")
-    header_timeout_s: float = Field(_LIMITS.header_timeout_s, gt=0.0, le=3600.0, description="HTTP: from a request's "
-                                    "first byte to the end of its headers (408, closed)")
-    body_timeout_s: float = Field(_LIMITS.body_timeout_s, gt=0.0, le=3600.0, description="HTTP: to receive a "
-                                  "request's body after its headers (408, closed), and for the client to take the "
-                                  "response")
-    idle_timeout_s: float = Field(_LIMITS.idle_timeout_s, gt=0.0, le=3600.0,
-                                  description="HTTP: a keep-alive connection waiting this long for a request is closed")
-    max_connections: int = Field(_LIMITS.max_connections, ge=1, le=100_000, description="HTTP: open connections at "
-                                 "most; over it the longest idle one is closed, or the new one gets 503")
-    drain_timeout_s: float = Field(_LIMITS.drain_timeout_s, ge=0.0, le=3600.0,
-                                   description="HTTP: on SIGTERM, how long the requests in flight get to be answered")
+    max_candidates: int = Field(
+        _LIMITS.max_candidates, ge=1, le=1_000_000, description="HTTP: candidates per request at most"
+    )
+    max_body_bytes: int = Field(
+        _LIMITS.max_body_bytes, ge=1024, le=1 << 30, description="HTTP: request body size limit"
+    )
+    max_context_value_chars: int = Field(
+        _LIMITS.max_context_value_chars, ge=1, le=65_536, description="HTTP: a longer context value is a 400 naming it"
+    )
+    header_timeout_s: float = Field(
+        _LIMITS.header_timeout_s,
+        gt=0.0,
+        le=3600.0,
+        description="HTTP: from a request's first byte to the end of its headers (408, closed)",
+    )
+    body_timeout_s: float = Field(
+        _LIMITS.body_timeout_s,
+        gt=0.0,
+        le=3600.0,
+        description="HTTP: to receive a "
+        "request's body after its headers (408, closed), and for the client to take the "
+        "response",
+    )
+    idle_timeout_s: float = Field(
+        _LIMITS.idle_timeout_s,
+        gt=0.0,
+        le=3600.0,
+        description="HTTP: a keep-alive connection waiting this long for a request is closed",
+    )
+    max_connections: int = Field(
+        _LIMITS.max_connections,
+        ge=1,
+        le=100_000,
+        description="HTTP: open connections at most; over it the longest idle one is closed, or the new one gets 503",
+    )
+    drain_timeout_s: float = Field(
+        _LIMITS.drain_timeout_s,
+        ge=0.0,
+        le=3600.0,
+        description="HTTP: on SIGTERM, how long the requests in flight get to be answered",
+    )
 
 
 class NightlyConfig(_Section):
     """``funnelrank nightly``: how each night's model starts and what it trains on."""
 
-    warm_start: bool = Field(True, description="start from the champion's weights when the architecture matches; false = full retrain over train.window_days")
-    fine_tune_days: int = Field(1, ge=1, le=3650, description="warm start: train on this many newest mature days (plus the validation day)")
-    freeze_shared: bool = Field(False, description="warm start: train only the task towers, heads and gates; embeddings and shared layers stay frozen")
+    warm_start: bool = Field(
+        True,
+        description="start from the champion's weights when the architecture matches; "
+        "false = full retrain over train.window_days",
+    )
+    fine_tune_days: int = Field(
+        1, ge=1, le=3650, description="warm start: train on this many newest mature days (plus the validation day)"
+    )
+    freeze_shared: bool = Field(
+        False,
+        description="warm start: train only the task towers, heads and gates; embeddings and shared layers stay frozen",
+    )
 
 
 class PromoteConfig(_Section):
     """The promotion gate: when the candidate becomes the ``champion`` alias."""
 
     model_name: str = Field("funnelrank", min_length=1, description="registered model name in the MLflow registry")
-    auc_tolerance: float = Field(0.005, ge=0.0, lt=1.0,
-                                 description="largest AUC drop vs the champion allowed on any task")
+    auc_tolerance: float = Field(
+        0.005, ge=0.0, lt=1.0, description="largest AUC drop vs the champion allowed on any task"
+    )
     gate_metrics: list[str] | None = Field(
-        None, min_length=1, description="<task view>_<auc|gauc>; default: every task view's auc")
+        None, min_length=1, description="<task view>_<auc|gauc>; default: every task view's auc"
+    )
     min_auc: float = Field(0.55, ge=0.0, le=1.0, description="first model: every gate metric at least this")
-    calibration_min: float = Field(0.8, gt=0.0, description="mean predicted / observed rate of every served probability")
+    calibration_min: float = Field(
+        0.8, gt=0.0, description="mean predicted / observed rate of every served probability"
+    )
     calibration_max: float = Field(1.25, gt=0.0)
 
     @model_validator(mode="after")
     def _bounds_ordered(self) -> PromoteConfig:
         if self.calibration_min >= self.calibration_max:
-            raise ValueError(f"calibration_min ({self.calibration_min}) must be below calibration_max ({self.calibration_max})")
+            raise ValueError(
+                f"calibration_min ({self.calibration_min}) must be below calibration_max ({self.calibration_max})"
+            )
         return self
 
 
@@ -122,8 +163,9 @@ def load_config(path: str | Path = DEFAULT_CONFIG, overrides: dict | None = None
     except OSError as err:
         raise ConfigError(f"cannot read config {path}: {err.strerror}") from None
     except UnicodeDecodeError as err:
-        raise ConfigError(f"config {path} is not UTF-8 text (TOML is): byte {err.object[err.start]:#04x} at offset "
-                          f"{err.start}") from None
+        raise ConfigError(
+            f"config {path} is not UTF-8 text (TOML is): byte {err.object[err.start]:#04x} at offset {err.start}"
+        ) from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:

@@ -40,9 +40,21 @@ def demo_request(warehouse: Path, day: dt.date, n_candidates: int = 8) -> dict:
     from features.catalog import scan_validated
 
     impressions = scan_validated(warehouse, "impressions", day)
-    user = impressions.group_by("user_id").len().sort(["len", "user_id"], descending=[True, False]).first().collect()["user_id"][0]
+    user = (
+        impressions.group_by("user_id")
+        .len()
+        .sort(["len", "user_id"], descending=[True, False])
+        .first()
+        .collect()["user_id"][0]
+    )
     context_row = impressions.filter(pl.col("user_id") == user).sort("ts").first().collect()
-    items = impressions.group_by("item_id").len().sort(["len", "item_id"], descending=[True, False]).head(n_candidates).collect()
+    items = (
+        impressions.group_by("item_id")
+        .len()
+        .sort(["len", "item_id"], descending=[True, False])
+        .head(n_candidates)
+        .collect()
+    )
     context = {c: context_row[c][0] for c in ("device", "slot") if c in context_row.columns}
     return {"user_id": user, "context": context, "candidates": [{"item_id": i} for i in items["item_id"]]}
 
@@ -60,7 +72,10 @@ def run_demo(cfg: FunnelConfig, warehouse: Path, nights: int = 3) -> None:
     t0 = time.perf_counter()
     days = [cfg.generate.start_date + dt.timedelta(days=i) for i in range(cfg.generate.days)]
     if len(days) < nights + cfg.contract.maturity_lag_days + cfg.train.window_days - 1:
-        raise ValueError(f"generate.days = {len(days)} is too few for {nights} nights of a {cfg.train.window_days}-day training window")
+        raise ValueError(
+            f"generate.days = {len(days)} is too few for {nights} nights of a {cfg.train.window_days}-day training "
+            "window"
+        )
     print(f"funnelrank demo: {len(days)} days of synthetic logs into {warehouse}")
     print(generate_logs(cfg, warehouse, progress=True).describe())
 
@@ -77,17 +92,27 @@ def run_demo(cfg: FunnelConfig, warehouse: Path, nights: int = 3) -> None:
 
     newest = results[days[-1]]
     val_day = mature_day(cfg, days[-1])
-    print(f"\nnewest model: click AUC {newest['evaluate']['candidate']['click_auc']:.4f} on {val_day} "
-          f"(oracle {oracle_click_auc(warehouse, val_day):.4f}: the generator's noise-free click logit)")
+    print(
+        f"\nnewest model: click AUC {newest['evaluate']['candidate']['click_auc']:.4f} on {val_day} "
+        f"(oracle {oracle_click_auc(warehouse, val_day):.4f}: the generator's noise-free click logit)"
+    )
 
     if current_champion(cfg) is None:
         print("\nno model passed the promotion gate (see the promote lines above): no champion to rank with")
         return
-    bundle = load_bundle_from_mlflow(f"models:/{cfg.promote.model_name}@champion", tracking_uri=tracking_uri(cfg.state_dir))
+    bundle = load_bundle_from_mlflow(
+        f"models:/{cfg.promote.model_name}@champion", tracking_uri=tracking_uri(cfg.state_dir)
+    )
     request = demo_request(warehouse, days[-1])
-    print(f"\nchampion bundle {bundle.version} ranks {len(request['candidates'])} candidates for user {request['user_id']} "
-          f"(context {request['context']}):")
+    print(
+        f"\nchampion bundle {bundle.version} ranks {len(request['candidates'])} candidates for user "
+        f"{request['user_id']} "
+        f"(context {request['context']}):"
+    )
     for rank, c in enumerate(Scorer(bundle).score(request), 1):
-        print(f"  {rank}. {c['item_id']:>10s}  p_click {c['p_click']:.4f}  p_conversion {c['p_conversion']:.5f}  score {c['score']:.3e}")
+        print(
+            f"  {rank}. {c['item_id']:>10s}  p_click {c['p_click']:.4f}  p_conversion {c['p_conversion']:.5f}  "
+            f"score {c['score']:.3e}"
+        )
     print(f"\ndemo finished in {time.perf_counter() - t0:.1f} s")
     print(f"data under {warehouse}; runs in MLflow: mlflow ui --backend-store-uri {tracking_uri(cfg.state_dir)}")

@@ -41,7 +41,10 @@ def _valid_bundle_with(folder: Path, inputs: dict) -> bool:
 
 
 def export_run(
-    cfg: FunnelConfig, warehouse: Path, run_date: dt.date | None = None, model: MultiTaskNet | None = None,
+    cfg: FunnelConfig,
+    warehouse: Path,
+    run_date: dt.date | None = None,
+    model: MultiTaskNet | None = None,
     mlflow_run_id: str | None = None,
 ) -> dict:
     """The ``export`` stage of the nightly run for ``run_date``, or of a ``[table]`` source's

@@ -66,8 +66,12 @@ class Night:
     parent_run_id: str | None = None
     plan: dict = field(default_factory=dict)  # {"champion": {"version", "run_id"} | None}, fixed at the first run
     outputs: dict[str, dict] = field(default_factory=dict)  # each finished stage's outputs
-    candidate: MultiTaskNet | None = field(default=None, init=False, repr=False)  # the night's model, once trained or loaded
-    _champion_weights: tuple | None = field(default=None, init=False, repr=False)  # (config, state_dict), downloaded once
+    candidate: MultiTaskNet | None = field(
+        default=None, init=False, repr=False
+    )  # the night's model, once trained or loaded
+    _champion_weights: tuple | None = field(
+        default=None, init=False, repr=False
+    )  # (config, state_dict), downloaded once
 
     @property
     def records(self) -> Path:
@@ -117,6 +121,7 @@ class Stage:
 
 # ---------------------------------------------------------------- inputs
 
+
 def _partition_hashes(warehouse: Path, folders: list[Path]) -> dict[str, str]:
     return {warehouse_relative(warehouse, p): sha256_dir(p) for p in folders if p.is_dir()}
 
@@ -135,7 +140,10 @@ def validate_inputs(night: Night) -> dict:
     wh, day = night.warehouse, night.run_date
     raw = [raw_dir(wh, t, day) for t in DAILY_TABLES] + [raw_dir(wh, t) for t in SNAPSHOT_TABLES]
     earlier = [validated_dir(wh, "impressions", d) for d in _lookback(night)]  # clicks are checked against these
-    return {"partitions": _partition_hashes(wh, raw + earlier), "config": _config(night, "contract", "validate", "features")}
+    return {
+        "partitions": _partition_hashes(wh, raw + earlier),
+        "config": _config(night, "contract", "validate", "features"),
+    }
 
 
 def features_inputs(night: Night) -> dict:
@@ -161,28 +169,38 @@ def _table_hash(warehouse: Path, day: dt.date) -> str | None:
 
 def after(*stages: str) -> Callable[[Night], dict]:
     """Inputs of a stage that reads only what earlier stages of the night produced."""
-    return lambda night: {"upstream": {s: night.outputs.get(s) for s in stages}, "plan": night.plan,
-                          "config": night.cfg.model_dump(mode="json", by_alias=True)}
+    return lambda night: {
+        "upstream": {s: night.outputs.get(s) for s in stages},
+        "plan": night.plan,
+        "config": night.cfg.model_dump(mode="json", by_alias=True),
+    }
 
 
 # ---------------------------------------------------------------- stages
+
 
 def run_validate(night: Night) -> dict:
     from features.validate import validate_day
 
     report = validate_day(night.cfg, night.warehouse, night.run_date)
     tables = report.tables
-    return {"rows": tables["impressions"].input_rows, "quarantined": sum(t.quarantined_rows for t in tables.values()),
-            "detail": f"{sum(t.quarantined_rows for t in tables.values()):,} rows quarantined",
-            "paths": [str(validated_dir(night.warehouse, t, night.run_date)) for t in DAILY_TABLES]}
+    return {
+        "rows": tables["impressions"].input_rows,
+        "quarantined": sum(t.quarantined_rows for t in tables.values()),
+        "detail": f"{sum(t.quarantined_rows for t in tables.values()):,} rows quarantined",
+        "paths": [str(validated_dir(night.warehouse, t, night.run_date)) for t in DAILY_TABLES],
+    }
 
 
 def run_features(night: Night) -> dict:
     from features.daily_counters import build_daily_aggregates
 
     manifest = build_daily_aggregates(night.cfg, night.warehouse, night.run_date)
-    return {"rows": manifest["impressions"], "detail": ", ".join(f"{k} {v:,} keys" for k, v in manifest["rows"].items()),
-            "paths": list(manifest["outputs"].values())}
+    return {
+        "rows": manifest["impressions"],
+        "detail": ", ".join(f"{k} {v:,} keys" for k, v in manifest["rows"].items()),
+        "paths": list(manifest["outputs"].values()),
+    }
 
 
 def run_examples(night: Night) -> dict:
@@ -190,13 +208,20 @@ def run_examples(night: Night) -> dict:
 
     day = mature_day(night.cfg, night.run_date)
     if not validated_dir(night.warehouse, "impressions", day).is_dir():
-        return {"rows": 0, "detail": f"no validated impressions of the mature day {day} (before the data starts?): nothing to build"}
+        return {
+            "rows": 0,
+            "detail": f"no validated impressions of the mature day {day} (before the data starts?): nothing to build",
+        }
     manifest = build_training_table(night.cfg, night.warehouse, night.run_date)
     state = "unchanged (its own input hashes), kept" if manifest["skipped"] else "written"
-    return {"rows": manifest["rows"]["rows_out"], "date": manifest["date"], "content_sha256": manifest["content_sha256"],
-            "skipped": manifest["skipped"],
-            "detail": f"training table of {manifest['date']} {state}",
-            "paths": [str(training_dir(night.warehouse, dt.date.fromisoformat(manifest["date"])))]}
+    return {
+        "rows": manifest["rows"]["rows_out"],
+        "date": manifest["date"],
+        "content_sha256": manifest["content_sha256"],
+        "skipped": manifest["skipped"],
+        "detail": f"training table of {manifest['date']} {state}",
+        "paths": [str(training_dir(night.warehouse, dt.date.fromisoformat(manifest["date"])))],
+    }
 
 
 def warm_start_source(night: Night) -> tuple[int, dict | None, dict[str, str]]:
@@ -211,11 +236,22 @@ def warm_start_source(night: Night) -> tuple[int, dict | None, dict[str, str]]:
         return full, None, {"warm_start": "none", "warm_start_reason": "no champion yet: full training"}
     champion_cfg, state = night.champion_weights()
     if reason := same_architecture(champion_cfg, cfg):
-        return full, None, {"warm_start": "none", "warm_start_reason": f"champion v{champion.version} does not fit: {reason}"}
+        return (
+            full,
+            None,
+            {"warm_start": "none", "warm_start_reason": f"champion v{champion.version} does not fit: {reason}"},
+        )
     mode = "towers and gates only (shared layers frozen)" if cfg.nightly.freeze_shared else "all layers"
-    return cfg.nightly.fine_tune_days + 1, state, {
-        "warm_start": "champion", "warm_start_version": str(champion.version), "warm_start_run_id": champion.run_id,
-        "warm_start_reason": f"fine-tune {mode} on the newest {cfg.nightly.fine_tune_days} mature day(s)"}
+    return (
+        cfg.nightly.fine_tune_days + 1,
+        state,
+        {
+            "warm_start": "champion",
+            "warm_start_version": str(champion.version),
+            "warm_start_run_id": champion.run_id,
+            "warm_start_reason": f"fine-tune {mode} on the newest {cfg.nightly.fine_tune_days} mature day(s)",
+        },
+    )
 
 
 def run_train(night: Night) -> dict:
@@ -226,24 +262,43 @@ def run_train(night: Night) -> dict:
     if len(have) < needed:
         since = f" (from {have[0]})" if have else ""
         reason = f"{len(have)} mature day(s) of data so far{since}, training needs {needed} (train.min_window_days)"
-        return {"skipped": True, "halt": f"no model tonight: {reason}", "rows": 0,
-                "detail": f"{reason}; no model tonight"}
+        return {
+            "skipped": True,
+            "halt": f"no model tonight: {reason}",
+            "rows": 0,
+            "detail": f"{reason}; no model tonight",
+        }
     window, initial, tags = warm_start_source(night)
     if len(have) < window:  # a young warehouse: the days there are
         window = len(have)
         tags = {**tags, "warm_start_reason": f"{tags['warm_start_reason']}; {window} mature day(s) of data so far"}
     cfg = with_window(night.cfg, window)
-    result = train_run(cfg, night.warehouse, night.run_date, progress=True, initial_state=initial,
-                       freeze_shared=initial is not None and night.cfg.nightly.freeze_shared,
-                       parent_run_id=night.parent_run_id, extra_tags=tags)
+    result = train_run(
+        cfg,
+        night.warehouse,
+        night.run_date,
+        progress=True,
+        initial_state=initial,
+        freeze_shared=initial is not None and night.cfg.nightly.freeze_shared,
+        parent_run_id=night.parent_run_id,
+        extra_tags=tags,
+    )
     night.candidate = result.model
     metric = night.cfg.early_stopping_metric
-    return {"window_days": window, "run_key": result.run_key, "mlflow_run_id": result.mlflow_run_id, **tags,
-            "best_epoch": result.best_epoch, "val": result.val_metrics,
-            "rows": sum(json.loads(training_manifest_path(night.warehouse, d).read_text())["rows"]["rows_out"]
-                        for d in _window_days(cfg, night.run_date)),
-            "detail": f"{metric} {result.best_metric:.4f} after {result.epochs_run} epoch(s); {tags['warm_start_reason']}",
-            "paths": [str(result.checkpoint_dir / "best.pt")]}
+    return {
+        "window_days": window,
+        "run_key": result.run_key,
+        "mlflow_run_id": result.mlflow_run_id,
+        **tags,
+        "best_epoch": result.best_epoch,
+        "val": result.val_metrics,
+        "rows": sum(
+            json.loads(training_manifest_path(night.warehouse, d).read_text())["rows"]["rows_out"]
+            for d in _window_days(cfg, night.run_date)
+        ),
+        "detail": f"{metric} {result.best_metric:.4f} after {result.epochs_run} epoch(s); {tags['warm_start_reason']}",
+        "paths": [str(result.checkpoint_dir / "best.pt")],
+    }
 
 
 def _window_days(cfg: FunnelConfig, run_date: dt.date) -> list[dt.date]:
@@ -259,14 +314,17 @@ def run_evaluate(night: Night) -> dict:
     champion, net, note = night.champion(), None, "no champion yet"
     if champion is not None:
         net, note = champion_model(night.cfg, champion, *night.champion_weights())
-    result = evaluate_models(night.cfg, night.warehouse, night.run_date, night.trained_model(), net, note, night.parent_run_id)
+    result = evaluate_models(
+        night.cfg, night.warehouse, night.run_date, night.trained_model(), net, note, night.parent_run_id
+    )
     cand, champ = result["candidate"], result["champion"]
     served = [t.served_name for t in night.cfg.tasks]
     detail = "candidate " + ", ".join(f"{v}_auc {cand[f'{v}_auc']:.4f}" for v in served)
     if champ:
         detail += " | champion " + ", ".join(f"{champ[f'{v}_auc']:.4f}" for v in served)
-        detail += " | change " + ", ".join(f"{cand[f'{v}_auc'] - champ[f'{v}_auc']:+.4f} ± {result['delta_auc_se'][v]:.4f}"
-                                           for v in served)
+        detail += " | change " + ", ".join(
+            f"{cand[f'{v}_auc'] - champ[f'{v}_auc']:+.4f} ± {result['delta_auc_se'][v]:.4f}" for v in served
+        )
     else:
         detail += f" | {result['champion_note']}"
     return {**result, "detail": detail}
@@ -275,11 +333,20 @@ def run_evaluate(night: Night) -> dict:
 def run_export(night: Night) -> dict:
     from pipeline.export_stage import export_run
 
-    summary = export_run(night.train_config(), night.warehouse, night.run_date, night.trained_model(),
-                         night.outputs["train"]["mlflow_run_id"])
+    summary = export_run(
+        night.train_config(),
+        night.warehouse,
+        night.run_date,
+        night.trained_model(),
+        night.outputs["train"]["mlflow_run_id"],
+    )
     worst = max(summary["parity_max_abs_diff"].values())
-    return {**summary, "rows": summary["parity_rows"], "paths": [summary["bundle"]],
-            "detail": f"bundle {summary['bundle']} (parity max |diff| {worst:.1e} on {summary['parity_rows']:,} rows)"}
+    return {
+        **summary,
+        "rows": summary["parity_rows"],
+        "paths": [summary["bundle"]],
+        "detail": f"bundle {summary['bundle']} (parity max |diff| {worst:.1e} on {summary['parity_rows']:,} rows)",
+    }
 
 
 def run_promote(night: Night) -> dict:
@@ -296,18 +363,33 @@ def run_promote(night: Night) -> dict:
     # delta_auc_se is absent from an evaluation recorded by an older funnelrank
     decision = gate(evaluation["candidate"], evaluation["champion"], cfg, evaluation.get("delta_auc_se"))
     days = _window_days(night.train_config(), night.run_date)
-    tags = {"run_date": day_str(night.run_date), "eval_day": evaluation["eval_day"],
-            "train_days": ",".join(map(day_str, days[:-1])), "warm_start": train["warm_start"],
-            **{f"data.{day_str(d)}.sha256": _table_hash(night.warehouse, d) or "" for d in days},
-            **{f"metric.{k}": f"{evaluation['candidate'][k]:.6f}" for k in (*cfg.gate_metrics, *gate_calibrations(cfg))}}
+    tags = {
+        "run_date": day_str(night.run_date),
+        "eval_day": evaluation["eval_day"],
+        "train_days": ",".join(map(day_str, days[:-1])),
+        "warm_start": train["warm_start"],
+        **{f"data.{day_str(d)}.sha256": _table_hash(night.warehouse, d) or "" for d in days},
+        **{f"metric.{k}": f"{evaluation['candidate'][k]:.6f}" for k in (*cfg.gate_metrics, *gate_calibrations(cfg))},
+    }
     version = register_candidate(cfg, train["mlflow_run_id"], night.outputs["export"]["artifact_uri"], tags)
     before = current_champion(cfg)
     if decision.promote:
         set_champion(cfg, version)
-    tag_version(cfg, version, {"promotion": "champion" if decision.promote else "rejected", "promotion_reason": decision.reason})
-    outcome = f"v{version} promoted to champion" if decision.promote else f"v{version} not promoted, champion stays " + (f"v{before.version}" if before else "unset")
-    return {"version": version, "promoted": decision.promote, "reason": decision.reason, "rows": 0,
-            "detail": f"{outcome}: {decision.reason}"}
+    tag_version(
+        cfg, version, {"promotion": "champion" if decision.promote else "rejected", "promotion_reason": decision.reason}
+    )
+    outcome = (
+        f"v{version} promoted to champion"
+        if decision.promote
+        else f"v{version} not promoted, champion stays " + (f"v{before.version}" if before else "unset")
+    )
+    return {
+        "version": version,
+        "promoted": decision.promote,
+        "reason": decision.reason,
+        "rows": 0,
+        "detail": f"{outcome}: {decision.reason}",
+    }
 
 
 DAG = (
@@ -324,6 +406,7 @@ assert tuple(s.name for s in DAG) == STAGES
 
 # ---------------------------------------------------------------- the runner
 
+
 @contextmanager
 def warehouse_lock(warehouse: Path) -> Iterator[None]:
     """An exclusive flock on the warehouse's ``lock_path`` (released by the kernel when
@@ -335,7 +418,9 @@ def warehouse_lock(warehouse: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
-            raise WarehouseLockedError(f"another run holds the lock {path} ({handle.read().strip() or 'holder unknown'})") from None
+            raise WarehouseLockedError(
+                f"another run holds the lock {path} ({handle.read().strip() or 'holder unknown'})"
+            ) from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} since {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M:%S} UTC\n")
@@ -356,7 +441,9 @@ def _recorded(night: Night, stage: Stage, fingerprint: str) -> dict | None:
     if not path.exists():
         return None
     record = json.loads(path.read_text())
-    if record.get("fingerprint") != fingerprint or not all(Path(p).exists() for p in record["outputs"].get("paths", [])):
+    if record.get("fingerprint") != fingerprint or not all(
+        Path(p).exists() for p in record["outputs"].get("paths", [])
+    ):
         return None
     return record["outputs"]
 
@@ -380,8 +467,11 @@ def _plan(night: Night) -> dict:
     if (plan := _recorded_in_this_store(path, store)) is not None:
         return plan
     champion = current_champion(night.cfg)
-    plan = {"champion": {"version": champion.version, "run_id": champion.run_id} if champion else None,
-            "tracking_uri": store, "planned_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+    plan = {
+        "champion": {"version": champion.version, "run_id": champion.run_id} if champion else None,
+        "tracking_uri": store,
+        "planned_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
     atomic_write_json(path, plan)
     return plan
 
@@ -391,23 +481,32 @@ def _parent_run(night: Night):
 
     path, store = night.records / "mlflow_run.json", tracking_uri(night.cfg.state_dir)
     run_id = (_recorded_in_this_store(path, store) or {}).get("run_id")
-    tracker = RunTracker(night.cfg.state_dir, f"nightly-{day_str(night.run_date)}",
-                         {"stage": "nightly", "run_date": day_str(night.run_date), "warehouse": str(Path(night.warehouse).resolve())},
-                         run_id=run_id)
+    tracker = RunTracker(
+        night.cfg.state_dir,
+        f"nightly-{day_str(night.run_date)}",
+        {"stage": "nightly", "run_date": day_str(night.run_date), "warehouse": str(Path(night.warehouse).resolve())},
+        run_id=run_id,
+    )
     if run_id is None:
         atomic_write_json(path, {"run_id": tracker.run_id, "tracking_uri": store})
     return tracker
 
 
-def run_night(cfg: FunnelConfig, warehouse: Path, run_date: dt.date, rerun_from: str | None = None,
-              last: str = STAGES[-1], echo: Callable[[str], None] = print) -> dict[str, dict]:
+def run_night(
+    cfg: FunnelConfig,
+    warehouse: Path,
+    run_date: dt.date,
+    rerun_from: str | None = None,
+    last: str = STAGES[-1],
+    echo: Callable[[str], None] = print,
+) -> dict[str, dict]:
     """Run (or resume) the night of ``run_date`` up to stage ``last``, one line per stage
     through ``echo``; ``rerun_from`` forces that stage and the later ones to run again.
     Returns every stage's outputs."""
     night = Night(cfg, Path(warehouse), run_date)
     night.records.mkdir(parents=True, exist_ok=True)
     stages = DAG[: STAGES.index(last) + 1]
-    forced = set(STAGES[STAGES.index(rerun_from):]) if rerun_from else set()
+    forced = set(STAGES[STAGES.index(rerun_from) :]) if rerun_from else set()
     tracker, halted = None, None  # halted: why the stages after one that ended the night early do not run
     try:
         if any(s.name in ("train", "evaluate", "export", "promote") for s in stages):
@@ -425,17 +524,28 @@ def run_night(cfg: FunnelConfig, warehouse: Path, run_date: dt.date, rerun_from:
             if outputs is None:
                 outputs = stage.run(night)
                 status = "skipped" if outputs.get("skipped") else "done"
-                atomic_write_json(night.records / f"{stage.name}.json",
-                                  {"stage": stage.name, "fingerprint": fingerprint, "outputs": outputs,
-                                   "seconds": round(time.perf_counter() - started, 3),
-                                   "finished_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")})
+                atomic_write_json(
+                    night.records / f"{stage.name}.json",
+                    {
+                        "stage": stage.name,
+                        "fingerprint": fingerprint,
+                        "outputs": outputs,
+                        "seconds": round(time.perf_counter() - started, 3),
+                        "finished_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                    },
+                )
             night.outputs[stage.name] = outputs
             halted = outputs.get("halt")
             seconds = time.perf_counter() - started
-            echo(f"{day_str(run_date)}  {stage.name:9s} {status:8s} {outputs.get('rows', 0):>11,} rows {seconds:7.1f} s  {outputs.get('detail', '')}")
+            echo(
+                f"{day_str(run_date)}  {stage.name:9s} {status:8s} {outputs.get('rows', 0):>11,} rows "
+                f"{seconds:7.1f} s  {outputs.get('detail', '')}"
+            )
             if tracker is not None:
                 tracker.client.set_tag(tracker.run_id, f"stage.{stage.name}", status)
-                tracker.log_metrics({f"stage/{stage.name}/seconds": seconds, f"stage/{stage.name}/rows": outputs.get("rows", 0)}, 0)
+                tracker.log_metrics(
+                    {f"stage/{stage.name}/seconds": seconds, f"stage/{stage.name}/rows": outputs.get("rows", 0)}, 0
+                )
     except BaseException as err:
         if tracker is not None:
             tracker.client.set_tag(tracker.run_id, "outcome", f"failed: {type(err).__name__}: {err}"[:5000])
@@ -449,8 +559,15 @@ def run_night(cfg: FunnelConfig, warehouse: Path, run_date: dt.date, rerun_from:
     return night.outputs
 
 
-def run_nights(cfg: FunnelConfig, warehouse: Path, start: dt.date, end: dt.date, rerun_from: str | None = None,
-               last: str = STAGES[-1], echo: Callable[[str], None] = print) -> dict[dt.date, dict[str, dict]]:
+def run_nights(
+    cfg: FunnelConfig,
+    warehouse: Path,
+    start: dt.date,
+    end: dt.date,
+    rerun_from: str | None = None,
+    last: str = STAGES[-1],
+    echo: Callable[[str], None] = print,
+) -> dict[dt.date, dict[str, dict]]:
     """Backfill: the nights ``start`` .. ``end`` in order, under one warehouse lock."""
     if end < start:
         raise StageError(f"backfill end {end} is before its start {start}")

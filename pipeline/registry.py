@@ -99,7 +99,9 @@ def log_bundle_to_mlflow(state_dir: Path, run_id: str, folder: Path, bundle_sha2
             client.log_artifacts(run_id, str(folder), "bundle")
             client.set_tag(run_id, "bundle.sha256", bundle_sha256)
     except MlflowException as err:
-        raise StageError(f"cannot log bundle {folder} to MLflow run {run_id} at {tracking_uri(state_dir)}: {err}") from None
+        raise StageError(
+            f"cannot log bundle {folder} to MLflow run {run_id} at {tracking_uri(state_dir)}: {err}"
+        ) from None
     return f"runs:/{run_id}/bundle"
 
 
@@ -118,8 +120,12 @@ def register_candidate(cfg: FunnelConfig, train_run_id: str, bundle_uri: str, ta
     return int(version.version)
 
 
-def gate(candidate: dict[str, float], champion: dict[str, float] | None, cfg: FunnelConfig,
-         change_se: dict[str, float] | None = None) -> GateDecision:
+def gate(
+    candidate: dict[str, float],
+    champion: dict[str, float] | None,
+    cfg: FunnelConfig,
+    change_se: dict[str, float] | None = None,
+) -> GateDecision:
     """Promote when the calibration of every served probability (click, ctcvr) is within
     bounds and, against a champion, no gate metric falls by more than the tolerance; the
     first model must clear ``min_auc`` instead. ``change_se`` (view -> standard error of the
@@ -141,8 +147,10 @@ def gate(candidate: dict[str, float], champion: dict[str, float] | None, cfg: Fu
             if not value >= rules.min_auc:
                 problems.append(f"{metric} {value:.4f} below the first model's bound {rules.min_auc}")
         elif not value >= champion[metric] - rules.auc_tolerance:
-            problems.append(f"{metric} {value:.4f} fell {champion[metric] - value:.4f}{noise(metric)} below the champion's "
-                            f"{champion[metric]:.4f} (tolerance {rules.auc_tolerance})")
+            problems.append(
+                f"{metric} {value:.4f} fell {champion[metric] - value:.4f}{noise(metric)} below the champion's "
+                f"{champion[metric]:.4f} (tolerance {rules.auc_tolerance})"
+            )
     if problems:
         return GateDecision(False, "; ".join(problems))
     if champion is None:

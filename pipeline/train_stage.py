@@ -54,20 +54,35 @@ def training_data(cfg: FunnelConfig, warehouse: Path, run_date: dt.date | None) 
         prepared = prepare_table(cfg, warehouse) if this_rank() == 0 else None
         barrier()
         prepared = prepared or prepare_table(cfg, warehouse)
-        tags = {"source": "table", **{f"data.{split}.sha256": ",".join(info["content_sha256"].values())
-                                      for split, info in prepared.manifest["splits"].items()}}
-        return TrainingData("table", prepared.files["train"], prepared.files["val"], tags,
-                            prepared.manifest["vocab_versions"])
+        tags = {
+            "source": "table",
+            **{
+                f"data.{split}.sha256": ",".join(info["content_sha256"].values())
+                for split, info in prepared.manifest["splits"].items()
+            },
+        }
+        return TrainingData(
+            "table", prepared.files["train"], prepared.files["val"], tags, prepared.manifest["vocab_versions"]
+        )
     if run_date is None:
         raise StageError("training on event logs needs a run date (--date)")
     train_days, val_day = training_window(cfg, run_date)
     if stale := stale_training_tables(warehouse, [*train_days, val_day]):
-        raise StageError(f"training tables built from data that changed since: {'; '.join(stale)}; run `funnelrank "
-                         f"examples` for them again (the night of a table's date + the maturity lag) first")
-    tags = {"run_date": day_str(run_date), "train_days": ",".join(map(day_str, train_days)),
-            "val_day": day_str(val_day), **_data_tags(warehouse, [*train_days, val_day])}
-    versions = {day: m["vocab_versions"] for day, m in _manifests(warehouse, [*train_days, val_day]).items()
-                if "vocab_versions" in m}
+        raise StageError(
+            f"training tables built from data that changed since: {'; '.join(stale)}; run `funnelrank "
+            f"examples` for them again (the night of a table's date + the maturity lag) first"
+        )
+    tags = {
+        "run_date": day_str(run_date),
+        "train_days": ",".join(map(day_str, train_days)),
+        "val_day": day_str(val_day),
+        **_data_tags(warehouse, [*train_days, val_day]),
+    }
+    versions = {
+        day: m["vocab_versions"]
+        for day, m in _manifests(warehouse, [*train_days, val_day]).items()
+        if "vocab_versions" in m
+    }
     train_files = [f for day in train_days for f in parquet_files(training_dir(warehouse, day))]
     return TrainingData(day_str(run_date), train_files, parquet_files(training_dir(warehouse, val_day)), tags, versions)
 
@@ -83,8 +98,11 @@ def _manifests(warehouse: Path, days: list[dt.date]) -> dict[str, dict]:
 
 def _data_tags(warehouse: Path, days: list[dt.date]) -> dict[str, str]:
     """Content hashes of the training tables, from their manifests (when present)."""
-    return {f"data.{day}.sha256": m["content_sha256"] for day, m in _manifests(warehouse, days).items()
-            if "content_sha256" in m}
+    return {
+        f"data.{day}.sha256": m["content_sha256"]
+        for day, m in _manifests(warehouse, days).items()
+        if "content_sha256" in m
+    }
 
 
 def train_run(cfg: FunnelConfig, warehouse: Path, run_date: dt.date | None, **options) -> TrainResult:
@@ -95,8 +113,9 @@ def train_run(cfg: FunnelConfig, warehouse: Path, run_date: dt.date | None, **op
     return train_model(cfg, warehouse, training_data(cfg, warehouse, run_date), **options)
 
 
-def load_trained_model(cfg: FunnelConfig, warehouse: Path, run_date: dt.date | None,
-                       key: str | None = None) -> tuple[MultiTaskNet, str | None]:
+def load_trained_model(
+    cfg: FunnelConfig, warehouse: Path, run_date: dt.date | None, key: str | None = None
+) -> tuple[MultiTaskNet, str | None]:
     """The best epoch's model of the finished training run for ``run_date`` (a ``[table]``
     source: None) and its MLflow run id; StageError naming the checkpoint and the command
     when training has not finished. ``key``: the run's key when the caller has it already
@@ -110,15 +129,20 @@ def load_trained_model(cfg: FunnelConfig, warehouse: Path, run_date: dt.date | N
         raise StageError(f"no trained model for {what}: checkpoint {last} not found; run `{command} first")
     state = torch.load(last, map_location="cpu", weights_only=False)["state"]
     if not state.get("finished"):
-        raise StageError(f"training for {what} has not finished ({last} is at epoch {state.get('epoch')} "
-                         f"of {cfg.train.epochs}); run `{command} to resume it")
+        raise StageError(
+            f"training for {what} has not finished ({last} is at epoch {state.get('epoch')} "
+            f"of {cfg.train.epochs}); run `{command} to resume it"
+        )
     if not best.is_file():
-        raise StageError(f"training for {what} finished but its best checkpoint {best} is missing; "
-                         f"delete {folder} and run `{command} again")
+        raise StageError(
+            f"training for {what} finished but its best checkpoint {best} is missing; "
+            f"delete {folder} and run `{command} again"
+        )
     n_dense = len(cfg.features.dense_names())
     # mean/std are buffers of the state_dict: placeholders here, the trained values load below.
-    model = MultiTaskNet(cfg.features, cfg.model, cfg.tasks, np.zeros(n_dense, np.float32),
-                         np.ones(n_dense, np.float32))
+    model = MultiTaskNet(
+        cfg.features, cfg.model, cfg.tasks, np.zeros(n_dense, np.float32), np.ones(n_dense, np.float32)
+    )
     try:
         model.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["model"])
     except (RuntimeError, KeyError) as err:

@@ -92,8 +92,12 @@ class Bundle:
             return lambda values: bucket_ids(values, boundaries)
         vocab = self.table(feature.vocab, ["key", "index"])
         admitted = pc.greater(vocab.column("index"), 0)
-        return vocab_encoder(vocab.column("key").filter(admitted), vocab.column("index").filter(admitted).to_numpy(),
-                             feature.capacity, feature.oov_buckets)
+        return vocab_encoder(
+            vocab.column("key").filter(admitted),
+            vocab.column("index").filter(admitted).to_numpy(),
+            feature.capacity,
+            feature.oov_buckets,
+        )
 
 
 def signing_key() -> bytes | None:
@@ -120,7 +124,8 @@ def _files_under(root: Path) -> set[str]:
                 raise BundleError(f"bundle {root}: cannot read {entry}: {err}") from None
             if stat.S_ISLNK(mode):
                 raise BundleError(
-                    f"bundle {root}: {entry} is a symbolic link; a bundle holds plain files and folders only")
+                    f"bundle {root}: {entry} is a symbolic link; a bundle holds plain files and folders only"
+                )
             if stat.S_ISREG(mode):
                 files.add(entry.relative_to(root).as_posix())
             elif not stat.S_ISDIR(mode):
@@ -149,8 +154,10 @@ def _parse_json(data: bytes, file: Path) -> object:
 def _check_entry(root: Path, name: str, digest: object) -> None:
     """A manifest entry: a plain relative path inside the bundle and a sha256 hex digest."""
     if any(c in name for c in "\\\x00") or any(part in ("", ".", "..") for part in name.split("/")):
-        raise BundleError(f"{root / MANIFEST}: entry {name!r} is not a plain relative path inside the bundle "
-                          "(parts separated by '/', none empty, '.' or '..'; no leading '/', no backslash)")
+        raise BundleError(
+            f"{root / MANIFEST}: entry {name!r} is not a plain relative path inside the bundle "
+            "(parts separated by '/', none empty, '.' or '..'; no leading '/', no backslash)"
+        )
     if not (isinstance(digest, str) and _SHA256_HEX.fullmatch(digest)):
         raise BundleError(f"{root / MANIFEST}: entry {name!r} must map to a sha256 hex digest, got {digest!r}")
 
@@ -161,11 +168,15 @@ def _check_signature(root: Path, manifest: bytes, present: set[str]) -> None:
     if key is None:
         return
     if SIGNATURE not in present:
-        raise BundleError(f"bundle {root} has no {SIGNATURE}: {SIGNING_KEY_ENV} is set, so only bundles signed "
-                          "with that key are loaded")
+        raise BundleError(
+            f"bundle {root} has no {SIGNATURE}: {SIGNING_KEY_ENV} is set, so only bundles signed "
+            "with that key are loaded"
+        )
     if not hmac.compare_digest(_read(root / SIGNATURE).strip(), manifest_signature(manifest, key)):
-        raise BundleError(f"bundle {root}: {SIGNATURE} does not match {MANIFEST} under the key in {SIGNING_KEY_ENV} "
-                          "(signed with another key, or the manifest was changed)")
+        raise BundleError(
+            f"bundle {root}: {SIGNATURE} does not match {MANIFEST} under the key in {SIGNING_KEY_ENV} "
+            "(signed with another key, or the manifest was changed)"
+        )
 
 
 def load_bundle(path: str | Path) -> Bundle:
@@ -178,8 +189,11 @@ def load_bundle(path: str | Path) -> Bundle:
     manifest_bytes = _read(root / MANIFEST)
     _check_signature(root, manifest_bytes, present)
     manifest = _parse_json(manifest_bytes, root / MANIFEST)
-    if (not isinstance(manifest, dict) or manifest.get("format") != SUPPORTED_FORMAT
-            or not isinstance(manifest.get("files"), dict)):
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("format") != SUPPORTED_FORMAT
+        or not isinstance(manifest.get("files"), dict)
+    ):
         raise BundleError(f"{root / MANIFEST}: not a format-{SUPPORTED_FORMAT} bundle manifest")
     listed: dict[str, str] = manifest["files"]
     for name, digest in listed.items():
@@ -201,7 +215,8 @@ def load_bundle(path: str | Path) -> Bundle:
     for key, name in spec.files():
         if name not in listed:
             raise BundleError(
-                f"{root / SPEC_FILE}: key {key!r} names {name!r}, which is not a file listed in {MANIFEST}")
+                f"{root / SPEC_FILE}: key {key!r} names {name!r}, which is not a file listed in {MANIFEST}"
+            )
     return Bundle(root, manifest, spec, hashlib.sha256(manifest_bytes).hexdigest(), contents)
 
 
@@ -218,8 +233,11 @@ def load_bundle_from_mlflow(uri: str, dst: str | Path | None = None, tracking_ur
     if uri.startswith("models:/") and tracking_uri is not None:
         uri = _model_version_source(uri, tracking_uri)
     target = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix="funnelrank-bundle-"))
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target), tracking_uri=tracking_uri,
-                                                     registry_uri=tracking_uri))
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=uri, dst_path=str(target), tracking_uri=tracking_uri, registry_uri=tracking_uri
+        )
+    )
     if (local / MANIFEST).is_file():
         return load_bundle(local)
     found = sorted(p.parent for p in local.rglob(MANIFEST))

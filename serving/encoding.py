@@ -42,7 +42,9 @@ def as_strings(values: pa.Array | pa.ChunkedArray) -> pa.LargeStringArray:
     if pa.types.is_dictionary(t):
         values = values.cast(t.value_type)
         t = values.type
-    if not (pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)):
+    if not (
+        pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+    ):
         raise TypeError(f"ids must be strings or integers, got Arrow type {t}")
     return values.cast(pa.large_string())
 
@@ -89,7 +91,9 @@ def oov_index(hashes: np.ndarray, capacity: int, oov_buckets: int) -> np.ndarray
     return (hashes % np.uint64(oov_buckets)).astype(np.int64) + (capacity + 1)
 
 
-def encode_ids(values: pa.Array | pa.ChunkedArray, keys: pa.Array, indices: np.ndarray, capacity: int, oov_buckets: int) -> np.ndarray:
+def encode_ids(
+    values: pa.Array | pa.ChunkedArray, keys: pa.Array, indices: np.ndarray, capacity: int, oov_buckets: int
+) -> np.ndarray:
     """Embedding rows (int64) of ``values``: ``indices[j]`` where the value equals
     ``keys[j]``, an OOV bucket by stable_hash otherwise, 0 for null.
 
@@ -145,8 +149,10 @@ def finite_numeric_values(values: pa.Array | pa.ChunkedArray, transform: Numeric
     x = numeric_values(values, transform)
     finite = np.isfinite(x)
     if not finite.all():
-        raise ValueError(f"{what} is not finite as a model input (inf, or beyond float32's range) in "
-                         f"{int((~finite).sum())} of {len(x)} rows")
+        raise ValueError(
+            f"{what} is not finite as a model input (inf, or beyond float32's range) in "
+            f"{int((~finite).sum())} of {len(x)} rows"
+        )
     return x
 
 
@@ -177,14 +183,18 @@ def list_elements(values: pa.Array | pa.ChunkedArray, delimiter: str | None = No
         elements = pc.utf8_trim_whitespace(split.flatten())
         keep = pc.not_equal(elements, "").to_numpy(zero_copy_only=False)
         row_of_element = np.repeat(np.arange(len(values)), split_lengths)
-        return np.bincount(row_of_element[keep], minlength=len(values)).astype(np.int64), elements.filter(pa.array(keep))
+        return np.bincount(row_of_element[keep], minlength=len(values)).astype(np.int64), elements.filter(
+            pa.array(keep)
+        )
     if not (pa.types.is_list(values.type) or pa.types.is_large_list(values.type) or pa.types.is_list_view(values.type)):
         raise TypeError(f"expected a list column, got Arrow type {values.type}")
     lengths = pc.fill_null(pc.list_value_length(values), 0).to_numpy(zero_copy_only=False).astype(np.int64)
     return lengths, values.flatten()
 
 
-def encode_list_ids(values: pa.Array | pa.ChunkedArray, keys: pa.Array, indices: np.ndarray, capacity: int, oov_buckets: int) -> pa.LargeListArray:
+def encode_list_ids(
+    values: pa.Array | pa.ChunkedArray, keys: pa.Array, indices: np.ndarray, capacity: int, oov_buckets: int
+) -> pa.LargeListArray:
     """encode_ids applied to the elements of a list column, keeping its offsets.
 
     A null list becomes an empty list; a null element becomes 0 (padding)."""

@@ -57,9 +57,12 @@ def _snapshot_columns(spec: BundleSpec, table: str) -> list[str]:
     of aggregate keys (as pipeline.bundle writes them)."""
     key = spec.events.snapshots[table].key
     raw = [c for k in spec.events.aggregate_keys for c in k.columns if k.sources[c] == table and c != key]
-    return [key, *(f"sparse:{f.name}" for f in spec.sparse if f.table == table),
-            *(f"dense:{d.name}" for d in spec.dense if isinstance(d, NumericInput) and d.table == table),
-            *(f"raw:{c}" for c in dict.fromkeys(raw))]
+    return [
+        key,
+        *(f"sparse:{f.name}" for f in spec.sparse if f.table == table),
+        *(f"dense:{d.name}" for d in spec.dense if isinstance(d, NumericInput) and d.table == table),
+        *(f"raw:{c}" for c in dict.fromkeys(raw)),
+    ]
 
 
 def _cacheable(value) -> bool:
@@ -75,8 +78,10 @@ class EventInputs:
     def __init__(self, bundle: Bundle) -> None:
         spec = self.spec = bundle.spec
         events = spec.events
-        self.snapshots = {t: SnapshotTable(bundle.table(s.file, _snapshot_columns(spec, t)), s.key)
-                          for t, s in events.snapshots.items()}
+        self.snapshots = {
+            t: SnapshotTable(bundle.table(s.file, _snapshot_columns(spec, t)), s.key)
+            for t, s in events.snapshots.items()
+        }
         self.key_snapshot = {s.key: t for t, s in events.snapshots.items()}  # user_id -> users, item_id -> items
         self.encoders = {f.name: bundle.encoder(f) for f in spec.sparse if f.table == "impressions"}
         n_dense = len(spec.dense)
@@ -86,10 +91,16 @@ class EventInputs:
         for key in events.aggregate_keys:
             names = [d.name for d in spec.dense if isinstance(d, AggregateInput) and d.key == key.name]
             table = bundle.table(key.file, ["key", *names])
-            self.aggregates.append((key, AggregateTable(table, names, events.defaults[key.name]),
-                                    column_positions([dense_names.index(n) for n in names])))
-        self.context_numeric = [(j, d) for j, d in enumerate(spec.dense)
-                                if isinstance(d, NumericInput) and d.table == "impressions"]
+            self.aggregates.append(
+                (
+                    key,
+                    AggregateTable(table, names, events.defaults[key.name]),
+                    column_positions([dense_names.index(n) for n in names]),
+                )
+            )
+        self.context_numeric = [
+            (j, d) for j, d in enumerate(spec.dense) if isinstance(d, NumericInput) and d.table == "impressions"
+        ]
 
         # Per snapshot row: the vocab ids of request columns that are the snapshot's key
         # (user_id, item_id) and a dense matrix holding the snapshot's numeric features and
@@ -111,8 +122,10 @@ class EventInputs:
         self.coded_keys: dict[str, CodedKey] = {}
         raw_codes: dict[tuple[str, str], tuple[np.ndarray, KeyIndex]] = {}
         for key, aggregate, positions in self.aggregates:
-            sources = [("snapshot-key" if c in self.key_snapshot else "context") if key.sources[c] == "request"
-                       else "raw" for c in key.columns]
+            sources = [
+                ("snapshot-key" if c in self.key_snapshot else "context") if key.sources[c] == "request" else "raw"
+                for c in key.columns
+            ]
             if len(key.columns) == 1 and sources[0] == "snapshot-key":
                 table = self.key_snapshot[key.columns[0]]
                 snapshot = self.snapshots[table]
@@ -176,8 +189,10 @@ class EventInputs:
         item_ids = [c["item_id"] for c in candidates]
         users, items = self.snapshots["users"], self.snapshots["items"]
         n = len(item_ids)
-        rows = {"users": np.array([users.row_of.get(user_id, users.n)], np.int64),
-                "items": np.fromiter((items.row_of.get(i, items.n) for i in item_ids), np.int64, n)}
+        rows = {
+            "users": np.array([users.row_of.get(user_id, users.n)], np.int64),
+            "items": np.fromiter((items.row_of.get(i, items.n) for i in item_ids), np.int64, n),
+        }
         keys = LazyColumns(lambda column: pa.array([user_id] if column == "user_id" else item_ids, pa.large_string()))
         return item_ids, self._feeds(n, rows, keys, lambda name: self._context_value(name, context.get(name)))
 
@@ -202,7 +217,9 @@ class EventInputs:
                 feeds[name] = expand(self.snapshots[source].ids[name][rows[source]], n)
         dense = expand(self.dense_of["users"][rows["users"]] + self.dense_of["items"][rows["items"]], n)
         for j, d in self.context_numeric:
-            dense[:, j] = finite_numeric_values(context(d.column), d.transform, f"context.{d.column} (feature {d.name!r})")
+            dense[:, j] = finite_numeric_values(
+                context(d.column), d.transform, f"context.{d.column} (feature {d.name!r})"
+            )
         for key, aggregate, positions in self.aggregates:
             coded = self.coded_keys.get(key.name)
             if coded is not None:
@@ -211,7 +228,8 @@ class EventInputs:
                 unknown = at < 0  # a part not in a snapshot: look the joined string up
                 if unknown.any():
                     dense[cells(np.flatnonzero(unknown), positions)] = aggregate.features(
-                        self._key_strings(key, rows, keys, context, n).filter(pa.array(unknown)))
+                        self._key_strings(key, rows, keys, context, n).filter(pa.array(unknown))
+                    )
             elif not self._keyed_by_snapshot(key):
                 dense[:, positions] = aggregate.features(self._key_strings(key, rows, keys, context, n))
         self._fill_misses(rows, keys, feeds, dense)
@@ -235,8 +253,9 @@ class EventInputs:
         first = key.columns[0]
         return len(key.columns) == 1 and key.sources[first] == "request" and first in self.key_snapshot
 
-    def _key_strings(self, key: AggregateKeySpec, rows: dict[str, np.ndarray], keys: dict[str, pa.Array], context,
-                     n: int) -> pa.Array:
+    def _key_strings(
+        self, key: AggregateKeySpec, rows: dict[str, np.ndarray], keys: dict[str, pa.Array], context, n: int
+    ) -> pa.Array:
         """The joined key text of each row (serving.encoding.join_key_columns, as training)."""
         parts = []
         for c in key.columns:
@@ -248,8 +267,9 @@ class EventInputs:
             parts.append(values.take(pa.array(np.zeros(n, np.int64))) if len(values) == 1 and n != 1 else values)
         return join_key_columns(parts)
 
-    def _fill_misses(self, rows: dict[str, np.ndarray], keys: dict[str, pa.Array], feeds: dict[str, np.ndarray],
-                     dense: np.ndarray) -> None:
+    def _fill_misses(
+        self, rows: dict[str, np.ndarray], keys: dict[str, pa.Array], feeds: dict[str, np.ndarray], dense: np.ndarray
+    ) -> None:
         """Rows whose user or item is not in its snapshot: their vocab ids (OOV bucket or a
         known id) and their single-column aggregates come from the key string itself."""
         for column, table in self.key_snapshot.items():

@@ -103,8 +103,12 @@ class AggregateTable:
         self.keys = table.column("key").combine_chunks()
         self.index = KeyIndex(self.keys)
         rows = [table.column(n).to_numpy().astype(np.float32) for n in names]
-        self.matrix = np.vstack([np.column_stack(rows) if rows else np.zeros((table.num_rows, 0), np.float32),
-                                 np.array([[defaults[n] for n in names]], np.float32)])
+        self.matrix = np.vstack(
+            [
+                np.column_stack(rows) if rows else np.zeros((table.num_rows, 0), np.float32),
+                np.array([[defaults[n] for n in names]], np.float32),
+            ]
+        )
         self.default_row = len(self.matrix) - 1
 
     def positions(self, keys: pa.Array) -> np.ndarray:

@@ -55,8 +55,12 @@ def parse_rank_request(body: bytes, limits: ScoringLimits) -> dict:
         _check_context_value(name, value, limits.max_context_value_chars)
     candidates = request.get("candidates")
     if not isinstance(candidates, list):
-        raise RequestError(400, "missing field candidates (a list of {\"item_id\": str})" if candidates is None
-                           else f"candidates must be a list, got {type(candidates).__name__}")
+        raise RequestError(
+            400,
+            'missing field candidates (a list of {"item_id": str})'
+            if candidates is None
+            else f"candidates must be a list, got {type(candidates).__name__}",
+        )
     if not candidates:
         raise RequestError(400, "candidates is empty")
     if len(candidates) > limits.max_candidates:
@@ -78,8 +82,11 @@ def _check_context_value(name: str, value: object, max_chars: int) -> None:
     memory), an integer in int64's range, a float, a bool or null."""
     if isinstance(value, str):
         if len(value) > max_chars:
-            raise RequestError(400, f"context.{name[:100]} has {len(value):,} characters, above the limit of "
-                                    f"{max_chars} (scoring.max_context_value_chars)")
+            raise RequestError(
+                400,
+                f"context.{name[:100]} has {len(value):,} characters, above the limit of "
+                f"{max_chars} (scoring.max_context_value_chars)",
+            )
     elif isinstance(value, int):
         if not INT64_RANGE[0] <= value <= INT64_RANGE[1]:
             raise RequestError(400, f"context.{name[:100]} is an integer outside the 64-bit range")
@@ -96,7 +103,9 @@ def _item_template(names: tuple[str, ...]) -> str:
     return '{"item_id":%s,' + ",".join(f'"{name}":%.9g' for name in names) + "}"
 
 
-def rank_response(model_version: str, item_ids: list[str], names: tuple[str, ...], outputs: tuple[np.ndarray, ...]) -> bytes:
+def rank_response(
+    model_version: str, item_ids: list[str], names: tuple[str, ...], outputs: tuple[np.ndarray, ...]
+) -> bytes:
     """The /v1/rank response body: candidates by score descending (ties keep the request's
     order), as serving.scorer.ranked, written straight to JSON text. The model's float32
     outputs are written with 9 significant digits (they read back as the same float32):

@@ -75,8 +75,10 @@ class Scorer:
 
     def run(self, feeds: dict[str, np.ndarray], n: int) -> tuple[np.ndarray, ...]:
         """The ``result_names`` values (p_<task> per task, then score) of ``n`` rows' ONNX inputs."""
-        slices = [self.session.run(self.model_outputs, {k: v[a : a + ONNX_CHUNK_ROWS] for k, v in feeds.items()})
-                  for a in range(0, n, ONNX_CHUNK_ROWS)]
+        slices = [
+            self.session.run(self.model_outputs, {k: v[a : a + ONNX_CHUNK_ROWS] for k, v in feeds.items()})
+            for a in range(0, n, ONNX_CHUNK_ROWS)
+        ]
         if len(slices) == 1:
             return tuple(slices[0])
         return tuple(np.concatenate(parts) for parts in zip(*slices, strict=True))
@@ -96,6 +98,7 @@ class Scorer:
         elif workers <= 1 or n <= BATCH_CHUNK_ROWS:
             outputs = self.run(self.feeds(table), n)
         else:
+
             def score_chunk(start: int) -> tuple[np.ndarray, ...]:
                 chunk = table.slice(start, BATCH_CHUNK_ROWS)
                 return self.run(self.feeds(chunk), chunk.num_rows)
@@ -113,7 +116,8 @@ class Scorer:
             raise BatchOnlyError(
                 f"bundle {self.bundle.path} holds a model trained on a feature table ([table] source): it scores "
                 "rows in batch, each row carrying its own feature columns (`funnelrank score --bundle B --input "
-                "rows.parquet --output scores.parquet`, Scorer.score_table); it cannot rank a user's candidates")
+                "rows.parquet --output scores.parquet`, Scorer.score_table); it cannot rank a user's candidates"
+            )
 
     def request_table(self, request: dict) -> pa.Table:
         """A ``score`` request as the table ``score_table`` takes (context repeated per row)."""
@@ -140,22 +144,25 @@ def _load_model(bundle: Bundle, options: ort.SessionOptions, outputs: list[str])
     try:
         session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     except Exception as err:  # noqa: BLE001 - onnxruntime's errors (InvalidProtobuf, ...) derive from Exception only
-        raise BundleError(f"bundle {bundle.path}: {MODEL_FILE} ({len(model):,} bytes) is not a model onnxruntime "
-                          f"can load: {err}") from None
+        raise BundleError(
+            f"bundle {bundle.path}: {MODEL_FILE} ({len(model):,} bytes) is not a model onnxruntime can load: {err}"
+        ) from None
     spec, where = bundle.spec, f"bundle {bundle.path}: {MODEL_FILE}"
     takes = {i.name: i.shape for i in session.get_inputs()}
     fed = ["dense", *(f.name for f in spec.sparse)]
     if sorted(takes) != sorted(fed):
-        raise BundleError(f"{where} takes the inputs {sorted(takes)}, but spec.json's sparse and dense keys give "
-                          f"{sorted(fed)}")
+        raise BundleError(
+            f"{where} takes the inputs {sorted(takes)}, but spec.json's sparse and dense keys give {sorted(fed)}"
+        )
     width = takes["dense"][-1]
     if isinstance(width, int) and width != len(spec.dense):
         raise BundleError(f"{where} takes {width} dense features, spec.json's key 'dense' lists {len(spec.dense)}")
     gives = {o.name for o in session.get_outputs()}
     missing = [o for o in outputs if o not in gives]
     if missing:
-        raise BundleError(f"{where} has no output {missing[0]!r} (outputs {sorted(gives)}), which spec.json's key "
-                          "'tasks' serves")
+        raise BundleError(
+            f"{where} has no output {missing[0]!r} (outputs {sorted(gives)}), which spec.json's key 'tasks' serves"
+        )
     return session
 
 
@@ -183,14 +190,21 @@ def merge_feeds(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         arrays = [p[name] for p in parts]
         if arrays[0].ndim == 2 and name != "dense":
             width = max(a.shape[1] for a in arrays)
-            arrays = [a if a.shape[1] == width else np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=-1)
-                      for a in arrays]
+            arrays = [
+                a if a.shape[1] == width else np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=-1)
+                for a in arrays
+            ]
         merged[name] = np.concatenate(arrays)
     return merged
 
 
-def score_parquet(scorer: Scorer, input_path: str | Path, output_path: str | Path, batch_rows: int = BATCH_CHUNK_ROWS,
-                  workers: int = 1) -> int:
+def score_parquet(
+    scorer: Scorer,
+    input_path: str | Path,
+    output_path: str | Path,
+    batch_rows: int = BATCH_CHUNK_ROWS,
+    workers: int = 1,
+) -> int:
     """Score every row of a Parquet file (an events bundle: user_id, item_id, context
     columns; a table bundle: its feature columns) into ``output_path`` (the input columns
     + ``scorer.result_names``), written atomically, in batches of ``batch_rows`` per worker
@@ -199,7 +213,8 @@ def score_parquet(scorer: Scorer, input_path: str | Path, output_path: str | Pat
     missing = [c for c in scorer.required_columns if c not in source.schema_arrow.names]
     if missing:
         raise ValueError(
-            f"scoring input {input_path} has no column {missing[0]!r} (columns: {source.schema_arrow.names})")
+            f"scoring input {input_path} has no column {missing[0]!r} (columns: {source.schema_arrow.names})"
+        )
     output_path = Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = output_path.parent / f".tmp-{output_path.name}-{os.getpid()}"

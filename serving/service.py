@@ -72,41 +72,61 @@ class Metrics:
         with self.lock:
             for (route, status), n in sorted(self.requests.items()):
                 lines.append(f'funnelrank_requests_total{{route="{route}",status="{status}"}} {n}')
-            lines += ["# HELP funnelrank_request_duration_seconds Request latency.",
-                      "# TYPE funnelrank_request_duration_seconds histogram"]
+            lines += [
+                "# HELP funnelrank_request_duration_seconds Request latency.",
+                "# TYPE funnelrank_request_duration_seconds histogram",
+            ]
             for route, counts in sorted(self.buckets.items()):
                 total = 0
                 for bound, n in zip((*LATENCY_BUCKETS, "+Inf"), counts, strict=True):
                     total += n
                     lines.append(f'funnelrank_request_duration_seconds_bucket{{route="{route}",le="{bound}"}} {total}')
-                lines.append(f'funnelrank_request_duration_seconds_sum{{route="{route}"}} {self.latency_sum[route]:.6f}')
+                lines.append(
+                    f'funnelrank_request_duration_seconds_sum{{route="{route}"}} {self.latency_sum[route]:.6f}'
+                )
                 lines.append(f'funnelrank_request_duration_seconds_count{{route="{route}"}} {total}')
-            lines += ["# HELP funnelrank_reloads_total Bundle reloads by result.", "# TYPE funnelrank_reloads_total counter"]
+            lines += [
+                "# HELP funnelrank_reloads_total Bundle reloads by result.",
+                "# TYPE funnelrank_reloads_total counter",
+            ]
             lines += [f'funnelrank_reloads_total{{result="{r}"}} {n}' for r, n in sorted(self.reloads.items())]
-            lines += ["# HELP funnelrank_model_calls_total onnxruntime calls (each scores one or more coalesced rank requests).",
-                      "# TYPE funnelrank_model_calls_total counter", f"funnelrank_model_calls_total {self.model_calls}",
-                      "# HELP funnelrank_model_requests_total Rank requests scored by those calls.",
-                      "# TYPE funnelrank_model_requests_total counter", f"funnelrank_model_requests_total {self.model_requests}"]
-            lines += ["# HELP funnelrank_connections_open Client connections open now.",
-                      "# TYPE funnelrank_connections_open gauge",
-                      f"funnelrank_connections_open {self.connections_open}",
-                      "# HELP funnelrank_requests_in_flight Requests begun and not yet answered (this one included).",
-                      "# TYPE funnelrank_requests_in_flight gauge",
-                      f"funnelrank_requests_in_flight {self.requests_in_flight}",
-                      "# HELP funnelrank_connections_closed_total Connections the server closed, by reason.",
-                      "# TYPE funnelrank_connections_closed_total counter"]
-            lines += [f'funnelrank_connections_closed_total{{reason="{r}"}} {n}'
-                      for r, n in sorted(self.connections_closed.items())]
-        lines += ["# HELP funnelrank_model_info The served bundle.", "# TYPE funnelrank_model_info gauge",
-                  f'funnelrank_model_info{{version="{scorer.version}",bundle_sha256="{scorer.bundle.sha256}"}} 1']
+            lines += [
+                "# HELP funnelrank_model_calls_total onnxruntime calls (each scores one or more coalesced rank "
+                "requests).",
+                "# TYPE funnelrank_model_calls_total counter",
+                f"funnelrank_model_calls_total {self.model_calls}",
+                "# HELP funnelrank_model_requests_total Rank requests scored by those calls.",
+                "# TYPE funnelrank_model_requests_total counter",
+                f"funnelrank_model_requests_total {self.model_requests}",
+            ]
+            lines += [
+                "# HELP funnelrank_connections_open Client connections open now.",
+                "# TYPE funnelrank_connections_open gauge",
+                f"funnelrank_connections_open {self.connections_open}",
+                "# HELP funnelrank_requests_in_flight Requests begun and not yet answered (this one included).",
+                "# TYPE funnelrank_requests_in_flight gauge",
+                f"funnelrank_requests_in_flight {self.requests_in_flight}",
+                "# HELP funnelrank_connections_closed_total Connections the server closed, by reason.",
+                "# TYPE funnelrank_connections_closed_total counter",
+            ]
+            lines += [
+                f'funnelrank_connections_closed_total{{reason="{r}"}} {n}'
+                for r, n in sorted(self.connections_closed.items())
+            ]
+        lines += [
+            "# HELP funnelrank_model_info The served bundle.",
+            "# TYPE funnelrank_model_info gauge",
+            f'funnelrank_model_info{{version="{scorer.version}",bundle_sha256="{scorer.bundle.sha256}"}} 1',
+        ]
         return "\n".join(lines) + "\n"
 
 
 class RankingService:
     """The served scorer (one reference, swapped whole on reload), limits and metrics."""
 
-    def __init__(self, bundle_path: Path, threads: int = 1, scoring: dict | None = None,
-                 token: str | None = None) -> None:
+    def __init__(
+        self, bundle_path: Path, threads: int = 1, scoring: dict | None = None, token: str | None = None
+    ) -> None:
         """``scoring``: ScoringLimits fields over the bundle's own; ``token``: the
         admin token (None: the HTTP reload route is off)."""
         self.bundle_path = Path(bundle_path)

@@ -179,9 +179,12 @@ class BundleSpec:
             "outputs": list(self.outputs),
             "tasks": [{"name": t.name, "served": t.served, "score_exponent": t.score_exponent} for t in self.tasks],
             "sparse": [_sparse_dict(f) for f in self.sparse],
-            "dense": [{"name": d.name, "source": "aggregate", "key": d.key} if isinstance(d, AggregateInput)
-                      else {"name": d.name, "source": d.table, "column": d.column, "transform": d.transform}
-                      for d in self.dense],
+            "dense": [
+                {"name": d.name, "source": "aggregate", "key": d.key}
+                if isinstance(d, AggregateInput)
+                else {"name": d.name, "source": d.table, "column": d.column, "transform": d.transform}
+                for d in self.dense
+            ],
             "scoring": asdict(self.scoring),
         }
         if self.list_delimiter is not None:
@@ -190,7 +193,8 @@ class BundleSpec:
             e = self.events
             out["aggregate_keys"] = [
                 {"name": k.name, "columns": list(k.columns), "sources": dict(k.sources), "file": k.file}
-                for k in e.aggregate_keys]
+                for k in e.aggregate_keys
+            ]
             out["snapshots"] = {t: {"file": s.file, "key": s.key} for t, s in e.snapshots.items()}
             out["features_as_of"] = e.features_as_of.isoformat()
             out["snapshot_day"] = e.snapshot_day.isoformat()
@@ -226,8 +230,9 @@ class BundleSpec:
             source=source,
             inputs=top.texts("inputs"),
             outputs=top.texts("outputs"),
-            tasks=FUNNEL_TASKS if tasks is None else tuple(
-                TaskOutput(t.text("name"), t.text("served"), t.number("score_exponent")) for t in tasks),
+            tasks=FUNNEL_TASKS
+            if tasks is None
+            else tuple(TaskOutput(t.text("name"), t.text("served"), t.number("score_exponent")) for t in tasks),
             sparse=tuple(_sparse(f, tables) for f in top.objects("sparse")),
             dense=dense,
             scoring=_scoring_limits(top.object("scoring")),
@@ -243,8 +248,9 @@ def _scoring_limits(o: _Object) -> ScoringLimits:
     return ScoringLimits(
         max_candidates=o.integer("max_candidates", minimum=1),
         max_body_bytes=o.integer("max_body_bytes", minimum=1),
-        max_context_value_chars=o.integer("max_context_value_chars", minimum=1,
-                                          default=default.max_context_value_chars),
+        max_context_value_chars=o.integer(
+            "max_context_value_chars", minimum=1, default=default.max_context_value_chars
+        ),
         header_timeout_s=o.seconds("header_timeout_s", default.header_timeout_s),
         body_timeout_s=o.seconds("body_timeout_s", default.body_timeout_s),
         idle_timeout_s=o.seconds("idle_timeout_s", default.idle_timeout_s),
@@ -254,8 +260,16 @@ def _scoring_limits(o: _Object) -> ScoringLimits:
 
 
 def _sparse_dict(f: SparseInput) -> dict:
-    out = {"name": f.name, "table": f.table, "column": f.column, "kind": f.kind, "capacity": f.capacity,
-           "oov_buckets": f.oov_buckets, "pooling": f.pooling, "vocab_version": f.vocab_version}
+    out = {
+        "name": f.name,
+        "table": f.table,
+        "column": f.column,
+        "kind": f.kind,
+        "capacity": f.capacity,
+        "oov_buckets": f.oov_buckets,
+        "pooling": f.pooling,
+        "vocab_version": f.vocab_version,
+    }
     if f.kind == "bucket":
         out["boundaries"] = list(f.boundaries or ())
     else:
@@ -272,12 +286,17 @@ def _sparse(f: _Object, tables: tuple[str, ...] | None) -> SparseInput:
     kind = f.choice("kind", SPARSE_KINDS)
     least = None if kind == "bucket" else 1  # a bucket feature's rows come from its boundaries
     return SparseInput(
-        name=f.text("name"), table=_table(f, "table", tables), column=f.text("column"), kind=kind,
-        capacity=f.integer("capacity", least), oov_buckets=f.integer("oov_buckets", least),
+        name=f.text("name"),
+        table=_table(f, "table", tables),
+        column=f.text("column"),
+        kind=kind,
+        capacity=f.integer("capacity", least),
+        oov_buckets=f.integer("oov_buckets", least),
         pooling=f.choice("pooling", POOLINGS),
         vocab_version=f.integer("vocab_version"),
         boundaries=f.numbers("boundaries") if kind == "bucket" else None,
-        vocab=f.text("vocab") if kind != "bucket" else None)
+        vocab=f.text("vocab") if kind != "bucket" else None,
+    )
 
 
 def _dense(d: _Object, tables: tuple[str, ...] | None) -> AggregateInput | NumericInput:
@@ -296,8 +315,10 @@ def _event_features(top: _Object, dense: tuple[AggregateInput | NumericInput, ..
     wanted = {k.name: [d.name for d in dense if isinstance(d, AggregateInput) and d.key == k.name] for k in keys}
     return EventFeatures(
         aggregate_keys=keys,
-        snapshots={t: SnapshotSpec(snapshots.object(t).text("file"), snapshots.object(t).text("key"))
-                   for t in ("users", "items")},
+        snapshots={
+            t: SnapshotSpec(snapshots.object(t).text("file"), snapshots.object(t).text("key"))
+            for t in ("users", "items")
+        },
         features_as_of=top.day("features_as_of"),
         snapshot_day=top.day("snapshot_day"),
         defaults={k: {n: defaults.object(k).number(n) for n in names} for k, names in wanted.items()},
@@ -307,8 +328,9 @@ def _event_features(top: _Object, dense: tuple[AggregateInput | NumericInput, ..
 def _aggregate_key(k: _Object) -> AggregateKeySpec:
     columns = k.texts("columns")
     sources = k.object("sources")
-    return AggregateKeySpec(k.text("name"), columns, {c: sources.choice(c, KEY_SOURCES) for c in columns},
-                            k.text("file"))
+    return AggregateKeySpec(
+        k.text("name"), columns, {c: sources.choice(c, KEY_SOURCES) for c in columns}, k.text("file")
+    )
 
 
 _REQUIRED = object()
@@ -356,8 +378,12 @@ class _Object:
     def seconds(self, key: str, default=_REQUIRED, zero_ok: bool = False) -> float:
         """A finite duration, above 0 (at least 0 when ``zero_ok``)."""
         least = "at least 0" if zero_ok else "above 0"
-        return self._get(key, lambda v: _is_number(v) and math.isfinite(v) and (v > 0 or zero_ok and v == 0),
-                         f"a number of seconds {least}", default)
+        return self._get(
+            key,
+            lambda v: _is_number(v) and math.isfinite(v) and (v > 0 or zero_ok and v == 0),
+            f"a number of seconds {least}",
+            default,
+        )
 
     def choice(self, key: str, allowed: tuple[str, ...], default=_REQUIRED) -> str:
         return self._get(key, lambda v: v in allowed, f"one of {list(allowed)}", default)
@@ -370,8 +396,9 @@ class _Object:
             raise BundleError(f"{self.file}: key {self._key(key)!r} must be a day (YYYY-MM-DD), got {text!r}") from None
 
     def texts(self, key: str) -> tuple[str, ...]:
-        return tuple(self._get(key, lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
-                               "a list of strings"))
+        return tuple(
+            self._get(key, lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings")
+        )
 
     def numbers(self, key: str) -> tuple[float, ...]:
         return tuple(self._get(key, lambda v: isinstance(v, list) and all(map(_is_number, v)), "a list of numbers"))

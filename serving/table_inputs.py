@@ -40,10 +40,13 @@ class TableInputs:
         for j, d in enumerate(self.spec.dense):
             try:
                 column = _feature_column(table, d.column, d.name)
-                dense[:, j] = finite_numeric_values(column, d.transform, f"scoring input column {d.column!r} (feature {d.name!r})")
+                dense[:, j] = finite_numeric_values(
+                    column, d.transform, f"scoring input column {d.column!r} (feature {d.name!r})"
+                )
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
                 raise ValueError(
-                    f"scoring input column {d.column!r} (feature {d.name!r}) must hold numbers: {err}") from None
+                    f"scoring input column {d.column!r} (feature {d.name!r}) must hold numbers: {err}"
+                ) from None
         feeds["dense"] = dense
         return feeds
 

@@ -1,6 +1,7 @@
 """A tiny real warehouse (synthetic logs -> validate -> features -> examples) and a
 small untrained MultiTaskNet, shared by the export, scorer and HTTP tests (the
-warehouse is built once per session by tests/conftest.py). Random weights are fine: these tests check plumbing and parity, not quality."""
+warehouse is built once per session by tests/conftest.py). Random weights are fine: these
+tests check plumbing and parity, not quality."""
 
 from __future__ import annotations
 
@@ -27,8 +28,17 @@ DAYS = 4
 # The demo spec with small capacities and sizes; one-hour attribution -> maturity lag 1.
 OVERRIDES = {
     "seed": 11,
-    "generate": {"start_date": START, "days": DAYS, "users": 300, "items": 120, "impressions_per_day": 4000,
-                 "categories": 6, "brands": 20, "shops": 30, "cities": 8},
+    "generate": {
+        "start_date": START,
+        "days": DAYS,
+        "users": 300,
+        "items": 120,
+        "impressions_per_day": 4000,
+        "categories": 6,
+        "brands": 20,
+        "shops": 30,
+        "cities": 8,
+    },
     "contract": {"attribution_window_hours": 1},
     "features": {"windows_days": [1, 2]},
     "model": {"expert_dims": [16, 8], "tower_dims": [4], "n_experts": 2},
@@ -38,13 +48,21 @@ CAPACITY = {"user_id": 200, "item_id": 80, "city": 5}
 
 # A bucketised snapshot attribute and a bucketised request column ride along, so the event
 # path (examples, the bundle's snapshot, the scorer's context) carries kind = "bucket" features too.
-BUCKETS = [SparseFeature(name="price_bucket", table="items", column="price", kind="bucket", boundaries=[20.0, 40.0, 80.0, 160.0], dim=4),
-           SparseFeature(name="slot_bucket", table="impressions", column="slot", kind="bucket", boundaries=[2.0, 5.0], dim=4)]
+BUCKETS = [
+    SparseFeature(
+        name="price_bucket", table="items", column="price", kind="bucket", boundaries=[20.0, 40.0, 80.0, 160.0], dim=4
+    ),
+    SparseFeature(name="slot_bucket", table="impressions", column="slot", kind="bucket", boundaries=[2.0, 5.0], dim=4),
+]
 
 
 def tiny_config(tmp: Path, backbone: str = "mmoe") -> FunnelConfig:
-    cfg = load_config(ROOT / "configs" / "demo.toml", OVERRIDES | {"model": OVERRIDES["model"] | {"backbone": backbone}})
-    sparse = [f.model_copy(update={"capacity": CAPACITY.get(f.name, f.capacity)}) for f in cfg.features.sparse] + BUCKETS
+    cfg = load_config(
+        ROOT / "configs" / "demo.toml", OVERRIDES | {"model": OVERRIDES["model"] | {"backbone": backbone}}
+    )
+    sparse = [
+        f.model_copy(update={"capacity": CAPACITY.get(f.name, f.capacity)}) for f in cfg.features.sparse
+    ] + BUCKETS
     features = cfg.features.model_copy(update={"sparse": sparse})
     return cfg.model_copy(update={"features": features, "warehouse": tmp / "warehouse", "state_dir": tmp / "state"})
 

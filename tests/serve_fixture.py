@@ -21,8 +21,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def call(port: int, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
-         host: str = "127.0.0.1") -> tuple[int, bytes]:
+def call(
+    port: int, method: str, path: str, body: bytes | None = None, headers: dict | None = None, host: str = "127.0.0.1"
+) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection(host, port, timeout=30)
     try:
         conn.request(method, path, body=body, headers=headers or {})
@@ -32,14 +33,33 @@ def call(port: int, method: str, path: str, body: bytes | None = None, headers: 
         conn.close()
 
 
-def start_server(bundle: Path, *flags: str, env: dict | None = None, host: str = "127.0.0.1",
-                 preexec_fn=None) -> tuple[subprocess.Popen, int]:
+def start_server(
+    bundle: Path, *flags: str, env: dict | None = None, host: str = "127.0.0.1", preexec_fn=None
+) -> tuple[subprocess.Popen, int]:
     """``funnelrank serve --bundle B --port P FLAGS...`` (``env``: variables added to ours),
     once /healthz answers; (the process, P)."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--bundle", str(bundle), "--host", host,
-                             "--port", str(port), *flags], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, **(env or {})}, preexec_fn=preexec_fn)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "serve",
+            "--bundle",
+            str(bundle),
+            "--host",
+            host,
+            "--port",
+            str(port),
+            *flags,
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+        preexec_fn=preexec_fn,
+    )
     deadline = time.monotonic() + 60
     while True:  # poll until ready, never a fixed sleep
         try:

@@ -119,7 +119,14 @@ def features_of_day(warehouse: Path, day: dt.date) -> pl.DataFrame:
 def test_daily_counters_by_event_time(tmp_path):
     build_world(tmp_path, *base_events())
     schema = pl.read_parquet_schema(daily_dir(tmp_path, "user", D0) / "part-0.parquet")
-    assert schema == {"user_id": pl.String, "key_hash": pl.UInt64, "imps": pl.Int64, "clicks": pl.Int64, "convs": pl.Int64, "conv_value": pl.Float64}
+    assert schema == {
+        "user_id": pl.String,
+        "key_hash": pl.UInt64,
+        "imps": pl.Int64,
+        "clicks": pl.Int64,
+        "convs": pl.Int64,
+        "conv_value": pl.Float64,
+    }
     user_d0 = pl.read_parquet(daily_dir(tmp_path, "user", D0))
     assert user_d0["key_hash"].to_list() == key_hashes(user_d0, ["user_id"])[0].tolist()
     assert daily(tmp_path, "user", D0) == {("u1",): (2, 1, 1, 2.0), ("u2",): (1, 0, 0, 0.0)}
@@ -128,7 +135,11 @@ def test_daily_counters_by_event_time(tmp_path):
     # b2's conversion happens on D2, a day after its click
     assert daily(tmp_path, "user", D2) == {("u1",): (2, 1, 0, 0.0), ("u2",): (1, 0, 1, 3.0)}
     # category_id comes from the items snapshot
-    assert daily(tmp_path, "user_category", D1) == {("u1", "cat-i1"): (1, 0, 0, 0.0), ("u1", "cat-i2"): (0, 1, 0, 0.0), ("u2", "cat-i2"): (1, 1, 0, 0.0)}
+    assert daily(tmp_path, "user_category", D1) == {
+        ("u1", "cat-i1"): (1, 0, 0, 0.0),
+        ("u1", "cat-i2"): (0, 1, 0, 0.0),
+        ("u2", "cat-i2"): (1, 1, 0, 0.0),
+    }
     assert daily(tmp_path, "item", D0) == {("i1",): (2, 1, 1, 2.0), ("i2",): (1, 0, 0, 0.0)}
 
 
@@ -136,20 +147,29 @@ def test_rolling_features_exact_values_for_a_known_user(tmp_path):
     build_world(tmp_path, *base_events())
     frames = rolling_features(CFG, tmp_path, X)
     user = frames["user"].collect()
-    assert user.columns == ["user_id", *[n for n in CFG.features.dense_names() if n.startswith("user_") and "category" not in n]]
+    assert user.columns == [
+        "user_id",
+        *[n for n in CFG.features.dense_names() if n.startswith("user_") and "category" not in n],
+    ]
     assert all(dtype == pl.Float32 for dtype in user.drop("user_id").dtypes)
     assert sorted(user["user_id"]) == ["u1", "u2"]
     u1 = user.filter(pl.col("user_id") == "u1").row(0, named=True)
     # 1 day (D2): u1 2 imps, 1 click, 0 convs; all keys 3 imps, 1 click, 1 conv
     # 7 and 28 days (D0..D2): u1 5 imps, 3 clicks, 1 conv; all keys 8 imps, 4 clicks, 2 convs
     expected = {
-        "user_imps_1d": math.log1p(2), "user_clicks_1d": math.log1p(1), "user_convs_1d": 0.0,
-        "user_ctr_1d": (1 + PRIOR / 3) / (2 + PRIOR), "user_cvr_1d": (0 + PRIOR * 1.0) / (1 + PRIOR),
+        "user_imps_1d": math.log1p(2),
+        "user_clicks_1d": math.log1p(1),
+        "user_convs_1d": 0.0,
+        "user_ctr_1d": (1 + PRIOR / 3) / (2 + PRIOR),
+        "user_cvr_1d": (0 + PRIOR * 1.0) / (1 + PRIOR),
     }
     for w in (7, 28):
         expected |= {
-            f"user_imps_{w}d": math.log1p(5), f"user_clicks_{w}d": math.log1p(3), f"user_convs_{w}d": math.log1p(1),
-            f"user_ctr_{w}d": (3 + PRIOR * 0.5) / (5 + PRIOR), f"user_cvr_{w}d": (1 + PRIOR * 0.5) / (3 + PRIOR),
+            f"user_imps_{w}d": math.log1p(5),
+            f"user_clicks_{w}d": math.log1p(3),
+            f"user_convs_{w}d": math.log1p(1),
+            f"user_ctr_{w}d": (3 + PRIOR * 0.5) / (5 + PRIOR),
+            f"user_cvr_{w}d": (1 + PRIOR * 0.5) / (3 + PRIOR),
         }
     for name, value in expected.items():
         assert u1[name] == pytest.approx(value, rel=1e-6), name
@@ -187,7 +207,9 @@ def test_daily_counters_sum_to_the_labels(tmp_path):
     rng = np.random.default_rng(CFG.seed)
     n, label_days = 900, [D0, D1, D2]
     start = dt.datetime.combine(D0, dt.time(), tzinfo=dt.UTC)
-    shown = [start + offset for offset in np.sort(rng.integers(0, 3 * 86_400_000_000, n)).astype("timedelta64[us]").tolist()]
+    shown = [
+        start + offset for offset in np.sort(rng.integers(0, 3 * 86_400_000_000, n)).astype("timedelta64[us]").tolist()
+    ]
     users = rng.integers(0, 15, n)
     impressions = [impression(f"m{i}", shown[i], f"u{users[i]}", f"i{rng.integers(0, 8)}") for i in range(n)]
     clicked = np.flatnonzero(rng.random(n) < 0.3)
@@ -195,24 +217,38 @@ def test_daily_counters_sum_to_the_labels(tmp_path):
     clicks = [click(f"m{i}", ts) for i, ts in click_at.items()]
     conversions = [
         conversion(f"m{i}", click_at[i] + dt.timedelta(hours=float(rng.uniform(-1, 30))), float(rng.integers(1, 50)))
-        for i in clicked if rng.random() < 0.5
+        for i in clicked
+        if rng.random() < 0.5
     ]
     days = [D0 + dt.timedelta(days=k) for k in range(5)]  # labels of D2 need D3 and D4
     write_validated_days(tmp_path, days, impressions, clicks, conversions)
     for day in days:
         build_daily_aggregates(CFG, tmp_path, day)
 
-    labels = pl.concat([build_labels(CFG, tmp_path, d) for d in label_days]).lazy().join(
-        pl.concat([scan_validated(tmp_path, "impressions", d) for d in label_days]), on="impression_id"
+    labels = (
+        pl.concat([build_labels(CFG, tmp_path, d) for d in label_days])
+        .lazy()
+        .join(pl.concat([scan_validated(tmp_path, "impressions", d) for d in label_days]), on="impression_id")
     )
-    from_labels = labels.group_by("user_id").agg(
-        imps=pl.len().cast(pl.Int64), clicks=pl.col("click").sum().cast(pl.Int64),
-        convs=pl.col("conversion").sum().cast(pl.Int64), conv_value=pl.col("conversion_value").sum(),
-    ).sort("user_id").collect()
+    from_labels = (
+        labels.group_by("user_id")
+        .agg(
+            imps=pl.len().cast(pl.Int64),
+            clicks=pl.col("click").sum().cast(pl.Int64),
+            convs=pl.col("conversion").sum().cast(pl.Int64),
+            conv_value=pl.col("conversion_value").sum(),
+        )
+        .sort("user_id")
+        .collect()
+    )
     assert from_labels["clicks"].sum() > 50 and from_labels["convs"].sum() > 20  # the test has teeth
-    from_daily = pl.concat([pl.scan_parquet(daily_dir(tmp_path, "user", d) / "*.parquet") for d in days]).group_by("user_id").agg(
-        pl.col("imps", "clicks", "convs", "conv_value").sum()
-    ).sort("user_id").collect()
+    from_daily = (
+        pl.concat([pl.scan_parquet(daily_dir(tmp_path, "user", d) / "*.parquet") for d in days])
+        .group_by("user_id")
+        .agg(pl.col("imps", "clicks", "convs", "conv_value").sum())
+        .sort("user_id")
+        .collect()
+    )
     assert from_daily.drop("conv_value").equals(from_labels.drop("conv_value"))
     assert np.allclose(from_daily["conv_value"].to_numpy(), from_labels["conv_value"].to_numpy())
 
@@ -254,7 +290,15 @@ def test_unknown_key_column_is_named(tmp_path):
 
 def test_features_cli_writes_partitions(tmp_path, capsys):
     write_validated_days(tmp_path, DAYS, *base_events())
-    argv = ["features", "--config", str(ROOT / "configs" / "demo.toml"), "--warehouse", str(tmp_path), "--date", D1.isoformat()]
+    argv = [
+        "features",
+        "--config",
+        str(ROOT / "configs" / "demo.toml"),
+        "--warehouse",
+        str(tmp_path),
+        "--date",
+        D1.isoformat(),
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in out] == [k.name for k in CFG.features.aggregate_keys]
@@ -277,7 +321,9 @@ def test_counters_by_key_equal_group_by(columns):
         "conv_value": rng.random(n),
     })  # fmt: skip
     expected = events.group_by(columns).agg(pl.col("imps", "clicks", "convs").sum(), pl.col("conv_value").sum())
-    expected = expected.insert_column(len(columns), pl.Series("key_hash", key_hashes(expected, columns)[0], pl.UInt64)).sort("key_hash")
+    expected = expected.insert_column(
+        len(columns), pl.Series("key_hash", key_hashes(expected, columns)[0], pl.UInt64)
+    ).sort("key_hash")
     got = counters_by_key(events, columns, column_codes(events, columns))
     assert got.schema == expected.schema
     assert got.drop("conv_value").equals(expected.drop("conv_value"))

@@ -59,7 +59,14 @@ def run(tmp_path_factory):
             build_daily_aggregates(cfg, warehouse, day)
         manifests = {day: build_training_table(cfg, warehouse, day + dt.timedelta(days=1)) for day in DAYS}
         result = train_run(cfg, warehouse, CLOSING, progress=False)
-    return {"cfg": cfg, "warehouse": warehouse, "summary": summary, "reports": reports, "manifests": manifests, "result": result}
+    return {
+        "cfg": cfg,
+        "warehouse": warehouse,
+        "summary": summary,
+        "reports": reports,
+        "manifests": manifests,
+        "result": result,
+    }
 
 
 def test_adapter_writes_one_impression_per_csv_row_and_events_for_the_labels(run) -> None:
@@ -69,21 +76,37 @@ def test_adapter_writes_one_impression_per_csv_row_and_events_for_the_labels(run
         labels = csv_labels(day)
         counts = summary["days"][day.isoformat()]
         assert (counts["impressions"], counts["clicks"], counts["conversions"]) == (
-            labels.height, labels["click"].sum(), labels["purchase"].sum())
+            labels.height,
+            labels["click"].sum(),
+            labels["purchase"].sum(),
+        )
         imps = pl.read_parquet(raw_dir(warehouse, "impressions", day))
         assert imps["impression_id"].is_unique().all() and imps["ts"].dt.date().eq(day).all()
-        events = imps.join(pl.read_parquet(raw_dir(warehouse, "clicks", day)).rename({"ts": "click_ts"}), on="impression_id").join(
-            pl.read_parquet(raw_dir(warehouse, "conversions", day)).rename({"ts": "conv_ts"}), on="impression_id", how="left")
+        events = imps.join(
+            pl.read_parquet(raw_dir(warehouse, "clicks", day)).rename({"ts": "click_ts"}), on="impression_id"
+        ).join(
+            pl.read_parquet(raw_dir(warehouse, "conversions", day)).rename({"ts": "conv_ts"}),
+            on="impression_id",
+            how="left",
+        )
         click_delay = events["click_ts"] - events["ts"]
         conv_delay = (events["conv_ts"] - events["click_ts"]).drop_nulls()
-        assert (click_delay > dt.timedelta(0)).all() and (click_delay <= dt.timedelta(minutes=contract.click_window_minutes)).all()
-        assert (conv_delay > dt.timedelta(0)).all() and (conv_delay <= dt.timedelta(hours=contract.attribution_window_hours)).all()
+        assert (click_delay > dt.timedelta(0)).all() and (
+            click_delay <= dt.timedelta(minutes=contract.click_window_minutes)
+        ).all()
+        assert (conv_delay > dt.timedelta(0)).all() and (
+            conv_delay <= dt.timedelta(hours=contract.attribution_window_hours)
+        ).all()
         assert events["conv_ts"].drop_nulls().dt.date().eq(day).all()
     closing = pl.read_parquet(raw_dir(warehouse, "impressions", CLOSING))
     assert closing.height == 1 and pl.read_parquet(raw_dir(warehouse, "clicks", CLOSING)).height == 0
 
-    every_row = pl.concat([pl.read_csv(DATA / name, columns=["101", "205"], schema_overrides={"101": pl.String, "205": pl.String})
-                           for name in ALICCP_SAMPLES])
+    every_row = pl.concat(
+        [
+            pl.read_csv(DATA / name, columns=["101", "205"], schema_overrides={"101": pl.String, "205": pl.String})
+            for name in ALICCP_SAMPLES
+        ]
+    )
     users, items = pl.read_parquet(raw_dir(warehouse, "users")), pl.read_parquet(raw_dir(warehouse, "items"))
     assert sorted(users["user_id"]) == sorted(every_row["101"].unique())
     assert sorted(items["item_id"]) == sorted(every_row["205"].unique())
@@ -102,11 +125,24 @@ def test_training_tables_reconcile_and_carry_the_csv_labels_row_by_row(run) -> N
     for day, expected_rows in zip(DAYS, (100, 50, 50), strict=True):
         manifest = run["manifests"][day]
         assert manifest["date"] == day.isoformat()
-        assert manifest["rows"] == {"impressions_in": expected_rows, "rows_out": expected_rows, "quarantined": 0,
-                                    "validate_report": f"reports/validate/date={day.isoformat()}.json"}
+        assert manifest["rows"] == {
+            "impressions_in": expected_rows,
+            "rows_out": expected_rows,
+            "quarantined": 0,
+            "validate_report": f"reports/validate/date={day.isoformat()}.json",
+        }
         assert manifest["columns"]["sparse"] == sparse and manifest["columns"]["dense"] == dense
         table = pl.read_parquet(training_dir(warehouse, day) / "part-0.parquet")
-        assert table.columns == ["impression_id", "ts", "raw_user_id", "click", "conversion", "conversion_value", *sparse, *dense]
+        assert table.columns == [
+            "impression_id",
+            "ts",
+            "raw_user_id",
+            "click",
+            "conversion",
+            "conversion_value",
+            *sparse,
+            *dense,
+        ]
         by_row = table.select(pl.col("impression_id").str.slice(-6).cast(pl.UInt32).alias("row"), "click", "conversion")
         joined = csv_labels(day).join(by_row, on="row", how="full", coalesce=True)
         assert joined.height == expected_rows
@@ -114,7 +150,10 @@ def test_training_tables_reconcile_and_carry_the_csv_labels_row_by_row(run) -> N
         assert joined["purchase"].cast(pl.Int8).equals(joined["conversion"])
         # label-encoded ids are present: only the padding row would mean an unmapped raw column
         assert table.select((pl.col(name) > 0).all() for name in sparse).row(0) == (True,) * len(sparse)
-    totals = {day: pl.read_parquet(training_dir(warehouse, day) / "part-0.parquet").select("click", "conversion").sum().row(0) for day in DAYS}
+    totals = {
+        day: pl.read_parquet(training_dir(warehouse, day) / "part-0.parquet").select("click", "conversion").sum().row(0)
+        for day in DAYS
+    }
     assert totals == {DAYS[0]: (7, 1), DAYS[1]: (3, 1), DAYS[2]: (2, 1)}
 
 
@@ -141,7 +180,12 @@ def test_cli_adapter_writes_the_same_rows_as_the_function(run, tmp_path, capsys)
     warehouse = tmp_path / "warehouse"
     assert main(["adapt-aliccp", "--config", str(CONFIG), "--warehouse", str(warehouse), "--data-dir", str(DATA)]) == 0
     assert "2026-11-01: 100 impressions, 7 clicks, 1 conversions" in capsys.readouterr().out
-    for table, day in [("impressions", DAYS[0]), ("clicks", DAYS[1]), ("conversions", DAYS[2]), ("impressions", CLOSING)]:
+    for table, day in [
+        ("impressions", DAYS[0]),
+        ("clicks", DAYS[1]),
+        ("conversions", DAYS[2]),
+        ("impressions", CLOSING),
+    ]:
         ours, theirs = raw_dir(warehouse, table, day), raw_dir(run["warehouse"], table, day)
         assert pl.read_parquet(ours).equals(pl.read_parquet(theirs)), (table, day)
     assert pl.read_parquet(raw_dir(warehouse, "items")).equals(pl.read_parquet(raw_dir(run["warehouse"], "items")))
@@ -159,7 +203,9 @@ def test_a_purchase_without_click_is_quarantined_not_dropped(tmp_path) -> None:
     rows = pl.read_csv(DATA / ALICCP_SAMPLES[2])
     first_unclicked = rows["click"].arg_min()
     odd = tmp_path / "odd.csv"
-    rows.with_columns(pl.when(pl.int_range(pl.len()) == first_unclicked).then(1).otherwise(pl.col("purchase")).alias("purchase")).write_csv(odd)
+    rows.with_columns(
+        pl.when(pl.int_range(pl.len()) == first_unclicked).then(1).otherwise(pl.col("purchase")).alias("purchase")
+    ).write_csv(odd)
     cfg = config(tmp_path, validate={"max_bad_row_share": 1.0})
     aliccp_to_raw({START: odd}, cfg.warehouse, cfg.contract, cfg.seed)
     report = validate_day(cfg, cfg.warehouse, START)
@@ -177,8 +223,15 @@ def test_the_same_sample_as_a_feature_table_trains_the_funnel_by_config_alone(tm
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     table_config = ROOT / "configs" / "aliccp_table.toml"
     paths = {s: str(DATA / name) for s, name in zip(("train", "val", "test"), ALICCP_SAMPLES, strict=True)}
-    cfg = load_config(table_config, {"warehouse": str(tmp_path / "warehouse"), "state_dir": str(tmp_path / "state"),
-                                     "table": paths, "train": {"epochs": 1}})
+    cfg = load_config(
+        table_config,
+        {
+            "warehouse": str(tmp_path / "warehouse"),
+            "state_dir": str(tmp_path / "state"),
+            "table": paths,
+            "train": {"epochs": 1},
+        },
+    )
     prepared = prepare_table(cfg, cfg.warehouse)
     assert {s: m["rows_out"] for s, m in prepared.manifest["splits"].items()} == {"train": 100, "val": 50, "test": 50}
     result = train_run(cfg, cfg.warehouse, None, progress=False)

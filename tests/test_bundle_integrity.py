@@ -89,8 +89,11 @@ def _sparse_index(spec: dict, name: str) -> int:
 
 # ---- manifest entries and links -------------------------------------------------------
 
-@pytest.mark.parametrize("entry", ["../outside.parquet", "ABSOLUTE", "./spec.json", "vocab//device.parquet",
-                                   "vocab\\device.parquet", "vocab/."])
+
+@pytest.mark.parametrize(
+    "entry",
+    ["../outside.parquet", "ABSOLUTE", "./spec.json", "vocab//device.parquet", "vocab\\device.parquet", "vocab/."],
+)
 def test_manifest_entries_must_be_plain_relative_paths_inside_the_bundle(bundles, tmp_path, entry):
     """Each entry names a file whose digest is right: only the path itself is wrong."""
     _, a, _, _ = bundles
@@ -138,6 +141,7 @@ def test_the_bundle_folder_itself_may_be_a_link(bundles, tmp_path):
 
 # ---- spec.json names only files of the manifest ----------------------------------------
 
+
 @pytest.mark.parametrize("where", ["vocab", "snapshot", "aggregate"])
 def test_every_file_spec_json_names_must_be_listed_in_the_manifest(bundles, tmp_path, where):
     """A vocabulary outside the bundle (and unlisted) was loaded and served before."""
@@ -162,13 +166,16 @@ def test_every_file_spec_json_names_must_be_listed_in_the_manifest(bundles, tmp_
 
 # ---- the scorer is built from the verified bytes -----------------------------------------
 
+
 def test_files_swapped_after_the_check_are_not_served(bundles, tmp_path):
     """load_bundle reads each file once, hashes those bytes and keeps them: replacing the
     whole folder between load_bundle and the Scorer (or deleting it) changes nothing."""
     cfg, a, b, _ = bundles
     copy = _copy(a, tmp_path / "bundle")
-    rows = pq.read_table(validated_dir(cfg.warehouse, "impressions", START + dt.timedelta(days=3)),
-                         columns=["user_id", "item_id", "device", "slot"])
+    rows = pq.read_table(
+        validated_dir(cfg.warehouse, "impressions", START + dt.timedelta(days=3)),
+        columns=["user_id", "item_id", "device", "slot"],
+    )
     want = Scorer(load_bundle(a)).score_table(rows).column("score")
     swapped = Scorer(load_bundle(b)).score_table(rows).column("score")
     assert not want.equals(swapped)  # b's features differ: serving b's files would show
@@ -182,6 +189,7 @@ def test_files_swapped_after_the_check_are_not_served(bundles, tmp_path):
 
 
 # ---- malformed bundles with correct checksums -----------------------------------------
+
 
 def _empty_model(folder: Path) -> None:
     (folder / "model.onnx").write_bytes(b"")
@@ -202,21 +210,33 @@ def _snapshot_without_a_column(folder: Path) -> None:
 MALFORMED = {
     "empty model": (_empty_model, r"model.onnx \(0 bytes\) is not a model onnxruntime can load"),
     "missing key": (lambda f: _edit_spec(f, lambda s: s.pop("scoring")), r"spec.json: key 'scoring' is missing"),
-    "wrong type": (lambda f: _edit_spec(f, lambda s: s["sparse"][0].update(capacity="100")),
-                   r"key 'sparse\[0\].capacity' must be an integer, got '100'"),
-    "zero OOV buckets": (lambda f: _edit_spec(f, lambda s: s["sparse"][0].update(oov_buckets=0)),
-                         r"key 'sparse\[0\].oov_buckets' must be at least 1, got 0"),
-    "unknown table": (lambda f: _edit_spec(f, lambda s: s["sparse"][0].update(table="sessions")),
-                      r"key 'sparse\[0\].table' must be one of \['impressions', 'users', 'items'\]"),
+    "wrong type": (
+        lambda f: _edit_spec(f, lambda s: s["sparse"][0].update(capacity="100")),
+        r"key 'sparse\[0\].capacity' must be an integer, got '100'",
+    ),
+    "zero OOV buckets": (
+        lambda f: _edit_spec(f, lambda s: s["sparse"][0].update(oov_buckets=0)),
+        r"key 'sparse\[0\].oov_buckets' must be at least 1, got 0",
+    ),
+    "unknown table": (
+        lambda f: _edit_spec(f, lambda s: s["sparse"][0].update(table="sessions")),
+        r"key 'sparse\[0\].table' must be one of \['impressions', 'users', 'items'\]",
+    ),
     "spec not JSON": (lambda f: ((f / "spec.json").write_text("{"), _rehash(f)), r"spec.json is not valid JSON"),
     "empty vocabulary": (_empty_vocab, r"vocab/device.parquet is not a Parquet file"),
     "snapshot lacks a column": (_snapshot_without_a_column, r"features/users.parquet has no column 'sparse:gender'"),
-    "inputs differ from the model's": (lambda f: _edit_spec(f, lambda s: s["sparse"].pop()),
-                                       r"model.onnx takes the inputs .*, but spec.json's sparse and dense keys give"),
-    "dense width differs from the model's": (lambda f: _edit_spec(f, lambda s: s["dense"].pop()),
-                                             r"model.onnx takes 31 dense features, spec.json's key 'dense' lists 30"),
-    "an output the model lacks": (lambda f: _edit_spec(f, lambda s: s["tasks"][0].update(served="ctr")),
-                                  r"model.onnx has no output 'p_ctr'"),
+    "inputs differ from the model's": (
+        lambda f: _edit_spec(f, lambda s: s["sparse"].pop()),
+        r"model.onnx takes the inputs .*, but spec.json's sparse and dense keys give",
+    ),
+    "dense width differs from the model's": (
+        lambda f: _edit_spec(f, lambda s: s["dense"].pop()),
+        r"model.onnx takes 31 dense features, spec.json's key 'dense' lists 30",
+    ),
+    "an output the model lacks": (
+        lambda f: _edit_spec(f, lambda s: s["tasks"][0].update(served="ctr")),
+        r"model.onnx has no output 'p_ctr'",
+    ),
 }
 
 
@@ -227,8 +247,9 @@ def test_a_malformed_bundle_is_one_line_and_exit_3_at_score(bundles, tmp_path, c
     copy = _copy(a, tmp_path / "bundle")
     break_it(copy)
     rows = tmp_path / "rows.parquet"
-    pq.write_table(pq.read_table(validated_dir(cfg.warehouse, "impressions", START), columns=["user_id", "item_id"]),
-                   rows)
+    pq.write_table(
+        pq.read_table(validated_dir(cfg.warehouse, "impressions", START), columns=["user_id", "item_id"]), rows
+    )
     assert main(["score", "--bundle", str(copy), "--input", str(rows), "--output", str(tmp_path / "out.parquet")]) == 3
     err = capsys.readouterr().err
     assert err.startswith("funnelrank score: ") and err.count("\n") == 1, err
@@ -339,6 +360,7 @@ def test_failed_reloads_are_counted_and_the_old_model_keeps_serving(bundles, tmp
 
 # ---- the manifest signature -------------------------------------------------------------
 
+
 def test_export_signs_the_manifest_when_a_key_is_set(bundles):
     _, a, _, signed = bundles
     assert not (a / SIGNATURE).exists()
@@ -360,8 +382,9 @@ def test_with_a_key_set_only_bundles_signed_with_it_load(bundles, tmp_path, monk
     with pytest.raises(BundleError, match=rf"{SIGNATURE} does not match manifest.json"):
         load_bundle(tampered)
     monkeypatch.setenv(SIGNING_KEY_ENV, "another key")
-    with pytest.raises(BundleError, match=
-                       f"{SIGNATURE} does not match manifest.json under the key in {SIGNING_KEY_ENV}"):
+    with pytest.raises(
+        BundleError, match=f"{SIGNATURE} does not match manifest.json under the key in {SIGNING_KEY_ENV}"
+    ):
         load_bundle(signed)
 
 

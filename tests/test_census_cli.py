@@ -52,8 +52,9 @@ def test_census_train_evaluate_export_score(census_config, capsys):
     metrics = run.data.metrics
     # one epoch on 60k real rows: far above chance on both tasks
     assert metrics["val/income_auc"] > 0.9 and metrics["val/marital_auc"] > 0.98
-    assert metrics["val/gate_income_expert0"] + metrics["val/gate_income_expert1"] + metrics["val/gate_income_expert2"] \
-        == pytest.approx(1.0, abs=1e-4)  # PLE: 1 own expert + 2 shared
+    assert metrics["val/gate_income_expert0"] + metrics["val/gate_income_expert1"] + metrics[
+        "val/gate_income_expert2"
+    ] == pytest.approx(1.0, abs=1e-4)  # PLE: 1 own expert + 2 shared
     assert "train/grad_cosine" in metrics
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert {"plots/roc.png", "plots/reliability.png", "plots/gate_usage.png"} <= plots
@@ -74,8 +75,20 @@ def test_census_train_evaluate_export_score(census_config, capsys):
     # the raw test CSV, as a user would hand it over, scored without torch
     raw = pl.read_csv(cfg.table.test).drop("income", "marital status")
     raw.write_parquet(tmp / "to_score.parquet")
-    assert main(["score", "--bundle", str(bundle), "--input", str(tmp / "to_score.parquet"),
-                 "--output", str(tmp / "scores.parquet")]) == 0
+    assert (
+        main(
+            [
+                "score",
+                "--bundle",
+                str(bundle),
+                "--input",
+                str(tmp / "to_score.parquet"),
+                "--output",
+                str(tmp / "scores.parquet"),
+            ]
+        )
+        == 0
+    )
     scored = pq.read_table(tmp / "scores.parquet")
     assert scored.num_rows == 19_953
     assert {"p_income", "p_marital", "score"} <= set(scored.column_names)
@@ -96,7 +109,11 @@ def test_table_config_used_the_wrong_way(census_config, tmp_path, capsys):
     assert "needs a run date (--date)" in capsys.readouterr().err
     assert main(["train", "--config", str(config.parent / "missing.toml")]) == 2
     capsys.readouterr()
-    for command in (["nightly", "--date", "2026-11-12"], ["validate", "--date", "2026-11-12"], ["promote", "--date", "2026-11-12"]):
+    for command in (
+        ["nightly", "--date", "2026-11-12"],
+        ["validate", "--date", "2026-11-12"],
+        ["promote", "--date", "2026-11-12"],
+    ):
         assert main([*command, "--config", str(config)]) == 3
         assert "feature table ([table] section): it has no event logs" in capsys.readouterr().err
 
@@ -110,8 +127,22 @@ def test_census_trains_under_torchrun_with_two_ranks(census_config, tmp_path):
 
     config, _ = census_config
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "pipeline.cli",
-           "train", "--config", str(config), "--warehouse", str(tmp_path / "warehouse"), "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "pipeline.cli",
+        "train",
+        "--config",
+        str(config),
+        "--warehouse",
+        str(tmp_path / "warehouse"),
+        "--quiet",
+    ]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     assert done.stdout.count("train table-") == 1  # rank 0 reports

@@ -23,8 +23,11 @@ def subcommands() -> dict[str, argparse.ArgumentParser]:
 
 def commands() -> list[str]:
     """Every runnable command line prefix: ``validate``, ``runs compare``, ..."""
-    return [f"{name} {child}" if child else name
-            for name, parser in subcommands().items() for child in (_children(parser) or {"": None})]
+    return [
+        f"{name} {child}" if child else name
+        for name, parser in subcommands().items()
+        for child in (_children(parser) or {"": None})
+    ]
 
 
 def test_console_script_help():
@@ -50,7 +53,6 @@ def test_bad_config_exits_2_naming_the_key(tmp_path, capsys):
     assert "validate.max_bad_rows: unknown key" in capsys.readouterr().err
 
 
-
 def test_infinite_value_and_non_utf8_config_exit_2_naming_key_and_file(tmp_path, capsys):
     text = (ROOT / "configs" / "demo.toml").read_text()
     inf = tmp_path / "inf.toml"
@@ -61,6 +63,7 @@ def test_infinite_value_and_non_utf8_config_exit_2_naming_key_and_file(tmp_path,
     latin1.write_bytes(text.replace("# funnelrank demo", "# caf\u00e9 demo", 1).encode("latin-1"))
     assert main(["train", "--config", str(latin1), "--warehouse", str(tmp_path / "wh"), "--date", "2026-11-10"]) == 2
     assert f"config {latin1} is not UTF-8 text" in capsys.readouterr().err
+
 
 def test_bad_date_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -73,10 +76,13 @@ def test_bad_date_is_a_usage_error(capsys):
 def held_lock(tmp_path):
     """The warehouse lock held by another process (as a running nightly holds it)."""
     warehouse = tmp_path / "wh"
-    code = ("import sys\nfrom pipeline.nightly import warehouse_lock\n"
-            "with warehouse_lock(sys.argv[1]):\n    print('held', flush=True)\n    sys.stdin.read()\n")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(warehouse)], cwd=ROOT, stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
+    code = (
+        "import sys\nfrom pipeline.nightly import warehouse_lock\n"
+        "with warehouse_lock(sys.argv[1]):\n    print('held', flush=True)\n    sys.stdin.read()\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(warehouse)], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline() == "held\n"
         yield warehouse
@@ -85,10 +91,19 @@ def held_lock(tmp_path):
         holder.wait(timeout=30)
 
 
-@pytest.mark.parametrize("command", [["generate", "--days", "1"], ["validate", "--date", "2026-11-01"],
-                                     ["features", "--date", "2026-11-01"], ["examples", "--date", "2026-11-03"],
-                                     ["train", "--date", "2026-11-03"], ["export", "--date", "2026-11-03"],
-                                     ["evaluate", "--date", "2026-11-03"], ["nightly", "--date", "2026-11-03"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["generate", "--days", "1"],
+        ["validate", "--date", "2026-11-01"],
+        ["features", "--date", "2026-11-01"],
+        ["examples", "--date", "2026-11-03"],
+        ["train", "--date", "2026-11-03"],
+        ["export", "--date", "2026-11-03"],
+        ["evaluate", "--date", "2026-11-03"],
+        ["nightly", "--date", "2026-11-03"],
+    ],
+)
 def test_writing_stages_wait_for_no_one_while_the_warehouse_is_locked(held_lock, command, capsys):
     assert main([*command, "--warehouse", str(held_lock)]) == 5
     assert "another run holds the lock" in capsys.readouterr().err

@@ -36,7 +36,10 @@ def test_demo_config_loads():
     [
         (lambda d: d["generate"].update(bogus=1), "generate.bogus: unknown key"),
         (lambda d: d.update(sed=3), "sed: unknown key"),
-        (lambda d: d["features"]["sparse"][2].update(dim="16"), "features.sparse[2].dim: Input should be a valid integer"),
+        (
+            lambda d: d["features"]["sparse"][2].update(dim="16"),
+            "features.sparse[2].dim: Input should be a valid integer",
+        ),
         (lambda d: d["features"]["sparse"][0].pop("column"), "features.sparse[0].column: required value missing"),
         (lambda d: d["validate"].update(max_bad_row_share=2), "validate.max_bad_row_share"),
         (lambda d: d["features"]["sparse"][3].update(dim=6), "features.sparse[3].dim: Input should be a multiple of 4"),
@@ -44,10 +47,24 @@ def test_demo_config_loads():
         (lambda d: d["features"].update(windows_days=[7, 1]), "features.windows_days"),
         (lambda d: d["features"]["sparse"][1].update(name="user_id"), "repeated: user_id"),
         (lambda d: d.pop("features"), "features: required value missing"),
-        (lambda d: d["features"]["sparse"].append({"name": "price_bucket", "table": "items", "column": "price", "kind": "bucket"}),
-         "kind = 'bucket' needs boundaries"),
-        (lambda d: d["features"]["sparse"].append({"name": "price_bucket", "table": "items", "column": "price", "kind": "bucket",
-                                                   "boundaries": [10.0, 10.0, 20.0]}), "strictly ascending, got [10.0, 10.0, 20.0]"),
+        (
+            lambda d: d["features"]["sparse"].append(
+                {"name": "price_bucket", "table": "items", "column": "price", "kind": "bucket"}
+            ),
+            "kind = 'bucket' needs boundaries",
+        ),
+        (
+            lambda d: d["features"]["sparse"].append(
+                {
+                    "name": "price_bucket",
+                    "table": "items",
+                    "column": "price",
+                    "kind": "bucket",
+                    "boundaries": [10.0, 10.0, 20.0],
+                }
+            ),
+            "strictly ascending, got [10.0, 10.0, 20.0]",
+        ),
         (lambda d: d["features"]["sparse"][4].update(boundaries=[1.0]), "boundaries are for kind = 'bucket', not 'id'"),
     ],
 )
@@ -62,8 +79,16 @@ def test_bad_config_names_the_key(edit, message):
 
 def test_bucket_feature_has_a_row_per_bucket_and_padding():
     data = demo_dict()
-    data["features"]["sparse"].append({"name": "price_bucket", "table": "items", "column": "price", "kind": "bucket",
-                                       "boundaries": [10, 20.5, 40], "dim": 4})
+    data["features"]["sparse"].append(
+        {
+            "name": "price_bucket",
+            "table": "items",
+            "column": "price",
+            "kind": "bucket",
+            "boundaries": [10, 20.5, 40],
+            "dim": 4,
+        }
+    )
     feature = parse_config(data).features.sparse[-1]
     assert feature.boundaries == [10.0, 20.5, 40.0] and feature.num_embeddings == 5  # padding + 4 buckets
 
@@ -118,9 +143,18 @@ FLOAT_KEYS = _float_keys(FunnelConfig)
 
 
 def test_every_float_key_is_found():
-    assert {"train.sparse_lr", "train.dense_lr", "tasks[0].loss_weight", "tasks[0].score_exponent",
-            "promote.auc_tolerance", "promote.calibration_max", "features.prior_strength",
-            "features.sparse[0].boundaries", "generate.noise", "validate.max_bad_row_share"} <= set(FLOAT_KEYS)
+    assert {
+        "train.sparse_lr",
+        "train.dense_lr",
+        "tasks[0].loss_weight",
+        "tasks[0].score_exponent",
+        "promote.auc_tolerance",
+        "promote.calibration_max",
+        "features.prior_strength",
+        "features.sparse[0].boundaries",
+        "generate.noise",
+        "validate.max_bad_row_share",
+    } <= set(FLOAT_KEYS)
 
 
 @pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
@@ -133,49 +167,54 @@ def test_every_float_must_be_finite(key, value):
         data["features"]["sparse"][0]["kind"] = "bucket"
     with pytest.raises(ConfigError) as err:
         parse_config(data, "bad.toml")
-    assert f"{key}{'[0]' if key.endswith('boundaries') else ''}: Input should be a finite number (got {value!r})" \
+    assert (
+        f"{key}{'[0]' if key.endswith('boundaries') else ''}: Input should be a finite number (got {value!r})"
         in str(err.value)
+    )
 
 
-@pytest.mark.parametrize(("key", "value", "message"), [
-    ("train.sparse_lr", 0.0, "Input should be greater than 0"),
-    ("train.dense_lr", -0.001, "Input should be greater than 0"),
-    ("train.weight_decay", -1e-5, "Input should be greater than or equal to 0"),
-    ("promote.auc_tolerance", 1.0, "Input should be less than 1"),
-    ("promote.auc_tolerance", -0.01, "Input should be greater than or equal to 0"),
-    ("promote.min_auc", 1.5, "Input should be less than or equal to 1"),
-    ("promote.calibration_min", -0.5, "Input should be greater than 0"),
-    ("tasks[0].loss_weight", -1.0, "Input should be greater than or equal to 0"),
-    ("tasks[0].loss_weight", 1e6, "Input should be less than or equal to 1000"),
-    ("tasks[1].score_exponent", -0.5, "Input should be greater than or equal to 0"),
-    ("tasks[1].score_exponent", 1e6, "Input should be less than or equal to 100"),
-    ("features.prior_strength", -1.0, "Input should be greater than or equal to 0"),
-    ("features.prior_strength", 1e300, "Input should be less than or equal to 1000000000"),
-    ("features.sparse[0].capacity", 10**12, "Input should be less than or equal to 1000000000"),
-    ("features.sparse[0].dim", 1 << 20, "Input should be less than or equal to 4096"),
-    ("features.sparse[2].oov_buckets", 10**9, "Input should be less than or equal to 1000000"),
-    ("features.windows_days", [1, 7, 100_000], "Value error, must be distinct day counts from 1 to 3650"),
-    ("model.n_experts", 10**6, "Input should be less than or equal to 256"),
-    ("model.expert_dims", [128, 10**9], "Value error, layer sizes must be from 1 to 65536"),
-    ("model.tower_dims", [0], "Value error, layer sizes must be from 1 to 65536"),
-    ("model.cross_layers", 10**4, "Input should be less than or equal to 64"),
-    ("model.dropout", 1.0, "Input should be less than 1"),
-    ("model.soft_sharing_strength", 1e9, "Input should be less than or equal to 1000"),
-    ("train.epochs", 10**9, "Input should be less than or equal to 10000"),
-    ("train.batch_size", 10**12, "Input should be less than or equal to 16777216"),
-    ("train.threads", 10**6, "Input should be less than or equal to 1024"),
-    ("train.threads", -1, "Input should be greater than or equal to 0"),
-    ("generate.days", 10**6, "Input should be less than or equal to 3650"),
-    ("generate.users", 10**12, "Input should be less than or equal to 1000000000"),
-    ("generate.noise", -0.1, "Input should be greater than or equal to 0"),
-    ("contract.click_window_minutes", 10**9, "Input should be less than or equal to 10080"),
-    ("train.window_days", 10**6, "Input should be less than or equal to 3650"),
-    ("train.min_window_days", 10**6, "Input should be less than or equal to 3650"),
-    ("validate.min_bad_rows", 10**12, "Input should be less than or equal to 1000000000"),
-    ("scoring.max_candidates", 10**9, "Input should be less than or equal to 1000000"),
-    ("scoring.max_body_bytes", 1 << 40, "Input should be less than or equal to 1073741824"),
-    ("nightly.fine_tune_days", 10**6, "Input should be less than or equal to 3650"),
-])
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("train.sparse_lr", 0.0, "Input should be greater than 0"),
+        ("train.dense_lr", -0.001, "Input should be greater than 0"),
+        ("train.weight_decay", -1e-5, "Input should be greater than or equal to 0"),
+        ("promote.auc_tolerance", 1.0, "Input should be less than 1"),
+        ("promote.auc_tolerance", -0.01, "Input should be greater than or equal to 0"),
+        ("promote.min_auc", 1.5, "Input should be less than or equal to 1"),
+        ("promote.calibration_min", -0.5, "Input should be greater than 0"),
+        ("tasks[0].loss_weight", -1.0, "Input should be greater than or equal to 0"),
+        ("tasks[0].loss_weight", 1e6, "Input should be less than or equal to 1000"),
+        ("tasks[1].score_exponent", -0.5, "Input should be greater than or equal to 0"),
+        ("tasks[1].score_exponent", 1e6, "Input should be less than or equal to 100"),
+        ("features.prior_strength", -1.0, "Input should be greater than or equal to 0"),
+        ("features.prior_strength", 1e300, "Input should be less than or equal to 1000000000"),
+        ("features.sparse[0].capacity", 10**12, "Input should be less than or equal to 1000000000"),
+        ("features.sparse[0].dim", 1 << 20, "Input should be less than or equal to 4096"),
+        ("features.sparse[2].oov_buckets", 10**9, "Input should be less than or equal to 1000000"),
+        ("features.windows_days", [1, 7, 100_000], "Value error, must be distinct day counts from 1 to 3650"),
+        ("model.n_experts", 10**6, "Input should be less than or equal to 256"),
+        ("model.expert_dims", [128, 10**9], "Value error, layer sizes must be from 1 to 65536"),
+        ("model.tower_dims", [0], "Value error, layer sizes must be from 1 to 65536"),
+        ("model.cross_layers", 10**4, "Input should be less than or equal to 64"),
+        ("model.dropout", 1.0, "Input should be less than 1"),
+        ("model.soft_sharing_strength", 1e9, "Input should be less than or equal to 1000"),
+        ("train.epochs", 10**9, "Input should be less than or equal to 10000"),
+        ("train.batch_size", 10**12, "Input should be less than or equal to 16777216"),
+        ("train.threads", 10**6, "Input should be less than or equal to 1024"),
+        ("train.threads", -1, "Input should be greater than or equal to 0"),
+        ("generate.days", 10**6, "Input should be less than or equal to 3650"),
+        ("generate.users", 10**12, "Input should be less than or equal to 1000000000"),
+        ("generate.noise", -0.1, "Input should be greater than or equal to 0"),
+        ("contract.click_window_minutes", 10**9, "Input should be less than or equal to 10080"),
+        ("train.window_days", 10**6, "Input should be less than or equal to 3650"),
+        ("train.min_window_days", 10**6, "Input should be less than or equal to 3650"),
+        ("validate.min_bad_rows", 10**12, "Input should be less than or equal to 1000000000"),
+        ("scoring.max_candidates", 10**9, "Input should be less than or equal to 1000000"),
+        ("scoring.max_body_bytes", 1 << 40, "Input should be less than or equal to 1073741824"),
+        ("nightly.fine_tune_days", 10**6, "Input should be less than or equal to 3650"),
+    ],
+)
 def test_out_of_range_values_name_the_key(key, value, message):
     data = demo_dict()
     _set(data, key, value)
@@ -204,6 +243,7 @@ def test_inf_and_nan_spelled_in_toml_are_refused(tmp_path):
 def test_a_config_that_is_not_utf8_names_the_file(tmp_path):
     path = tmp_path / "latin1.toml"
     path.write_bytes(DEMO.read_text().replace("# funnelrank demo", "# caf\u00e9 demo", 1).encode("latin-1"))
-    with pytest.raises(ConfigError,
-                       match=r"config .*latin1\.toml is not UTF-8 text \(TOML is\): byte 0xe9 at offset 5"):
+    with pytest.raises(
+        ConfigError, match=r"config .*latin1\.toml is not UTF-8 text \(TOML is\): byte 0xe9 at offset 5"
+    ):
         load_config(path)

@@ -52,8 +52,13 @@ def worker(cfg_path: str, warehouse: str, out_path: str, max_epochs: str, round_
     if round_trip:
         saved = torch.load(round_trip, weights_only=False)
         init_process_group(cfg.state_dir, torch.device("cpu"))
-        net = MultiTaskNet(cfg.features, cfg.model, cfg.tasks, saved["model"]["normalizer.mean"].numpy(),
-                           saved["model"]["normalizer.std"].numpy())
+        net = MultiTaskNet(
+            cfg.features,
+            cfg.model,
+            cfg.tasks,
+            saved["model"]["normalizer.mean"].numpy(),
+            saved["model"]["normalizer.std"].numpy(),
+        )
         model = distribute(net, cfg.train, torch.device("cpu"))
         load_plain_state(model, saved["model"])
         load_plain_fused_state(model, saved["fused_opt"])
@@ -62,24 +67,44 @@ def worker(cfg_path: str, warehouse: str, out_path: str, max_epochs: str, round_
         torch.distributed.all_gather_object(back["held"], held)
         if os.environ["RANK"] == "0":
             torch.save(back, f"{out_path}.round_trip.pt")
-    result = train_run(cfg, Path(warehouse), RUN_DATE, progress=False,
-                       max_epochs=None if max_epochs == "all" else int(max_epochs))
-    summary = {"rank": int(os.environ["RANK"]), "world": int(os.environ["WORLD_SIZE"]), "epochs_run": result.epochs_run,
-               "best_epoch": result.best_epoch, "val_metrics": result.val_metrics, "history": result.history,
-               "mlflow_run_id": result.mlflow_run_id, "run_key": result.run_key}
+    result = train_run(
+        cfg, Path(warehouse), RUN_DATE, progress=False, max_epochs=None if max_epochs == "all" else int(max_epochs)
+    )
+    summary = {
+        "rank": int(os.environ["RANK"]),
+        "world": int(os.environ["WORLD_SIZE"]),
+        "epochs_run": result.epochs_run,
+        "best_epoch": result.best_epoch,
+        "val_metrics": result.val_metrics,
+        "history": result.history,
+        "mlflow_run_id": result.mlflow_run_id,
+        "run_key": result.run_key,
+    }
     Path(f"{out_path}.rank{summary['rank']}").write_text(json.dumps(summary))
 
 
-def run_with_torchrun(cfg: FunnelConfig, warehouse: Path, folder: Path, max_epochs: int | None = None,
-                      round_trip: Path | None = None) -> list[dict]:
+def run_with_torchrun(
+    cfg: FunnelConfig, warehouse: Path, folder: Path, max_epochs: int | None = None, round_trip: Path | None = None
+) -> list[dict]:
     """Launch 2 ranks with torchrun; every rank's summary (rank order)."""
     folder.mkdir(parents=True, exist_ok=True)
     cfg_path = folder / "config.toml"
     cfg_path.write_text(to_toml(cfg.model_dump(by_alias=True)))
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(Path(__file__)),
-           str(cfg_path), str(warehouse), str(folder / "result"), "all" if max_epochs is None else str(max_epochs),
-           str(round_trip or "")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(Path(__file__)),
+        str(cfg_path),
+        str(warehouse),
+        str(folder / "result"),
+        "all" if max_epochs is None else str(max_epochs),
+        str(round_trip or ""),
+    ]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return [json.loads((folder / f"result.rank{r}").read_text()) for r in range(2)]
@@ -176,8 +201,22 @@ def test_cli_train_under_torchrun_on_tables_of_one_row_group(tmp_path) -> None:
     config = tmp_path / "config.toml"
     config.write_text(to_toml(cfg.model_dump(by_alias=True)))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "pipeline.cli",
-           "train", "--config", str(config), "--date", str(RUN_DATE), "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "pipeline.cli",
+        "train",
+        "--config",
+        str(config),
+        "--date",
+        str(RUN_DATE),
+        "--quiet",
+    ]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     assert done.stdout.count("train 2026-11-10-") == 1 and "val        click  auc 0." in done.stdout  # rank 0 reports
@@ -191,13 +230,30 @@ def test_a_non_finite_loss_stops_every_rank_at_the_same_step(tmp_path, warehouse
     config = tmp_path / "config.toml"
     config.write_text(to_toml(cfg.model_dump(by_alias=True)))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "pipeline.cli",
-           "train", "--quiet", "--config", str(config), "--warehouse", str(warehouse), "--date", str(RUN_DATE)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "pipeline.cli",
+        "train",
+        "--quiet",
+        "--config",
+        str(config),
+        "--warehouse",
+        str(warehouse),
+        "--date",
+        str(RUN_DATE),
+    ]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     # each rank stops with the same message: the ranks agree on the first bad step (no rank waits in a collective)
-    found = re.findall(r"funnelrank train: (the loss of task '\w+' is not finite at epoch 1, step \d+ of \d+)",
-                       done.stderr)
+    found = re.findall(
+        r"funnelrank train: (the loss of task '\w+' is not finite at epoch 1, step \d+ of \d+)", done.stderr
+    )
     assert len(found) == 2 and found[0] == found[1], done.stderr[-5000:]
     assert "exitcode  : 3" in done.stderr
 

@@ -33,7 +33,9 @@ def test_key_index_positions_equal_index_in(n_values):
     keys = [f"k{i}" for i in rng.permutation(2000)]
     index = KeyIndex(pa.array(keys))
     values = _random_values(rng, keys, n_values) if n_values > 1 else pa.array([keys[5]])
-    want = pc.fill_null(pc.index_in(values, value_set=pa.array(keys, pa.large_string())), -1).to_numpy(zero_copy_only=False)
+    want = pc.fill_null(pc.index_in(values, value_set=pa.array(keys, pa.large_string())), -1).to_numpy(
+        zero_copy_only=False
+    )
     np.testing.assert_array_equal(index.positions(values), want)
     np.testing.assert_array_equal(index.distinct_positions(values), want)
 
@@ -97,6 +99,8 @@ def test_bucket_ids_put_a_boundary_in_the_bucket_above_and_nulls_in_padding():
     boundaries = [0.0, 10.0, 20.0]
     values = pa.array([-5.0, 0.0, 9.99, 10.0, 15.0, 20.0, 1e9, None, float("nan"), -np.inf, np.inf])
     assert bucket_ids(values, boundaries).tolist() == [1, 2, 2, 3, 3, 4, 4, 0, 0, 1, 4]
-    assert bucket_ids(pa.chunked_array([pa.array([3, 25], pa.int64()), pa.array([None], pa.int64())]), boundaries).tolist() == [2, 4, 0]
+    assert bucket_ids(
+        pa.chunked_array([pa.array([3, 25], pa.int64()), pa.array([None], pa.int64())]), boundaries
+    ).tolist() == [2, 4, 0]
     with pytest.raises(TypeError, match="bucketised values must be numbers, got Arrow type string"):
         bucket_ids(pa.array(["a"]), boundaries)

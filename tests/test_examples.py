@@ -112,7 +112,15 @@ def write(warehouse: Path, table: str, day: dt.date, data: dict, schema: pa.Sche
     write_parquet_dir(validated_dir(warehouse, table, day), pa.table(data, schema=schema))
 
 
-IMPRESSIONS = pa.schema([("impression_id", pa.string()), ("ts", TS), ("user_id", pa.string()), ("item_id", pa.string()), ("slot", pa.int64())])
+IMPRESSIONS = pa.schema(
+    [
+        ("impression_id", pa.string()),
+        ("ts", TS),
+        ("user_id", pa.string()),
+        ("item_id", pa.string()),
+        ("slot", pa.int64()),
+    ]
+)
 EVENTS = pa.schema([("impression_id", pa.string()), ("ts", TS)])
 CONVERSIONS = pa.schema([("impression_id", pa.string()), ("ts", TS), ("value", pa.float64())])
 USERS = pa.schema([("user_id", pa.string()), ("interests", pa.list_(pa.string()))])
@@ -122,7 +130,12 @@ ITEMS = pa.schema([("item_id", pa.string()), ("category_id", pa.string()), ("pri
 DAY_IMPRESSIONS = {
     D1: [("1a", 10, 0, "u1", "i1", 1), ("1b", 11, 0, "u1", "i2", 2), ("1c", 12, 0, "u2", "i1", 1)],
     D2: [("2a", 10, 0, "u1", "i1", 1), ("2b", 11, 0, "u2", "i2", 3), ("2c", 12, 0, "u3", "i3", 1)],
-    D3: [("3a", 23, 20, "u1", "i1", 2), ("3b", 9, 0, "u2", "i2", 1), ("3c", 9, 30, "u4", "i1", 1), ("3d", 10, 0, "u1", "i3", 1)],
+    D3: [
+        ("3a", 23, 20, "u1", "i1", 2),
+        ("3b", 9, 0, "u2", "i2", 1),
+        ("3c", 9, 30, "u4", "i1", 1),
+        ("3d", 10, 0, "u1", "i3", 1),
+    ],
 }
 CLICKS = {D1: [("1a", 10, 1)], D2: [], D3: [("3a", 23, 30)], D4: []}
 CONVS = {D1: [("1a", 10, 30, 5.0)], D2: [], D3: [], D4: [("3a", 0, 10, 7.0)]}
@@ -133,18 +146,44 @@ def build_warehouse(warehouse: Path) -> None:
     items = {"item_id": ["i1", "i2", "i3"], "category_id": ["c1", "c2", "c1"], "price": [9.0, 0.0, None]}
     for day in (D1, D2, D3, D4):
         rows = DAY_IMPRESSIONS.get(day, [])
-        write(warehouse, "impressions", day, {
-            "impression_id": [r[0] for r in rows], "ts": [at(day, r[1], r[2]) for r in rows],
-            "user_id": [r[3] for r in rows], "item_id": [r[4] for r in rows], "slot": [r[5] for r in rows],
-        }, IMPRESSIONS)
-        write(warehouse, "clicks", day, {"impression_id": [c[0] for c in CLICKS[day]], "ts": [at(day, c[1], c[2]) for c in CLICKS[day]]}, EVENTS)
-        write(warehouse, "conversions", day, {
-            "impression_id": [c[0] for c in CONVS[day]], "ts": [at(day, c[1], c[2]) for c in CONVS[day]], "value": [c[3] for c in CONVS[day]],
-        }, CONVERSIONS)
+        write(
+            warehouse,
+            "impressions",
+            day,
+            {
+                "impression_id": [r[0] for r in rows],
+                "ts": [at(day, r[1], r[2]) for r in rows],
+                "user_id": [r[3] for r in rows],
+                "item_id": [r[4] for r in rows],
+                "slot": [r[5] for r in rows],
+            },
+            IMPRESSIONS,
+        )
+        write(
+            warehouse,
+            "clicks",
+            day,
+            {"impression_id": [c[0] for c in CLICKS[day]], "ts": [at(day, c[1], c[2]) for c in CLICKS[day]]},
+            EVENTS,
+        )
+        write(
+            warehouse,
+            "conversions",
+            day,
+            {
+                "impression_id": [c[0] for c in CONVS[day]],
+                "ts": [at(day, c[1], c[2]) for c in CONVS[day]],
+                "value": [c[3] for c in CONVS[day]],
+            },
+            CONVERSIONS,
+        )
         write(warehouse, "users", day, users, USERS)
         write(warehouse, "items", day, items, ITEMS)
     # D3's validate report: one impression was quarantined
-    atomic_write_json(report_path(warehouse, "validate", D3), {"tables": {"impressions": {"input_rows": 5, "valid_rows": 4, "quarantined_rows": 1}}})
+    atomic_write_json(
+        report_path(warehouse, "validate", D3),
+        {"tables": {"impressions": {"input_rows": 5, "valid_rows": 4, "quarantined_rows": 1}}},
+    )
 
 
 @pytest.fixture()
@@ -225,7 +264,12 @@ def test_schema_counts_and_manifest(setup):
     assert table.schema.field("interests").type == pa.large_list(pa.int64())
     assert all(table.column(c).null_count == 0 for c in table.column_names)
     # impressions in = rows out + quarantined
-    assert manifest["rows"] == {"impressions_in": 5, "rows_out": 4, "quarantined": 1, "validate_report": "reports/validate/date=2026-05-03.json"}
+    assert manifest["rows"] == {
+        "impressions_in": 5,
+        "rows_out": 4,
+        "quarantined": 1,
+        "validate_report": "reports/validate/date=2026-05-03.json",
+    }
     assert manifest["schema"]["interests"] == "large_list<item: int64>"
     on_disk = json.loads((training_dir(warehouse, D3) / "manifest.json").read_text())
     assert on_disk["content_sha256"] == manifest["content_sha256"]
@@ -271,8 +315,11 @@ def test_bucket_features_encode_snapshot_numbers_and_name_a_text_column(setup):
     rows = read(warehouse, D2)  # items i1 9.0 (a boundary: the bucket above), i2 0.0, i3 null (padding)
     assert rows["price_bucket"] == [{"i1": 3, "i2": 1, "i3": 0}[item] for item in ("i1", "i2", "i3")]
     data["features"]["sparse"][-1] = bucket | {"name": "category_bucket", "column": "category_id"}
-    with pytest.raises(DataContractError, match=r"feature 'category_bucket' \(kind bucket\): validated items column "
-                                                 r"'category_id' of 2026-05-02: bucketised values must be numbers"):
+    with pytest.raises(
+        DataContractError,
+        match=r"feature 'category_bucket' \(kind bucket\): validated items column "
+        r"'category_id' of 2026-05-02: bucketised values must be numbers",
+    ):
         build_training_table(parse_config(data), warehouse, D3)
 
 
@@ -304,7 +351,10 @@ def test_next_night_advances_the_rolling_state_to_the_same_table(setup):
         shutil.rmtree(rolling_state_root(warehouse, key.name))
     shutil.rmtree(training_dir(warehouse, D3))
     recomputed = build_training_table(cfg, warehouse, D4)
-    assert json.loads((rolling_state_dir(warehouse, "user_category", D3) / "manifest.json").read_text())["built"] == "recomputed"
+    assert (
+        json.loads((rolling_state_dir(warehouse, "user_category", D3) / "manifest.json").read_text())["built"]
+        == "recomputed"
+    )
     assert recomputed["content_sha256"] == advanced["content_sha256"]
 
 
@@ -346,12 +396,16 @@ def test_a_day_validated_again_makes_what_was_derived_from_it_stale_until_rebuil
     assert not stale_training_tables(cfg.warehouse, [dt.date.fromisoformat(days[1])])
 
 
-@pytest.mark.parametrize(("price", "transform", "shown"), [
-    (math.inf, "log1p", "inf"),
-    (1e39, "none", "1e+39"),  # finite, but beyond float32: inf in the table
-])
-def test_a_price_that_is_not_finite_as_a_feature_fails_the_day_naming_column_and_day(setup, capsys, price, transform,
-                                                                                      shown):
+@pytest.mark.parametrize(
+    ("price", "transform", "shown"),
+    [
+        (math.inf, "log1p", "inf"),
+        (1e39, "none", "1e+39"),  # finite, but beyond float32: inf in the table
+    ],
+)
+def test_a_price_that_is_not_finite_as_a_feature_fails_the_day_naming_column_and_day(
+    setup, capsys, price, transform, shown
+):
     cfg, warehouse, cfg_path = setup
     items = {"item_id": ["i1", "i2", "i3"], "category_id": ["c1", "c2", "c1"], "price": [price, 0.0, None]}
     write(warehouse, "items", D2, items, ITEMS)
@@ -359,7 +413,8 @@ def test_a_price_that_is_not_finite_as_a_feature_fails_the_day_naming_column_and
     args = ["examples", "--config", str(cfg_path), "--warehouse", str(warehouse), "--date", D3.isoformat()]
     assert main(args) == 4
     err = capsys.readouterr().err
-    assert (f"funnelrank examples: training table of 2026-05-02: items column 'price' gives feature 'price' (transform "
-            f"{transform}) values that are not finite in 1 of 3 rows, from raw values {shown}") in err
+    assert (
+        f"funnelrank examples: training table of 2026-05-02: items column 'price' gives feature 'price' (transform "
+        f"{transform}) values that are not finite in 1 of 3 rows, from raw values {shown}"
+    ) in err
     assert not training_dir(warehouse, D2).exists()
-

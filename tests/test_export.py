@@ -40,7 +40,9 @@ def edge_case_table(warehouse):
         interests[i] = []
         interests[i + 1] = [0, interests[i + 1][0] if interests[i + 1] else 3]
         interests[i + 2] = [0]
-    table = table.set_column(table.schema.get_field_index("interests"), "interests", pa.array(interests, pa.large_list(pa.int64())))
+    table = table.set_column(
+        table.schema.get_field_index("interests"), "interests", pa.array(interests, pa.large_list(pa.int64()))
+    )
     padded = np.arange(n) % 9 == 0
     for name in ("item_id", "city", "slot"):
         column = pc.if_else(pa.array(padded), 0, table.column(name))
@@ -55,7 +57,9 @@ def edge_case_table(warehouse):
 def _batches(cfg, path, sizes=(1, 7, 1000)):
     out = []
     for size in sizes:
-        loader = TrainingTableLoader([path], cfg.features.sparse, cfg.features.dense_names(), batch_size=size, shuffle=False, seed=0, prefetch=0)
+        loader = TrainingTableLoader(
+            [path], cfg.features.sparse, cfg.features.dense_names(), batch_size=size, shuffle=False, seed=0, prefetch=0
+        )
         out += list(loader)[:3]
     return out
 
@@ -106,8 +110,10 @@ def test_a_nan_model_fails_parity_naming_the_outputs(warehouse, edge_case_table)
     with pytest.raises(StageError) as err:
         check_parity(model, path, batches, cfg.features, cfg.tasks)
     # p_cvr (the conversion head given a click) does not read the click head
-    assert (f"ONNX parity failed for {path}: outputs not finite: p_click in PyTorch ({rows:,} of {rows:,} rows), "
-            f"p_click in onnxruntime ({rows:,} of {rows:,} rows), p_ctcvr in PyTorch") in str(err.value)
+    assert (
+        f"ONNX parity failed for {path}: outputs not finite: p_click in PyTorch ({rows:,} of {rows:,} rows), "
+        f"p_click in onnxruntime ({rows:,} of {rows:,} rows), p_ctcvr in PyTorch"
+    ) in str(err.value)
     assert "score in onnxruntime" in str(err.value) and "p_cvr" not in str(err.value)
 
 
@@ -130,10 +136,14 @@ def test_bundle_files_manifest_and_spec(warehouse):
     assert [d["name"] for d in spec["dense"]] == cfg.features.dense_names()
     assert spec["inputs"] == ["dense", *[f.name for f in cfg.features.sparse]]
     assert [(f["name"], f["boundaries"]) for f in spec["sparse"] if f["kind"] == "bucket"] == [
-        ("price_bucket", [20.0, 40.0, 80.0, 160.0]), ("slot_bucket", [2.0, 5.0])]
+        ("price_bucket", [20.0, 40.0, 80.0, 160.0]),
+        ("slot_bucket", [2.0, 5.0]),
+    ]
     assert spec["source"] == "events" and spec["outputs"] == ["p_click", "p_ctcvr", "p_cvr", "score"]
-    assert spec["tasks"] == [{"name": "click", "served": "click", "score_exponent": 1.0},
-                             {"name": "conversion", "served": "ctcvr", "score_exponent": 1.0}]
+    assert spec["tasks"] == [
+        {"name": "click", "served": "click", "score_exponent": 1.0},
+        {"name": "conversion", "served": "ctcvr", "score_exponent": 1.0},
+    ]
     assert spec["aggregate_keys"][2]["sources"] == {"user_id": "request", "category_id": "items"}
     assert set(spec["defaults"]) == {k.name for k in cfg.features.aggregate_keys}
     assert not list(tmp.glob(".tmp-*"))  # written atomically, nothing left behind

@@ -76,8 +76,11 @@ def test_export_before_and_after_training(run, tmp_path):
     logged = load_bundle_from_mlflow(summary["artifact_uri"], tmp_path / "download", tracking_uri(cfg.state_dir))
     assert logged.sha256 == local.sha256
     users, items = users_and_items(cfg)
-    request = {"user_id": str(users[1]), "context": {"device": "ios", "slot": 3},
-               "candidates": [{"item_id": str(i)} for i in items[:30]] + [{"item_id": "never-seen"}]}
+    request = {
+        "user_id": str(users[1]),
+        "context": {"device": "ios", "slot": 3},
+        "candidates": [{"item_id": str(i)} for i in items[:30]] + [{"item_id": "never-seen"}],
+    }
     assert Scorer(logged).score(request) == Scorer(local).score(request)
 
     again = export_run(cfg, cfg.warehouse, RUN_DATE)

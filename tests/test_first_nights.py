@@ -30,12 +30,21 @@ DAYS = [START + dt.timedelta(days=i) for i in range(5)]  # maturity lag 2: night
 
 def _config(root: Path) -> Path:
     """The tiny nightly world with a 4-day window, trained from 3 days on; no state_dir."""
-    cfg = load_config(ROOT / "configs" / "demo.toml", {
-        "warehouse": str(root / "wh1"),
-        "generate": {"start_date": START, "days": len(DAYS), "users": 800, "items": 300, "impressions_per_day": 6000},
-        "train": {"window_days": 4, "min_window_days": 3, "epochs": 1, "batch_size": 512},
-        "promote": {"min_auc": 0.0, "calibration_min": 0.001, "calibration_max": 1000.0, "auc_tolerance": 0.99},
-    })
+    cfg = load_config(
+        ROOT / "configs" / "demo.toml",
+        {
+            "warehouse": str(root / "wh1"),
+            "generate": {
+                "start_date": START,
+                "days": len(DAYS),
+                "users": 800,
+                "items": 300,
+                "impressions_per_day": 6000,
+            },
+            "train": {"window_days": 4, "min_window_days": 3, "epochs": 1, "batch_size": 512},
+            "promote": {"min_auc": 0.0, "calibration_min": 0.001, "calibration_max": 1000.0, "auc_tolerance": 0.99},
+        },
+    )
     generate_logs(cfg, cfg.warehouse, progress=False)
     data = cfg.model_dump(by_alias=True)
     del data["state_dir"]
@@ -73,10 +82,27 @@ def test_first_nights_then_a_second_warehouse_and_another_tracking_store(tmp_pat
 
     # the second warehouse, same folder and config: its own records (every stage runs), killed
     # during its first training after a checkpoint
-    process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "nightly", "--config", str(config), "--warehouse",
-                                str(wh2), "--start", str(DAYS[0]), "--end", str(DAYS[4])], cwd=tmp_path, text=True,
-                               env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "nightly",
+            "--config",
+            str(config),
+            "--warehouse",
+            str(wh2),
+            "--start",
+            str(DAYS[0]),
+            "--end",
+            str(DAYS[4]),
+        ],
+        cwd=tmp_path,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     _kill_when(process, lambda: any((wh2 / "state" / "checkpoints").glob("*/last.pt")))
     out = process.stdout.read()
     assert all(_lines(out, night)["validate"].split()[2] == "done" for night in DAYS[:4]), out

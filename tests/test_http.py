@@ -45,7 +45,9 @@ def server(bundles):
 
 
 def _rank(port: int, user: str, items: list[str]) -> tuple[int, dict]:
-    body = json.dumps({"user_id": user, "context": {"device": "ios", "slot": 1}, "candidates": [{"item_id": i} for i in items]})
+    body = json.dumps(
+        {"user_id": user, "context": {"device": "ios", "slot": 1}, "candidates": [{"item_id": i} for i in items]}
+    )
     status, data = call(port, "POST", "/v1/rank", body.encode(), {"Content-Type": "application/json"})
     return status, json.loads(data)
 
@@ -71,10 +73,21 @@ BAD_REQUESTS = [
     (json.dumps({"user_id": "u1"}).encode(), 400, "missing field candidates"),
     (json.dumps({"user_id": "u1", "candidates": "i1"}).encode(), 400, "candidates must be a list"),
     (json.dumps({"user_id": "u1", "candidates": [{"item_id": 3}]}).encode(), 400, "candidates[0] must be an object"),
-    (json.dumps({"user_id": "u1", "context": [1], "candidates": [{"item_id": "i"}]}).encode(), 400, "context must be an object"),
-    (json.dumps({"user_id": "u1", "context": {"slot": [1]}, "candidates": [{"item_id": "i"}]}).encode(), 400, "context.slot must be"),
-    (json.dumps({"user_id": "u1", "context": {"slot": "top"}, "candidates": [{"item_id": "i"}]}).encode(), 400,
-     "context.slot (feature 'slot_bucket'): bucketised values must be numbers"),
+    (
+        json.dumps({"user_id": "u1", "context": [1], "candidates": [{"item_id": "i"}]}).encode(),
+        400,
+        "context must be an object",
+    ),
+    (
+        json.dumps({"user_id": "u1", "context": {"slot": [1]}, "candidates": [{"item_id": "i"}]}).encode(),
+        400,
+        "context.slot must be",
+    ),
+    (
+        json.dumps({"user_id": "u1", "context": {"slot": "top"}, "candidates": [{"item_id": "i"}]}).encode(),
+        400,
+        "context.slot (feature 'slot_bucket'): bucketised values must be numbers",
+    ),
     (json.dumps({"user_id": "u1", "candidates": [{"item_id": "i"}] * 301}).encode(), 413, "above the limit of 300"),
     (b"x" * ((1 << 20) + 1), 413, "above the limit of 1048576"),
 ]
@@ -107,7 +120,10 @@ def test_unknown_routes_and_metrics(server, bundles):
     assert count(metrics, 'route="/v1/rank",status="200"') == count(before, 'route="/v1/rank",status="200"') + 3
     assert count(metrics, 'route="/v1/rank",status="400"') == count(before, 'route="/v1/rank",status="400"') + 1
     assert 'funnelrank_request_duration_seconds_bucket{route="/v1/rank",le="+Inf"}' in metrics
-    assert f'funnelrank_model_info{{version="{load_bundle(a).version}",bundle_sha256="{load_bundle(a).sha256}"}} 1' in metrics
+    assert (
+        f'funnelrank_model_info{{version="{load_bundle(a).version}",bundle_sha256="{load_bundle(a).sha256}"}} 1'
+        in metrics
+    )
 
 
 def test_reload_swaps_the_model_without_failing_requests(server, bundles):
@@ -153,9 +169,15 @@ def test_reload_swaps_the_model_without_failing_requests(server, bundles):
 
 def _mixed_requests(users: list[str], items: list[str]) -> list[dict]:
     """Requests of different sizes: known and unknown users and items, several contexts."""
-    return [{"user_id": users[k % len(users)] if k % 4 else f"new-user-{k}", "context": {"device": "ios", "slot": k % 5},
-             "candidates": [{"item_id": i} for i in items[k : k + 3 + 7 * k]] + ([{"item_id": f"unseen-{k}"}] if k % 3 == 0 else [])}
-            for k in range(10)]
+    return [
+        {
+            "user_id": users[k % len(users)] if k % 4 else f"new-user-{k}",
+            "context": {"device": "ios", "slot": k % 5},
+            "candidates": [{"item_id": i} for i in items[k : k + 3 + 7 * k]]
+            + ([{"item_id": f"unseen-{k}"}] if k % 3 == 0 else []),
+        }
+        for k in range(10)
+    ]
 
 
 def _same_ranking(got: list[dict], want: list[dict]) -> None:
@@ -223,7 +245,7 @@ def test_rank_response_is_the_ranking_as_json():
     from serving.scorer import ranked
 
     rng = np.random.default_rng(0)
-    ids = ['plain', 'quote"d', "back\\slash", "ünïcode ✓", "tab\tnew\nline", "tie-a", "tie-b", "tiny"]
+    ids = ["plain", 'quote"d', "back\\slash", "ünïcode ✓", "tab\tnew\nline", "tie-a", "tie-b", "tiny"]
     p_click, p_ctcvr = rng.random(8).astype(np.float32), rng.random(8).astype(np.float32)
     score = (p_click * p_ctcvr).astype(np.float32)
     score[5:7] = 0.25  # ties keep the request's order

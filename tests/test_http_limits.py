@@ -124,26 +124,40 @@ def test_scorer_caches_hold_no_long_context_values(bundle):
 
 
 CLIENT_ERRORS = [  # each was a 500 (OverflowError, ValueError, RecursionError)
-    (b'{"user_id": "u1", "context": {"slot": 123456789012345678901234567890}, "candidates": [{"item_id": "i1"}]}',
-     "context.slot is an integer outside the 64-bit range"),
-    (b'{"user_id": "u1", "context": {"slot": -123456789012345678901234567890}, "candidates": [{"item_id": "i1"}]}',
-     "context.slot is an integer outside the 64-bit range"),
-    (b'{"user_id": "u1", "context": {"slot": ' + b"9" * 5000 + b'}, "candidates": [{"item_id": "i1"}]}',
-     f"body holds an integer of more than {sys.get_int_max_str_digits()} digits"),
+    (
+        b'{"user_id": "u1", "context": {"slot": 123456789012345678901234567890}, "candidates": [{"item_id": "i1"}]}',
+        "context.slot is an integer outside the 64-bit range",
+    ),
+    (
+        b'{"user_id": "u1", "context": {"slot": -123456789012345678901234567890}, "candidates": [{"item_id": "i1"}]}',
+        "context.slot is an integer outside the 64-bit range",
+    ),
+    (
+        b'{"user_id": "u1", "context": {"slot": ' + b"9" * 5000 + b'}, "candidates": [{"item_id": "i1"}]}',
+        f"body holds an integer of more than {sys.get_int_max_str_digits()} digits",
+    ),
     (b"[" * 100_000 + b"]" * 100_000, "body is nested too deeply"),
     # non-finite numbers never reach the model (each was served)
-    (b'{"user_id": "u1", "context": {"slot": NaN}, "candidates": [{"item_id": "i1"}]}',
-     "body holds NaN, which is not JSON (numbers must be finite)"),
-    (b'{"user_id": "u1", "context": {"slot": -Infinity}, "candidates": [{"item_id": "i1"}]}',
-     "body holds -Infinity, which is not JSON (numbers must be finite)"),
-    (b'{"user_id": "u1", "context": {"slot": 1e999}, "candidates": [{"item_id": "i1"}]}',
-     "context.slot is not a finite number"),
+    (
+        b'{"user_id": "u1", "context": {"slot": NaN}, "candidates": [{"item_id": "i1"}]}',
+        "body holds NaN, which is not JSON (numbers must be finite)",
+    ),
+    (
+        b'{"user_id": "u1", "context": {"slot": -Infinity}, "candidates": [{"item_id": "i1"}]}',
+        "body holds -Infinity, which is not JSON (numbers must be finite)",
+    ),
+    (
+        b'{"user_id": "u1", "context": {"slot": 1e999}, "candidates": [{"item_id": "i1"}]}',
+        "context.slot is not a finite number",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("body", "message"), CLIENT_ERRORS,
-                         ids=["30 digits", "-30 digits", "5000 digits", "nested 100000 deep", "NaN", "-Infinity",
-                              "1e999"])
+@pytest.mark.parametrize(
+    ("body", "message"),
+    CLIENT_ERRORS,
+    ids=["30 digits", "-30 digits", "5000 digits", "nested 100000 deep", "NaN", "-Infinity", "1e999"],
+)
 def test_client_errors_are_400_not_500(server, body, message):
     _, port = server
     status, data = call(port, "POST", "/v1/rank", body, {"Content-Type": "application/json"})
@@ -162,13 +176,20 @@ FRAMING = [
 ]
 
 
-@pytest.mark.parametrize(("headers", "body", "message"), FRAMING,
-                         ids=["TE and CL", "TE", "two CL", "non-ASCII digit", "space before colon"])
+@pytest.mark.parametrize(
+    ("headers", "body", "message"), FRAMING, ids=["TE and CL", "TE", "two CL", "non-ASCII digit", "space before colon"]
+)
 def test_untrusted_framing_is_400_and_closes_without_serving_what_follows(server, headers, body, message):
     """A second request hidden after the body (request smuggling) gets no answer of its own."""
     _, port = server
-    answer = _exchange(port, b"POST /v1/rank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + headers
-                       + b"\r\n" + body + SMUGGLED)
+    answer = _exchange(
+        port,
+        b"POST /v1/rank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + headers
+        + b"\r\n"
+        + body
+        + SMUGGLED,
+    )
     head, _, payload = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400 ") and b"\r\nConnection: close" in head
     assert answer.count(b"HTTP/1.1 ") == 1  # nothing else answered
@@ -180,9 +201,12 @@ def test_idle_and_half_sent_connections_are_closed_and_healthz_answers(bundle, t
     config = _config(tmp_path, header_timeout_s=1.0, body_timeout_s=1.0, idle_timeout_s=1.0)
     proc, port = start_server(bundle, "--config", config)
     try:
-        kinds = {"idle": b"", "idle after a request": b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
-                 "half-sent headers": b"POST /v1/rank HTTP/1.1\r\nHost: x\r\nContent-Le",
-                 "half-sent body": b"POST /v1/rank HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"user_id\""}
+        kinds = {
+            "idle": b"",
+            "idle after a request": b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+            "half-sent headers": b"POST /v1/rank HTTP/1.1\r\nHost: x\r\nContent-Le",
+            "half-sent body": b'POST /v1/rank HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{"user_id"',
+        }
         held = []
         for kind, data in kinds.items():
             for _ in range(30):
@@ -213,8 +237,14 @@ def test_default_timeouts_close_idle_and_half_sent_connections_within_35_s():
 def test_export_writes_every_limit_of_the_config_into_the_bundle(tiny_warehouse):
     """What serve reads by default: the [scoring] of the config the bundle was exported with."""
     cfg, _ = tiny_warehouse
-    scoring = ScoringConfig(max_context_value_chars=8, header_timeout_s=1.5, body_timeout_s=2.5, idle_timeout_s=3.5,
-                            max_connections=9, drain_timeout_s=0.0)
+    scoring = ScoringConfig(
+        max_context_value_chars=8,
+        header_timeout_s=1.5,
+        body_timeout_s=2.5,
+        idle_timeout_s=3.5,
+        max_connections=9,
+        drain_timeout_s=0.0,
+    )
     spec = serving_spec(cfg.model_copy(update={"scoring": scoring}), {f.name: 1 for f in cfg.features.sparse})
     assert json.loads(spec.to_json())["scoring"] == scoring.model_dump()
 
@@ -353,9 +383,16 @@ def test_without_a_token_the_reload_route_is_off_and_ipv6_hosts_work(bundle):
         stop_server(proc)
 
 
-@pytest.mark.parametrize(("method", "path", "allow"), [
-    ("HEAD", "/healthz", "GET"), ("PUT", "/v1/rank", "POST"), ("DELETE", "/admin/reload", "POST"),
-    ("OPTIONS", "/v1/rank", "POST"), ("GET", "/v1/rank", "POST")])
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("HEAD", "/healthz", "GET"),
+        ("PUT", "/v1/rank", "POST"),
+        ("DELETE", "/admin/reload", "POST"),
+        ("OPTIONS", "/v1/rank", "POST"),
+        ("GET", "/v1/rank", "POST"),
+    ],
+)
 def test_other_methods_get_405_with_allow(server, method, path, allow):
     _, port = server
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
@@ -372,13 +409,22 @@ def test_serve_start_errors_are_one_line_and_exit_2(bundle, tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        cases = {("--host", "127.0.0.1", "--port", str(taken.getsockname()[1])): "address already in use",
-                 ("--host", "127.0.0.1", "--port", "99999"): "port 99999 is not in 0..65535",
-                 ("--host", "192.0.2.1", "--port", "0"): "cannot assign requested address",
-                 ("--port", "0", "--admin-token-file", str(tmp_path / "missing")): "cannot read the admin token file"}
-        procs = {args: subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--bundle", str(bundle), *args],
-                                        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for args in cases}
+        cases = {
+            ("--host", "127.0.0.1", "--port", str(taken.getsockname()[1])): "address already in use",
+            ("--host", "127.0.0.1", "--port", "99999"): "port 99999 is not in 0..65535",
+            ("--host", "192.0.2.1", "--port", "0"): "cannot assign requested address",
+            ("--port", "0", "--admin-token-file", str(tmp_path / "missing")): "cannot read the admin token file",
+        }
+        procs = {
+            args: subprocess.Popen(
+                [sys.executable, "-m", "pipeline.cli", "serve", "--bundle", str(bundle), *args],
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for args in cases
+        }
         try:
             results = {args: (p.wait(timeout=120), p.communicate()) for args, p in procs.items()}
         finally:

@@ -62,9 +62,11 @@ def test_a_killed_writers_temporaries_are_removed_by_the_next_write(tmp_path):
     """kill -9 inside atomic_dir (e.g. during export) leaves its .tmp- folder; the next
     write into the same folder removes it, and keeps those of live writers."""
     bundles = tmp_path / "bundles"
-    code = ("import os, signal, sys\nfrom features.io import atomic_dir\n"
-            "with atomic_dir(sys.argv[1]) as tmp:\n    (tmp / 'model.onnx').write_bytes(b'x' * 1000)\n"
-            "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    code = (
+        "import os, signal, sys\nfrom features.io import atomic_dir\n"
+        "with atomic_dir(sys.argv[1]) as tmp:\n    (tmp / 'model.onnx').write_bytes(b'x' * 1000)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
     killed = subprocess.Popen([sys.executable, "-c", code, str(bundles / "run-a")], cwd=ROOT)
     assert killed.wait(timeout=60) == -signal.SIGKILL
     assert [p.name for p in bundles.iterdir()] == [f".tmp-run-a-{killed.pid}"]

@@ -22,14 +22,36 @@ D = dt.date(2026, 11, 3)
 US = dt.timedelta(microseconds=1)
 
 SCHEMAS = {
-    "impressions": pa.schema([("impression_id", pa.string()), ("ts", TS), ("user_id", pa.string()),
-                              ("item_id", pa.string()), ("device", pa.string()), ("slot", pa.int64())]),
+    "impressions": pa.schema(
+        [
+            ("impression_id", pa.string()),
+            ("ts", TS),
+            ("user_id", pa.string()),
+            ("item_id", pa.string()),
+            ("device", pa.string()),
+            ("slot", pa.int64()),
+        ]
+    ),
     "clicks": pa.schema([("impression_id", pa.string()), ("ts", TS)]),
     "conversions": pa.schema([("impression_id", pa.string()), ("ts", TS), ("value", pa.float64())]),
-    "users": pa.schema([("user_id", pa.string()), ("age_bucket", pa.string()), ("gender", pa.string()),
-                        ("city", pa.string()), ("interests", pa.list_(pa.string()))]),
-    "items": pa.schema([("item_id", pa.string()), ("category_id", pa.string()), ("brand_id", pa.string()),
-                        ("shop_id", pa.string()), ("price", pa.float64())]),
+    "users": pa.schema(
+        [
+            ("user_id", pa.string()),
+            ("age_bucket", pa.string()),
+            ("gender", pa.string()),
+            ("city", pa.string()),
+            ("interests", pa.list_(pa.string())),
+        ]
+    ),
+    "items": pa.schema(
+        [
+            ("item_id", pa.string()),
+            ("category_id", pa.string()),
+            ("brand_id", pa.string()),
+            ("shop_id", pa.string()),
+            ("price", pa.float64()),
+        ]
+    ),
 }
 
 
@@ -38,7 +60,14 @@ def at(day: dt.date, hour: int, minute: int = 0, second: int = 0) -> dt.datetime
 
 
 def impression(impression_id: str, ts: dt.datetime, user_id: str = "u1", item_id: str = "i1") -> dict:
-    return {"impression_id": impression_id, "ts": ts, "user_id": user_id, "item_id": item_id, "device": "ios", "slot": 1}
+    return {
+        "impression_id": impression_id,
+        "ts": ts,
+        "user_id": user_id,
+        "item_id": item_id,
+        "device": "ios",
+        "slot": 1,
+    }
 
 
 def write_validated_days(
@@ -54,11 +83,15 @@ def write_validated_days(
     partition of their ts's UTC day (days without events get an empty partition)."""
     rows = {"impressions": impressions, "clicks": clicks, "conversions": conversions}
     snapshots = {
-        "users": users if users is not None else [
+        "users": users
+        if users is not None
+        else [
             {"user_id": u, "age_bucket": "25-34", "gender": "f", "city": "c1", "interests": ["a"]}
             for u in sorted({r["user_id"] for r in impressions})
         ],
-        "items": items if items is not None else [
+        "items": items
+        if items is not None
+        else [
             {"item_id": i, "category_id": f"cat-{i}", "brand_id": "b", "shop_id": "s", "price": 1.0}
             for i in sorted({r["item_id"] for r in impressions})
         ],
@@ -68,7 +101,9 @@ def write_validated_days(
             on_day = [r for r in events if r["ts"].date() == day]
             write_parquet_dir(validated_dir(warehouse, table, day), pa.Table.from_pylist(on_day, schema=SCHEMAS[table]))
         for table, snapshot in snapshots.items():
-            write_parquet_dir(validated_dir(warehouse, table, day), pa.Table.from_pylist(snapshot, schema=SCHEMAS[table]))
+            write_parquet_dir(
+                validated_dir(warehouse, table, day), pa.Table.from_pylist(snapshot, schema=SCHEMAS[table])
+            )
 
 
 def label_world(warehouse: Path) -> None:
@@ -96,7 +131,11 @@ def label_world(warehouse: Path) -> None:
     ]
     late_click = late + dt.timedelta(minutes=20)
     conversions = [
-        {"impression_id": "late", "ts": late_click + dt.timedelta(hours=24), "value": 5.0},  # two days later, at the edge
+        {
+            "impression_id": "late",
+            "ts": late_click + dt.timedelta(hours=24),
+            "value": 5.0,
+        },  # two days later, at the edge
         {"impression_id": "late", "ts": late_click + dt.timedelta(hours=24) + US, "value": 7.0},
         {"impression_id": "multi", "ts": at(D, 12, 4), "value": 100.0},  # before the first click
         {"impression_id": "multi", "ts": at(D, 12, 10), "value": 2.0},
@@ -110,7 +149,9 @@ def label_world(warehouse: Path) -> None:
 
 
 def labels_by_id(df: pl.DataFrame) -> dict[str, tuple[int, int, float]]:
-    assert df.schema == pl.Schema({"impression_id": pl.String, "click": pl.Int8, "conversion": pl.Int8, "conversion_value": pl.Float64})
+    assert df.schema == pl.Schema(
+        {"impression_id": pl.String, "click": pl.Int8, "conversion": pl.Int8, "conversion_value": pl.Float64}
+    )
     return {r[0]: r[1:] for r in df.iter_rows()}
 
 
@@ -137,7 +178,9 @@ def test_labels_keep_impression_order(tmp_path):
     assert ids == written
 
 
-@pytest.mark.parametrize(("table", "missing"), [("conversions", D + dt.timedelta(days=2)), ("clicks", D + dt.timedelta(days=1))])
+@pytest.mark.parametrize(
+    ("table", "missing"), [("conversions", D + dt.timedelta(days=2)), ("clicks", D + dt.timedelta(days=1))]
+)
 def test_immature_day_raises_naming_table_and_day(tmp_path, table, missing):
     label_world(tmp_path)
     for f in validated_dir(tmp_path, table, missing).glob("*.parquet"):

@@ -13,8 +13,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipeline", "models", "features", "serving")
 # each package and the packages of ours it may import (besides itself)
-MAY_IMPORT = {"pipeline": {"models", "features", "serving"}, "models": {"features", "serving"},
-              "features": {"serving"}, "serving": set()}
+MAY_IMPORT = {
+    "pipeline": {"models", "features", "serving"},
+    "models": {"features", "serving"},
+    "features": {"serving"},
+    "serving": set(),
+}
 MODELS_FROM_FEATURES = {"features.config", "features.io", "features.errors", "features.catalog"}
 
 
@@ -28,33 +32,53 @@ def imported_modules(source: str, package: str) -> set[str]:
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
             parts = package.split(".")
-            base = ".".join([*parts[: len(parts) - node.level + 1], *filter(None, [node.module])]) if node.level \
+            base = (
+                ".".join([*parts[: len(parts) - node.level + 1], *filter(None, [node.module])])
+                if node.level
                 else node.module
+            )
             found |= {base} if "." in base else {f"{base}.{alias.name}" for alias in node.names}
     return {m for m in found if m.split(".")[0] in PACKAGES}
 
 
 def imports(package: str) -> dict[str, set[str]]:
     """Source file (relative to the repository) -> the modules of ours it imports."""
-    return {path.relative_to(ROOT).as_posix(): imported_modules(path.read_text(), package)
-            for path in sorted((ROOT / package).rglob("*.py"))}
+    return {
+        path.relative_to(ROOT).as_posix(): imported_modules(path.read_text(), package)
+        for path in sorted((ROOT / package).rglob("*.py"))
+    }
 
 
 @pytest.mark.parametrize("package", PACKAGES)
 def test_imports_run_one_way(package):
-    wrong = [f"{path}: {module}" for path, modules in imports(package).items() for module in sorted(modules)
-             if module.split(".")[0] not in MAY_IMPORT[package] | {package}]
+    wrong = [
+        f"{path}: {module}"
+        for path, modules in imports(package).items()
+        for module in sorted(modules)
+        if module.split(".")[0] not in MAY_IMPORT[package] | {package}
+    ]
     assert not wrong, f"{package} may import only {sorted(MAY_IMPORT[package])} of ours: {wrong}"
 
 
 def test_models_take_only_the_feature_spec_io_errors_and_catalogue_from_features():
-    wrong = [f"{path}: {module}" for path, modules in imports("models").items() for module in sorted(modules)
-             if module.startswith("features") and module not in MODELS_FROM_FEATURES]
+    wrong = [
+        f"{path}: {module}"
+        for path, modules in imports("models").items()
+        for module in sorted(modules)
+        if module.startswith("features") and module not in MODELS_FROM_FEATURES
+    ]
     assert not wrong, f"models may import only {sorted(MODELS_FROM_FEATURES)} of features: {wrong}"
 
 
 def test_the_reader_sees_every_form_of_import():
-    source = ("import features.examples\nimport numpy\nfrom features import vocab\nfrom .nets import MultiTaskNet\n"
-              "from . import loader\n\ndef f():\n    from pipeline.cli import main\n")
-    assert imported_modules(source, "models") == {"features.examples", "features.vocab", "models.nets", "models.loader",
-                                                   "pipeline.cli"}
+    source = (
+        "import features.examples\nimport numpy\nfrom features import vocab\nfrom .nets import MultiTaskNet\n"
+        "from . import loader\n\ndef f():\n    from pipeline.cli import main\n"
+    )
+    assert imported_modules(source, "models") == {
+        "features.examples",
+        "features.vocab",
+        "models.nets",
+        "models.loader",
+        "pipeline.cli",
+    }

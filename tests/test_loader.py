@@ -26,7 +26,10 @@ LIST_FEATURES = [f.name for f in SPEC.sparse if f.kind == "list"]
 @pytest.fixture
 def table_files(tmp_path: Path) -> tuple[list[Path], pa.Table]:
     """Two files (250 rows in row groups of 37, 180 rows in row groups of 50)."""
-    parts = [synthetic_training_table(SPEC, 250, seed=1, users=30), synthetic_training_table(SPEC, 180, seed=2, users=30)]
+    parts = [
+        synthetic_training_table(SPEC, 250, seed=1, users=30),
+        synthetic_training_table(SPEC, 180, seed=2, users=30),
+    ]
     paths = []
     for i, (part, group_rows) in enumerate(zip(parts, (37, 50), strict=True)):
         path = tmp_path / f"part-{i}.parquet"
@@ -174,8 +177,9 @@ def test_ranks_share_the_rows_of_a_single_row_group_evenly(tmp_path: Path):
     pq.write_table(table, path, row_group_size=ROW_GROUP_ROWS)
     assert pq.ParquetFile(path).metadata.num_row_groups == 1
     for world in (2, 3):
-        loaders = [_loader([path], shard=(rank, world), shuffle=True, shuffle_buffer_rows=50, seed=5)
-                   for rank in range(world)]
+        loaders = [
+            _loader([path], shard=(rank, world), shuffle=True, shuffle_buffer_rows=50, seed=5) for rank in range(world)
+        ]
         keys = [_collect(list(loader))["dense"][:, 0] for loader in loaders]
         assert max(map(len, keys)) - min(map(len, keys)) <= 1
         assert [loader.rows for loader in loaders] == list(map(len, keys))

@@ -43,6 +43,7 @@ def test_auc_matches_pairwise_count_with_ties(seed: int):
 def _pairwise_delong_se(labels: np.ndarray, scores: np.ndarray, other: np.ndarray | None = None) -> float:
     """DeLong's variance written out over every positive/negative pair (of auc(scores) -
     auc(other) when ``other`` is given)."""
+
     def kernel(s):
         pos, neg = s[labels == 1], s[labels == 0]
         return (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
@@ -168,8 +169,9 @@ def test_curves():
     assert math.isnan(mean_pred[1]) and observed[3] == 1.0
 
 
-FUNNEL = task_views([TaskConfig(name="click"),
-                     TaskConfig(name="conversion", after="click", joint_name="ctcvr", conditional_name="cvr")])
+FUNNEL = task_views(
+    [TaskConfig(name="click"), TaskConfig(name="conversion", after="click", joint_name="ctcvr", conditional_name="cvr")]
+)
 
 
 def test_view_metrics_names_and_cvr_on_clicked_rows_only():
@@ -182,7 +184,11 @@ def test_view_metrics_names_and_cvr_on_clicked_rows_only():
     groups = np.array([0, 0, 1, 1, 0, 0, 1, 1])
     labels = {"click": click, "conversion": conversion}
     metrics = view_metrics(FUNNEL, labels, {"click": p_click, "cvr": p_cvr, "ctcvr": p_ctcvr}, groups)
-    names = [f"{t}_{m}" for t in ("click", "ctcvr", "cvr") for m in ("auc", "auc_se", "gauc", "logloss", "calibration", "ece")]
+    names = [
+        f"{t}_{m}"
+        for t in ("click", "ctcvr", "cvr")
+        for m in ("auc", "auc_se", "gauc", "logloss", "calibration", "ece")
+    ]
     assert list(metrics) == names
     assert metrics["click_auc"] == 1.0
     assert metrics["cvr_auc"] == 1.0 and metrics["cvr_gauc"] == 1.0

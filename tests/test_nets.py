@@ -21,7 +21,15 @@ SPEC = parse_config(
             "sparse": [
                 {"name": "a", "table": "impressions", "column": "a", "dim": 4, "capacity": 50},
                 {"name": "b", "table": "items", "column": "b", "dim": 8, "capacity": 20},
-                {"name": "tags", "table": "users", "column": "tags", "kind": "list", "dim": 4, "capacity": 30, "pooling": "mean"},
+                {
+                    "name": "tags",
+                    "table": "users",
+                    "column": "tags",
+                    "kind": "list",
+                    "dim": 4,
+                    "capacity": 30,
+                    "pooling": "mean",
+                },
             ],
             "numeric": [
                 {"name": "x1", "table": "impressions", "column": "x1"},
@@ -31,7 +39,9 @@ SPEC = parse_config(
     }
 ).features
 B = 32
-TASKS = parse_config({"features": {"sparse": [{"name": "a", "table": "impressions", "column": "a"}]}}).tasks  # click, conversion
+TASKS = parse_config(
+    {"features": {"sparse": [{"name": "a", "table": "impressions", "column": "a"}]}}
+).tasks  # click, conversion
 
 
 def labels(click: torch.Tensor, conversion: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -41,11 +51,13 @@ def labels(click: torch.Tensor, conversion: torch.Tensor) -> dict[str, torch.Ten
 def make_batch(seed: int = 0) -> tuple[torch.Tensor, KeyedJaggedTensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     tag_lengths = torch.randint(0, 4, (B,), generator=g)
-    values = torch.cat([
-        torch.randint(0, 50, (B,), generator=g),
-        torch.randint(0, 20, (B,), generator=g),
-        torch.randint(1, 30, (int(tag_lengths.sum()),), generator=g),
-    ])
+    values = torch.cat(
+        [
+            torch.randint(0, 50, (B,), generator=g),
+            torch.randint(0, 20, (B,), generator=g),
+            torch.randint(1, 30, (int(tag_lengths.sum()),), generator=g),
+        ]
+    )
     lengths = torch.cat([torch.ones(2 * B, dtype=torch.long), tag_lengths])
     kjt = KeyedJaggedTensor(keys=["a", "b", "tags"], values=values, lengths=lengths)
     dense = torch.randn(B, 2, generator=g) * 3 + 1
@@ -101,8 +113,9 @@ def test_esmm_both_loss_terms_have_gradients() -> None:
     g_conv = torch.autograd.grad(losses["conversion"], [click_w, cvr_w], retain_graph=True)
     assert g_click[0].abs().sum() > 0 and g_click[1] is None  # CTR loss: click head only
     assert g_conv[0].abs().sum() > 0 and g_conv[1].abs().sum() > 0  # CTCVR loss: through pCTR and pCVR
-    total, parts = training_loss(out, labels(click, conversion), TASKS, "esmm", LossWeighting(ModelConfig(), TASKS),
-                                 torch.zeros(()), 0.0)
+    total, parts = training_loss(
+        out, labels(click, conversion), TASKS, "esmm", LossWeighting(ModelConfig(), TASKS), torch.zeros(()), 0.0
+    )
     torch.testing.assert_close(total, losses["click"] + losses["conversion"])
     # the total's gradient on the click head is the sum of both terms' (neither dropped)
     (g_total,) = torch.autograd.grad(total, [click_w])
@@ -123,7 +136,9 @@ def test_direct_conversion_loss_uses_clicked_rows_only() -> None:
     out = model(dense, kjt)
     loss = task_losses(out, labels(click, conversion), TASKS, "direct")["conversion"]
     clicked = click > 0
-    expected = torch.nn.functional.binary_cross_entropy_with_logits(out.logits["conversion"][clicked], conversion[clicked])
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(
+        out.logits["conversion"][clicked], conversion[clicked]
+    )
     torch.testing.assert_close(loss, expected)
     # no clicks in the batch: zero loss, not NaN
     zero = task_losses(out, labels(torch.zeros(B), torch.zeros(B)), TASKS, "direct")["conversion"]
@@ -142,18 +157,27 @@ def test_uncertainty_weighting_parameters_get_gradients() -> None:
 
 
 def test_fixed_weights_from_config() -> None:
-    tasks = [TaskConfig(name="click", loss_weight=2.0),
-             TaskConfig(name="conversion", after="click", joint_name="ctcvr", conditional_name="cvr", loss_weight=0.5)]
+    tasks = [
+        TaskConfig(name="click", loss_weight=2.0),
+        TaskConfig(name="conversion", after="click", joint_name="ctcvr", conditional_name="cvr", loss_weight=0.5),
+    ]
     weighting = LossWeighting(ModelConfig(), tasks)
-    torch.testing.assert_close(weighting({"click": torch.tensor(1.0), "conversion": torch.tensor(4.0)}), torch.tensor(4.0))
+    torch.testing.assert_close(
+        weighting({"click": torch.tensor(1.0), "conversion": torch.tensor(4.0)}), torch.tensor(4.0)
+    )
 
 
 def test_independent_tasks_each_learn_their_own_label_on_every_row() -> None:
     """Three tasks without a funnel: one head, one BCE on all rows and one probability each."""
     tasks = [TaskConfig(name=n, label=f"y_{n}") for n in ("a", "b", "c")]
     torch.manual_seed(0)
-    model = MultiTaskNet(SPEC, ModelConfig(backbone="mmoe", expert_dims=[8], tower_dims=[4], n_experts=2), tasks,
-                         np.zeros(2, np.float32), np.ones(2, np.float32))
+    model = MultiTaskNet(
+        SPEC,
+        ModelConfig(backbone="mmoe", expert_dims=[8], tower_dims=[4], n_experts=2),
+        tasks,
+        np.zeros(2, np.float32),
+        np.ones(2, np.float32),
+    )
     dense, kjt, click, conversion = make_batch()
     out = model(dense, kjt)
     assert set(out.probs) == set(out.logits) == {"a", "b", "c"} and set(out.gates) == {"a", "b", "c"}
@@ -163,8 +187,13 @@ def test_independent_tasks_each_learn_their_own_label_on_every_row() -> None:
         expected = torch.nn.functional.binary_cross_entropy_with_logits(out.logits[t.name], ys[t.label_column])
         torch.testing.assert_close(losses[t.name], expected)
     # soft sharing's penalty covers every pair of task networks
-    soft = MultiTaskNet(SPEC, ModelConfig(backbone="soft_sharing", expert_dims=[8], tower_dims=[4]), tasks,
-                        np.zeros(2, np.float32), np.ones(2, np.float32)).backbone
+    soft = MultiTaskNet(
+        SPEC,
+        ModelConfig(backbone="soft_sharing", expert_dims=[8], tower_dims=[4]),
+        tasks,
+        np.zeros(2, np.float32),
+        np.ones(2, np.float32),
+    ).backbone
     nets = [list(n.parameters()) for n in soft.nets.values()]
     pairs = [(0, 1), (0, 2), (1, 2)]
     expected = sum(((p - q) ** 2).sum() for i, j in pairs for p, q in zip(nets[i], nets[j], strict=True))

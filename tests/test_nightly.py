@@ -33,13 +33,23 @@ DAYS = [START + dt.timedelta(days=i) for i in range(7)]  # nights 2..5 backfill 
 
 
 def tiny_config(root: Path):
-    return load_config(ROOT / "configs" / "demo.toml", {
-        "state_dir": str(root / "state"), "warehouse": str(root / "wh"),
-        "generate": {"start_date": START, "days": len(DAYS), "users": 800, "items": 300, "impressions_per_day": 6000},
-        "train": {"window_days": 3, "epochs": 2, "batch_size": 512, "patience": 5},
-        # tiny data: a gate every model passes; the gate's own rules are tested below
-        "promote": {"min_auc": 0.0, "calibration_min": 0.001, "calibration_max": 1000.0, "auc_tolerance": 0.99},
-    })
+    return load_config(
+        ROOT / "configs" / "demo.toml",
+        {
+            "state_dir": str(root / "state"),
+            "warehouse": str(root / "wh"),
+            "generate": {
+                "start_date": START,
+                "days": len(DAYS),
+                "users": 800,
+                "items": 300,
+                "impressions_per_day": 6000,
+            },
+            "train": {"window_days": 3, "epochs": 2, "batch_size": 512, "patience": 5},
+            # tiny data: a gate every model passes; the gate's own rules are tested below
+            "promote": {"min_auc": 0.0, "calibration_min": 0.001, "calibration_max": 1000.0, "auc_tolerance": 0.99},
+        },
+    )
 
 
 def write_config(cfg, path: Path) -> Path:
@@ -88,8 +98,11 @@ def test_two_nights_train_evaluate_export_and_promote(nights):
     assert evaluated["candidate/click_auc_se"] > 0
     # one parent run per night with the training and evaluation runs as children
     for day, night in results.items():
-        children = client.search_runs([client.get_run(night["train"]["mlflow_run_id"]).info.experiment_id],
-                                      f"tags.mlflow.parentRunId = '{client.get_run(night['evaluate']['mlflow_run_id']).data.tags['mlflow.parentRunId']}'")
+        children = client.search_runs(
+            [client.get_run(night["train"]["mlflow_run_id"]).info.experiment_id],
+            "tags.mlflow.parentRunId = "
+            f"'{client.get_run(night['evaluate']['mlflow_run_id']).data.tags['mlflow.parentRunId']}'",
+        )
         assert {r.data.tags["stage"] for r in children} == {"train", "evaluate"}
         parent = client.get_run(children[0].data.tags["mlflow.parentRunId"])
         assert parent.info.run_name == f"nightly-{day}" and parent.info.status == "FINISHED"
@@ -99,7 +112,9 @@ def test_two_nights_train_evaluate_export_and_promote(nights):
     from serving.bundle import load_bundle_from_mlflow
     from serving.scorer import Scorer
 
-    bundle = load_bundle_from_mlflow(f"models:/{cfg.promote.model_name}@champion", tracking_uri=tracking_uri(cfg.state_dir))
+    bundle = load_bundle_from_mlflow(
+        f"models:/{cfg.promote.model_name}@champion", tracking_uri=tracking_uri(cfg.state_dir)
+    )
     exported = results[DAYS[5] if champion.version == 1 else DAYS[6]]["export"]
     assert bundle.sha256 == exported["bundle_sha256"]
     assert Scorer(bundle).score({"user_id": "nobody", "candidates": [{"item_id": "i1"}, {"item_id": "i2"}]})
@@ -129,8 +144,13 @@ def test_lock_keeps_a_second_run_off_the_warehouse(nights, capsys):
 
 
 def _nightly_process(config: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "nightly", "--config", str(config), *args],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "nightly", "--config", str(config), *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _kill_when(process: subprocess.Popen, ready, timeout: float = 240.0) -> None:
@@ -155,7 +175,10 @@ def test_killed_examples_and_train_resume_to_the_same_outputs(nights, tmp_path):
     proc = _nightly_process(config, "--start", str(DAYS[0]), "--end", str(DAYS[4]), "--to", "examples")
     _kill_when(proc, lambda: (records / "features.json").exists())
     assert not (records / "examples.json").exists()
-    assert main(["nightly", "--config", str(config), "--start", str(DAYS[0]), "--end", str(DAYS[4]), "--to", "examples"]) == 0
+    assert (
+        main(["nightly", "--config", str(config), "--start", str(DAYS[0]), "--end", str(DAYS[4]), "--to", "examples"])
+        == 0
+    )
 
     # kill -9 after the first epoch's checkpoint of night 5's training
     checkpoints = Path(cfg.state_dir) / "checkpoints"
@@ -200,8 +223,12 @@ def test_gate_rules():
     from pipeline.config import parse_config
     from pipeline.registry import gate
 
-    rules = parse_config({"features": {"sparse": [{"name": "a", "table": "impressions", "column": "a"}]},
-                          "promote": {"auc_tolerance": 0.01, "min_auc": 0.6}})
+    rules = parse_config(
+        {
+            "features": {"sparse": [{"name": "a", "table": "impressions", "column": "a"}]},
+            "promote": {"auc_tolerance": 0.01, "min_auc": 0.6},
+        }
+    )
     good = {"click_auc": 0.70, "cvr_auc": 0.65, "ctcvr_auc": 0.72, "click_calibration": 1.0, "ctcvr_calibration": 1.1}
     assert gate(good, None, rules).promote
     assert not gate(good | {"cvr_auc": 0.59}, None, rules).promote  # first model below min_auc
@@ -245,11 +272,28 @@ def test_same_architecture_names_what_does_not_fit():
 
     base = {"features": {"sparse": [{"name": "a", "table": "impressions", "column": "a", "capacity": 10}]}}
     cfg = parse_config(base)
-    grown = parse_config({"features": {"sparse": [{"name": "a", "table": "impressions", "column": "a", "capacity": 99}]}})
+    grown = parse_config(
+        {"features": {"sparse": [{"name": "a", "table": "impressions", "column": "a", "capacity": 99}]}}
+    )
     assert same_architecture(cfg, grown) is None  # vocabularies may grow
-    assert "tasks differ" in same_architecture(cfg, parse_config({**base, "tasks": [
-        {"name": "click"}, {"name": "buy", "label": "conversion", "after": "click", "joint_name": "ctcvr",
-                            "conditional_name": "cvr"}]}))
+    assert "tasks differ" in same_architecture(
+        cfg,
+        parse_config(
+            {
+                **base,
+                "tasks": [
+                    {"name": "click"},
+                    {
+                        "name": "buy",
+                        "label": "conversion",
+                        "after": "click",
+                        "joint_name": "ctcvr",
+                        "conditional_name": "cvr",
+                    },
+                ],
+            }
+        ),
+    )
     assert "[model]" in same_architecture(cfg, parse_config({**base, "model": {"backbone": "ple"}}))
     assert "does not validate" in same_architecture(None, cfg)  # a champion of an older config schema
     bucket = {"name": "p", "table": "items", "column": "price", "kind": "bucket", "boundaries": [1.0, 2.0]}

@@ -30,8 +30,15 @@ TASKS = [TaskConfig(name="a"), TaskConfig(name="b")]
 
 
 def ple_config(levels: int, **kwargs) -> ModelConfig:
-    return ModelConfig(backbone="ple", expert_dims=[16, 8], tower_dims=[4], ple_levels=levels,
-                       ple_task_experts=TASK_EXPERTS, ple_shared_experts=SHARED_EXPERTS, **kwargs)
+    return ModelConfig(
+        backbone="ple",
+        expert_dims=[16, 8],
+        tower_dims=[4],
+        ple_levels=levels,
+        ple_task_experts=TASK_EXPERTS,
+        ple_shared_experts=SHARED_EXPERTS,
+        **kwargs,
+    )
 
 
 def make_backbone(n_tasks: int, levels: int) -> tuple[PLE, list[str], torch.Tensor]:
@@ -107,6 +114,7 @@ def test_cgc_layer_matches_the_per_task_mixture() -> None:
     everything = [out for outs in own_out for out in outs] + shared_out
     torch.testing.assert_close(shared_next, sum(w[:, [k]] * out for k, out in enumerate(everything)))
 
+
 def test_multitask_net_with_ple_forward_backward() -> None:
     torch.manual_seed(0)
     model = MultiTaskNet(SPEC, ple_config(2), TASKS, np.zeros(4, np.float32), np.ones(4, np.float32))
@@ -126,8 +134,10 @@ def test_multitask_net_with_ple_learns_two_different_tasks() -> None:
     dense = torch.randn(n, 4, generator=g)
     ids = torch.randint(0, 20, (n,), generator=g)
     # two tasks that need different directions of the input
-    labels = {"a": (dense @ torch.tensor([2.0, -1.0, 0.0, 0.5]) > 0).float(),
-              "b": (dense @ torch.tensor([0.0, 1.0, 2.0, -1.0]) > 0).float()}
+    labels = {
+        "a": (dense @ torch.tensor([2.0, -1.0, 0.0, 0.5]) > 0).float(),
+        "b": (dense @ torch.tensor([0.0, 1.0, 2.0, -1.0]) > 0).float(),
+    }
     torch.manual_seed(0)
     model = MultiTaskNet(SPEC, ple_config(2), TASKS, np.zeros(4, np.float32), np.ones(4, np.float32))
     opt = torch.optim.Adam(model.parameters(), lr=5e-3)

@@ -42,17 +42,23 @@ TRIVIAL_MARGIN = 0.03
 def item_popularity_scores(warehouse: Path, train_days: list[dt.date], val_day: dt.date) -> np.ndarray:
     """Per validation row, its item's click rate on the training days (smoothed towards
     the mean); items never seen get the mean. The trivial model to beat."""
-    train = pl.concat([pl.read_parquet(parquet_files(training_dir(warehouse, d)), columns=["item_id", "click"]) for d in train_days])
+    train = pl.concat(
+        [pl.read_parquet(parquet_files(training_dir(warehouse, d)), columns=["item_id", "click"]) for d in train_days]
+    )
     prior, strength = float(train["click"].mean()), 20.0
-    rates = train.group_by("item_id").agg(((pl.col("click").sum() + strength * prior) / (pl.len() + strength)).alias("rate"))
+    rates = train.group_by("item_id").agg(
+        ((pl.col("click").sum() + strength * prior) / (pl.len() + strength)).alias("rate")
+    )
     val = pl.read_parquet(parquet_files(training_dir(warehouse, val_day)), columns=["item_id"])
     return val.join(rates, on="item_id", how="left", maintain_order="left")["rate"].fill_null(prior).to_numpy()
 
 
 def test_short_training_beats_trivial_model_and_nears_the_oracle(tmp_path, monkeypatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    cfg = with_overrides(load_config(ROOT / "configs" / "quality.toml"),
-                         top={"warehouse": str(tmp_path / "warehouse"), "state_dir": str(tmp_path / "state")})
+    cfg = with_overrides(
+        load_config(ROOT / "configs" / "quality.toml"),
+        top={"warehouse": str(tmp_path / "warehouse"), "state_dir": str(tmp_path / "state")},
+    )
     build_warehouse(cfg, cfg.warehouse)
     run_date = log_days(cfg)[-1]
     train_days, val_day = training_window(cfg, run_date)

@@ -70,10 +70,14 @@ def test_advanced_state_equals_recompute_and_features_equal_the_join(tmp_path):
         assert_same_state(rolling_state(CFG, tmp_path, key, X), state)  # read back as written
 
     # X's rows plus keys with a null column and a key never seen
-    extra = pl.DataFrame({"user_id": ["u1", None, "u7"], "item_id": ["i9", "i1", "i1"], "category_id": [None, "cat-i1", "cat-i1"]})
+    extra = pl.DataFrame(
+        {"user_id": ["u1", None, "u7"], "item_id": ["i9", "i1", "i1"], "category_id": [None, "cat-i1", "cat-i1"]}
+    )
     rows = pl.concat([impressions_with_keys(tmp_path, X).select(extra.columns).collect(), extra])
     codes = column_codes(rows, extra.columns)
-    from_states = pl.concat([state_features(CFG, key, rolling_state(CFG, tmp_path, key, X), codes) for key in KEYS], how="horizontal")
+    from_states = pl.concat(
+        [state_features(CFG, key, rolling_state(CFG, tmp_path, key, X), codes) for key in KEYS], how="horizontal"
+    )
     frames, defaults = rolling_features(CFG, tmp_path, X), rolling_defaults(CFG, tmp_path, X)
     expected = attach_rolling_features(rows.lazy(), CFG, frames, defaults).collect().select(from_states.columns)
     assert from_states.equals(expected)
@@ -86,7 +90,9 @@ def test_rewritten_daily_partition_forces_a_recompute(tmp_path):
     for day in (D2, X):
         rolling_state(CFG, tmp_path, KEYS[0], day)
     # A late click on D1 rewrites D1's partition: both states of D2 and X are stale.
-    build_world(tmp_path, impressions, clicks + [click("a3", dt.datetime(2026, 11, 2, 9, 5, tzinfo=dt.UTC))], conversions)
+    build_world(
+        tmp_path, impressions, clicks + [click("a3", dt.datetime(2026, 11, 2, 9, 5, tzinfo=dt.UTC))], conversions
+    )
     state = rolling_state(CFG, tmp_path, KEYS[0], X)
     assert built(tmp_path, KEYS[0].name, X) == "recomputed"
     assert_same_state(state, _recomputed_state(CFG, tmp_path, KEYS[0], X))
@@ -99,7 +105,9 @@ def test_damaged_state_file_is_rebuilt(tmp_path):
     good = rolling_state(CFG, tmp_path, key, X)
     path = rolling_state_dir(tmp_path, key.name, X) / STATE_FILE
     table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
-    damaged = table.set_column(1, table.schema.field(1), pa.array(np.zeros(table.num_rows, np.int64)).cast(table.schema.field(1).type))
+    damaged = table.set_column(
+        1, table.schema.field(1), pa.array(np.zeros(table.num_rows, np.int64)).cast(table.schema.field(1).type)
+    )
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, damaged.schema) as writer:
         writer.write_table(damaged)
     assert_same_state(rolling_state(CFG, tmp_path, key, X), good)
@@ -127,7 +135,9 @@ def test_old_states_are_pruned(tmp_path):
 
 def write_daily(warehouse: Path, key: AggregateKey, day: dt.date, frame: pl.DataFrame) -> None:
     hashes = key_hashes(frame, key.columns)[0]
-    write_parquet_dir(daily_dir(warehouse, key.name, day), frame.insert_column(1, pl.Series("key_hash", hashes, pl.UInt64)).to_arrow())
+    write_parquet_dir(
+        daily_dir(warehouse, key.name, day), frame.insert_column(1, pl.Series("key_hash", hashes, pl.UInt64)).to_arrow()
+    )
 
 
 def test_random_history_advanced_day_by_day_equals_recompute(tmp_path):
@@ -174,7 +184,9 @@ def test_counts_beyond_int32_stay_exact(tmp_path):
     key = AggregateKey(name="user", columns=["user_id"])
     big = 2**31 - 10
     for n, imps in enumerate([big, 100, 5]):
-        frame = pl.DataFrame({"user_id": ["u1", "u2"], "imps": [imps, 1], "clicks": [1, 0], "convs": [0, 0], "conv_value": [0.0, 0.0]})
+        frame = pl.DataFrame(
+            {"user_id": ["u1", "u2"], "imps": [imps, 1], "clicks": [1, 0], "convs": [0, 0], "conv_value": [0.0, 0.0]}
+        )
         write_daily(tmp_path, key, D0 + dt.timedelta(days=n), frame)
     for n in range(1, 4):
         state = rolling_state(CFG, tmp_path, key, D0 + dt.timedelta(days=n))
@@ -187,5 +199,8 @@ def test_daily_partition_without_key_hash_is_named(tmp_path):
     build_world(tmp_path, *base_events())
     path = daily_dir(tmp_path, "user", D1)
     write_parquet_dir(path, pl.read_parquet(path).drop("key_hash").to_arrow())
-    with pytest.raises(DataContractError, match=r"user/date=2026-11-02 has no key_hash column.*rerun `funnelrank features` for 2026-11-02"):
+    with pytest.raises(
+        DataContractError,
+        match=r"user/date=2026-11-02 has no key_hash column.*rerun `funnelrank features` for 2026-11-02",
+    ):
         rolling_state(CFG, tmp_path, KEYS[0], X)

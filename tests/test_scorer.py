@@ -65,7 +65,9 @@ def test_serving_rebuilds_the_training_rows_and_predictions(setup):
 
     # End to end: the scorer's probabilities equal the PyTorch model's on the training rows.
     scored = scorer.score_table(rows)
-    loader = TrainingTableLoader(files, cfg.features.sparse, cfg.features.dense_names(), batch_size=100_000, shuffle=False, seed=0, prefetch=0)
+    loader = TrainingTableLoader(
+        files, cfg.features.sparse, cfg.features.dense_names(), batch_size=100_000, shuffle=False, seed=0, prefetch=0
+    )
     (batch,) = list(loader)
     with torch.no_grad():
         out = model(batch.dense, batch.sparse)
@@ -103,16 +105,34 @@ def test_score_is_sorted_and_equals_score_table(setup):
     scorer = Scorer(load_bundle(bundle_path))
     users, items = users_and_items(cfg)
     candidates = [str(i) for i in items[:50]] + ["unseen-item"]
-    request = {"user_id": str(users[3]), "context": {"device": "ios", "slot": 2}, "candidates": [{"item_id": i} for i in candidates]}
+    request = {
+        "user_id": str(users[3]),
+        "context": {"device": "ios", "slot": 2},
+        "candidates": [{"item_id": i} for i in candidates],
+    }
     ranked = scorer.score(request)
     assert sorted(r["item_id"] for r in ranked) == sorted(candidates)
     scores = [r["score"] for r in ranked]
     assert scores == sorted(scores, reverse=True) and len(set(scores)) > 10
-    table = scorer.score_table(pa.table({"user_id": [str(users[3])] * len(candidates), "item_id": candidates,
-                                         "device": ["ios"] * len(candidates), "slot": [2] * len(candidates)}))
+    table = scorer.score_table(
+        pa.table(
+            {
+                "user_id": [str(users[3])] * len(candidates),
+                "item_id": candidates,
+                "device": ["ios"] * len(candidates),
+                "slot": [2] * len(candidates),
+            }
+        )
+    )
     by_item = {r["item_id"]: r for r in ranked}
-    for item, p_click, p_conv, score in zip(*(table.column(c).to_pylist() for c in ("item_id", "p_click", "p_conversion", "score")), strict=True):
-        assert (by_item[item]["p_click"], by_item[item]["p_conversion"], by_item[item]["score"]) == (p_click, p_conv, score)
+    for item, p_click, p_conv, score in zip(
+        *(table.column(c).to_pylist() for c in ("item_id", "p_click", "p_conversion", "score")), strict=True
+    ):
+        assert (by_item[item]["p_click"], by_item[item]["p_conversion"], by_item[item]["score"]) == (
+            p_click,
+            p_conv,
+            score,
+        )
         assert score == pytest.approx(p_click * p_conv, rel=1e-5)  # exponents 1, 1
     # the context matters: another slot changes the scores
     other = scorer.score(request | {"context": {"device": "ios", "slot": 7}})
@@ -122,7 +142,9 @@ def test_score_is_sorted_and_equals_score_table(setup):
     assert scorer.score(request) == ranked
     assert scorer.score(request | {"context": {"device": "ios", "slot": "2"}}) == ranked
     assert scorer.score(request | {"context": {"device": "ios", "slot": 7}}) == other
-    assert scorer.score(request | {"context": {"device": None, "slot": 2}}) == scorer.score(request | {"context": {"slot": 2}})
+    assert scorer.score(request | {"context": {"device": None, "slot": 2}}) == scorer.score(
+        request | {"context": {"slot": 2}}
+    )
 
 
 def test_tampered_missing_and_extra_files_are_refused(setup, tmp_path):
@@ -152,7 +174,20 @@ def test_cli_score_writes_parquet(setup, tmp_path, capsys):
     rows = _request_rows(cfg, START + dt.timedelta(days=3)).drop_columns(["impression_id"])
     pq.write_table(rows, tmp_path / "candidates.parquet")
     out = tmp_path / "out" / "scores.parquet"
-    assert main(["score", "--bundle", str(bundle_path), "--input", str(tmp_path / "candidates.parquet"), "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                "score",
+                "--bundle",
+                str(bundle_path),
+                "--input",
+                str(tmp_path / "candidates.parquet"),
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     scored = pq.read_table(out)
     assert scored.num_rows == rows.num_rows
     assert scored.column_names == [*rows.column_names, "p_click", "p_conversion", "score"]
@@ -161,7 +196,10 @@ def test_cli_score_writes_parquet(setup, tmp_path, capsys):
     assert not list(out.parent.glob(".tmp-*"))
     # a bad input names the missing column; a bad bundle names the file
     pq.write_table(rows.drop_columns(["item_id"]), tmp_path / "bad.parquet")
-    assert main(["score", "--bundle", str(bundle_path), "--input", str(tmp_path / "bad.parquet"), "--output", str(out)]) == 3
+    assert (
+        main(["score", "--bundle", str(bundle_path), "--input", str(tmp_path / "bad.parquet"), "--output", str(out)])
+        == 3
+    )
     assert "no column 'item_id'" in capsys.readouterr().err
 
 
@@ -185,15 +223,21 @@ def test_scoring_runs_without_torch_polars_or_mlflow(setup):
     from serving.bundle import load_bundle
     from serving.scorer import Scorer
     scorer = Scorer(load_bundle({str(bundle_path)!r}))
-    ranked = scorer.score({{"user_id": {str(users[0])!r}, "context": {{"device": "ios"}}, "candidates": [{{"item_id": i}} for i in {[str(i) for i in items[:20]]!r}]}})
+    candidates = [{{"item_id": i}} for i in {[str(i) for i in items[:20]]!r}]
+    ranked = scorer.score({{"user_id": {str(users[0])!r}, "context": {{"device": "ios"}}, "candidates": candidates}})
     assert len(ranked) == 20, ranked
     assert not leaked_modules(), leaked_modules()
     print("scored", ranked[0]["score"])
     """
     res = run_blocked(code)
     assert res.returncode == 0, res.stderr
-    expected = Scorer(load_bundle(bundle_path)).score({"user_id": str(users[0]), "context": {"device": "ios"},
-                                                       "candidates": [{"item_id": str(i)} for i in items[:20]]})
+    expected = Scorer(load_bundle(bundle_path)).score(
+        {
+            "user_id": str(users[0]),
+            "context": {"device": "ios"},
+            "candidates": [{"item_id": str(i)} for i in items[:20]],
+        }
+    )
     assert res.stdout.strip() == f"scored {expected[0]['score']}"
 
 
@@ -217,7 +261,11 @@ def test_user_missing_from_the_snapshot_keeps_its_id_and_history(setup, tmp_path
 
     items = pq.read_table(copy / "features" / "items.parquet")
     same_category = pc.equal(pc.cast(items.column("raw:category_id"), pa.string()), category)
-    item_ids = items.column("item_id").filter(same_category).to_pylist()[:5] + items.column("item_id").to_pylist()[:5] + ["unseen"]
+    item_ids = (
+        items.column("item_id").filter(same_category).to_pylist()[:5]
+        + items.column("item_id").to_pylist()[:5]
+        + ["unseen"]
+    )
     rows = pa.table({"user_id": [gone] * len(item_ids), "item_id": item_ids, "device": ["ios"] * len(item_ids)})
     want, got = full.feeds(rows), partial.feeds(rows)
     defaults = full.spec.events.defaults
@@ -230,7 +278,9 @@ def test_user_missing_from_the_snapshot_keeps_its_id_and_history(setup, tmp_path
     assert (got["age_bucket"] == 0).all() and (want["age_bucket"] > 0).all()
     np.testing.assert_array_equal(got["item_id"], want["item_id"])
 
-    _, request_feeds = partial.request_feeds({"user_id": gone, "context": {"device": "ios"}, "candidates": [{"item_id": i} for i in item_ids]})
+    _, request_feeds = partial.request_feeds(
+        {"user_id": gone, "context": {"device": "ios"}, "candidates": [{"item_id": i} for i in item_ids]}
+    )
     assert set(request_feeds) == set(got)
     for name, values in got.items():
         np.testing.assert_array_equal(request_feeds[name], values, err_msg=name)
@@ -240,8 +290,17 @@ def test_tasks_name_the_results_and_their_exponents_blend_the_score(setup, tmp_p
     """Renamed tasks with other exponents: the ONNX score is the product of the served
     probabilities raised to them, and the scorer returns p_<task name> per task."""
     cfg, _, files, _, _, _ = setup
-    tasks = [TaskConfig(name="ctr", label="click", score_exponent=0.5),
-             TaskConfig(name="purchase", label="conversion", after="ctr", joint_name="ctcvr", conditional_name="cvr", score_exponent=2.0)]
+    tasks = [
+        TaskConfig(name="ctr", label="click", score_exponent=0.5),
+        TaskConfig(
+            name="purchase",
+            label="conversion",
+            after="ctr",
+            joint_name="ctcvr",
+            conditional_name="cvr",
+            score_exponent=2.0,
+        ),
+    ]
     cfg = cfg.model_copy(update={"tasks": tasks})
     bundle = load_bundle(export_bundle(cfg, cfg.warehouse, small_model(cfg, files), tmp_path / "bundle", files))
     assert bundle.spec.tasks == (TaskOutput("ctr", "ctr", 0.5), TaskOutput("purchase", "ctcvr", 2.0))
@@ -272,7 +331,11 @@ def test_bundle_from_before_configurable_tasks_serves_the_funnel(setup, tmp_path
     manifest["files"]["spec.json"] = sha256_file(copy / "spec.json")
     (copy / "manifest.json").write_text(json.dumps(manifest))
     users, items = users_and_items(cfg)
-    request = {"user_id": str(users[4]), "context": {"device": "ios"}, "candidates": [{"item_id": str(i)} for i in items[:25]]}
+    request = {
+        "user_id": str(users[4]),
+        "context": {"device": "ios"},
+        "candidates": [{"item_id": str(i)} for i in items[:25]],
+    }
     old = Scorer(load_bundle(copy))
     assert old.result_names == ("p_click", "p_conversion", "score")
     assert old.score(request) == Scorer(load_bundle(bundle_path)).score(request)

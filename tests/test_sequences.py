@@ -72,8 +72,12 @@ CFG = parse_config(tomllib.loads(CONFIG + SEQUENCES))
 
 # (impression_id, hour, minute, user, item, slot) per day
 DAY_IMPRESSIONS = {
-    D1: [("1a", 10, 0, "u1", "i1", 1), ("1b", 11, 0, "u1", "i2", 2), ("1c", 12, 0, "u2", "i3", 1),
-         ("1d", 13, 0, "u1", "i4", 3)],
+    D1: [
+        ("1a", 10, 0, "u1", "i1", 1),
+        ("1b", 11, 0, "u1", "i2", 2),
+        ("1c", 12, 0, "u2", "i3", 1),
+        ("1d", 13, 0, "u1", "i4", 3),
+    ],
     D2: [("2a", 9, 0, "u1", "i3", 3), ("2b", 9, 0, "u1", "i4", 1), ("2c", 23, 50, "u2", "i1", 2)],
     D3: [("3a", 10, 0, "u1", "i2", 1), ("3b", 10, 0, "u3", "i1", 1)],
     D4: [("4a", 8, 0, "u1", "i1", 2), ("4b", 8, 0, "u2", "i2", 1)],
@@ -81,9 +85,14 @@ DAY_IMPRESSIONS = {
 }
 # 1d's click comes after the 30 min window: no click. 2a and 2b are clicked at the same
 # time (newest first ties: impression_id). 2c's click is on D3, 5c's on D6.
-CLICKS = {D1: [("1a", 10, 5), ("1b", 11, 10), ("1c", 12, 1), ("1d", 13, 40)], D2: [("2a", 9, 5), ("2b", 9, 5)],
-          D3: [("2c", 0, 10), ("3a", 10, 2)], D4: [("4a", 8, 1), ("4b", 8, 30)], D5: [("5a", 12, 0)],
-          D6: [("5c", 0, 5)]}
+CLICKS = {
+    D1: [("1a", 10, 5), ("1b", 11, 10), ("1c", 12, 1), ("1d", 13, 40)],
+    D2: [("2a", 9, 5), ("2b", 9, 5)],
+    D3: [("2c", 0, 10), ("3a", 10, 2)],
+    D4: [("4a", 8, 1), ("4b", 8, 30)],
+    D5: [("5a", 12, 0)],
+    D6: [("5c", 0, 5)],
+}
 CONVS = {D1: [("1b", 11, 40, 5.0)], D3: [("3a", 10, 30, 2.0)], D4: [("4b", 9, 0, 1.0)]}
 ITEM_CATEGORY = {"i1": "c1", "i2": "c2", "i3": "c1", "i4": "c3"}
 
@@ -157,8 +166,12 @@ CLICKED = {
     D5: {"u1": [("i1", 2, 1), ("i2", 1, 2), ("i3", 3, 3)], "u2": [("i2", 1, 1), ("i1", 2, 2), ("i3", 1, 4)], "u9": []},
 }
 # conversions no older than two days: (item, age)
-BOUGHT = {D2: {"u1": [("i2", 1)], "u2": []}, D3: {"u1": [("i2", 2)], "u3": []},
-          D4: {"u1": [("i2", 1)], "u2": []}, D5: {"u1": [("i2", 2)], "u2": [("i2", 1)], "u9": []}}
+BOUGHT = {
+    D2: {"u1": [("i2", 1)], "u2": []},
+    D3: {"u1": [("i2", 2)], "u3": []},
+    D4: {"u1": [("i2", 1)], "u2": []},
+    D5: {"u1": [("i2", 2)], "u2": [("i2", 1)], "u9": []},
+}
 
 
 @pytest.mark.parametrize("day", [D2, D3, D4, D5])
@@ -173,9 +186,12 @@ def test_sequences_hold_the_last_events_strictly_before_the_day(world, day):
     for user, elements in CLICKED[day].items():
         items, slots, ages = [e[0] for e in elements], [e[1] for e in elements], [e[2] for e in elements]
         categories = [ITEM_CATEGORY[i] for i in items]
-        assert clicked[user] == [encoded(warehouse, manifest, "item_id", items),
-                                 encoded(warehouse, manifest, "category_id", categories),
-                                 encoded(warehouse, manifest, "slot", slots), ages], (day, user)
+        assert clicked[user] == [
+            encoded(warehouse, manifest, "item_id", items),
+            encoded(warehouse, manifest, "category_id", categories),
+            encoded(warehouse, manifest, "slot", slots),
+            ages,
+        ], (day, user)
     for user, elements in BOUGHT[day].items():
         items, ages = [e[0] for e in elements], [e[1] for e in elements]
         assert bought[user] == [encoded(warehouse, manifest, "item_id", items), ages], (day, user)
@@ -202,8 +218,14 @@ def test_first_day_of_history_has_only_empty_sequences(world):
 def test_schema_of_the_sequence_columns(world):
     warehouse, manifests = world
     schema = pq.read_schema(training_dir(warehouse, D4) / DATA_FILE)
-    names = ["clicked__item_id", "clicked__category_id", "clicked__slot", "clicked__age_days",
-             "bought__item_id", "bought__age_days"]
+    names = [
+        "clicked__item_id",
+        "clicked__category_id",
+        "clicked__slot",
+        "clicked__age_days",
+        "bought__item_id",
+        "bought__age_days",
+    ]
     assert names == [n for n in schema.names if "__" in n]
     assert schema.field("clicked__slot").type == pa.large_list(pa.int64())
     assert schema.field("bought__age_days").type == pa.large_list(pa.int32())
@@ -220,24 +242,37 @@ def test_the_features_stage_adds_one_day_to_the_previous_state(tmp_path, monkeyp
     run_nights(CFG, tmp_path, [D1, D2, D3, D4])
     read = []
     for module in (features.daily_counters, features.sequences):
-        monkeypatch.setattr(module, "day_activity", lambda cfg, wh, day, carried, real=module.day_activity:
-                            read.append(day) or real(cfg, wh, day, carried))
+        monkeypatch.setattr(
+            module,
+            "day_activity",
+            lambda cfg, wh, day, carried, real=module.day_activity: read.append(day) or real(cfg, wh, day, carried),
+        )
     manifest = build_daily_aggregates(CFG, tmp_path, D5)
     assert read == [D5]  # the day's activity, read once for the counters and both sequences; no older day
     assert manifest["rows"]["clicked"] == 2
     assert manifest["outputs"]["clicked"] == str(sequence_state_dir(tmp_path, "clicked", D6))
     state = json.loads((sequence_state_dir(tmp_path, "clicked", D6) / "manifest.json").read_text())
-    assert sorted(state["inputs"]) == sorted(f"validated/{t}/date={d}" for t in ("impressions", "clicks", "conversions")
-                                             for d in ("2026-05-04", "2026-05-05"))
+    assert sorted(state["inputs"]) == sorted(
+        f"validated/{t}/date={d}"
+        for t in ("impressions", "clicks", "conversions")
+        for d in ("2026-05-04", "2026-05-05")
+    )
     # u1 had 3 clicks, gets 1 (5a) and keeps 3; u2 had 3, gets none (5c's click is on D6)
     assert (state["users"], state["elements"]) == (2, 6)
-    assert state["reconciliation"] == {"previous_users": 2, "previous_elements": 6, "events_added": 1,
-                                       "elements_dropped": 1}
+    assert state["reconciliation"] == {
+        "previous_users": 2,
+        "previous_elements": 6,
+        "events_added": 1,
+        "elements_dropped": 1,
+    }
     previous = json.loads((sequence_state_dir(tmp_path, "clicked", D5) / "manifest.json").read_text())
     assert state["previous_sha256"] == previous["content_sha256"]
     # the states the mature days still need are kept, older ones deleted
     assert sorted(p.name for p in sequence_state_root(tmp_path, "clicked").iterdir()) == [
-        "date=2026-05-04", "date=2026-05-05", "date=2026-05-06"]
+        "date=2026-05-04",
+        "date=2026-05-05",
+        "date=2026-05-06",
+    ]
 
 
 def table_bytes(warehouse: Path, day: dt.date) -> bytes:
@@ -261,7 +296,10 @@ def test_a_killed_write_leaves_the_previous_state_and_the_rerun_finishes_it(tmp_
         build_daily_aggregates(CFG, killed, D5)
     assert state_files(killed, "clicked", D5) == before
     assert sorted(p.name for p in sequence_state_root(killed, "clicked").iterdir()) == [
-        "date=2026-05-03", "date=2026-05-04", "date=2026-05-05"]  # no half-written state, no temporary folder
+        "date=2026-05-03",
+        "date=2026-05-04",
+        "date=2026-05-05",
+    ]  # no half-written state, no temporary folder
     monkeypatch.undo()
     run_nights(CFG, killed, [D5])
     for name in ("clicked", "bought"):
@@ -283,8 +321,10 @@ def test_a_rewritten_partition_rebuilds_the_states_built_on_it(tmp_path):
     assert not rebuilt["skipped"]
     assert sequences_by_user(tmp_path, D4, "clicked")["u1"] == [
         encoded(tmp_path, rebuilt, "item_id", ["i3", "i4", "i2"]),
-        encoded(tmp_path, rebuilt, "category_id", ["c1", "c3", "c2"]), encoded(tmp_path, rebuilt, "slot", [3, 1, 2]),
-        [2, 2, 3]]
+        encoded(tmp_path, rebuilt, "category_id", ["c1", "c3", "c2"]),
+        encoded(tmp_path, rebuilt, "slot", [3, 1, 2]),
+        [2, 2, 3],
+    ]
     fresh = tmp_path / "fresh"
     build_world(fresh, clicks)
     run_nights(CFG, fresh, [D1, D2, D3, D4, D5])
@@ -310,13 +350,24 @@ def test_a_damaged_state_is_rebuilt_and_a_changed_length_rebuilds_from_the_start
 
 SYNTHETIC = {
     "seed": 5,
-    "generate": {"start_date": dt.date(2026, 11, 1), "days": 4, "users": 200, "items": 80, "impressions_per_day": 3000,
-                 "categories": 6, "brands": 20, "shops": 30, "cities": 8},
+    "generate": {
+        "start_date": dt.date(2026, 11, 1),
+        "days": 4,
+        "users": 200,
+        "items": 80,
+        "impressions_per_day": 3000,
+        "categories": 6,
+        "brands": 20,
+        "shops": 30,
+        "cities": 8,
+    },
     "contract": {"attribution_window_hours": 1},
     "features": {"windows_days": [1, 2]},
 }
-SYNTHETIC_SEQUENCES = [SequenceFeature(name="clicked", items=["item_id", "category_id", "brand_id"], max_length=5),
-                       SequenceFeature(name="bought", event="conversion", items=["item_id", "shop_id"])]
+SYNTHETIC_SEQUENCES = [
+    SequenceFeature(name="clicked", items=["item_id", "category_id", "brand_id"], max_length=5),
+    SequenceFeature(name="bought", event="conversion", items=["item_id", "shop_id"]),
+]
 
 
 def synthetic_config(warehouse: Path, sequences: list[SequenceFeature] = SYNTHETIC_SEQUENCES):
@@ -377,8 +428,11 @@ def synthetic(tmp_path_factory):
             days = synthetic_days(cfg)
             more_events_from(cfg.warehouse, days[2], days[-1])
         feature_nights(cfg)
-        written[name] = {d: (training_dir(cfg.warehouse, d) / DATA_FILE).read_bytes() for d in synthetic_days(cfg)
-                         if (training_dir(cfg.warehouse, d) / DATA_FILE).exists()}
+        written[name] = {
+            d: (training_dir(cfg.warehouse, d) / DATA_FILE).read_bytes()
+            for d in synthetic_days(cfg)
+            if (training_dir(cfg.warehouse, d) / DATA_FILE).exists()
+        }
     return worlds, written
 
 
@@ -392,8 +446,9 @@ def test_events_of_the_day_and_later_do_not_reach_its_rows(synthetic, monkeypatc
     assert labels[1] > labels[0] + 100  # the perturbation is real: day L's rows have many more clicks
     # A leaky variant that reads the state as of the next day (events of L included) fails the same check.
     real = features.sequences.sequence_state
-    monkeypatch.setattr(features.examples, "sequence_state",
-                        lambda cfg, wh, seq, d: real(cfg, wh, seq, d + dt.timedelta(days=1)))
+    monkeypatch.setattr(
+        features.examples, "sequence_state", lambda cfg, wh, seq, d: real(cfg, wh, seq, d + dt.timedelta(days=1))
+    )
     leaky = []
     for cfg in (a, perturbed):
         shutil.rmtree(training_dir(cfg.warehouse, day))
@@ -425,8 +480,10 @@ def test_a_spec_without_sequences_writes_the_bytes_it_wrote_before(tmp_path):
     cfg = parse_config(tomllib.loads(CONFIG))
     for day in (dt.date(2026, 5, 1), dt.date(2026, 5, 2), dt.date(2026, 5, 3)):
         build_daily_aggregates(cfg, tmp_path, day)
-    before = {"2026-05-02": "1cdf9569a2a1da40201879ee40d8b3e360f0f990e393d05c34bddc684c484a44",
-              "2026-05-03": "3c22f79873d0b4eb0c393a4214ad4d85860d8d7e8e9a7635b18a2e88b5164d8c"}
+    before = {
+        "2026-05-02": "1cdf9569a2a1da40201879ee40d8b3e360f0f990e393d05c34bddc684c484a44",
+        "2026-05-03": "3c22f79873d0b4eb0c393a4214ad4d85860d8d7e8e9a7635b18a2e88b5164d8c",
+    }
     for run_date in (dt.date(2026, 5, 3), dt.date(2026, 5, 4)):
         manifest = build_training_table(cfg, tmp_path, run_date)
         assert manifest["content_sha256"] == before[manifest["date"]]
@@ -435,9 +492,11 @@ def test_a_spec_without_sequences_writes_the_bytes_it_wrote_before(tmp_path):
 
 # ---------------------------------------------------------------- the config
 
+
 def with_sequence(**sequence):
     def edit(data: dict) -> None:
         data["features"]["sequences"] = [{"name": "clicked", "items": ["item_id", "category_id"]} | sequence]
+
     return edit
 
 
@@ -447,27 +506,39 @@ def with_sequence(**sequence):
         (with_sequence(name="1clicked"), "features.sequences[0].name: String should match pattern"),
         (with_sequence(event="view"), "features.sequences[0].event: Input should be 'click' or 'conversion'"),
         (with_sequence(max_length=0), "features.sequences[0].max_length: Input should be greater than or equal to 1"),
-        (with_sequence(max_length=1001),
-         "features.sequences[0].max_length: Input should be less than or equal to 1000"),
+        (
+            with_sequence(max_length=1001),
+            "features.sequences[0].max_length: Input should be less than or equal to 1000",
+        ),
         (with_sequence(max_age_days=-1), "features.sequences[0].max_age_days"),
         (with_sequence(items=[]), "features.sequences[0].items: List should have at least 1 item"),
         (with_sequence(colour="red"), "features.sequences[0].colour: unknown key"),
         (with_sequence(items=["item_id", "nope"]), "features.sequences[0].items[1]: 'nope' is not a sparse feature"),
-        (with_sequence(items=["category_id"]),
-         "features.sequences[0].items[0]: 'category_id' reads column 'category_id'; the first carried "
-         "feature must be the candidate item's id"),
-        (with_sequence(items=["item_id", "interests"]),
-         "features.sequences[0].items[1]: 'interests' is a kind 'list' feature"),
-        (with_sequence(items=["item_id", "city"]),
-         "features.sequences[0].items[1]: 'city' is a kind 'id' feature of table 'users'"),
+        (
+            with_sequence(items=["category_id"]),
+            "features.sequences[0].items[0]: 'category_id' reads column 'category_id'; the first carried "
+            "feature must be the candidate item's id",
+        ),
+        (
+            with_sequence(items=["item_id", "interests"]),
+            "features.sequences[0].items[1]: 'interests' is a kind 'list' feature",
+        ),
+        (
+            with_sequence(items=["item_id", "city"]),
+            "features.sequences[0].items[1]: 'city' is a kind 'id' feature of table 'users'",
+        ),
         (with_sequence(items=["item_id", "category_id", "item_id"]), "features.sequences[0].items: repeated item_id"),
         (with_sequence(name="user"), "features.sequences[0].name: 'user' is already a feature or column name"),
         (with_sequence(name="user_ctr_7d"), "features.sequences[0].name: 'user_ctr_7d' is already"),
-        (with_sequence(key="city"),
-         "features.sequences[0].key: 'city' must be user_id or the column of a feature of table"),
+        (
+            with_sequence(key="city"),
+            "features.sequences[0].key: 'city' must be user_id or the column of a feature of table",
+        ),
         (with_sequence(encoder="gru"), "features.sequences[0].encoder"),
-        (with_sequence(encoder="attention", attention_heads=3),
-         "features.sequences[0].attention_heads: 3 does not divide the dim 16"),
+        (
+            with_sequence(encoder="attention", attention_heads=3),
+            "features.sequences[0].attention_heads: 3 does not divide the dim 16",
+        ),
     ],
 )
 def test_bad_sequence_config_names_the_key(edit, message):

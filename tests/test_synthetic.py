@@ -96,7 +96,11 @@ def test_tables_follow_the_contract(generated) -> None:
     assert not any("truth" in p.as_posix() for p in (warehouse / "raw").rglob("*"))
     assert not any("p_click" in pq.read_schema(p).names for p in (warehouse / "raw").rglob("*.parquet"))
     assert truth.columns == [
-        "impression_id", "p_click", "p_conversion_given_click", "click_logit_observable", "conversion_logit_observable",
+        "impression_id",
+        "p_click",
+        "p_conversion_given_click",
+        "click_logit_observable",
+        "conversion_logit_observable",
     ]
     assert truth["impression_id"].sort().equals(impressions["impression_id"].sort())
     assert truth["p_click"].is_between(0.0, 1.0, closed="none").all()

@@ -19,11 +19,19 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_a_killed_processes_run_is_marked_failed_by_the_next_run(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     state = tmp_path / "state"
-    code = ("import os, signal, sys\nfrom models.tracking import RunTracker\n"
-            "print(RunTracker(sys.argv[1], 'train-2026-11-05', {'stage': 'train'}).run_id, flush=True)\n"
-            "os.kill(os.getpid(), signal.SIGKILL)\n")
-    killed = subprocess.run([sys.executable, "-c", code, str(state)], cwd=ROOT, capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    code = (
+        "import os, signal, sys\nfrom models.tracking import RunTracker\n"
+        "print(RunTracker(sys.argv[1], 'train-2026-11-05', {'stage': 'train'}).run_id, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    killed = subprocess.run(
+        [sys.executable, "-c", code, str(state)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     orphan = killed.stdout.strip()
     client = MlflowClient(tracking_uri(state))

@@ -38,18 +38,34 @@ CONVERTED = (0, 8)  # clicked impressions that convert the same day
 
 SCHEMAS = {
     "impressions": pa.schema(
-        [("impression_id", pa.string()), ("ts", TS), ("user_id", pa.string()), ("item_id", pa.string()),
-         ("device", pa.string()), ("slot", pa.int64())]
+        [
+            ("impression_id", pa.string()),
+            ("ts", TS),
+            ("user_id", pa.string()),
+            ("item_id", pa.string()),
+            ("device", pa.string()),
+            ("slot", pa.int64()),
+        ]
     ),
     "clicks": pa.schema([("impression_id", pa.string()), ("ts", TS)]),
     "conversions": pa.schema([("impression_id", pa.string()), ("ts", TS), ("value", pa.float64())]),
     "users": pa.schema(
-        [("user_id", pa.string()), ("age_bucket", pa.string()), ("gender", pa.string()), ("city", pa.string()),
-         ("interests", pa.list_(pa.string()))]
+        [
+            ("user_id", pa.string()),
+            ("age_bucket", pa.string()),
+            ("gender", pa.string()),
+            ("city", pa.string()),
+            ("interests", pa.list_(pa.string())),
+        ]
     ),
     "items": pa.schema(
-        [("item_id", pa.string()), ("category_id", pa.string()), ("brand_id", pa.string()), ("shop_id", pa.string()),
-         ("price", pa.float64())]
+        [
+            ("item_id", pa.string()),
+            ("category_id", pa.string()),
+            ("brand_id", pa.string()),
+            ("shop_id", pa.string()),
+            ("price", pa.float64()),
+        ]
     ),
 }
 
@@ -67,13 +83,25 @@ def imp_ts(day: dt.date, k: int) -> dt.datetime:
 
 
 def impression(day: dt.date, k: int, **over) -> dict:
-    row = {"impression_id": imp_id(day, k), "ts": imp_ts(day, k), "user_id": f"u{k % 10}", "item_id": f"it{k % 8}",
-           "device": ("ios", "android")[k % 2], "slot": k % 5}
+    row = {
+        "impression_id": imp_id(day, k),
+        "ts": imp_ts(day, k),
+        "user_id": f"u{k % 10}",
+        "item_id": f"it{k % 8}",
+        "device": ("ios", "android")[k % 2],
+        "slot": k % 5,
+    }
     return {**row, **over}
 
 
-def write(warehouse: Path, table: str, rows: list[dict], day: dt.date | None = None, name: str = "part-0.parquet",
-          schema: pa.Schema | None = None) -> Path:
+def write(
+    warehouse: Path,
+    table: str,
+    rows: list[dict],
+    day: dt.date | None = None,
+    name: str = "part-0.parquet",
+    schema: pa.Schema | None = None,
+) -> Path:
     path = raw_dir(warehouse, table, day) / name
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows, schema=schema or SCHEMAS[table]), path)
@@ -84,8 +112,9 @@ def clean_day(warehouse: Path, day: dt.date) -> None:
     prev = day - dt.timedelta(days=1)
     write(warehouse, "impressions", [impression(day, k) for k in range(IMPS_PER_DAY)], day)
     clicks = [{"impression_id": imp_id(day, k), "ts": imp_ts(day, k) + dt.timedelta(minutes=2)} for k in CLICKED]
-    convs = [{"impression_id": imp_id(day, k), "ts": imp_ts(day, k) + dt.timedelta(hours=1), "value": 9.5}
-             for k in CONVERTED]
+    convs = [
+        {"impression_id": imp_id(day, k), "ts": imp_ts(day, k) + dt.timedelta(hours=1), "value": 9.5} for k in CONVERTED
+    ]
     if day == D1:  # the previous day's last impression clicked after midnight; a late conversion
         clicks.append({"impression_id": imp_id(prev, 19), "ts": at(day, 10)})
         convs.append({"impression_id": imp_id(prev, 16), "ts": at(day, 30), "value": None})
@@ -98,10 +127,34 @@ def warehouse(tmp_path: Path) -> Path:
     wh = tmp_path / "wh"
     clean_day(wh, D0)
     clean_day(wh, D1)
-    write(wh, "users", [{"user_id": f"u{i}", "age_bucket": f"a{i % 4}", "gender": "fm"[i % 2], "city": f"c{i % 3}",
-                         "interests": [f"t{i % 5}", f"t{(i + 1) % 5}"]} for i in range(10)])
-    write(wh, "items", [{"item_id": f"it{i}", "category_id": f"cat{i % 3}", "brand_id": f"b{i % 4}",
-                         "shop_id": f"s{i % 2}", "price": 10.0 + i} for i in range(8)])
+    write(
+        wh,
+        "users",
+        [
+            {
+                "user_id": f"u{i}",
+                "age_bucket": f"a{i % 4}",
+                "gender": "fm"[i % 2],
+                "city": f"c{i % 3}",
+                "interests": [f"t{i % 5}", f"t{(i + 1) % 5}"],
+            }
+            for i in range(10)
+        ],
+    )
+    write(
+        wh,
+        "items",
+        [
+            {
+                "item_id": f"it{i}",
+                "category_id": f"cat{i % 3}",
+                "brand_id": f"b{i % 4}",
+                "shop_id": f"s{i % 2}",
+                "price": 10.0 + i,
+            }
+            for i in range(8)
+        ],
+    )
     return wh
 
 
@@ -123,7 +176,10 @@ def counts(report) -> dict[str, tuple[int, int, int]]:
 def test_clean_day_is_all_valid_and_readable_downstream(warehouse, cfg):
     report = validate_day(cfg, warehouse, D1)
     assert counts(report) == {
-        "impressions": (20, 20, 0), "clicks": (6, 6, 0), "conversions": (3, 3, 0), "users": (10, 10, 0),
+        "impressions": (20, 20, 0),
+        "clicks": (6, 6, 0),
+        "conversions": (3, 3, 0),
+        "users": (10, 10, 0),
         "items": (8, 8, 0),
     }
     assert report.passed and all(not t.reasons for t in report.tables.values())
@@ -149,42 +205,63 @@ def test_first_day_without_earlier_partitions(warehouse, cfg):
 
 
 def test_row_faults_are_quarantined_with_exact_counts(warehouse, lenient_cfg):
-    write(warehouse, "impressions", [
-        impression(D1, 0, impression_id=None),                                  # null_key
-        impression(D1, 3, ts=imp_ts(D1, 3) + dt.timedelta(seconds=1)),          # later copy: duplicate_key
-        impression(D1, 5, ts=at(D1, 0)),                   # earlier copy: kept, the part-0 original is the duplicate
-        impression(D1, 0, impression_id="x-outside", ts=at(D0, 600)),           # ts_outside_partition
-        impression(D1, 0, impression_id="x-midnight", ts=at(D1 + dt.timedelta(days=1), 0)),  # end is exclusive
-        impression(D1, 0, impression_id="x-start", ts=at(D1, 0)),               # start is inclusive: valid
-        impression(D1, 0, impression_id="x-nullts", ts=None),                   # null_ts
-        impression(D1, 0, impression_id="x-nulluser", user_id=None),            # null_user_id
-    ], D1, "part-1.parquet")
-    write(warehouse, "clicks", [
-        {"impression_id": "nope", "ts": at(D1, 100)},                           # unknown_impression
-        {"impression_id": "x-outside", "ts": at(D1, 100)},                      # its impression is quarantined
-        {"impression_id": imp_id(D1, 4), "ts": imp_ts(D1, 4) + dt.timedelta(minutes=5)},  # duplicate_key
-        {"impression_id": None, "ts": at(D1, 100)},                             # null_key
-        {"impression_id": "x-start", "ts": at(D1, 3)},                          # valid
-        {"impression_id": imp_id(D_2, 0), "ts": at(D1, 1)},                     # impression too old: unknown
-    ], D1, "part-1.parquet")
+    write(
+        warehouse,
+        "impressions",
+        [
+            impression(D1, 0, impression_id=None),  # null_key
+            impression(D1, 3, ts=imp_ts(D1, 3) + dt.timedelta(seconds=1)),  # later copy: duplicate_key
+            impression(D1, 5, ts=at(D1, 0)),  # earlier copy: kept, the part-0 original is the duplicate
+            impression(D1, 0, impression_id="x-outside", ts=at(D0, 600)),  # ts_outside_partition
+            impression(D1, 0, impression_id="x-midnight", ts=at(D1 + dt.timedelta(days=1), 0)),  # end is exclusive
+            impression(D1, 0, impression_id="x-start", ts=at(D1, 0)),  # start is inclusive: valid
+            impression(D1, 0, impression_id="x-nullts", ts=None),  # null_ts
+            impression(D1, 0, impression_id="x-nulluser", user_id=None),  # null_user_id
+        ],
+        D1,
+        "part-1.parquet",
+    )
+    write(
+        warehouse,
+        "clicks",
+        [
+            {"impression_id": "nope", "ts": at(D1, 100)},  # unknown_impression
+            {"impression_id": "x-outside", "ts": at(D1, 100)},  # its impression is quarantined
+            {"impression_id": imp_id(D1, 4), "ts": imp_ts(D1, 4) + dt.timedelta(minutes=5)},  # duplicate_key
+            {"impression_id": None, "ts": at(D1, 100)},  # null_key
+            {"impression_id": "x-start", "ts": at(D1, 3)},  # valid
+            {"impression_id": imp_id(D_2, 0), "ts": at(D1, 1)},  # impression too old: unknown
+        ],
+        D1,
+        "part-1.parquet",
+    )
     write(warehouse, "clicks", [{"impression_id": "ghost", "ts": at(D0, 50)}], D0, "part-1.parquet")
     # two days back: beyond the click lookback (1 day), within the conversion lookback (2 days)
     write(warehouse, "impressions", [impression(D_2, 0)], D_2)
     write(warehouse, "clicks", [{"impression_id": imp_id(D_2, 0), "ts": imp_ts(D_2, 0) + dt.timedelta(minutes=1)}], D_2)
-    write(warehouse, "conversions", [
-        {"impression_id": imp_id(D1, 1), "ts": at(D1, 500), "value": 1.0},      # impression never clicked
-        {"impression_id": "nope", "ts": at(D1, 500), "value": 1.0},             # its click is quarantined
-        {"impression_id": "ghost", "ts": at(D1, 500), "value": 1.0},            # its D0 click is invalid on D0
-        {"impression_id": imp_id(D1, 4), "ts": at(D0, 500), "value": 1.0},      # ts_outside_partition
-        {"impression_id": imp_id(D1, 0), "ts": at(D1, 900), "value": 2.0},      # duplicate_key
-        {"impression_id": imp_id(D_2, 0), "ts": at(D1, 5), "value": 3.0},       # click two days back: valid
-    ], D1, "part-1.parquet")
+    write(
+        warehouse,
+        "conversions",
+        [
+            {"impression_id": imp_id(D1, 1), "ts": at(D1, 500), "value": 1.0},  # impression never clicked
+            {"impression_id": "nope", "ts": at(D1, 500), "value": 1.0},  # its click is quarantined
+            {"impression_id": "ghost", "ts": at(D1, 500), "value": 1.0},  # its D0 click is invalid on D0
+            {"impression_id": imp_id(D1, 4), "ts": at(D0, 500), "value": 1.0},  # ts_outside_partition
+            {"impression_id": imp_id(D1, 0), "ts": at(D1, 900), "value": 2.0},  # duplicate_key
+            {"impression_id": imp_id(D_2, 0), "ts": at(D1, 5), "value": 3.0},  # click two days back: valid
+        ],
+        D1,
+        "part-1.parquet",
+    )
     write(warehouse, "users", [{"user_id": None}, {"user_id": "u0", "city": "elsewhere"}], name="part-1.parquet")
     write(warehouse, "items", [{"item_id": "it1", "price": 1.0}], name="part-1.parquet")
 
     report = validate_day(lenient_cfg, warehouse, D1)
     assert counts(report) == {
-        "impressions": (28, 21, 7), "clicks": (12, 7, 5), "conversions": (9, 4, 5), "users": (12, 10, 2),
+        "impressions": (28, 21, 7),
+        "clicks": (12, 7, 5),
+        "conversions": (9, 4, 5),
+        "users": (12, 10, 2),
         "items": (9, 8, 1),
     }
     reasons = {n: t.reasons for n, t in report.tables.items()}
@@ -236,8 +313,11 @@ def test_rerun_replaces_outputs(warehouse, lenient_cfg):
 
 def test_representation_variants_are_accepted(warehouse, cfg):
     schema = SCHEMAS["impressions"]
-    variants = schema.set(0, pa.field("impression_id", pa.large_string())).set(
-        1, pa.field("ts", pa.timestamp("ns", tz="UTC"))).set(2, pa.field("user_id", pa.string_view()))
+    variants = (
+        schema.set(0, pa.field("impression_id", pa.large_string()))
+        .set(1, pa.field("ts", pa.timestamp("ns", tz="UTC")))
+        .set(2, pa.field("user_id", pa.string_view()))
+    )
     write(warehouse, "impressions", [impression(D1, k) for k in range(IMPS_PER_DAY)], D1, schema=variants)
     table = pq.read_table(raw_dir(warehouse, "clicks", D1))
     table = table.set_column(1, "ts", table.column("ts").cast(pa.timestamp("s", tz="UTC")))
@@ -275,6 +355,7 @@ def _retype(table: str, column: str, dtype: pa.DataType):
         values = pa.array(range(len(values)), dtype) if pa.types.is_integer(dtype) else values.cast(dtype)
         pq.write_table(data.set_column(i, column, values), path)
         return path, column
+
     return break_it
 
 
@@ -284,6 +365,7 @@ def _write_bytes(content: bytes | None):
         good = (raw_dir(wh, "clicks", D1) / "part-0.parquet").read_bytes()
         path.write_bytes(good[: len(good) // 2] if content is None else content)
         return path, None
+
     return break_it
 
 
@@ -292,6 +374,7 @@ def _remove(table: str):
         folder = raw_dir(wh, table, D1)
         shutil.rmtree(folder)
         return folder, None
+
     return break_it
 
 
@@ -308,12 +391,14 @@ def _no_impressions(wh: Path) -> tuple[Path, None]:
 
 def _stray(name: str, folder: bool = False):
     """A data file the contract does not read: in a sub-folder, or under a name it skips."""
+
     def break_it(wh: Path) -> tuple[Path, str]:
         partition = raw_dir(wh, "impressions", D1)
         path = partition / name / "part-0.parquet" if folder else partition / name
         path.parent.mkdir(exist_ok=True)
         pq.write_table(pq.read_table(partition / "part-0.parquet"), path)
         return partition, name
+
     return break_it
 
 

@@ -40,7 +40,14 @@ def reference_hash(text: str) -> int:
 
 
 def feature(**kw) -> SparseFeature:
-    base = {"name": "user_id", "table": "impressions", "column": "user_id", "capacity": 100, "min_count": 1, "oov_buckets": 4}
+    base = {
+        "name": "user_id",
+        "table": "impressions",
+        "column": "user_id",
+        "capacity": 100,
+        "min_count": 1,
+        "oov_buckets": 4,
+    }
     return SparseFeature(**(base | kw))
 
 
@@ -62,8 +69,10 @@ def test_stable_hash_matches_reference_and_handles_slices_and_unicode():
 
 def test_stable_hash_same_in_another_process():
     words = ["alpha", "beta", "gamma", "42"]
-    code = ("import pyarrow as pa; from serving.encoding import stable_hash; "
-            f"print(list(map(int, stable_hash(pa.array({words!r})))))")
+    code = (
+        "import pyarrow as pa; from serving.encoding import stable_hash; "
+        f"print(list(map(int, stable_hash(pa.array({words!r})))))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert json.loads(out) == [reference_hash(w) for w in words]
 
