@@ -153,9 +153,17 @@ def _content_length(headers: dict[str, str], lengths: list[str], method: str, ma
     return int(digits)
 
 
-async def _listen(host: str, port: int) -> list[socket.socket]:
-    """Listening sockets on every address of ``host`` (as asyncio.start_server binds them)."""
-    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+def listen(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets on every address of ``host`` (as asyncio.start_server binds them;
+    ``port`` 0 picks a free one). ServerStartError when the address cannot be listened on.
+    ``serve`` binds before it loads the bundle: an address error costs no model load and
+    leaves no runtime threads to tear down."""
+    if not 0 <= port <= 65535:
+        raise ServerStartError(f"port {port} is not in 0..65535")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as err:  # an unknown host name
+        raise ServerStartError(f"cannot listen on {host} port {port}: {err.strerror or err}") from None
     listeners: list[socket.socket] = []
     try:
         for family, kind, proto, _, address in dict.fromkeys(infos):
@@ -166,10 +174,10 @@ async def _listen(host: str, port: int) -> list[socket.socket]:
             sock.bind(address)
             sock.listen(1024)  # bursts of new connections must queue, not be reset
             sock.setblocking(False)
-    except OSError:
+    except OSError as err:  # in use, no such address here
         for sock in listeners:
             sock.close()
-        raise
+        raise ServerStartError(f"cannot listen on {host} port {port}: {err.strerror or err}") from None
     return listeners
 
 
@@ -203,20 +211,18 @@ class HttpServer:
         self.connections: set[_Connection] = set()
         self.room = asyncio.Event()  # set whenever a connection is gone
         self.max_connections, self.cap_note = _connection_cap(self.limits.max_connections)
-        self.timeouts = {"idle": self.limits.idle_timeout_s, "header": self.limits.header_timeout_s,
-                         "body": self.limits.body_timeout_s, "write": self.limits.body_timeout_s}
+        self.timeouts = {
+            "idle": self.limits.idle_timeout_s,
+            "header": self.limits.header_timeout_s,
+            "body": self.limits.body_timeout_s,
+            "write": self.limits.body_timeout_s,
+        }
         self.sweeper: asyncio.Task | None = None
         self.stopping = False
 
-    async def start(self, host: str, port: int) -> int:
-        """Listen; returns the bound port (``port`` 0 picks a free one). ServerStartError
-        when the address cannot be listened on."""
-        if not 0 <= port <= 65535:
-            raise ServerStartError(f"port {port} is not in 0..65535")
-        try:
-            self.listeners = await _listen(host, port)
-        except OSError as err:  # in use, no such address here, an unknown host name
-            raise ServerStartError(f"cannot listen on {host} port {port}: {err.strerror or err}") from None
+    async def start(self, listeners: list[socket.socket]) -> int:
+        """Serve on ``listeners`` (``listen``); returns the bound port."""
+        self.listeners = listeners
         loop = asyncio.get_running_loop()
         self.accepting = [loop.create_task(self._accept(sock)) for sock in self.listeners]
         self.sweeper = loop.create_task(self._close_overdue())
@@ -254,8 +260,11 @@ class HttpServer:
             except ConnectionAbortedError:
                 continue
             except OSError as err:  # out of files or memory: new connections wait in the backlog meanwhile
-                print(f"accepting a connection failed ({err}); trying again in {ACCEPT_RETRY_S} s", file=sys.stderr,
-                      flush=True)
+                print(
+                    f"accepting a connection failed ({err}); trying again in {ACCEPT_RETRY_S} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 await asyncio.sleep(ACCEPT_RETRY_S)
                 continue
             try:
@@ -451,8 +460,11 @@ class HttpServer:
         sends on another site's behalf (a foreign Origin, a form's or text/plain body)."""
         token = self.service.admin_token
         if token is None:
-            raise RequestError(403, f"reload over HTTP is off: start the server with {ADMIN_TOKEN_ENV} or "
-                                    "--admin-token-file set; SIGHUP reloads")
+            raise RequestError(
+                403,
+                f"reload over HTTP is off: start the server with {ADMIN_TOKEN_ENV} or "
+                "--admin-token-file set; SIGHUP reloads",
+            )
         origin, host = request.headers.get("origin"), request.headers.get("host", "")
         if origin is not None and origin != f"http://{host}":
             raise RequestError(403, f"cross-origin request refused (Origin {origin[:100]!r}, not http://{host[:100]})")
@@ -461,11 +473,21 @@ class HttpServer:
             raise RequestError(415, f"reload takes no body or a JSON one, not {content_type[:100]!r}")
         sent = request.headers.get("authorization", "").encode("latin-1")
         if not hmac.compare_digest(sent, b"Bearer " + token.encode()):
-            raise RequestError(401, "reload needs the admin token: Authorization: Bearer <token>",
-                               {"WWW-Authenticate": "Bearer"})
+            raise RequestError(
+                401, "reload needs the admin token: Authorization: Bearer <token>", {"WWW-Authenticate": "Bearer"}
+            )
 
-    async def _respond(self, conn: _Connection, started: float, label: str, status: int, obj: object, close: bool,
-                       head_only: bool = False, extra: dict[str, str] | None = None) -> None:
+    async def _respond(
+        self,
+        conn: _Connection,
+        started: float,
+        label: str,
+        status: int,
+        obj: object,
+        close: bool,
+        head_only: bool = False,
+        extra: dict[str, str] | None = None,
+    ) -> None:
         """Write the response; wait (up to body_timeout_s) only if the client is not taking it."""
         conn.writer.write(_response_bytes(status, obj, close, head_only, extra))
         self.service.metrics.observe(label, status, time.perf_counter() - started)
@@ -486,8 +508,9 @@ class HttpServer:
             pass
 
 
-def _response_bytes(status: int, obj: object, close: bool, head_only: bool = False,
-                    extra: dict[str, str] | None = None) -> bytes:
+def _response_bytes(
+    status: int, obj: object, close: bool, head_only: bool = False, extra: dict[str, str] | None = None
+) -> bytes:
     """An HTTP/1.1 response: ``obj`` as JSON (bytes: JSON already, from rank_response; str:
     the metrics text); ``head_only``: the headers alone (a HEAD request)."""
     if isinstance(obj, bytes):
@@ -498,25 +521,39 @@ def _response_bytes(status: int, obj: object, close: bool, head_only: bool = Fal
         body, content_type = json.dumps(obj).encode(), "application/json"
     more = "".join(f"{name}: {value}\r\n" for name, value in (extra or {}).items())
     connection = "Connection: close\r\n" if close else ""
-    head = (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nServer: funnelrank\r\nContent-Type: {content_type}\r\n"
-            f"Content-Length: {len(body)}\r\n{more}{connection}\r\n").encode("latin-1")
+    head = (
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nServer: funnelrank\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\n{more}{connection}\r\n"
+    ).encode("latin-1")
     return head if head_only else head + body
 
 
-def serve(bundle_path: str | Path, host: str = "127.0.0.1", port: int = 8080, threads: int = 1,
-          scoring: dict | None = None, admin_token_file: str | Path | None = None) -> int:
+def serve(
+    bundle_path: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    threads: int = 1,
+    scoring: dict | None = None,
+    admin_token_file: str | Path | None = None,
+) -> int:
     """Serve until SIGINT/SIGTERM (then drain), 0; SIGHUP reloads the bundle folder.
     ``scoring``: ScoringLimits fields over the bundle's own. ServerStartError when it cannot start."""
     token = admin_token(admin_token_file)
-    service = RankingService(Path(bundle_path), threads, scoring, token)
-    asyncio.run(_serve(service, host, port))
+    listeners = listen(host, port)
+    try:
+        service = RankingService(Path(bundle_path), threads, scoring, token)
+    except BaseException:
+        for sock in listeners:
+            sock.close()
+        raise
+    asyncio.run(_serve(service, listeners, host))
     return 0
 
 
-async def _serve(service: RankingService, host: str, port: int) -> None:
+async def _serve(service: RankingService, listeners: list[socket.socket], host: str) -> None:
     loop = asyncio.get_running_loop()
     server = HttpServer(service)
-    bound = await server.start(host, port)
+    bound = await server.start(listeners)
     stop = asyncio.Event()
 
     def reload_in_background() -> None:
@@ -534,9 +571,15 @@ async def _serve(service: RankingService, host: str, port: int) -> None:
     if server.cap_note:
         print(server.cap_note, flush=True)
     where = f"[{host}]" if ":" in host else host
-    print(f"funnelrank serving bundle {service.scorer.version} on http://{where}:{bound}; admin reload over HTTP "
-          f"{'on' if service.admin_token else 'off (SIGHUP reloads)'}", flush=True)
+    print(
+        f"funnelrank serving bundle {service.scorer.version} on http://{where}:{bound}; admin reload over HTTP "
+        f"{'on' if service.admin_token else 'off (SIGHUP reloads)'}",
+        flush=True,
+    )
     await stop.wait()
-    print(f"stopping: answering {service.metrics.requests_in_flight} requests in flight "
-          f"(at most {service.limits.drain_timeout_s} s)", flush=True)
+    print(
+        f"stopping: answering {service.metrics.requests_in_flight} requests in flight "
+        f"(at most {service.limits.drain_timeout_s} s)",
+        flush=True,
+    )
     await server.stop()

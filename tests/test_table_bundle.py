@@ -26,7 +26,7 @@ from pipeline.config import parse_config
 from pipeline.export_stage import export_run
 from pipeline.train_stage import train_run
 from serving.bundle import BundleError, load_bundle
-from serving.http import HttpServer
+from serving.http import HttpServer, listen
 from serving.scorer import BatchOnlyError, Scorer
 from serving.service import RankingService
 
@@ -55,9 +55,17 @@ def _split(rng: np.random.Generator, n: int, test: bool) -> pa.Table:
             item_ids[k], tags[k], price_values[k] = None, None, None
         for k in range(90, 100):
             tags[k] = ["t3", "never-seen", "t3"]
-    return pa.table({"user": pa.array(users, pa.int64()), "item": pa.array(item_ids, pa.string()),
-                     "tags": pa.array(tags, pa.list_(pa.string())), "price": pa.array(price_values, pa.float64()),
-                     "age": age, "clicked": clicked, "bought": bought})
+    return pa.table(
+        {
+            "user": pa.array(users, pa.int64()),
+            "item": pa.array(item_ids, pa.string()),
+            "tags": pa.array(tags, pa.list_(pa.string())),
+            "price": pa.array(price_values, pa.float64()),
+            "age": age,
+            "clicked": clicked,
+            "bought": bought,
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -70,24 +78,62 @@ def trained(tmp_path_factory):
     for split, n in ROWS.items():
         paths[split] = tmp / f"{split}.parquet"
         pq.write_table(_split(rng, n, split == "test"), paths[split])
-    cfg = parse_config({
-        "seed": 3, "warehouse": str(tmp / "warehouse"), "state_dir": str(tmp / "state"),
-        "table": {**{s: str(p) for s, p in paths.items()}, "user_column": "user"},
-        "features": {
-            "sparse": [
-                {"name": "user_id", "table": "table", "column": "user", "dim": 8, "capacity": 300, "oov_buckets": 4},
-                {"name": "item_id", "table": "table", "column": "item", "dim": 8, "capacity": 200, "oov_buckets": 4},
-                {"name": "tags", "table": "table", "column": "tags", "kind": "list", "dim": 4, "capacity": 30,
-                 "oov_buckets": 2, "pooling": "mean"},
-                {"name": "price_bucket", "table": "table", "column": "price", "kind": "bucket", "boundaries": PRICE_BOUNDARIES, "dim": 4},
+    cfg = parse_config(
+        {
+            "seed": 3,
+            "warehouse": str(tmp / "warehouse"),
+            "state_dir": str(tmp / "state"),
+            "table": {**{s: str(p) for s, p in paths.items()}, "user_column": "user"},
+            "features": {
+                "sparse": [
+                    {
+                        "name": "user_id",
+                        "table": "table",
+                        "column": "user",
+                        "dim": 8,
+                        "capacity": 300,
+                        "oov_buckets": 4,
+                    },
+                    {
+                        "name": "item_id",
+                        "table": "table",
+                        "column": "item",
+                        "dim": 8,
+                        "capacity": 200,
+                        "oov_buckets": 4,
+                    },
+                    {
+                        "name": "tags",
+                        "table": "table",
+                        "column": "tags",
+                        "kind": "list",
+                        "dim": 4,
+                        "capacity": 30,
+                        "oov_buckets": 2,
+                        "pooling": "mean",
+                    },
+                    {
+                        "name": "price_bucket",
+                        "table": "table",
+                        "column": "price",
+                        "kind": "bucket",
+                        "boundaries": PRICE_BOUNDARIES,
+                        "dim": 4,
+                    },
+                ],
+                "numeric": [
+                    {"name": "price", "table": "table", "column": "price", "transform": "log1p"},
+                    {"name": "age", "table": "table", "column": "age"},
+                ],
+            },
+            "tasks": [
+                {"name": "click", "label": "clicked"},
+                {"name": "purchase", "label": "bought", "score_exponent": 0.5},
             ],
-            "numeric": [{"name": "price", "table": "table", "column": "price", "transform": "log1p"},
-                        {"name": "age", "table": "table", "column": "age"}],
-        },
-        "tasks": [{"name": "click", "label": "clicked"}, {"name": "purchase", "label": "bought", "score_exponent": 0.5}],
-        "model": {"expert_dims": [16, 8], "tower_dims": [4], "n_experts": 2},
-        "train": {"epochs": 1, "batch_size": 256, "threads": 2},
-    })
+            "model": {"expert_dims": [16, 8], "tower_dims": [4], "n_experts": 2},
+            "train": {"epochs": 1, "batch_size": 256, "threads": 2},
+        }
+    )
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the store is <state_dir>/mlflow.db
         with pytest.raises(StageError, match=r"no trained model for the table source: .*run `funnelrank train` "):
@@ -116,11 +162,19 @@ def test_export_checks_parity_on_the_test_split_and_logs_the_bundle(trained):
     spec = json.loads((bundle.path / "spec.json").read_text())
     assert spec["source"] == "table" and "snapshots" not in spec and "aggregate_keys" not in spec
     assert [(f["name"], f["column"], f["kind"], f.get("vocab"), f.get("boundaries")) for f in spec["sparse"]] == [
-        ("user_id", "user", "id", "vocab/user_id.parquet", None), ("item_id", "item", "id", "vocab/item_id.parquet", None),
-        ("tags", "tags", "list", "vocab/tags.parquet", None), ("price_bucket", "price", "bucket", None, PRICE_BOUNDARIES)]
-    assert [(d["name"], d["column"], d["transform"]) for d in spec["dense"]] == [("price", "price", "log1p"), ("age", "age", "none")]
-    assert spec["tasks"] == [{"name": "click", "served": "click", "score_exponent": 1.0},
-                             {"name": "purchase", "served": "purchase", "score_exponent": 0.5}]
+        ("user_id", "user", "id", "vocab/user_id.parquet", None),
+        ("item_id", "item", "id", "vocab/item_id.parquet", None),
+        ("tags", "tags", "list", "vocab/tags.parquet", None),
+        ("price_bucket", "price", "bucket", None, PRICE_BOUNDARIES),
+    ]
+    assert [(d["name"], d["column"], d["transform"]) for d in spec["dense"]] == [
+        ("price", "price", "log1p"),
+        ("age", "age", "none"),
+    ]
+    assert spec["tasks"] == [
+        {"name": "click", "served": "click", "score_exponent": 1.0},
+        {"name": "purchase", "served": "purchase", "score_exponent": 0.5},
+    ]
     assert bundle.spec.source == "table" and bundle.spec.events is None and bundle.spec.list_delimiter == "|"
 
     from mlflow.tracking import MlflowClient
@@ -146,17 +200,29 @@ def test_score_table_on_raw_rows_equals_the_torch_model_on_prepared_rows(trained
     assert [[int(v) for v in row if v >= 0] for row in feeds["tags"]] == prepared.column("tags").to_pylist()
     np.testing.assert_array_equal(feeds["price_bucket"], prepared.column("price_bucket").to_numpy())
     price = raw.column("price").to_numpy(zero_copy_only=False)
-    want = [0 if np.isnan(p) else 1 + sum(p >= b for b in PRICE_BOUNDARIES) for p in price]  # a boundary starts its bucket
+    want = [
+        0 if np.isnan(p) else 1 + sum(p >= b for b in PRICE_BOUNDARIES) for p in price
+    ]  # a boundary starts its bucket
     assert feeds["price_bucket"].tolist() == want and set(want) == {0, 1, 2, 3, 4, 5}
-    np.testing.assert_array_equal(feeds["dense"], np.column_stack([prepared.column(n).to_numpy() for n in ("price", "age")]))
+    np.testing.assert_array_equal(
+        feeds["dense"], np.column_stack([prepared.column(n).to_numpy() for n in ("price", "age")])
+    )
     capacity = {f.name: f.capacity for f in cfg.features.sparse}
     assert (feeds["user_id"][:50] > capacity["user_id"]).all() and (feeds["item_id"][50:80] > capacity["item_id"]).all()
     assert (feeds["item_id"][80:90] == 0).all() and (feeds["dense"][80:90, 0] == 0).all()
 
     scored = scorer.score_table(raw)
     assert scored.column_names == [*raw.column_names, "p_click", "p_purchase", "score"]
-    loader = TrainingTableLoader(prepare_table(cfg, cfg.warehouse).files["test"], cfg.features.sparse, cfg.features.dense_names(),
-                                 batch_size=10_000, shuffle=False, seed=0, prefetch=0, labels=["clicked", "bought"])
+    loader = TrainingTableLoader(
+        prepare_table(cfg, cfg.warehouse).files["test"],
+        cfg.features.sparse,
+        cfg.features.dense_names(),
+        batch_size=10_000,
+        shuffle=False,
+        seed=0,
+        prefetch=0,
+        labels=["clicked", "bought"],
+    )
     (batch,) = list(loader)
     with torch.no_grad():
         out = result.model.eval()(batch.dense, batch.sparse)
@@ -169,7 +235,9 @@ def test_score_table_on_raw_rows_equals_the_torch_model_on_prepared_rows(trained
     # ids as strings instead of integers, lists as delimited text (a CSV-born table): same rows
     as_text = raw.set_column(0, "user", pc.cast(raw.column("user"), pa.string()))
     delimited = pc.binary_join(raw.column("tags"), "|")
-    as_text = as_text.set_column(2, "tags", pc.if_else(pc.equal(pc.list_value_length(raw.column("tags")), 0), " ", delimited))
+    as_text = as_text.set_column(
+        2, "tags", pc.if_else(pc.equal(pc.list_value_length(raw.column("tags")), 0), " ", delimited)
+    )
     again = scorer.score_table(as_text)
     assert again.column("score").equals(scored.column("score"))
 
@@ -200,7 +268,7 @@ def test_ranking_requests_and_bad_inputs_are_refused_clearly(trained, tmp_path):
 
     async def rank_over_http() -> tuple[int, dict]:
         server = HttpServer(RankingService(summary["bundle"]))
-        port = await server.start("127.0.0.1", 0)
+        port = await server.start(listen("127.0.0.1", 0))
 
         def post() -> tuple[int, dict]:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
@@ -230,5 +298,8 @@ def test_cli_score_writes_the_table_scores(trained, tmp_path, capsys):
     assert scored.column_names == ["user", "item", "tags", "price", "age", "p_click", "p_purchase", "score"]
     assert scored.equals(expected)
     pq.write_table(raw.drop_columns(["price"]), tmp_path / "bad.parquet")
-    assert main(["score", "--bundle", summary["bundle"], "--input", str(tmp_path / "bad.parquet"), "--output", str(out)]) == 3
+    assert (
+        main(["score", "--bundle", summary["bundle"], "--input", str(tmp_path / "bad.parquet"), "--output", str(out)])
+        == 3
+    )
     assert "no column 'price'" in capsys.readouterr().err
