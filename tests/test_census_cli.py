@@ -10,6 +10,7 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
+from test_distributed import torchrun_train
 
 from models.tracking import EXPERIMENT, tracking_uri
 from pipeline.cli import main
@@ -121,29 +122,8 @@ def test_table_config_used_the_wrong_way(census_config, tmp_path, capsys):
 def test_census_trains_under_torchrun_with_two_ranks(census_config, tmp_path):
     """`funnelrank train` of a table config under torchrun: rank 0 prepares the table while
     the other waits, each rank reads its own row groups, metrics cover all rows."""
-    import os
-    import subprocess
-    import sys
-
     config, _ = census_config
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "pipeline.cli",
-        "train",
-        "--config",
-        str(config),
-        "--warehouse",
-        str(tmp_path / "warehouse"),
-        "--quiet",
-    ]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    done = torchrun_train("--config", str(config), "--warehouse", str(tmp_path / "warehouse"))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     assert done.stdout.count("train table-") == 1  # rank 0 reports
     income_auc = float(done.stdout.split("income  auc ")[1].split()[0])

@@ -37,6 +37,17 @@ from pipeline.config import FunnelConfig, load_config
 from pipeline.train_stage import train_run
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def torchrun_train(*args: str) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node 2 -m pipeline.cli train --quiet ARGS`` from
+    the repository, one thread a rank (2 CPU ranks on this machine's 2 cores)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd = [*torchrun, "-m", "pipeline.cli", "train", "--quiet", *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
 # Global batch 256 = 2 ranks x 128 rows. Row groups of 500 rows: 16 in the two training
 # days and 8 on the validation day, 8 and 4 per rank; the table-wise plan puts the item
 # table on one rank and shop and tags on the other.
@@ -200,24 +211,7 @@ def test_cli_train_under_torchrun_on_tables_of_one_row_group(tmp_path) -> None:
     cfg = make_cfg(tmp_path, train={**TRAIN, "epochs": 1})
     config = tmp_path / "config.toml"
     config.write_text(to_toml(cfg.model_dump(by_alias=True)))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "pipeline.cli",
-        "train",
-        "--config",
-        str(config),
-        "--date",
-        str(RUN_DATE),
-        "--quiet",
-    ]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    done = torchrun_train("--config", str(config), "--date", str(RUN_DATE))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     assert done.stdout.count("train 2026-11-10-") == 1 and "val        click  auc 0." in done.stdout  # rank 0 reports
     client = MlflowClient(tracking_uri(cfg.state_dir))
@@ -229,26 +223,7 @@ def test_a_non_finite_loss_stops_every_rank_at_the_same_step(tmp_path, warehouse
     cfg = make_cfg(tmp_path, train={**TRAIN, "dense_lr": 1e6})
     config = tmp_path / "config.toml"
     config.write_text(to_toml(cfg.model_dump(by_alias=True)))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "pipeline.cli",
-        "train",
-        "--quiet",
-        "--config",
-        str(config),
-        "--warehouse",
-        str(warehouse),
-        "--date",
-        str(RUN_DATE),
-    ]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    done = torchrun_train("--config", str(config), "--warehouse", str(warehouse), "--date", str(RUN_DATE))
     assert done.returncode != 0
     # each rank stops with the same message: the ranks agree on the first bad step (no rank waits in a collective)
     found = re.findall(
