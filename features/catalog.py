@@ -115,8 +115,12 @@ def rolling_state_dir(warehouse: Path, key_name: str, day: dt.date) -> Path:
     return _partition(rolling_state_root(warehouse, key_name), day)
 
 
+def sequence_states_root(warehouse: Path) -> Path:
+    return Path(warehouse) / "features" / "sequences"
+
+
 def sequence_state_root(warehouse: Path, sequence: str) -> Path:
-    return Path(warehouse) / "features" / "sequences" / sequence
+    return sequence_states_root(warehouse) / sequence
 
 
 def sequence_state_dir(warehouse: Path, sequence: str, day: dt.date) -> Path:

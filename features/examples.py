@@ -63,6 +63,7 @@ from features.catalog import (
     report_path,
     scan_validated,
     sequence_state_dir,
+    sequence_states_root,
     training_dir,
     training_manifest_path,
     validated_dir,
@@ -139,13 +140,20 @@ def input_hashes(cfg: DataConfig, warehouse: Path, partitions: list[Path]) -> di
 def stale_training_tables(warehouse: Path, days: list[dt.date]) -> list[str]:
     """The training tables of ``days`` built from partitions that changed since (a day
     validated again, its aggregates rebuilt) or from daily aggregates that are stale
-    themselves, each with what changed. Tables without recorded inputs pass."""
+    themselves, each with what changed. Tables without recorded inputs pass.
+
+    A sequence state that is gone is no change: the features stage prunes states a few
+    days after writing them (features.sequences), while a training window spans weeks."""
     hashed: dict[str, str | None] = {}
     stale = []
     for day in days:
         manifest = _read_manifest(training_manifest_path(warehouse, day)) or {}
         recorded = {p: sha for p, sha in manifest.get("inputs", {}).items() if p != "spec"}
-        changed = [f"{p} {why}" for p, why in changed_folders(warehouse, recorded, hashed).items()]
+        changed = [
+            f"{p} {why}"
+            for p, why in changed_folders(warehouse, recorded, hashed).items()
+            if not (why == "is gone" and (warehouse / p).is_relative_to(sequence_states_root(warehouse)))
+        ]
         daily = [p for p in (warehouse / p for p in recorded) if p.is_relative_to(daily_features_root(warehouse))]
         changed += stale_daily_aggregates(warehouse, daily, hashed)
         if changed:

@@ -457,6 +457,25 @@ def test_events_of_the_day_and_later_do_not_reach_its_rows(synthetic, monkeypatc
     assert not leaky[0].equals(leaky[1])
 
 
+def test_pruned_states_leave_the_training_tables_fresh(synthetic):
+    """The features stage keeps a few days of states; a training window spans more days,
+    and its older tables must not count as stale for the states that are gone."""
+    cfg = synthetic[0]["a"]
+    days = [d for d in synthetic_days(cfg) if (training_dir(cfg.warehouse, d) / DATA_FILE).exists()]
+    assert not sequence_state_dir(cfg.warehouse, "clicked", days[0]).exists()  # pruned
+    assert features.examples.stale_training_tables(cfg.warehouse, days) == []
+    # a state that is still there and changed does count
+    kept = min(p for p in sequence_state_root(cfg.warehouse, "clicked").iterdir())
+    kept_day = dt.date.fromisoformat(kept.name.removeprefix("date="))
+    assert kept_day in days
+    original = (kept / DATA_FILE).read_bytes()
+    try:
+        (kept / DATA_FILE).write_bytes(original + b"x")
+        assert features.examples.stale_training_tables(cfg.warehouse, [kept_day])
+    finally:
+        (kept / DATA_FILE).write_bytes(original)
+
+
 def test_same_seed_same_bytes(synthetic):
     worlds, written = synthetic
     assert len(written["a"]) == 3 and written["a"] == written["b"]
@@ -536,8 +555,8 @@ def with_sequence(**sequence):
         ),
         (with_sequence(encoder="gru"), "features.sequences[0].encoder"),
         (
-            with_sequence(encoder="attention", attention_heads=3),
-            "features.sequences[0].attention_heads: 3 does not divide the dim 16",
+            with_sequence(encoder="attention", attention_heads=5),
+            "features.sequences[0].attention_heads: 5 does not divide 24, the carried features' dims",
         ),
     ],
 )
