@@ -209,7 +209,9 @@ class SequenceFeature(_Section):
     max_length: int = Field(50, ge=1, le=1000, description="N: the newest N events are kept")
     max_age_days: int = Field(0, ge=0, description="0: no limit; else older events (as of the row's day) drop out")
     encoder: Literal["mean", "din", "attention"] = "din"
-    attention_heads: int = Field(1, ge=1, description="encoder = 'attention': heads, dividing the item feature's dim")
+    attention_heads: int = Field(
+        1, ge=1, description="encoder = 'attention': heads, dividing the carried features' dims side by side"
+    )
 
     @property
     def column_names(self) -> list[str]:
@@ -275,9 +277,11 @@ class FeaturesConfig(_Section):
                     "feature must be the candidate item's id (column 'item_id'), whose embedding rows the "
                     "history shares"
                 )
-            if item.dim % seq.attention_heads:
+            element_dim = sum(sparse[name].dim for name in seq.items)
+            if element_dim % seq.attention_heads:
                 raise ValueError(
-                    f"{at}.attention_heads: {seq.attention_heads} does not divide the dim {item.dim} of {item.name!r}"
+                    f"{at}.attention_heads: {seq.attention_heads} does not divide {element_dim}, the carried "
+                    "features' dims side by side"
                 )
             if clash := sorted(taken & set(seq.column_names)):
                 raise ValueError(f"{at}: its column {clash[0]!r} is already a feature or column name")
@@ -292,6 +296,10 @@ class FeaturesConfig(_Section):
         """
         rolled = [name for key in self.aggregate_keys for name in aggregate_feature_names(key.name, self.windows_days)]
         return rolled + [f.name for f in self.numeric]
+
+    def sequence_columns(self) -> list[str]:
+        """The training table's list columns of every behaviour sequence (elements, ages)."""
+        return [column for seq in self.sequences for column in seq.column_names]
 
     def columns_of(self, table: str) -> list[str]:
         """Raw columns of ``table`` that the spec reads (the contract's extra required columns)."""

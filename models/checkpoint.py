@@ -22,7 +22,7 @@ from features.errors import StageError
 from features.io import atomic_write_bytes
 from models.config import TrainingConfig
 from models.distributed import copy_into, gather_whole, load_plain_state, this_rank
-from models.nets import MultiTaskNet
+from models.nets import EMBEDDING_PREFIXES, MultiTaskNet
 
 
 def checkpoint_dir(cfg: TrainingConfig, key: str) -> Path:
@@ -105,7 +105,7 @@ def warm_start(net: MultiTaskNet, initial: Mapping[str, torch.Tensor]) -> None:
     missing, extra = sorted(own.keys() - initial.keys()), sorted(initial.keys() - own.keys())
     if missing or extra:
         raise StageError(f"warm start: initial_state does not fit the model: missing {missing}, unexpected {extra}")
-    tables = {f"ebc.embedding_bags.{name}.weight" for name in net.sparse_names}
+    tables = {key for key in own if key.startswith(EMBEDDING_PREFIXES)}
     with torch.no_grad():
         for key, target in own.items():
             source = torch.as_tensor(initial[key])

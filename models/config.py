@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from features.catalog import default_state_dir
-from features.config import DataConfig, TomlPath, _Section
+from features.config import DataConfig, FeaturesConfig, SequenceFeature, TomlPath, _Section
 
 # Upper bounds on the network's sizes (generous: beyond them a value can only be a typo).
 MAX_LAYER_SIZE = 65_536
@@ -52,13 +52,45 @@ class ModelConfig(_Section):
         le=MAX_LAYERS,
         description="DCN-v2 cross layers on the backbone input (explicit feature crosses, e.g. user x item); 0 = none",
     )
+    interaction: Literal["none", "dot"] = Field(
+        "none",
+        description="dot: pairwise dot products of the pooled embeddings (and sequence encodings) join the "
+        "backbone input, as DLRM's interaction arch",
+    )
+    interaction_groups: list[list[str]] = Field(
+        default_factory=list,
+        max_length=MAX_LAYERS,
+        description="interaction = 'dot': groups of sparse feature / sequence names; two or more groups: the "
+        "products of every pair across groups (e.g. user side x item side); one: the pairs within it; "
+        "none: every pair of all sparse features and sequences",
+    )
+    interaction_dim: int = Field(
+        0,
+        ge=0,
+        le=MAX_LAYER_SIZE,
+        description="interaction = 'dot': 0 = the members' common embedding dim (they must share one); else each "
+        "member is projected (linear, no bias) to this dim first",
+    )
+    sequence_attention_dims: list[int] = Field(
+        default_factory=lambda: [16],
+        min_length=1,
+        max_length=MAX_LAYERS,
+        description="encoder = 'din': hidden sizes of the MLP that weighs each history element against the candidate",
+    )
 
-    @field_validator("expert_dims", "tower_dims")
+    @field_validator("expert_dims", "tower_dims", "sequence_attention_dims")
     @classmethod
     def _positive_dims(cls, v: list[int]) -> list[int]:
         if any(not 1 <= d <= MAX_LAYER_SIZE for d in v):
             raise ValueError(f"layer sizes must be from 1 to {MAX_LAYER_SIZE}")
         return v
+
+
+def sequence_element_dim(spec: FeaturesConfig, sequence: SequenceFeature) -> int:
+    """The size of one history element's vector (and of its encoding): the carried features'
+    embedding dims side by side."""
+    dims = {f.name: f.dim for f in spec.sparse}
+    return sum(dims[name] for name in sequence.items)
 
 
 class TrainConfig(_Section):
@@ -126,6 +158,26 @@ class TrainingConfig(DataConfig):
         self.check_view_metrics(
             "train.early_stopping_metric", [self.train.early_stopping_metric], "auc|gauc|logloss|ece"
         )
+        return self
+
+    @model_validator(mode="after")
+    def _interaction_members_exist(self) -> TrainingConfig:
+        mcfg, spec = self.model, self.features
+        dims = {f.name: f.dim for f in spec.sparse} | {s.name: sequence_element_dim(spec, s) for s in spec.sequences}
+        for i, group in enumerate(mcfg.interaction_groups):
+            for j, name in enumerate(group):
+                if name not in dims:
+                    raise ValueError(
+                        f"model.interaction_groups[{i}][{j}]: {name!r} is not a sparse feature or sequence "
+                        f"({', '.join(dims)})"
+                    )
+        members = [n for g in mcfg.interaction_groups for n in g] or list(dims)
+        if mcfg.interaction == "dot" and mcfg.interaction_dim == 0 and len({dims[n] for n in members}) > 1:
+            sizes = ", ".join(f"{n} {dims[n]}" for n in members)
+            raise ValueError(
+                f"model.interaction_dim: 0 needs one embedding dim for every interaction member ({sizes}); "
+                "set interaction_dim to project them to one"
+            )
         return self
 
     @property

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import (
@@ -190,10 +191,11 @@ def load_plain_state(module: torch.nn.Module, state: Mapping[str, torch.Tensor])
 def distribute(
     model: MultiTaskNet, tcfg: TrainConfig, device: torch.device, *, freeze_embeddings: bool = False
 ) -> DistributedModelParallel:
-    """Shard the EBC as ``train.sharding`` says, with the sparse optimiser fused into its
-    backward (learning rate 0 when ``freeze_embeddings``: the rows do not move; data-parallel
-    tables are dense parameters: leave them out of the dense optimiser). The dense layers
-    are not wrapped in DDP yet: call ``init_data_parallel()`` after freezing any."""
+    """Shard the embedding tables (the EBC and the sequences' ECs) as ``train.sharding``
+    says, with the sparse optimiser fused into their backward (learning rate 0 when
+    ``freeze_embeddings``: the rows do not move; data-parallel tables are dense parameters:
+    leave them out of the dense optimiser). The dense layers are not wrapped in DDP yet:
+    call ``init_data_parallel()`` after freezing any."""
     if tcfg.sharding == "row_wise" and device.type == "cpu":
         raise StageError(
             "train.sharding = 'row_wise' needs a CUDA device: on the CPU torchrec's planner offers "
@@ -204,10 +206,10 @@ def distribute(
         (RowWiseAdagrad, {"lr": lr}) if tcfg.sparse_optimizer == "rowwise_adagrad" else (torch.optim.Adam, {"lr": lr})
     )
     initial = plain_state(model)  # on CPU the sharder re-initialises tables: keep the seeded ones
-    apply_optimizer_in_backward(sparse_opt[0], model.ebc.parameters(), sparse_opt[1])
+    apply_optimizer_in_backward(sparse_opt[0], list(model.tables().values()), sparse_opt[1])
     types = [t.value for t in SHARDING_TYPES[tcfg.sharding]]
     constraints = {name: ParameterConstraints(sharding_types=types) for name in model.sparse_names}
-    sharders = [EmbeddingBagCollectionSharder()]
+    sharders = [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]
     world = world_size()
     # The planner warns on every run about its own defaults (directly built Topology,
     # heuristic storage reservation); the plan it makes here is the one wanted.

@@ -1,6 +1,6 @@
 """ONNX export of a trained MultiTaskNet and its parity check.
 
-The torchrec EmbeddingBagCollection cannot be exported (KJT inputs), and nn.EmbeddingBag
+The torchrec embedding modules cannot be exported (KJT inputs), and nn.EmbeddingBag
 exports as a slow ONNX Loop, so each table is copied into a plain ``nn.Embedding`` and
 pooled with a masked sum over padded ids (Gather + ReduceSum; exact and fast with
 ``dynamo=True``). ONNX inputs:
@@ -9,7 +9,12 @@ pooled with a masked sum over padded ids (Gather + ReduceSum; exact and fast wit
 * per sparse feature, named after it: kind="id" int64 [B] (0 is the padding row and is
   looked up like the EBC's length-1 bag does); kind="list" int64 [B, L] padded with -1
   after the real ids. Padding is -1, not 0, because a list may hold an explicit 0 (a null
-  element) that the EBC does look up; an empty list pools to zeros.
+  element) that the EBC does look up; an empty list pools to zeros;
+* per behaviour sequence S, per carried feature F: ``S__F`` int64 [B, L] (newest first,
+  padded with -1 after the real elements: the mask is ``S__<first item> >= 0``) and
+  ``S__age_days`` int64 [B, L] aligned with them; L is the longest history of the batch
+  (at least 1), one dynamic length per sequence. The encoders count masked-in elements
+  only, so the result does not depend on L.
 
 Outputs: ``p_<view>`` for every task view of ``cfg.tasks`` (``features.config.task_views``;
 the default funnel: ``p_click``, ``p_ctcvr``, ``p_cvr``) and ``score``, the ranking score =
@@ -32,9 +37,10 @@ from torch import nn
 from features.config import FeaturesConfig, TaskConfig, task_views
 from features.errors import StageError
 from models.config import TrainingConfig
-from models.loader import Batch, TrainingTableLoader
+from models.loader import Batch, table_loader
 from models.nets import MultiTaskNet
 from models.quiet import library_noise_silenced
+from models.sequence_encoders import History
 from serving.encoding import pad_jagged
 from serving.spec import SCORE
 
@@ -66,19 +72,28 @@ class OnnxRanker(nn.Module):
             raise StageError(
                 f"model sparse features {model.sparse_names} differ from the spec's {[f.name for f in spec.sparse]}"
             )
+        if [s.name for s in spec.sequences] != [s.name for s in model.sequences]:
+            raise StageError(
+                f"model sequences {[s.name for s in model.sequences]} differ from the spec's "
+                f"{[s.name for s in spec.sequences]}"
+            )
         if list(model.heads) != [t.name for t in tasks]:
             raise StageError(
                 f"model task heads {list(model.heads)} differ from the config's tasks {[t.name for t in tasks]}"
             )
         self.kinds = [by_name[n].kind for n in model.sparse_names]
         self.means = [by_name[n].pooling == "mean" for n in model.sparse_names]
-        weights = {n: model.ebc.embedding_bags[n].weight.detach().clone().cpu() for n in model.sparse_names}
+        weights = {n: w.detach().clone().cpu() for n, w in model.tables().items()}
         self.tables = nn.ModuleList(nn.Embedding.from_pretrained(weights[n], freeze=True) for n in model.sparse_names)
+        self.table_index = {n: i for i, n in enumerate(model.sparse_names)}
+        self.sequences = list(spec.sequences)
         self.net = model  # its layers after the embeddings (its torchrec tables are not called)
         self.tasks = list(tasks)
         self.views = list(task_views(self.tasks))
 
-    def forward(self, dense: torch.Tensor, sparse: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    def forward(
+        self, dense: torch.Tensor, sparse: list[torch.Tensor], histories: list[list[torch.Tensor]]
+    ) -> tuple[torch.Tensor, ...]:
         pooled = []
         for table, kind, mean, ids in zip(self.tables, self.kinds, self.means, sparse, strict=True):
             if kind != "list":  # one id per row: id, bucket
@@ -87,7 +102,18 @@ class OnnxRanker(nn.Module):
             mask = (ids >= 0).to(torch.float32).unsqueeze(-1)  # [B, L, 1]
             summed = (table(ids.clamp(min=0)) * mask).sum(dim=1)
             pooled.append(summed / mask.sum(dim=1).clamp(min=1.0) if mean else summed)
-        probs = self.net.forward_from_embeddings(dense, pooled).probs
+        encoded = []
+        for seq, (*element_ids, ages) in zip(self.sequences, histories, strict=True):
+            # flattened [B * L]; padding (-1) looks up row 0 and is marked, so it counts for nothing
+            b, length = ages.shape
+            looked_up = [
+                self.tables[self.table_index[f]](ids.clamp(min=0).reshape(-1))
+                for f, ids in zip(seq.items, element_ids, strict=True)
+            ]
+            rows = torch.arange(b).unsqueeze(1).expand(b, length).reshape(-1)
+            real = (element_ids[0] >= 0).reshape(-1)
+            encoded.append(History(torch.cat(looked_up, dim=-1), rows, ages.reshape(-1), real))
+        probs = self.net.forward_from_embeddings(dense, pooled, encoded).probs
         return (*(probs[v] for v in self.views), blend(probs, self.tasks))
 
 
@@ -105,11 +131,11 @@ def to_onnx_module(model: MultiTaskNet, spec: FeaturesConfig, tasks: Sequence[Ta
 
 
 def input_names(spec: FeaturesConfig) -> list[str]:
-    return ["dense", *[f.name for f in spec.sparse]]
+    return ["dense", *[f.name for f in spec.sparse], *spec.sequence_columns()]
 
 
 def export_onnx(model: MultiTaskNet, spec: FeaturesConfig, tasks: Sequence[TaskConfig], path: Path) -> Path:
-    """Write ``model`` as one self-contained ONNX file with dynamic batch and list length."""
+    """Write ``model`` as one self-contained ONNX file with dynamic batch, list and history length."""
     module = to_onnx_module(model, spec, tasks)
     batch = torch.export.Dim("batch", min=1)
     n = 4
@@ -121,16 +147,22 @@ def export_onnx(model: MultiTaskNet, spec: FeaturesConfig, tasks: Sequence[TaskC
     dims = [
         {0: batch, 1: torch.export.Dim(f"{f.name}_len", min=1)} if f.kind == "list" else {0: batch} for f in spec.sparse
     ]
+    # one length per sequence, shared by its columns (elements and ages are aligned)
+    histories = [[torch.zeros(n, 3, dtype=torch.int64) for _ in seq.column_names] for seq in spec.sequences]
+    history_dims = [
+        [{0: batch, 1: length} for _ in seq.column_names]
+        for seq, length in ((s, torch.export.Dim(f"{s.name}_len", min=1)) for s in spec.sequences)
+    ]
     # The exporter warns about operators this model never uses (torchvision's) and about
     # its own deprecations: noise in every nightly log. Parity (below) checks the result.
     with library_noise_silenced("torch.onnx._internal.exporter._registration"):
         program = torch.onnx.export(
             module,
-            (dense, sparse),
+            (dense, sparse, histories),
             dynamo=True,
             input_names=input_names(spec),
             output_names=output_names(tasks),
-            dynamic_shapes=({0: batch}, dims),
+            dynamic_shapes=({0: batch}, dims, history_dims),
             optimize=True,
             verbose=False,
         )
@@ -141,13 +173,14 @@ def export_onnx(model: MultiTaskNet, spec: FeaturesConfig, tasks: Sequence[TaskC
 
 
 def onnx_inputs(batch: Batch, spec: FeaturesConfig) -> dict[str, np.ndarray]:
-    """A loader batch as the ONNX model's feeds (lists padded with -1)."""
+    """A loader batch as the ONNX model's feeds (lists and histories padded with -1)."""
     per_key = batch.sparse.to_dict()
     feeds = {"dense": batch.dense.numpy().astype(np.float32, copy=False)}
-    for f in spec.sparse:
-        jt = per_key[f.name]
+    lists = {f.name for f in spec.sparse if f.kind == "list"} | set(spec.sequence_columns())
+    for name in input_names(spec)[1:]:
+        jt = per_key[name]
         values = jt.values().numpy().astype(np.int64, copy=False)
-        feeds[f.name] = pad_jagged(jt.lengths().numpy(), values) if f.kind == "list" else values
+        feeds[name] = pad_jagged(jt.lengths().numpy(), values) if name in lists else values
     return feeds
 
 
@@ -199,16 +232,7 @@ def parity_batches(cfg: TrainingConfig, files: Sequence[Path], min_rows: int = P
     of the largest size until ``min_rows`` rows (or the table's end)."""
     batches: list[Batch] = []
     for size in PARITY_BATCH_SIZES:
-        loader = TrainingTableLoader(
-            files,
-            cfg.features.sparse,
-            cfg.features.dense_names(),
-            batch_size=size,
-            shuffle=False,
-            seed=cfg.seed,
-            prefetch=0,
-            labels=cfg.label_columns,
-        )
+        loader = table_loader(cfg, files, batch_size=size, shuffle=False, prefetch=0)
         for batch in loader:
             batches.append(batch)
             if size != PARITY_BATCH_SIZES[-1] or sum(len(b) for b in batches) >= min_rows:

@@ -1,7 +1,9 @@
 """Training-table loader: Parquet -> dense tensor + KeyedJaggedTensor + labels.
 
 The training table (written by ``features.examples``) has one column per sparse feature
-(Int64 ids for kind="id", List(Int64) for kind="list"), the float dense columns of
+(Int64 ids for kind="id", List(Int64) for kind="list"), the List(Int64) columns of the
+behaviour sequences (``sequence_columns``: element ids and ages, keys of the same
+KeyedJaggedTensor after the sparse features), the float dense columns of
 ``FeaturesConfig.dense_names()``, the 0/1 label columns of the tasks (``click`` and
 ``conversion`` from event logs; a user's own table names its own) and the raw user id
 ``raw_user_id`` (features.examples cannot call it ``user_id``: a sparse feature may).
@@ -46,6 +48,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from features.config import SparseFeature
 from features.errors import StageError
+from models.config import TrainingConfig
 
 EVENT_LABELS = ("click", "conversion")  # the label columns of the event-log path's training tables
 USER_COLUMN = "raw_user_id"  # the raw user id (a sparse feature may be named user_id)
@@ -126,7 +129,12 @@ class _Block:
 
 
 def _check_schema(
-    path: Path, schema: pa.Schema, sparse: Sequence[SparseFeature], dense_names: Sequence[str], labels: Sequence[str]
+    path: Path,
+    schema: pa.Schema,
+    sparse: Sequence[SparseFeature],
+    sequence_columns: Sequence[str],
+    dense_names: Sequence[str],
+    labels: Sequence[str],
 ) -> None:
     """Raise StageError naming the file and column for a missing or mistyped column."""
 
@@ -138,15 +146,16 @@ def _check_schema(
     def bad(name: str, wanted: str, got: pa.DataType) -> StageError:
         return StageError(f"training table {path}: column '{name}' has type {got}, expected {wanted}")
 
+    lists = [f.name for f in sparse if f.kind == "list"] + list(sequence_columns)
     for feature in sparse:
         if feature.kind != "list":  # id, bucket
             t = column_type(feature.name, "integer ids")
             if not pa.types.is_integer(t):
                 raise bad(feature.name, "integer ids", t)
-        else:
-            t = column_type(feature.name, "list of integer ids")
-            if not (pa.types.is_list(t) or pa.types.is_large_list(t)) or not pa.types.is_integer(t.value_type):
-                raise bad(feature.name, "list of integer ids", t)
+    for name in lists:
+        t = column_type(name, "list of integers")
+        if not (pa.types.is_list(t) or pa.types.is_large_list(t)) or not pa.types.is_integer(t.value_type):
+            raise bad(name, "list of integers", t)
     for name in dense_names:
         t = column_type(name, "float")
         if not pa.types.is_floating(t):
@@ -282,6 +291,7 @@ class TrainingTableLoader:
         shard: tuple[int, int] = (0, 1),
         pin_memory: bool = False,
         labels: Sequence[str] = EVENT_LABELS,
+        sequence_columns: Sequence[str] = (),
     ) -> None:
         rank, world = shard
         if not 0 <= rank < world:
@@ -301,10 +311,11 @@ class TrainingTableLoader:
         self.prefetch = prefetch
         self.drop_last = drop_last
         self.pin_memory = pin_memory
-        self.keys = [f.name for f in self.sparse]
+        self.sequence_columns = list(sequence_columns)
+        self.keys = [f.name for f in self.sparse] + self.sequence_columns
         self.label_names = tuple(dict.fromkeys(labels))
         self._id_features = [f.name for f in self.sparse if f.kind != "list"]  # one id per row: id, bucket
-        self._list_features = [f.name for f in self.sparse if f.kind == "list"]
+        self._list_features = [f.name for f in self.sparse if f.kind == "list"] + self.sequence_columns
 
         row_groups: list[_RowGroup] = []  # every non-empty row group, whole
         self._has_user = True
@@ -313,7 +324,9 @@ class TrainingTableLoader:
                 parquet = pq.ParquetFile(path)
             except (OSError, pa.ArrowInvalid) as err:
                 raise StageError(f"cannot read training table file {path}: {err}") from None
-            _check_schema(path, parquet.schema_arrow, self.sparse, self.dense_names, self.label_names)
+            _check_schema(
+                path, parquet.schema_arrow, self.sparse, self.sequence_columns, self.dense_names, self.label_names
+            )
             self._has_user &= USER_COLUMN in parquet.schema_arrow.names
             meta = parquet.metadata
             row_groups += [
@@ -467,6 +480,25 @@ class TrainingTableLoader:
             user=torch.from_numpy(np.ascontiguousarray(block.user)),
         )
         return batch.pin_memory() if self.pin_memory else batch
+
+
+def table_loader(
+    cfg: TrainingConfig, files: Sequence[Path], batch_size: int, shuffle: bool, **options
+) -> TrainingTableLoader:
+    """A loader of ``files`` reading the run config's columns (sparse features, sequences,
+    dense features, labels) with its seed; ``options`` as TrainingTableLoader takes them."""
+    spec = cfg.features
+    return TrainingTableLoader(
+        files,
+        spec.sparse,
+        spec.dense_names(),
+        batch_size,
+        shuffle,
+        options.pop("seed", cfg.seed),
+        labels=cfg.label_columns,
+        sequence_columns=spec.sequence_columns(),
+        **options,
+    )
 
 
 def _share(groups: Sequence[_RowGroup], rank: int, world: int) -> list[_RowGroup]:

@@ -21,15 +21,22 @@ from torch import nn
 from torchrec import (
     EmbeddingBagCollection,
     EmbeddingBagConfig,
+    EmbeddingCollection,
+    EmbeddingConfig,
     KeyedJaggedTensor,
     PoolingType,
 )
 
-from features.config import FeaturesConfig, TaskConfig
+from features.config import FeaturesConfig, SequenceFeature, TaskConfig
 from features.errors import StageError
-from models.config import ModelConfig
+from models.config import ModelConfig, sequence_element_dim
+from models.interaction import DotInteraction, interaction_pairs
+from models.sequence_encoders import History, sequence_encoder
+from serving.spec import sequence_age_column, sequence_column
 
 _POOLING = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
+# state_dict prefixes of the embedding tables (torchrec's, with the fused sparse optimiser)
+EMBEDDING_PREFIXES = ("ebc.", "ec.")
 
 
 @dataclass
@@ -296,8 +303,17 @@ BACKBONES: dict[str, type[Backbone]] = {
 # ---------------------------------------------------------------- the model
 
 
+def carried_features(spec: FeaturesConfig) -> list[str]:
+    """The sparse features some behaviour sequence carries (spec order): their tables serve
+    the candidate and the history elements alike, so they live in EmbeddingCollections."""
+    carried = {name for seq in spec.sequences for name in seq.items}
+    return [f.name for f in spec.sparse if f.name in carried]
+
+
 def embedding_configs(spec: FeaturesConfig) -> list[EmbeddingBagConfig]:
-    """One table per sparse feature, named after it (torchrec keys = feature names)."""
+    """One pooled table per sparse feature no sequence carries, named after it (torchrec
+    keys = feature names)."""
+    carried = set(carried_features(spec))
     return [
         EmbeddingBagConfig(
             name=f.name,
@@ -307,7 +323,25 @@ def embedding_configs(spec: FeaturesConfig) -> list[EmbeddingBagConfig]:
             pooling=_POOLING[f.pooling],
         )
         for f in spec.sparse
+        if f.name not in carried
     ]
+
+
+def sequence_embedding_configs(spec: FeaturesConfig) -> dict[int, list[EmbeddingConfig]]:
+    """Per embedding dim (an EmbeddingCollection holds tables of one dim), the tables of the
+    carried features: each is looked up by the candidate's feature and by every sequence
+    column of it, so a history item and the candidate share one embedding row."""
+    by_dim: dict[int, list[EmbeddingConfig]] = {}
+    carried = set(carried_features(spec))
+    for f in spec.sparse:
+        if f.name in carried:
+            columns = [sequence_column(seq.name, f.name) for seq in spec.sequences if f.name in seq.items]
+            by_dim.setdefault(f.dim, []).append(
+                EmbeddingConfig(
+                    name=f.name, embedding_dim=f.dim, num_embeddings=f.num_embeddings, feature_names=[f.name, *columns]
+                )
+            )
+    return by_dim
 
 
 class CrossNetwork(nn.Module):
@@ -329,6 +363,10 @@ class CrossNetwork(nn.Module):
 
 
 class MultiTaskNet(nn.Module):
+    """Sparse features -> torchrec tables (pooled; carried by a sequence: per element);
+    sequences -> their encoders; optional dot interactions; dense -> normaliser; then
+    cross layers, the backbone and the task heads (``forward_from_embeddings``)."""
+
     def __init__(
         self,
         spec: FeaturesConfig,
@@ -339,30 +377,82 @@ class MultiTaskNet(nn.Module):
         device: torch.device | str = "cpu",
     ) -> None:
         super().__init__()
+        device = torch.device(device)
         self.sparse_names = [f.name for f in spec.sparse]
-        self.ebc = EmbeddingBagCollection(tables=embedding_configs(spec), device=torch.device(device))
+        self.sequences: list[SequenceFeature] = list(spec.sequences)
+        pooled = embedding_configs(spec)
+        self.ebc = EmbeddingBagCollection(tables=pooled, device=device) if pooled else None
+        self.ec = nn.ModuleDict(
+            {
+                f"dim{dim}": EmbeddingCollection(tables=tables, device=device)
+                for dim, tables in sequence_embedding_configs(spec).items()
+            }
+        )
+        element_dims = {seq.name: sequence_element_dim(spec, seq) for seq in self.sequences}
+        self.sequence_encoders = nn.ModuleDict(
+            {seq.name: sequence_encoder(seq, element_dims[seq.name], cfg) for seq in self.sequences}
+        )
         self.normalizer = DenseNormalizer(dense_mean, dense_std)
-        in_dim = sum(f.dim for f in spec.sparse) + len(dense_mean)
+        member_dims = {f.name: f.dim for f in spec.sparse} | element_dims
+        self.interaction = None
+        if cfg.interaction == "dot":
+            members = list(
+                dict.fromkeys(n for pair in interaction_pairs(list(member_dims), cfg.interaction_groups) for n in pair)
+            )
+            self.interaction = DotInteraction({n: member_dims[n] for n in members}, cfg)
+        in_dim = (
+            sum(member_dims.values())
+            + (self.interaction.out_dim if self.interaction is not None else 0)
+            + len(dense_mean)
+        )
         self.cross = CrossNetwork(in_dim, cfg.cross_layers)
         self.backbone = BACKBONES[cfg.backbone](in_dim, cfg, [t.name for t in tasks])
         self.heads = TaskHeads(self.backbone.out_dim, tasks)
 
-    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> ModelOutput:
-        pooled = self.ebc(sparse)
-        # A sharded EBC may return its keys in another order: put them back in spec order.
-        if pooled.keys() == self.sparse_names:
-            embeddings = [pooled.values()]
-        else:
-            by_name = pooled.to_dict()
-            embeddings = [by_name[n] for n in self.sparse_names]
-        return self.forward_from_embeddings(dense, embeddings)
+    def tables(self) -> dict[str, torch.Tensor]:
+        """Sparse feature name -> its embedding table's weight (pooled or per element)."""
+        weights = {n: bag.weight for n, bag in self.ebc.embedding_bags.items()} if self.ebc is not None else {}
+        for collection in self.ec.values():
+            weights.update({n: table.weight for n, table in collection.embeddings.items()})
+        return {n: weights[n] for n in self.sparse_names}
 
-    def forward_from_embeddings(self, dense: torch.Tensor, embeddings: Sequence[torch.Tensor]) -> ModelOutput:
-        """Everything after the embedding lookup: raw dense [B, n_dense] and the pooled
-        embeddings in spec order ([B, dim] per feature, or several side by side) ->
-        normalise, cross, backbone, task heads. The exported ONNX graph
-        (models.export.OnnxRanker) pools its own plain tables and runs this same step."""
-        x = self.cross(torch.cat([*embeddings, self.normalizer(dense)], dim=1))
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> ModelOutput:
+        # KeyedTensor.to_dict: by name, so a sharded EBC's own key order does not matter
+        by_name = self.ebc(sparse).to_dict() if self.ebc is not None else {}
+        looked_up = {}  # key -> JaggedTensor of per-id embeddings
+        for collection in self.ec.values():
+            looked_up.update(collection(sparse))
+        for name in self.sparse_names:
+            if name not in by_name:  # a carried feature: one id per row, so its values are [B, dim]
+                by_name[name] = looked_up[name].values()
+        histories = [self._history(seq, looked_up, sparse) for seq in self.sequences]
+        return self.forward_from_embeddings(dense, [by_name[n] for n in self.sparse_names], histories)
+
+    @staticmethod
+    def _history(seq: SequenceFeature, looked_up: dict, sparse: KeyedJaggedTensor) -> History:
+        """One sequence's real elements (jagged: no padding), their rows and ages."""
+        columns = [looked_up[sequence_column(seq.name, f)] for f in seq.items]
+        lengths = columns[0].lengths()
+        rows = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
+        elements = torch.cat([c.values() for c in columns], dim=-1)
+        return History(elements, rows, sparse[sequence_age_column(seq.name)].values())
+
+    def forward_from_embeddings(
+        self, dense: torch.Tensor, embeddings: Sequence[torch.Tensor], histories: Sequence[History] = ()
+    ) -> ModelOutput:
+        """Everything after the embedding lookup: raw dense [B, n_dense], the pooled
+        embeddings in spec order ([B, dim] per feature) and each sequence's history ->
+        encode the sequences, interact, normalise, cross, backbone, task heads. The exported
+        ONNX graph (models.export.OnnxRanker) looks up its own plain tables and runs this
+        same step."""
+        members = dict(zip(self.sparse_names, embeddings, strict=True))
+        for seq, history in zip(self.sequences, histories, strict=True):
+            candidate = torch.cat([members[f] for f in seq.items], dim=1)
+            members[seq.name] = self.sequence_encoders[seq.name](history, candidate)
+        parts = list(members.values())
+        if self.interaction is not None:
+            parts.append(self.interaction([members[n] for n in self.interaction.members]))
+        x = self.cross(torch.cat([*parts, self.normalizer(dense)], dim=1))
         hidden, gates = self.backbone(x)
         logits, probs = self.heads(hidden)
         return ModelOutput(logits, probs, x, gates)

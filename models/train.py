@@ -74,9 +74,9 @@ from models.distributed import (
     this_rank,
     world_size,
 )
-from models.loader import Batch, TrainingTableLoader
+from models.loader import Batch, TrainingTableLoader, table_loader
 from models.losses import LossWeighting, task_losses, training_loss
-from models.nets import MultiTaskNet, dense_stats
+from models.nets import EMBEDDING_PREFIXES, MultiTaskNet, dense_stats
 from models.predict import (
     fixed_steps,
     forward,
@@ -323,9 +323,7 @@ def _finish(
     result_model.eval()
     if tracker is not None:
         if state["finished"]:
-            whole_val = TrainingTableLoader(
-                data.val_files, shuffle=False, batch_size=cfg.train.batch_size, **trainer.loader_options
-            )
+            whole_val = table_loader(cfg, data.val_files, batch_size=cfg.train.batch_size, shuffle=False)
             _log_final_artifacts(
                 tracker,
                 cfg,
@@ -398,7 +396,6 @@ class Trainer:
     cosine_batch: Batch  # the validation batch gradient_cosine is measured on
     mean: np.ndarray  # the dense statistics of the training files
     std: np.ndarray
-    loader_options: dict  # what any loader of this run's tables takes (but files, batch size, shuffling)
 
     def resume(self, last: Path) -> dict:
         """Restore a killed run from its ``last.pt``; the loop's state."""
@@ -574,22 +571,15 @@ def _build_trainer(
     dense_params = [
         p
         for name, p in in_backward_optimizer_filter(model.named_parameters())
-        if p.requires_grad and not (freeze_shared and name.startswith("ebc."))
+        if p.requires_grad and not (freeze_shared and name.startswith(EMBEDDING_PREFIXES))
     ]  # data-parallel tables
     weights = {"params": list(weighting.parameters()), "weight_decay": 0.0}
     dense_opt = dense_optimizer([{"params": dense_params}, weights], tcfg)
-    options = dict(
-        sparse=spec.sparse,
-        dense_names=dense_names,
-        labels=cfg.label_columns,
-        seed=cfg.seed,
-        pin_memory=device.type == "cuda",
+    mine = dict(batch_size=tcfg.batch_size // world, shard=(rank, world), pin_memory=device.type == "cuda")
+    train_loader = table_loader(
+        cfg, data.train_files, shuffle=True, shuffle_buffer_rows=tcfg.shuffle_buffer_rows, **mine
     )
-    mine = dict(batch_size=tcfg.batch_size // world, shard=(rank, world), **options)
-    train_loader = TrainingTableLoader(
-        data.train_files, shuffle=True, shuffle_buffer_rows=tcfg.shuffle_buffer_rows, **mine
-    )
-    val_loader = TrainingTableLoader(data.val_files, shuffle=False, **mine)
+    val_loader = table_loader(cfg, data.val_files, shuffle=False, **mine)
     train_steps, val_steps = _steps_per_epoch(train_loader, val_loader, device)
     cosine_batch = next(iter(val_loader)).to(device)
     amp = tcfg.mixed_precision and device.type == "cuda"
@@ -608,7 +598,6 @@ def _build_trainer(
         cosine_batch,
         mean,
         std,
-        options,
     )
 
 

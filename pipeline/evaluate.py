@@ -16,7 +16,7 @@ from features.contract import day_str
 from features.errors import StageError
 from features.examples import mature_day
 from features.table_source import prepare_table
-from models.loader import TrainingTableLoader, parquet_files
+from models.loader import parquet_files, table_loader
 from models.nets import MultiTaskNet
 from models.predict import (
     auc_difference_standard_errors,
@@ -81,15 +81,7 @@ def evaluate_models(
     reliability plots of both. Returns {"candidate": metrics, "champion": metrics | None,
     "delta_auc_se": view -> standard error of the candidate's AUC minus the champion's, ...}."""
     name, files = evaluation_table(cfg, warehouse, run_date)
-    loader = TrainingTableLoader(
-        files,
-        cfg.features.sparse,
-        cfg.features.dense_names(),
-        batch_size=16_384,
-        shuffle=False,
-        seed=cfg.seed,
-        labels=cfg.label_columns,
-    )
+    loader = table_loader(cfg, files, batch_size=16_384, shuffle=False)
     models = {"candidate": candidate.eval(), **({"champion": champion} if champion is not None else {})}
     preds = {who: predict(model, loader, torch.device("cpu")) for who, model in models.items()}
     metrics = {who: validation_metrics(cfg, pred) for who, pred in preds.items()}

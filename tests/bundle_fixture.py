@@ -89,8 +89,8 @@ def small_model(cfg: FunnelConfig, files: list[Path]) -> MultiTaskNet:
     # outputs and a parity check has something to catch.
     generator = torch.Generator().manual_seed(cfg.seed)
     with torch.no_grad():
-        for bag in model.ebc.embedding_bags.values():
-            bag.weight.normal_(0.0, 0.5, generator=generator)
+        for table in model.tables().values():
+            table.normal_(0.0, 0.5, generator=generator)
         for layer in model.modules():
             if isinstance(layer, torch.nn.Linear):
                 layer.weight.normal_(0.0, (2.0 / layer.in_features) ** 0.5, generator=generator)
