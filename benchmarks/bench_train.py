@@ -6,6 +6,11 @@ dense layers), on one synthetic training table.
 
     python -m benchmarks.bench_train [--rows 400000] [--batch-size 4096] [--config configs/demo.toml]
         [--capacity-scale 1]
+    python -m benchmarks.bench_train --sequence-length 50 [--sequence-encoders mean,din,attention]
+        [--rounds 2] [--threads 0] [--rows ...]
+
+The second form measures what a behaviour sequence costs in training instead (see
+``sequence_cost``).
 
 Prints samples/s of each and the ratio, and the samples/s of the dense layers alone (the
 pooled embeddings precomputed): any embedding implementation adds its time to theirs, so
@@ -27,6 +32,7 @@ import pyarrow.parquet as pq
 
 from features.config import FeaturesConfig
 from models.loader import USER_COLUMN
+from serving.spec import sequence_age_column, sequence_column
 
 
 def write_synthetic_day(spec: FeaturesConfig, folder: Path, rows: int, seed: int, row_group_rows: int = 65_536) -> Path:
@@ -63,6 +69,16 @@ def write_synthetic_day(spec: FeaturesConfig, folder: Path, rows: int, seed: int
                 mean_effect = np.where(lengths > 0, sums / np.maximum(lengths, 1), 0.0)
                 cvr_logit += 1.5 * mean_effect
                 first_list = False
+    for seq in spec.sequences:  # lengths uniform in 0..N; elements ids of the carried features' tables
+        lengths = rng.integers(0, seq.max_length + 1, rows)
+        offsets = np.zeros(rows + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        sizes = {f.name: min(f.num_embeddings, 1000) for f in spec.sparse}
+        for name in seq.items:
+            values = pa.array(rng.integers(1, sizes[name], offsets[-1]), pa.int64())
+            cols[sequence_column(seq.name, name)] = pa.LargeListArray.from_arrays(pa.array(offsets), values)
+        ages = pa.array(rng.integers(1, 60, offsets[-1]), pa.int64())
+        cols[sequence_age_column(seq.name)] = pa.LargeListArray.from_arrays(pa.array(offsets), ages)
     dense_names = spec.dense_names()
     dense = rng.normal(2.0, 3.0, (rows, len(dense_names))).astype(np.float32)
     for j, name in enumerate(dense_names):
@@ -173,6 +189,77 @@ def check_same_function(net, baseline, batch, padded_batch) -> None:
         torch.testing.assert_close(p, b.probs[view], rtol=1e-5, atol=1e-7)
 
 
+def sequence_cost(cfg, args) -> None:
+    """Training samples/s of the torchrec model without and with a click sequence of
+    ``--sequence-length`` elements (items: the item id and category, lengths uniform in
+    0..N) per encoder, on one table, rounds alternating so that a change of the machine's
+    speed hits every model alike; the best round of each counts."""
+    import os
+
+    import torch
+    from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+    from features.config import SequenceFeature
+    from models.distributed import distribute, init_process_group
+    from models.loader import table_loader
+    from models.losses import LossWeighting, training_loss
+    from models.nets import MultiTaskNet, dense_stats
+    from models.train import dense_optimizer
+
+    def with_sequence(encoder: str | None):
+        seq = SequenceFeature(
+            name="clicked", items=["item_id", "category_id"], max_length=args.sequence_length, encoder=encoder or "mean"
+        )
+        features = cfg.features.model_copy(update={"sequences": [seq] if encoder else []})
+        return cfg.model_copy(update={"features": features})
+
+    variants = {"no sequence": with_sequence(None), **{e: with_sequence(e) for e in args.sequence_encoders}}
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_synthetic_day(with_sequence("mean").features, Path(tmp) / "day", args.rows, seed=0)
+        init_process_group(Path(tmp), torch.device("cpu"))
+        steps = {}
+        for name, vcfg in variants.items():
+            batches = list(table_loader(vcfg, [path], args.batch_size, shuffle=False, prefetch=0))
+            mean, std = dense_stats([path], vcfg.features.dense_names())
+            torch.manual_seed(0)
+            net = MultiTaskNet(vcfg.features, vcfg.model, vcfg.tasks, mean, std)
+            model = distribute(net, vcfg.train, torch.device("cpu"))
+            dense_opt = dense_optimizer(
+                [q for _, q in in_backward_optimizer_filter(model.named_parameters())], vcfg.train
+            )
+            weighting = LossWeighting(vcfg.model, vcfg.tasks)
+
+            def step(batch, model=model, net=net, dense_opt=dense_opt, weighting=weighting, vcfg=vcfg) -> None:
+                out = model(batch.dense, batch.sparse)
+                loss, _ = training_loss(
+                    out, batch.labels, vcfg.tasks, vcfg.model.conversion_head, weighting, net.backbone.penalty(), 0.0
+                )
+                dense_opt.zero_grad()
+                loss.backward()
+                dense_opt.step()
+
+            steps[name] = (step, batches)
+        print(
+            f"rows {args.rows:,}  batch {args.batch_size}  backbone {cfg.model.backbone}  sequence: click, items "
+            f"item_id + category_id, N = {args.sequence_length}, lengths uniform 0..N  threads "
+            f"{torch.get_num_threads()}  load avg {os.getloadavg()[0]:.2f}"
+        )
+        best = dict.fromkeys(steps, 0.0)
+        for _ in range(args.rounds):
+            for name, (step, batches) in steps.items():
+                for batch in batches[:3]:  # warm-up
+                    step(batch)
+                started = time.perf_counter()
+                for batch in batches:
+                    step(batch)
+                best[name] = max(best[name], sum(len(b) for b in batches) / (time.perf_counter() - started))
+        base = best["no sequence"]
+        for name, rate in best.items():
+            print(f"{name:12s} {rate:>10,.0f} samples/s  {100 * (rate / base - 1):+6.1f}%")
+        print(f"load avg {os.getloadavg()[0]:.2f}  ({dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC)")
+
+
 def main(argv: list[str] | None = None) -> None:
     import os
 
@@ -196,8 +283,20 @@ def main(argv: list[str] | None = None) -> None:
         default=1,
         help="multiply every vocabulary's capacity (dense embedding gradients cost grows with table size)",
     )
+    p.add_argument(
+        "--sequence-length",
+        type=int,
+        default=0,
+        help="N > 0: instead, the model without a click sequence against it with one of N elements, per encoder",
+    )
+    p.add_argument("--sequence-encoders", default="mean,din,attention", type=lambda v: v.split(","))
+    p.add_argument("--rounds", type=int, default=2, help="--sequence-length: alternating timing rounds")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = all cores")
     args = p.parse_args(argv)
     cfg = load_config(args.config)
+    if args.sequence_length:
+        sequence_cost(cfg, args)
+        return
     if args.capacity_scale != 1:
         data = cfg.model_dump(by_alias=True)
         for f in data["features"]["sparse"]:
