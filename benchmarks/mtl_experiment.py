@@ -132,19 +132,12 @@ def model_metrics(cfg: FunnelConfig, warehouse: Path, run_date: dt.date, day: dt
     import torch
 
     from features.catalog import training_dir
-    from models.loader import TrainingTableLoader, parquet_files
+    from models.loader import parquet_files, table_loader
     from models.predict import predict, validation_metrics
     from pipeline.train_stage import train_run
 
     result = train_run(cfg, warehouse, run_date, progress=False)
-    loader = TrainingTableLoader(
-        parquet_files(training_dir(warehouse, day)),
-        cfg.features.sparse,
-        cfg.features.dense_names(),
-        8192,
-        shuffle=False,
-        seed=0,
-    )
+    loader = table_loader(cfg, parquet_files(training_dir(warehouse, day)), 8192, shuffle=False, seed=0)
     m = validation_metrics(cfg, predict(result.model, loader, torch.device("cpu")))
     return {k: m[k] for k in METRICS}, result.epochs_run
 
