@@ -86,6 +86,10 @@ def same_architecture(a: FunnelConfig | None, b: FunnelConfig) -> str | None:
     shape = [(f.name, f.kind, f.dim, f.pooling, f.boundaries) for f in a.features.sparse]  # new boundaries: new buckets
     if shape != [(f.name, f.kind, f.dim, f.pooling, f.boundaries) for f in b.features.sparse]:
         return "the sparse features (names, kinds, dims, pooling or bucket boundaries) differ"
+    # max_length, max_age_days, event and key change the data, not a tensor's shape
+    encoded = [(s.name, s.items, s.encoder, s.attention_heads) for s in a.features.sequences]
+    if encoded != [(s.name, s.items, s.encoder, s.attention_heads) for s in b.features.sequences]:
+        return "the sequences (names, carried features, encoders or attention heads) differ"
     return None
 
 

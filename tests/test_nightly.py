@@ -300,3 +300,11 @@ def test_same_architecture_names_what_does_not_fit():
     with_buckets = parse_config({"features": {"sparse": [*base["features"]["sparse"], bucket]}})
     moved = parse_config({"features": {"sparse": [*base["features"]["sparse"], bucket | {"boundaries": [1.0, 3.0]}]}})
     assert "bucket boundaries" in same_architecture(with_buckets, moved)  # the rows would mean other buckets
+    item = {"name": "item_id", "table": "impressions", "column": "item_id", "capacity": 10}
+    clicked = {"name": "clicked", "items": ["item_id"], "max_length": 5}
+    with_sequence = parse_config({"features": {"sparse": [item], "sequences": [clicked]}})
+    longer = parse_config({"features": {"sparse": [item], "sequences": [clicked | {"max_length": 50}]}})
+    assert same_architecture(with_sequence, longer) is None  # more elements, the same weights
+    other_encoder = parse_config({"features": {"sparse": [item], "sequences": [clicked | {"encoder": "mean"}]}})
+    assert "sequences" in same_architecture(with_sequence, other_encoder)
+    assert "sequences" in same_architecture(parse_config({"features": {"sparse": [item]}}), with_sequence)
