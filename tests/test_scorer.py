@@ -62,6 +62,18 @@ def test_serving_rebuilds_the_training_rows_and_predictions(setup):
             assert got == want, f.name
     dense = np.column_stack([training.column(n).to_numpy() for n in cfg.features.dense_names()])
     np.testing.assert_allclose(feeds["dense"], dense, rtol=0, atol=1e-6)
+    # Behaviour sequences: the bundle's histories as of day L give day L's sequence columns,
+    # newest first, padded with -1 after the elements.
+    (seq,) = cfg.features.sequences  # clicked (bundle_fixture)
+    lengths = np.array([len(x) for x in training.column(seq.column_names[0]).to_pylist()])
+    assert {0, 1, seq.max_length - 1, seq.max_length} <= set(lengths.tolist())
+    for name in seq.column_names:
+        values = feeds[name]
+        assert values.dtype == np.int64 and values.shape == (rows.num_rows, seq.max_length), name
+        filled = values >= 0
+        np.testing.assert_array_equal(filled.sum(axis=1), lengths, err_msg=name)
+        assert (np.diff(filled.astype(np.int8), axis=1) <= 0).all(), name  # padding after the elements only
+        assert values[filled].tolist() == pc.list_flatten(training.column(name)).to_pylist(), name
 
     # End to end: the scorer's probabilities equal the PyTorch model's on the training rows.
     scored = scorer.score_table(rows)
