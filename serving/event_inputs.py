@@ -275,23 +275,27 @@ class EventInputs:
             feeds.update(history.feeds(values, n, recent, self._fresh_ids))
         return feeds
 
-    def _fresh_ids(self, item: SequenceItem, events: RecentEvents) -> np.ndarray:
-        """Fresh events' embedding rows of carried feature ``item``, encoded as a candidate's
+    def _fresh_ids(self, carried: tuple[SequenceItem, ...], events: RecentEvents) -> list[np.ndarray]:
+        """Fresh events' embedding rows of each carried feature, encoded as a candidate's
         are: the item id by its items-snapshot row (an item not in the snapshot by its id
         text), an items attribute from the snapshot (padding 0 when the item is not in it),
         an impressions attribute from the event's own field of that column."""
-        if item.source == "impressions":
-            try:
-                return self.encoders[item.feature](events.fields[item.column])
-            except TypeError as err:
-                raise ValueError(f"{RECENT}[].{item.column} (feature {item.feature!r}): {err}") from None
         items = self.snapshots["items"]
         at = items.rows(events.item_id)
-        ids = items.ids[item.feature][at]
         miss = at == items.n
-        if item.source == "item" and miss.any():
-            ids[miss] = self.encoders[item.feature](events.item_id.filter(pa.array(miss)))
-        return ids
+        out = []
+        for item in carried:
+            if item.source == "impressions":
+                try:
+                    out.append(self.encoders[item.feature](events.fields[item.column]))
+                except TypeError as err:
+                    raise ValueError(f"{RECENT}[].{item.column} (feature {item.feature!r}): {err}") from None
+                continue
+            ids = items.ids[item.feature][at]
+            if item.source == "item" and miss.any():
+                ids[miss] = self.encoders[item.feature](events.item_id.filter(pa.array(miss)))
+            out.append(ids)
+        return out
 
     def _encode_context(self, name: str, values: pa.Array) -> np.ndarray:
         """Vocab ids of a context column; a request's one value (device, slot) is encoded

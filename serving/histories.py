@@ -200,8 +200,8 @@ def _timestamps(text: pa.Array, where: Callable[[int], str]) -> np.ndarray:
         raise
 
 
-# (a carried feature, fresh events) -> the events' embedding rows of that feature (EventInputs encodes them)
-EncodeElements = Callable[[SequenceItem, RecentEvents], np.ndarray]
+# (carried features, fresh events) -> the events' embedding rows of each feature (EventInputs encodes them)
+EncodeElements = Callable[[tuple[SequenceItem, ...], RecentEvents], list[np.ndarray]]
 
 
 class SequenceHistory:
@@ -275,7 +275,7 @@ class SequenceHistory:
         if self.spec.max_age_days:
             young = age <= self.spec.max_age_days
             recent, age = recent.filter(young), age[young]
-        fresh = [*(encode(item, recent) for item in self.spec.items), age]
+        fresh = [*encode(self.spec.items, recent), age]
         element = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths) + np.arange(int(lengths.sum()))
         row = np.concatenate([recent.row, np.repeat(np.arange(len(lengths)), lengths)])
         ts = np.concatenate([recent.ts, self.ts[element]])
