@@ -53,6 +53,7 @@ REQUIRED_COLUMNS = ("user_id", "item_id")  # of an events bundle's rows
 # CONTEXT_CACHE_VALUE_CHARS are cached (~2 KB an entry), longer ones encoded every time.
 CONTEXT_CACHE_SIZE = 10_000
 CONTEXT_CACHE_VALUE_CHARS = 256
+FEW_EVENTS = 256  # fresh events looked up in the items snapshot one by one; more: vectorised (a batch's)
 
 
 def _snapshot_columns(spec: BundleSpec, table: str) -> list[str]:
@@ -281,7 +282,11 @@ class EventInputs:
         text), an items attribute from the snapshot (padding 0 when the item is not in it),
         an impressions attribute from the event's own field of that column."""
         items = self.snapshots["items"]
-        at = items.rows(events.item_id)
+        n = len(events.ts)
+        if n <= FEW_EVENTS:  # a request's: a dict lookup per event beats hashing them (as for candidates)
+            at = np.fromiter((items.row_of.get(i, items.n) for i in events.item_id.to_pylist()), np.int64, n)
+        else:
+            at = items.rows(events.item_id)
         miss = at == items.n
         out = []
         for item in carried:
