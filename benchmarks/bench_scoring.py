@@ -1,22 +1,30 @@
 """Scoring speed of the exported bundle, beside PyTorch eager on the same model and features.
 
     .venv/bin/python benchmarks/bench_scoring.py [--requests 2000] [--http-requests 10000]
+        [--sequence-length 50] [--in-process-only]
 
-Builds a small synthetic warehouse (demo spec and model sizes, 4 days) in a temporary
-folder, a demo-sized MMoE with random weights, and its bundle; then measures
-1. in-process: 1 user x 200 candidates per request (features + model), p50/p99;
-   targets p99 <= 3 ms; and where one HTTP request's time goes, phase by phase (parse
-   JSON + validate, encode features, onnxruntime, rank + serialise JSON);
-2. batch: rows/s through ``Scorer.score_table`` with one worker thread per core (each
+Builds a small synthetic warehouse (demo spec and model sizes, 4 days, with a click
+sequence of ``--sequence-length`` N items and their categories) in a temporary folder,
+two demo-sized MMoEs with random (default-init) weights, one without sequences and the same with the
+click sequence (the demo's sequence and encoder if configs/demo.toml has one, else DIN),
+and their bundles; then measures
+1. in-process: 1 user x 200 candidates per request (features + model), p50/p99, the
+   model without sequences (target p99 <= 3 ms) and with the sequence (users whose
+   bundled history is full, N elements; target p99 <= 5 ms), request by request in
+   turns, then the sequence model with 10 recent events per request; and where one HTTP
+   request's time goes, phase by phase (parse JSON + validate, encode features,
+   onnxruntime, rank + serialise JSON), for both;
+2. batch (the model without sequences): rows/s through ``Scorer.score_table`` with one worker thread per core (each
    encodes and scores its chunks of rows with one onnxruntime thread)
    (target >= 300,000 rows/s);
-3. HTTP: ``funnelrank serve`` in one process, a load generator in another (loopback),
+3. HTTP (the model without sequences): ``funnelrank serve`` in one process, a load generator in another (loopback),
    20 concurrent keep-alive clients in a closed loop (each sends again as soon as it is
    answered: the saturation throughput), p50/p99 and errors (target p99 <= 20 ms, 0
    errors), and the server's own mean time per request (from /metrics); then the same
    clients in an open loop at ``--http-rate`` requests/s (the latency at that load). The load generator is
    asyncio over raw sockets with prebuilt requests, so it takes little of the 2 cores.
-PyTorch eager gets the scorer's feature arrays (so only the model differs) for 1 and 2.
+PyTorch eager gets the scorer's feature arrays (so only the model differs) for 1 and 2,
+on the model without sequences. ``--in-process-only``: 1 alone.
 """
 
 from __future__ import annotations
@@ -145,6 +153,8 @@ def main() -> None:
         default=500.0,
         help="offered requests/s of the open-loop HTTP run (0: skip it; default %(default)s)",
     )
+    parser.add_argument("--sequence-length", type=int, default=50, help="N of the click sequence (default %(default)s)")
+    parser.add_argument("--in-process-only", action="store_true", help="measure 1 alone (no batch, no HTTP)")
     parser.add_argument("--http-client", nargs=3, metavar=("PORT", "PAYLOADS", "RATE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.http_client:
@@ -158,14 +168,17 @@ def main() -> None:
         return
 
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
     import torch
     from torchrec import KeyedJaggedTensor
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from bundle_fixture import build_warehouse, small_model
+    from bundle_fixture import build_warehouse
 
     from features.catalog import raw_dir, validated_root
+    from features.config import SequenceFeature
+    from models.nets import MultiTaskNet, dense_stats
     from pipeline.bundle import export_bundle
     from pipeline.config import load_config
     from serving.bundle import load_bundle
@@ -183,17 +196,39 @@ def main() -> None:
         },
     )
     cfg = cfg.model_copy(update={"warehouse": tmp / "warehouse", "state_dir": tmp / "state"})
+    demo_sequence = cfg.features.sequences[:1] or [SequenceFeature(name="clicked", items=["item_id", "category_id"])]
+    sequence = demo_sequence[0].model_copy(update={"max_length": args.sequence_length})
+    cfg_seq, cfg = (
+        cfg.model_copy(update={"features": cfg.features.model_copy(update={"sequences": sequences})})
+        for sequences in ([sequence], [])
+    )
     t = time.perf_counter()
-    files = build_warehouse(cfg)
-    model = small_model(cfg, files)
+    files = build_warehouse(cfg_seq)
+
+    def untrained(c):
+        # torch / torchrec default init: the tests' widened weights (bundle_fixture.small_model)
+        # put a 50-long DIN model's ONNX parity at ~4e-5, above the 1e-5 export demands; the
+        # time a model takes does not depend on its weights.
+        torch.manual_seed(c.seed)
+        return MultiTaskNet(c.features, c.model, c.tasks, *dense_stats(files, c.features.dense_names())).eval()
+
+    model = untrained(cfg)
     bundle_path = export_bundle(cfg, cfg.warehouse, model, tmp / "bundle", files)
+    seq_bundle_path = export_bundle(cfg_seq, cfg.warehouse, untrained(cfg_seq), tmp / "bundle-seq", files)
     print(
-        f"setup (warehouse + export): {time.perf_counter() - t:.1f} s; model {cfg.model.backbone} "
-        f"{cfg.model.expert_dims} x{cfg.model.n_experts}"
+        f"setup (warehouse + 2 exports): {time.perf_counter() - t:.1f} s; model {cfg.model.backbone} "
+        f"{cfg.model.expert_dims} x{cfg.model.n_experts}; sequence {sequence.name!r}: {sequence.event}s of "
+        f"{sequence.items}, N = {sequence.max_length}, encoder {sequence.encoder}"
     )
     scorer = Scorer(load_bundle(bundle_path), intra_op_threads=1)
-    users = pq.read_table(raw_dir(cfg.warehouse, "users")).column("user_id").to_pylist()
+    seq_scorer = Scorer(load_bundle(seq_bundle_path), intra_op_threads=1)
+    history = pq.read_table(seq_bundle_path / "features" / "sequences" / f"{sequence.name}.parquet", columns=["key"])
+    counts = pc.value_counts(history.column("key")).to_pylist()
+    users = sorted(c["values"] for c in counts if c["counts"] == sequence.max_length)  # full histories
+    if not users:
+        raise SystemExit(f"no user has {sequence.max_length} bundled elements: lower --sequence-length")
     items = pq.read_table(raw_dir(cfg.warehouse, "items")).column("item_id").to_pylist()
+    as_of = seq_scorer.spec.events.features_as_of
     rng = np.random.default_rng(0)
 
     def request(k: int) -> dict:
@@ -203,6 +238,14 @@ def main() -> None:
             "context": {"device": "ios", "slot": int(k % 10)},
             "candidates": [{"item_id": items[i]} for i in picked],
         }
+
+    def recent(k: int) -> list[dict]:
+        """10 clicks of the as-of day (fresh events in front of the bundled history)."""
+        picked = rng.choice(len(items), 10, replace=False)
+        return [
+            {"item_id": items[i], "event": "click", "ts": f"{as_of.isoformat()}T{j:02d}:{k % 60:02d}:00Z"}
+            for j, i in enumerate(picked)
+        ]
 
     def torch_score(feeds: dict[str, np.ndarray]) -> np.ndarray:
         values, lengths = [], []
@@ -225,51 +268,69 @@ def main() -> None:
         return (out.probs["click"] * out.probs["ctcvr"]).numpy()
 
     requests = [request(k) for k in range(args.requests)]
-    for r in requests[:50]:  # warm up both
+    with_recent = [r | {"recent": recent(k)} for k, r in enumerate(requests)]
+    for r in requests[:50]:  # warm up all
         scorer.score(r)
+        seq_scorer.score(r)
         torch_score(scorer.feeds(scorer.request_table(r)))
-    onnx_ms, torch_ms, onnx_cpu_ms = [], [], []
-    for r in requests:
+    onnx_ms, torch_ms, onnx_cpu_ms, seq_ms, seq_cpu_ms, recent_ms = [], [], [], [], [], []
+    for r, fresh in zip(requests, with_recent, strict=True):  # in turns: both see the same load
         t, c = time.perf_counter(), time.thread_time()
         scorer.score(r)
         onnx_ms.append((time.perf_counter() - t) * 1000)
         onnx_cpu_ms.append((time.thread_time() - c) * 1000)
+        t, c = time.perf_counter(), time.thread_time()
+        seq_scorer.score(r)
+        seq_ms.append((time.perf_counter() - t) * 1000)
+        seq_cpu_ms.append((time.thread_time() - c) * 1000)
+        t = time.perf_counter()
+        seq_scorer.score(fresh)
+        recent_ms.append((time.perf_counter() - t) * 1000)
         t = time.perf_counter()
         torch_score(scorer.feeds(scorer.request_table(r)))
         torch_ms.append((time.perf_counter() - t) * 1000)
     print(f"in-process 1 user x {args.candidates} candidates, {len(requests)} requests, 1 thread:")
     print(
-        f"  onnxruntime scorer  {_percentiles(onnx_ms)}   (target p99 <= 3 ms); CPU time per request: "
-        f"{_percentiles(onnx_cpu_ms)}"
+        f"  onnxruntime scorer, no sequences   {_percentiles(onnx_ms)}   (target p99 <= 3 ms); CPU time per "
+        f"request: {_percentiles(onnx_cpu_ms)}"
     )
     print(
-        f"  PyTorch eager       {_percentiles(torch_ms)}   ratio p50 torch/onnx "
+        f"  onnxruntime scorer, N = {sequence.max_length:<3} history {_percentiles(seq_ms)}   (target p99 <= 5 ms); "
+        f"CPU time per request: {_percentiles(seq_cpu_ms)}; {len(users)} users with full histories"
+    )
+    print(f"    + 10 recent events in front     {_percentiles(recent_ms)}")
+    print(
+        f"  PyTorch eager, no sequences        {_percentiles(torch_ms)}   ratio p50 torch/onnx "
         f"{np.median(torch_ms) / np.median(onnx_ms):.2f}x"
     )
-    phases: dict[str, list[float]] = {
-        "parse JSON + validate": [],
-        "encode features": [],
-        "onnxruntime": [],
-        "rank + serialise JSON": [],
-    }
-    for r in requests:
-        body = json.dumps(r).encode()
-        t0 = time.thread_time()
-        parsed = parse_rank_request(body, ScoringLimits())
-        t1 = time.thread_time()
-        item_ids, feeds = scorer.request_feeds(parsed)
-        t2 = time.thread_time()
-        outputs = scorer.run(feeds, len(item_ids))
-        t3 = time.thread_time()
-        rank_response(scorer.version, item_ids, scorer.result_names, outputs)
-        t4 = time.thread_time()
-        for name, a, b in zip(phases, (t0, t1, t2, t3), (t1, t2, t3, t4), strict=True):
-            phases[name].append((b - a) * 1000)
-    # CPU time (not wall time): what each phase costs, whatever else shares the cores.
-    print(
-        "  CPU time per phase of one HTTP request's work (in-process, p50): "
-        + ", ".join(f"{name} {np.median(ms):.3f} ms" for name, ms in phases.items())
-    )
+    for label, served in (("no sequences", scorer), (f"N = {sequence.max_length} history", seq_scorer)):
+        phases: dict[str, list[float]] = {
+            "parse JSON + validate": [],
+            "encode features": [],
+            "onnxruntime": [],
+            "rank + serialise JSON": [],
+        }
+        for r in requests:
+            body = json.dumps(r).encode()
+            t0 = time.thread_time()
+            parsed = parse_rank_request(body, ScoringLimits())
+            t1 = time.thread_time()
+            item_ids, feeds = served.request_feeds(parsed)
+            t2 = time.thread_time()
+            outputs = served.run(feeds, len(item_ids))
+            t3 = time.thread_time()
+            rank_response(served.version, item_ids, served.result_names, outputs)
+            t4 = time.thread_time()
+            for name, a, b in zip(phases, (t0, t1, t2, t3), (t1, t2, t3, t4), strict=True):
+                phases[name].append((b - a) * 1000)
+        # CPU time (not wall time): what each phase costs, whatever else shares the cores.
+        print(
+            f"  CPU time per phase of one HTTP request's work ({label}, in-process, p50): "
+            + ", ".join(f"{name} {np.median(ms):.3f} ms" for name, ms in phases.items())
+        )
+    if args.in_process_only:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
 
     # batch: a day of impressions as the input table
     rows = pq.read_table(validated_root(cfg.warehouse, "impressions")).select(["user_id", "item_id", "device", "slot"])

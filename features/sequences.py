@@ -37,6 +37,7 @@ item feature's (a history item and the candidate share one embedding row), an it
 attribute looked up in the items snapshot accepted on L (what the candidate gets that
 day; an item missing from it encodes to 0, as for the candidate), an impressions
 attribute as stored. Vectorised: per distinct key, then gathered per row.
+``key_sequences`` gives the same elements per key (a serving bundle carries them).
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ from features.labels import (
 )
 from features.snapshots import SNAPSHOT_JOIN_KEY, JoinedRows
 from features.vocab import load_vocabulary
-from serving.spec import sequence_age_column, sequence_column
+from serving.encoding import as_strings
 
 STATE_FORMAT = 1
 KEY, TS = "key", "ts"
@@ -297,6 +298,54 @@ def sequence_state(
     return state
 
 
+def _young_runs(seq: SequenceFeature, state: SequenceState) -> tuple[pl.Series, np.ndarray, np.ndarray, np.ndarray]:
+    """(each key with elements, the start of its run of elements, the run's length with
+    ``max_age_days`` applied, each element's age in days as of ``state.day``)."""
+    elements = state.elements
+    runs = elements.group_by(KEY, maintain_order=True).len()  # the state is sorted by key
+    run_length = runs["len"].to_numpy().astype(np.int64)
+    run_start = np.cumsum(run_length) - run_length
+    age = (state.day - dt.date(1970, 1, 1)).days - elements[TS].dt.date().cast(pl.Int32).to_numpy()
+    if seq.max_age_days:
+        # Newest first: a key's elements young enough are a prefix of its run.
+        young = (age <= seq.max_age_days).astype(np.int64)
+        run_length = np.add.reduceat(young, run_start) if len(run_start) else run_length
+    return runs[KEY], run_start, run_length, age
+
+
+def _encoded_elements(
+    cfg: DataConfig,
+    warehouse: Path,
+    seq: SequenceFeature,
+    state: SequenceState,
+    picked: np.ndarray,
+    age: np.ndarray,
+    items_snapshot: pl.DataFrame | None,
+    vocab_versions: dict[str, int],
+) -> list[np.ndarray]:
+    """The elements of ``state`` at ``picked``: per carried feature its embedding rows, then
+    their ages (``age``: of every element). ``items_snapshot``: the items snapshot the
+    attributes are read from, its last row all null (an item missing from it)."""
+    elements = state.elements
+    sparse = {f.name: f for f in cfg.features.sparse}
+    items = pc.dictionary_encode(elements["item_id"].to_arrow().take(pa.array(picked)))
+    values: list[np.ndarray] = []
+    for name in seq.items:
+        feature = sparse[name]
+        vocab = load_vocabulary(warehouse, feature, vocab_versions[name])
+        if feature.column == "item_id":
+            values.append(vocab.encode(items))
+        elif feature.table == "items":
+            key = items_snapshot[SNAPSHOT_JOIN_KEY["items"]].to_arrow()
+            at = pc.fill_null(pc.index_in(items.dictionary, value_set=key), items_snapshot.height - 1)
+            per_item = vocab.encode(items_snapshot[feature.column].to_arrow().take(at))
+            values.append(per_item[items.indices.to_numpy(zero_copy_only=False)])
+        else:
+            values.append(vocab.encode(elements[feature.column].to_arrow().take(pa.array(picked))))
+    values.append(age[picked].astype(np.int32))
+    return values
+
+
 def sequence_columns(
     cfg: DataConfig,
     warehouse: Path,
@@ -308,41 +357,18 @@ def sequence_columns(
     """The sequence's training-table columns for ``rows`` (of ``state.day``), in
     ``seq.column_names`` order: per carried feature a list of embedding rows, then the ages
     (see the module doc). ``vocab_versions``: the version each feature was encoded with."""
-    elements = state.elements
     key = rows.coded(seq.key)
-    runs = elements.group_by(KEY, maintain_order=True).len()  # the state is sorted by key
-    run_length = runs["len"].to_numpy().astype(np.int64)
-    run_start = np.cumsum(run_length) - run_length
-    age = (state.day - dt.date(1970, 1, 1)).days - elements[TS].dt.date().cast(pl.Int32).to_numpy()
-    if seq.max_age_days:
-        # Newest first: a key's elements young enough are a prefix of its run.
-        young = (age <= seq.max_age_days).astype(np.int64)
-        run_length = np.add.reduceat(young, run_start) if len(run_start) else run_length
+    keys, run_start, run_length, age = _young_runs(seq, state)
     # Each distinct key of the rows (then the null key: no history) -> its run of elements.
-    run = pc.index_in(key.values, value_set=runs[KEY].to_arrow().cast(key.values.type))
+    run = pc.index_in(key.values, value_set=keys.to_arrow().cast(key.values.type))
     found = run.is_valid().to_numpy(zero_copy_only=False)
     run = pc.fill_null(run, 0).to_numpy(zero_copy_only=False)
     lengths = np.append(np.where(found, run_length[run] if len(run_length) else 0, 0), 0)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     starts = np.append(np.where(found, run_start[run] if len(run_start) else 0, 0), 0)
     picked = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
-
-    sparse = {f.name: f for f in cfg.features.sparse}
-    items = pc.dictionary_encode(elements["item_id"].to_arrow().take(pa.array(picked)))
-    values: list[np.ndarray] = []
-    for name in seq.items:
-        feature = sparse[name]
-        vocab = load_vocabulary(warehouse, feature, vocab_versions[name])
-        if feature.column == "item_id":
-            values.append(vocab.encode(items))
-        elif feature.table == "items":
-            snapshot = rows.snapshots["items"]  # its last row is all null: items missing from the snapshot
-            at = pc.index_in(items.dictionary, value_set=snapshot[SNAPSHOT_JOIN_KEY["items"]].to_arrow())
-            per_item = vocab.encode(snapshot[feature.column].to_arrow().take(pc.fill_null(at, snapshot.height - 1)))
-            values.append(per_item[items.indices.to_numpy(zero_copy_only=False)])
-        else:
-            values.append(vocab.encode(elements[feature.column].to_arrow().take(pa.array(picked))))
-    values.append(age[picked].astype(np.int32))
+    # rows.snapshots["items"]: the snapshot accepted on the day, its last row all null
+    values = _encoded_elements(cfg, warehouse, seq, state, picked, age, rows.snapshots.get("items"), vocab_versions)
     # Spread over the rows: one gather shared by the columns (faster than a take per list column).
     row_lengths = lengths[key.codes]
     row_offsets = np.concatenate([[0], np.cumsum(row_lengths)])
@@ -350,7 +376,34 @@ def sequence_columns(
     row_offsets = pa.array(row_offsets, pa.int64())
     return {
         name: pa.LargeListArray.from_arrays(row_offsets, pa.array(column[row_picked]))
-        for name, column in zip(
-            [*(sequence_column(seq.name, f) for f in seq.items), sequence_age_column(seq.name)], values, strict=True
-        )
+        for name, column in zip(seq.column_names, values, strict=True)
     }
+
+
+def key_sequences(
+    cfg: DataConfig,
+    warehouse: Path,
+    seq: SequenceFeature,
+    state: SequenceState,
+    items_snapshot: pl.DataFrame,
+    vocab_versions: dict[str, int],
+) -> pa.Table:
+    """The sequence's elements per key as of ``state.day``, as a serving bundle carries
+    them: one row per element (``max_age_days`` applied), by key, newest first, with
+    ``key`` (the key's text, serving.encoding.as_strings), ``ts``, the raw ``item_id``
+    and the columns ``sequence_columns`` gives a row of ``state.day`` whose key it is
+    (items attributes looked up in ``items_snapshot``, the items snapshot a row of that
+    day joins)."""
+    keys, run_start, run_length, age = _young_runs(seq, state)
+    offsets = np.cumsum(run_length) - run_length
+    picked = np.repeat(run_start - offsets, run_length) + np.arange(int(run_length.sum()))
+    with_null = pl.concat([items_snapshot, pl.DataFrame(schema=items_snapshot.schema).clear(1)])
+    values = _encoded_elements(cfg, warehouse, seq, state, picked, age, with_null, vocab_versions)
+    taken = state.elements[picked]
+    columns = {
+        "key": as_strings(keys.to_arrow()).take(pa.array(np.repeat(np.arange(len(keys)), run_length))),
+        "ts": taken[TS].to_arrow(),
+        "item_id": as_strings(taken["item_id"].to_arrow()),
+    }
+    columns.update({name: pa.array(column) for name, column in zip(seq.column_names, values, strict=True)})
+    return pa.table(columns)

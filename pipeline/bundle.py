@@ -35,6 +35,7 @@ from features.errors import StageError
 from features.examples import numeric_feature_expr
 from features.io import atomic_dir, sha256_file
 from features.rolling_features import rolled_features
+from features.sequences import key_sequences, sequence_state
 from features.table_source import LIST_DELIMITER
 from features.vocab import load_vocabulary
 from models.export import (
@@ -56,6 +57,8 @@ from serving.spec import (
     EventFeatures,
     NumericInput,
     ScoringLimits,
+    SequenceItem,
+    SequenceSpec,
     SnapshotSpec,
     SparseInput,
     TaskOutput,
@@ -146,8 +149,25 @@ def event_serving_spec(
     snapshot_day: dt.date,
     defaults: dict[str, dict[str, float]],
 ) -> EventFeatures:
-    """The spec.json entries of an event-log bundle: its aggregate keys, snapshots and the
-    aggregates' values for a key with no history."""
+    """The spec.json entries of an event-log bundle: its aggregate keys, snapshots, the
+    aggregates' values for a key with no history and its behaviour sequences."""
+    sparse = {f.name: f for f in cfg.features.sparse}
+    sequences = tuple(
+        SequenceSpec(
+            name=seq.name,
+            event=seq.event,
+            key=seq.key,
+            # the first carried feature is the element's item id (features.config checks it)
+            items=tuple(
+                SequenceItem(name, "item" if j == 0 else sparse[name].table, sparse[name].column)
+                for j, name in enumerate(seq.items)
+            ),
+            max_length=seq.max_length,
+            max_age_days=seq.max_age_days,
+            file=f"features/sequences/{seq.name}.parquet",
+        )
+        for seq in cfg.features.sequences
+    )
     return EventFeatures(
         aggregate_keys=tuple(
             AggregateKeySpec(
@@ -162,6 +182,7 @@ def event_serving_spec(
         features_as_of=as_of,
         snapshot_day=snapshot_day,
         defaults=defaults,
+        sequences=sequences,
     )
 
 
@@ -200,8 +221,10 @@ def _write_event_features(
     as_of: dt.date,
     vocab_versions: dict,
 ) -> dict:
-    """Write the encoded users/items snapshots and the aggregates' rolling features under
-    ``out/features``; return the aggregates' defaults (a key with no history)."""
+    """Write the encoded users/items snapshots, the aggregates' rolling features and each
+    behaviour sequence's elements per user (``features.sequences.key_sequences`` of the
+    state as of ``as_of``, items attributes from the bundled items snapshot, as the
+    candidates') under ``out/features``; return the aggregates' defaults (a key with no history)."""
     (out / "features" / "aggregates").mkdir(parents=True)
     for table in SNAPSHOT_TABLES:
         key_columns = {c for c, s in key_sources.items() if s == table}
@@ -217,6 +240,16 @@ def _write_event_features(
         keys = join_key_columns([rolled.column(c) for c in key.columns])
         table = pa.table({"key": keys, **{n: rolled.column(n) for n in names}}).filter(keys.is_valid())
         pq.write_table(table, out / "features" / "aggregates" / f"{key.name}.parquet", compression="zstd")
+    if cfg.features.sequences:
+        (out / "features" / "sequences").mkdir()
+        items = scan_validated(warehouse, "items", snapshot_day).collect()
+    for seq in cfg.features.sequences:
+        state = sequence_state(cfg, warehouse, seq, as_of)
+        pq.write_table(
+            key_sequences(cfg, warehouse, seq, state, items, vocab_versions),
+            out / "features" / "sequences" / f"{seq.name}.parquet",
+            compression="zstd",
+        )
     return defaults
 
 
@@ -256,7 +289,9 @@ def export_bundle(
     and ``features/aggregates/<key>.parquet`` (``key`` string + the key's rolling features
     as of the start of ``as_of``, by default the day after the newest daily aggregates,
     i.e. what a row of the coming day would see in training; spec.json's ``defaults`` hold
-    the values for a key with no history). A ``[table]`` model's bundle has no snapshots
+    the values for a key with no history), and ``features/sequences/<name>.parquet`` per
+    behaviour sequence (each user's elements as of the start of ``as_of``, encoded, as a
+    training row of that day gets them). A ``[table]`` model's bundle has no snapshots
     (``as_of`` is not used): its rows carry every feature. Logging to MLflow is the
     caller's job.
     """

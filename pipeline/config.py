@@ -69,6 +69,12 @@ class ScoringConfig(_Section):
         le=3600.0,
         description="HTTP: on SIGTERM, how long the requests in flight get to be answered",
     )
+    max_recent_events: int = Field(
+        _LIMITS.max_recent_events,
+        ge=0,
+        le=10_000,
+        description="HTTP: a rank request's recent events at most (413 above; 0: none accepted)",
+    )
 
 
 class NightlyConfig(_Section):

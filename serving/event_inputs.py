@@ -14,7 +14,10 @@ lookup per candidate, the user and context looked up once). Per row it
   what training gives a row whose snapshot join found nothing: padding id 0, an empty
   list, 0.0 for numeric features;
 * looks up each aggregate key (user, item, user x category, ...) in its rolling-feature
-  table; a key with no history gets the bundle's defaults (zero counts, global rates).
+  table; a key with no history gets the bundle's defaults (zero counts, global rates);
+* gives each behaviour sequence the user's bundled history, with the fresh events of a
+  request's ``recent`` (or the rows' ``recent`` column) in front (serving.histories); a
+  user the bundle has no history of gets an empty one, as a new user does in training.
 
 Context columns absent from a request (or null) are null, which encodes to the padding
 id 0, the same as a null context value in training; a numeric context value absent is 0.0.
@@ -32,6 +35,7 @@ import pyarrow as pa
 
 from serving.bundle import Bundle
 from serving.encoding import KeyIndex, finite_numeric_values, join_key_columns
+from serving.histories import RECENT, RecentEvents, SequenceHistory, recent_column_events, recent_events
 from serving.joins import (
     AggregateTable,
     CodedKey,
@@ -41,7 +45,7 @@ from serving.joins import (
     column_positions,
     expand,
 )
-from serving.spec import AggregateInput, AggregateKeySpec, BundleSpec, NumericInput
+from serving.spec import AggregateInput, AggregateKeySpec, BundleSpec, NumericInput, SequenceItem
 
 REQUIRED_COLUMNS = ("user_id", "item_id")  # of an events bundle's rows
 # The request path caches each context value's Arrow array and vocab ids (a request's
@@ -49,6 +53,7 @@ REQUIRED_COLUMNS = ("user_id", "item_id")  # of an events bundle's rows
 # CONTEXT_CACHE_VALUE_CHARS are cached (~2 KB an entry), longer ones encoded every time.
 CONTEXT_CACHE_SIZE = 10_000
 CONTEXT_CACHE_VALUE_CHARS = 256
+FEW_EVENTS = 256  # fresh events looked up in the items snapshot one by one; more: vectorised (a batch's)
 
 
 def _snapshot_columns(spec: BundleSpec, table: str) -> list[str]:
@@ -147,10 +152,25 @@ class EventInputs:
                         parts.append((table, *raw_codes[(table, c)]))
                 self.coded_keys[key.name] = CodedKey(aggregate, parts)
 
-        # Request columns besides user_id/item_id: context features and aggregate-key parts.
+        self.histories = [
+            SequenceHistory(
+                q,
+                bundle.table(q.file, ["key", "ts", "item_id", *q.input_names]),
+                events.features_as_of,
+                f"bundle {bundle.path}: {q.file}",
+            )
+            for q in events.sequences
+        ]
+        # the impressions columns carried per sequence element: a fresh event's own fields
+        self.recent_fields = list(
+            dict.fromkeys(i.column for q in events.sequences for i in q.items if i.source == "impressions")
+        )
+
+        # Request columns besides user_id/item_id: context features, aggregate-key parts and sequence keys.
         context = [f.column for f in spec.sparse if f.table == "impressions"]
         context += [d.column for _, d in self.context_numeric]
         context += [c for k in events.aggregate_keys for c, src in k.sources.items() if src == "request"]
+        context += [q.key for q in events.sequences]
         self.context_columns = [c for c in dict.fromkeys(context) if c not in REQUIRED_COLUMNS]
         self._context_cache: dict[tuple, np.ndarray] = {}
         self._context_arrays: dict[tuple, pa.Array] = {}
@@ -164,10 +184,14 @@ class EventInputs:
         return pa.nulls(table.num_rows, pa.large_string())  # absent context: null -> padding id
 
     def feeds(self, table: pa.Table) -> dict[str, np.ndarray]:
-        """The ONNX inputs of ``table``'s rows (user_id, item_id, context columns)."""
+        """The ONNX inputs of ``table``'s rows (user_id, item_id, context columns, and
+        optionally each row's fresh events, column ``recent``)."""
         keys = {column: self._column(table, column) for column in self.key_snapshot}
         rows = {t: self.snapshots[t].rows(keys[column]) for column, t in self.key_snapshot.items()}
-        return self._feeds(table.num_rows, rows, keys, lambda name: self._column(table, name))
+        recent = None
+        if RECENT in table.column_names and self.histories:
+            recent = recent_column_events(table.column(RECENT), self.recent_fields)
+        return self._feeds(table.num_rows, rows, keys, lambda name: self._column(table, name), recent)
 
     def request_table(self, request: dict) -> pa.Table:
         """A ranking request as the table ``feeds`` takes (context repeated per row)."""
@@ -179,6 +203,8 @@ class EventInputs:
         for name in self.context_columns:
             if context.get(name) is not None:
                 columns[name] = pa.array([context[name]]).take(repeat)
+        if request.get(RECENT):
+            columns[RECENT] = recent_events(request[RECENT], self.recent_fields).as_list_column(n)
         return pa.table(columns)
 
     def request_feeds(self, request: dict) -> tuple[list[str], dict[str, np.ndarray]]:
@@ -194,12 +220,22 @@ class EventInputs:
             "items": np.fromiter((items.row_of.get(i, items.n) for i in item_ids), np.int64, n),
         }
         keys = LazyColumns(lambda column: pa.array([user_id] if column == "user_id" else item_ids, pa.large_string()))
-        return item_ids, self._feeds(n, rows, keys, lambda name: self._context_value(name, context.get(name)))
+        # the fresh events are the user's: row 0 of the user's one row
+        recent = recent_events(request[RECENT], self.recent_fields) if request.get(RECENT) is not None else None
+        return item_ids, self._feeds(n, rows, keys, lambda name: self._context_value(name, context.get(name)), recent)
 
-    def _feeds(self, n: int, rows: dict[str, np.ndarray], keys: dict[str, pa.Array], context) -> dict[str, np.ndarray]:
+    def _feeds(
+        self,
+        n: int,
+        rows: dict[str, np.ndarray],
+        keys: dict[str, pa.Array],
+        context,
+        recent: RecentEvents | None = None,
+    ) -> dict[str, np.ndarray]:
         """The ONNX inputs of ``n`` rows given each row's snapshot rows, the snapshot-key
-        columns (user_id, item_id) and ``context(name)``, a request column; each of these
-        holds ``n`` values, or 1 for all rows (a request's user and context)."""
+        columns (user_id, item_id), ``context(name)``, a request column, and the fresh
+        events of the rows (of their user); each of these holds ``n`` values, or 1 for all
+        rows (a request's user and context)."""
         feeds: dict[str, np.ndarray] = {}
         for f in self.spec.sparse:
             name, source = f.name, f.table
@@ -234,7 +270,37 @@ class EventInputs:
                 dense[:, positions] = aggregate.features(self._key_strings(key, rows, keys, context, n))
         self._fill_misses(rows, keys, feeds, dense)
         feeds["dense"] = dense
+        for history in self.histories:
+            key = history.spec.key
+            values = keys[key] if key in self.key_snapshot else context(key)
+            feeds.update(history.feeds(values, n, recent, self._fresh_ids))
         return feeds
+
+    def _fresh_ids(self, carried: tuple[SequenceItem, ...], events: RecentEvents) -> list[np.ndarray]:
+        """Fresh events' embedding rows of each carried feature, encoded as a candidate's
+        are: the item id by its items-snapshot row (an item not in the snapshot by its id
+        text), an items attribute from the snapshot (padding 0 when the item is not in it),
+        an impressions attribute from the event's own field of that column."""
+        items = self.snapshots["items"]
+        n = len(events.ts)
+        if n <= FEW_EVENTS:  # a request's: a dict lookup per event beats hashing them (as for candidates)
+            at = np.fromiter((items.row_of.get(i, items.n) for i in events.item_id.to_pylist()), np.int64, n)
+        else:
+            at = items.rows(events.item_id)
+        miss = at == items.n
+        out = []
+        for item in carried:
+            if item.source == "impressions":
+                try:
+                    out.append(self.encoders[item.feature](events.fields[item.column]))
+                except TypeError as err:
+                    raise ValueError(f"{RECENT}[].{item.column} (feature {item.feature!r}): {err}") from None
+                continue
+            ids = items.ids[item.feature][at]
+            if item.source == "item" and miss.any():
+                ids[miss] = self.encoders[item.feature](events.item_id.filter(pa.array(miss)))
+            out.append(ids)
+        return out
 
     def _encode_context(self, name: str, values: pa.Array) -> np.ndarray:
         """Vocab ids of a context column; a request's one value (device, slot) is encoded

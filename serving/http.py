@@ -2,7 +2,8 @@
 (``funnelrank serve``).
 
 Routes:
-* ``POST /v1/rank``   body {"user_id": str, "context": {...}, "candidates": [{"item_id": str}, ...]}
+* ``POST /v1/rank``   body {"user_id": str, "context": {...}, "candidates": [{"item_id": str}, ...],
+  "recent": [{"item_id": str, "event": str, "ts": str}, ...] (optional, serving.rank_api)}
   -> 200 {"model_version": ..., "items": [{item_id, p_<task>..., score}, ...]} by score
   (the default funnel: p_click, p_conversion); 501 for a table bundle (batch scoring only);
 * ``GET /healthz``    the process is up; ``GET /readyz``: a model is loaded (its version);
@@ -16,10 +17,10 @@ Routes:
 A route asked with another method gets 405 and ``Allow`` (HEAD: no body).
 
 Bad requests (no/oversized body, bad JSON, missing or mistyped fields, context values too
-long or out of range, empty or too many candidates) get a 4xx JSON error {"error": "..."}
-naming the problem; the server goes on. Framing it cannot trust (Transfer-Encoding,
-differing or malformed Content-Length) is a 400 that closes the connection, so no bytes
-of it are read as a next request.
+long or out of range, empty or too many candidates, bad or too many recent events) get a
+4xx JSON error {"error": "..."} naming the problem; the server goes on. Framing it cannot
+trust (Transfer-Encoding, differing or malformed Content-Length) is a 400 that closes the
+connection, so no bytes of it are read as a next request.
 
 What one client can hold is bounded (``serving.spec.ScoringLimits``, the ``[scoring]`` keys): a
 connection waiting for its next request is closed after ``idle_timeout_s``, a request

@@ -1,10 +1,15 @@
 """The /v1/rank contract: the request body parsed and validated, the ranking written as the response body.
 
-Request {"user_id": str, "context": {...}, "candidates": [{"item_id": str}, ...]}; response
-{"model_version": ..., "items": [{item_id, p_<task>..., score}, ...]} by score (the default
-funnel: p_click, p_conversion). A request that breaks the contract (bad JSON, missing or
-mistyped fields, context values too long or out of range, empty or too many candidates) is a
-RequestError: the HTTP status and a message naming the problem.
+Request {"user_id": str, "context": {...}, "candidates": [{"item_id": str}, ...], "recent":
+[{"item_id": str, "event": "click" | "conversion", "ts": ISO 8601 with a zone offset}, ...]}
+("recent", optional: the user's events since the bundle was built, put in front of the
+bundled behaviour sequences, serving.histories); response {"model_version": ..., "items":
+[{item_id, p_<task>..., score}, ...]} by score (the default funnel: p_click,
+p_conversion). A request that breaks the contract (bad JSON, missing or mistyped fields,
+context values too long or out of range, empty or too many candidates, too many recent
+events) is a RequestError: the HTTP status and a message naming the problem; a recent
+event's fields are checked where they are read (serving.histories.recent_events: a 400
+naming the field, ``recent[2].ts``).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from json.encoder import encode_basestring_ascii
 
 import numpy as np
 
+from serving.histories import RECENT
 from serving.scorer import ranking_order
 from serving.spec import ScoringLimits
 
@@ -68,7 +74,16 @@ def parse_rank_request(body: bytes, limits: ScoringLimits) -> dict:
     for i, c in enumerate(candidates):
         if not isinstance(c, dict) or not isinstance(c.get("item_id"), str):
             raise RequestError(400, f"candidates[{i}] must be an object with a string item_id")
-    return {"user_id": request["user_id"], "context": context, "candidates": candidates}
+    recent = request.get(RECENT)
+    if recent is not None and not isinstance(recent, list):
+        raise RequestError(400, f"{RECENT} must be a list of {{item_id, event, ts}}, got {type(recent).__name__}")
+    if recent and len(recent) > limits.max_recent_events:
+        raise RequestError(
+            413,
+            f"{RECENT} has {len(recent)} events, above the limit of {limits.max_recent_events} "
+            "(scoring.max_recent_events)",
+        )
+    return {"user_id": request["user_id"], "context": context, "candidates": candidates, RECENT: recent}
 
 
 def _refuse_non_finite(token: str) -> None:

@@ -150,9 +150,11 @@ def _load_model(bundle: Bundle, options: ort.SessionOptions, outputs: list[str])
     spec, where = bundle.spec, f"bundle {bundle.path}: {MODEL_FILE}"
     takes = {i.name: i.shape for i in session.get_inputs()}
     fed = ["dense", *(f.name for f in spec.sparse)]
+    fed += [name for q in (spec.events.sequences if spec.events else ()) for name in q.input_names]
     if sorted(takes) != sorted(fed):
         raise BundleError(
-            f"{where} takes the inputs {sorted(takes)}, but spec.json's sparse and dense keys give {sorted(fed)}"
+            f"{where} takes the inputs {sorted(takes)}, but spec.json's sparse and dense keys give {sorted(fed)} "
+            "(its sequences' inputs included)"
         )
     width = takes["dense"][-1]
     if isinstance(width, int) and width != len(spec.dense):

@@ -6,13 +6,14 @@ exponent); how each sparse input is encoded from a raw column (kind, capacity, O
 buckets, the vocabulary file or the bucket boundaries); each dense input (an aggregate
 key's rolling feature, or a raw numeric column and its transform); the HTTP limits; and,
 for a model trained on event logs (``source = "events"``), the snapshots and aggregate
-tables the scorer joins to a request (``EventFeatures``). A ``[table]`` model's rows
+tables the scorer joins to a request and the users' behaviour sequences as of the
+bundle's day (``EventFeatures``). A ``[table]`` model's rows
 carry every feature column themselves (``source = "table"``).
 
 ``BundleSpec.from_dict`` refuses a spec with a missing or mistyped key by a BundleError
 naming the file and the key (``sparse[2].capacity``). Bundles written before tasks were
 configurable have no ``tasks`` (the click -> conversion funnel) and no ``source``
-(events).
+(events); bundles written before behaviour sequences have no ``sequences`` (none).
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ SPARSE_KINDS = ("id", "list", "bucket")
 POOLINGS = ("sum", "mean")
 KEY_SOURCES = ("request", "users", "items")  # where an aggregate-key column comes from when scoring
 EVENT_TABLES = ("impressions", "users", "items")  # where an events bundle's input columns come from
+SEQUENCE_EVENTS = ("click", "conversion")  # the events that fill a behaviour sequence
+# where a feature carried per sequence element comes from: the element's item id, the
+# item's attribute in the items snapshot, or the value on the impression clicked
+SEQUENCE_SOURCES = ("item", "items", "impressions")
 
 
 class BundleError(RuntimeError):
@@ -123,6 +128,7 @@ class ScoringLimits:
     idle_timeout_s: float = 30.0  # a keep-alive connection waiting this long for a request is closed
     max_connections: int = 256  # open at most: the longest idle one is closed to make room, else 503
     drain_timeout_s: float = 20.0  # on SIGTERM, for the requests in flight to be answered
+    max_recent_events: int = 100  # a rank request's "recent" events at most (413 above)
 
 
 @dataclass(frozen=True)
@@ -145,14 +151,48 @@ class SnapshotSpec:
 
 
 @dataclass(frozen=True)
+class SequenceItem:
+    """A feature carried per element of a behaviour sequence: sparse input ``feature`` (whose
+    vocabulary encodes it), read from ``source`` (SEQUENCE_SOURCES) ``column``."""
+
+    feature: str
+    source: Literal["item", "items", "impressions"]
+    column: str
+
+
+@dataclass(frozen=True)
+class SequenceSpec:
+    """A behaviour sequence: per ``key`` value (the user), its newest ``max_length`` events
+    of kind ``event`` before the bundle's ``features_as_of`` day, no older than
+    ``max_age_days`` (0: any age), in the bundled history ``file``: one row per element,
+    by key, newest first: ``key`` (text), ``ts``, raw ``item_id``, then the ONNX inputs'
+    values (``input_names``: each carried feature's embedding row, then the age in days)."""
+
+    name: str
+    event: Literal["click", "conversion"]
+    key: str
+    items: tuple[SequenceItem, ...]  # the first: the item id (source "item")
+    max_length: int
+    max_age_days: int
+    file: str
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        """Its ONNX inputs: ``<name>__<feature>`` per carried feature, then ``<name>__age_days``."""
+        return (*(sequence_column(self.name, i.feature) for i in self.items), sequence_age_column(self.name))
+
+
+@dataclass(frozen=True)
 class EventFeatures:
-    """What an events bundle's scorer joins to a request: snapshots and aggregate tables."""
+    """What an events bundle's scorer joins to a request: snapshots, aggregate tables and
+    behaviour sequences."""
 
     aggregate_keys: tuple[AggregateKeySpec, ...]
     snapshots: dict[str, SnapshotSpec]  # users, items
-    features_as_of: dt.date  # the aggregates' rolling features as of the start of this day
+    features_as_of: dt.date  # the aggregates' rolling features (and the sequences) as of the start of this day
     snapshot_day: dt.date
     defaults: dict[str, dict[str, float]]  # aggregate key -> feature -> value for a key with no history
+    sequences: tuple[SequenceSpec, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -161,7 +201,7 @@ class BundleSpec:
 
     format: int
     source: Literal["events", "table"]
-    inputs: tuple[str, ...]  # ONNX inputs: dense, then the sparse inputs
+    inputs: tuple[str, ...]  # ONNX inputs: dense, the sparse inputs, then each sequence's
     outputs: tuple[str, ...]  # ONNX outputs: p_<view> per task view, then score
     tasks: tuple[TaskOutput, ...]
     sparse: tuple[SparseInput, ...]
@@ -199,6 +239,18 @@ class BundleSpec:
             out["features_as_of"] = e.features_as_of.isoformat()
             out["snapshot_day"] = e.snapshot_day.isoformat()
             out["defaults"] = {k: dict(v) for k, v in e.defaults.items()}
+            out["sequences"] = [
+                {
+                    "name": q.name,
+                    "event": q.event,
+                    "key": q.key,
+                    "items": [{"feature": i.feature, "source": i.source, "column": i.column} for i in q.items],
+                    "max_length": q.max_length,
+                    "max_age_days": q.max_age_days,
+                    "file": q.file,
+                }
+                for q in e.sequences
+            ]
         return out
 
     def to_json(self) -> str:
@@ -207,11 +259,12 @@ class BundleSpec:
 
     def files(self) -> list[tuple[str, str]]:
         """(key of spec.json, bundle file) of every file the spec names: vocabularies,
-        snapshots and aggregate tables."""
+        snapshots, aggregate tables and sequence histories."""
         out = [(f"sparse[{i}].vocab", f.vocab) for i, f in enumerate(self.sparse) if f.vocab is not None]
         if self.events is not None:
             out += [(f"snapshots.{t}.file", s.file) for t, s in self.events.snapshots.items()]
             out += [(f"aggregate_keys[{i}].file", k.file) for i, k in enumerate(self.events.aggregate_keys)]
+            out += [(f"sequences[{i}].file", q.file) for i, q in enumerate(self.events.sequences)]
         return out
 
     @classmethod
@@ -223,6 +276,7 @@ class BundleSpec:
         tasks = top.objects("tasks", default=None)
         tables = EVENT_TABLES if source == "events" else None  # a table bundle's rows carry every column
         dense = tuple(_dense(d, tables) for d in top.objects("dense"))
+        sparse = tuple(_sparse(f, tables) for f in top.objects("sparse"))
         if source == "table" and any(isinstance(d, AggregateInput) for d in dense):
             raise BundleError(f"{file}: a table bundle's dense inputs are numeric columns, got aggregate features")
         return cls(
@@ -233,11 +287,11 @@ class BundleSpec:
             tasks=FUNNEL_TASKS
             if tasks is None
             else tuple(TaskOutput(t.text("name"), t.text("served"), t.number("score_exponent")) for t in tasks),
-            sparse=tuple(_sparse(f, tables) for f in top.objects("sparse")),
+            sparse=sparse,
             dense=dense,
             scoring=_scoring_limits(top.object("scoring")),
             list_delimiter=top.text("list_delimiter", default=None),
-            events=_event_features(top, dense) if source == "events" else None,
+            events=_event_features(top, dense, sparse) if source == "events" else None,
         )
 
 
@@ -256,6 +310,7 @@ def _scoring_limits(o: _Object) -> ScoringLimits:
         idle_timeout_s=o.seconds("idle_timeout_s", default.idle_timeout_s),
         max_connections=o.integer("max_connections", minimum=1, default=default.max_connections),
         drain_timeout_s=o.seconds("drain_timeout_s", default.drain_timeout_s, zero_ok=True),
+        max_recent_events=o.integer("max_recent_events", minimum=0, default=default.max_recent_events),
     )
 
 
@@ -307,7 +362,9 @@ def _dense(d: _Object, tables: tuple[str, ...] | None) -> AggregateInput | Numer
     return NumericInput(d.text("name"), source, d.text("column"), transform)
 
 
-def _event_features(top: _Object, dense: tuple[AggregateInput | NumericInput, ...]) -> EventFeatures:
+def _event_features(
+    top: _Object, dense: tuple[AggregateInput | NumericInput, ...], sparse: tuple[SparseInput, ...]
+) -> EventFeatures:
     keys = tuple(_aggregate_key(k) for k in top.objects("aggregate_keys"))
     snapshots = top.object("snapshots")
     defaults = top.object("defaults")
@@ -322,6 +379,31 @@ def _event_features(top: _Object, dense: tuple[AggregateInput | NumericInput, ..
         features_as_of=top.day("features_as_of"),
         snapshot_day=top.day("snapshot_day"),
         defaults={k: {n: defaults.object(k).number(n) for n in names} for k, names in wanted.items()},
+        sequences=tuple(_sequence(q, sparse) for q in top.objects("sequences", default=[])),
+    )
+
+
+def _sequence(q: _Object, sparse: tuple[SparseInput, ...]) -> SequenceSpec:
+    """A sequence whose carried features are id inputs of the spec, the first its item id."""
+    ids = {f.name for f in sparse if f.kind == "id"}
+    items = []
+    for i in q.objects("items"):
+        feature = i.text("feature")
+        if feature not in ids:
+            raise BundleError(
+                f"{q.file}: key {i._key('feature')!r} names {feature!r}, which is not an id input of key 'sparse'"
+            )
+        items.append(SequenceItem(feature, i.choice("source", SEQUENCE_SOURCES), i.text("column")))
+    if not items or items[0].source != "item" or any(i.source == "item" for i in items[1:]):
+        raise BundleError(f"{q.file}: key {q._key('items')!r} must start with the item id (source 'item'), and only it")
+    return SequenceSpec(
+        name=q.text("name"),
+        event=q.choice("event", SEQUENCE_EVENTS),
+        key=q.text("key"),
+        items=tuple(items),
+        max_length=q.integer("max_length", minimum=1),
+        max_age_days=q.integer("max_age_days", minimum=0),
+        file=q.text("file"),
     )
 
 

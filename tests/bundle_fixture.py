@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from features.catalog import raw_dir, training_dir
-from features.config import SparseFeature
+from features.config import SequenceFeature, SparseFeature
 from features.daily_counters import build_daily_aggregates
 from features.examples import build_training_table, mature_day
 from features.synthetic import generate_logs
@@ -56,6 +56,11 @@ BUCKETS = [
 ]
 
 
+# A click history (item and category, 5 long) rides along, so the bundle carries each user's
+# sequence and the scorer rebuilds the training table's sequence columns.
+CLICKED = SequenceFeature(name="clicked", event="click", items=["item_id", "category_id"], max_length=5)
+
+
 def tiny_config(tmp: Path, backbone: str = "mmoe") -> FunnelConfig:
     cfg = load_config(
         ROOT / "configs" / "demo.toml", OVERRIDES | {"model": OVERRIDES["model"] | {"backbone": backbone}}
@@ -63,7 +68,7 @@ def tiny_config(tmp: Path, backbone: str = "mmoe") -> FunnelConfig:
     sparse = [
         f.model_copy(update={"capacity": CAPACITY.get(f.name, f.capacity)}) for f in cfg.features.sparse
     ] + BUCKETS
-    features = cfg.features.model_copy(update={"sparse": sparse})
+    features = cfg.features.model_copy(update={"sparse": sparse, "sequences": [CLICKED]})
     return cfg.model_copy(update={"features": features, "warehouse": tmp / "warehouse", "state_dir": tmp / "state"})
 
 

@@ -17,7 +17,7 @@ from bundle_fixture import small_model
 from features.errors import StageError
 from features.io import sha256_file
 from models.export import check_parity, export_onnx
-from models.loader import TrainingTableLoader
+from models.loader import table_loader
 from models.nets import BACKBONES
 from pipeline.bundle import export_bundle
 
@@ -57,9 +57,7 @@ def edge_case_table(warehouse):
 def _batches(cfg, path, sizes=(1, 7, 1000)):
     out = []
     for size in sizes:
-        loader = TrainingTableLoader(
-            [path], cfg.features.sparse, cfg.features.dense_names(), batch_size=size, shuffle=False, seed=0, prefetch=0
-        )
+        loader = table_loader(cfg, [path], batch_size=size, shuffle=False, seed=0, prefetch=0)
         out += list(loader)[:3]
     return out
 
@@ -126,6 +124,7 @@ def test_bundle_files_manifest_and_spec(warehouse):
     assert set(manifest["files"]) == on_disk
     vocabs = {f"vocab/{f.name}.parquet" for f in cfg.features.sparse if f.kind != "bucket"}
     assert vocabs | {"model.onnx", "spec.json", "features/users.parquet", "features/items.parquet"} <= on_disk
+    assert {f"features/sequences/{q.name}.parquet" for q in cfg.features.sequences} <= on_disk
     assert "vocab/price_bucket.parquet" not in on_disk  # a bucket feature's boundaries are in spec.json
     for name, digest in manifest["files"].items():
         assert sha256_file(bundle / name) == digest
@@ -134,7 +133,7 @@ def test_bundle_files_manifest_and_spec(warehouse):
     assert max(manifest["parity"]["max_abs_diff"].values()) <= 1e-5
     spec = json.loads((bundle / "spec.json").read_text())
     assert [d["name"] for d in spec["dense"]] == cfg.features.dense_names()
-    assert spec["inputs"] == ["dense", *[f.name for f in cfg.features.sparse]]
+    assert spec["inputs"] == ["dense", *[f.name for f in cfg.features.sparse], *cfg.features.sequence_columns()]
     assert [(f["name"], f["boundaries"]) for f in spec["sparse"] if f["kind"] == "bucket"] == [
         ("price_bucket", [20.0, 40.0, 80.0, 160.0]),
         ("slot_bucket", [2.0, 5.0]),

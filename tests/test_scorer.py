@@ -19,7 +19,7 @@ from import_blocker import run_blocked
 from features.catalog import validated_dir
 from features.config import TaskConfig
 from features.io import sha256_file
-from models.loader import TrainingTableLoader
+from models.loader import table_loader
 from pipeline.bundle import export_bundle
 from pipeline.cli import main
 from serving.bundle import BundleError, load_bundle
@@ -62,13 +62,24 @@ def test_serving_rebuilds_the_training_rows_and_predictions(setup):
             assert got == want, f.name
     dense = np.column_stack([training.column(n).to_numpy() for n in cfg.features.dense_names()])
     np.testing.assert_allclose(feeds["dense"], dense, rtol=0, atol=1e-6)
+    # Behaviour sequences: the bundle's histories as of day L give day L's sequence columns,
+    # newest first, padded with -1 after the elements.
+    (seq,) = cfg.features.sequences  # clicked (bundle_fixture)
+    lengths = np.array([len(x) for x in training.column(seq.column_names[0]).to_pylist()])
+    assert {0, 1, seq.max_length - 1, seq.max_length} <= set(lengths.tolist())
+    for name in seq.column_names:
+        values = feeds[name]
+        assert values.dtype == np.int64 and values.shape == (rows.num_rows, seq.max_length), name
+        filled = values >= 0
+        np.testing.assert_array_equal(filled.sum(axis=1), lengths, err_msg=name)
+        assert (np.diff(filled.astype(np.int8), axis=1) <= 0).all(), name  # padding after the elements only
+        assert values[filled].tolist() == pc.list_flatten(training.column(name)).to_pylist(), name
 
-    # End to end: the scorer's probabilities equal the PyTorch model's on the training rows.
+    # End to end: the scorer's probabilities equal the PyTorch model's on the training rows
+    # (its sequences included).
     scored = scorer.score_table(rows)
-    loader = TrainingTableLoader(
-        files, cfg.features.sparse, cfg.features.dense_names(), batch_size=100_000, shuffle=False, seed=0, prefetch=0
-    )
-    (batch,) = list(loader)
+    (batch,) = list(table_loader(cfg, files, batch_size=100_000, shuffle=False, prefetch=0))
+    assert set(seq.column_names) <= set(batch.sparse.keys())
     with torch.no_grad():
         out = model(batch.dense, batch.sparse)
     np.testing.assert_allclose(scored.column("p_click").to_numpy(), out.probs["click"].numpy(), atol=1e-5)
