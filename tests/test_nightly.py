@@ -45,6 +45,8 @@ def tiny_config(root: Path):
                 "items": 300,
                 "impressions_per_day": 6000,
             },
+            # a DIN click sequence rides along: warm start, --from, resume and the gate with it
+            "features": {"sequences": [{"name": "clicked", "items": ["item_id", "category_id"], "max_length": 10}]},
             "train": {"window_days": 3, "epochs": 2, "batch_size": 512, "patience": 5},
             # tiny data: a gate every model passes; the gate's own rules are tested below
             "promote": {"min_auc": 0.0, "calibration_min": 0.001, "calibration_max": 1000.0, "auc_tolerance": 0.99},
