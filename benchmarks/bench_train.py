@@ -7,7 +7,7 @@ dense layers), on one synthetic training table.
     python -m benchmarks.bench_train [--rows 400000] [--batch-size 4096] [--config configs/demo.toml]
         [--capacity-scale 1]
     python -m benchmarks.bench_train --sequence-length 50 [--sequence-encoders mean,din,attention]
-        [--rounds 2] [--threads 0] [--rows ...]
+        [--rounds 2] [--threads 0] [--rows ...] [--lengths-from TRAINING_TABLE.parquet]
 
 The second form measures what a behaviour sequence costs in training instead (see
 ``sequence_cost``).
@@ -35,7 +35,14 @@ from models.loader import USER_COLUMN
 from serving.spec import sequence_age_column, sequence_column
 
 
-def write_synthetic_day(spec: FeaturesConfig, folder: Path, rows: int, seed: int, row_group_rows: int = 65_536) -> Path:
+def write_synthetic_day(
+    spec: FeaturesConfig,
+    folder: Path,
+    rows: int,
+    seed: int,
+    row_group_rows: int = 65_536,
+    history_lengths: np.ndarray | None = None,
+) -> Path:
     """A training table day (``folder/part-0.parquet``) whose labels are a known logistic
     function of the first dense column, the first sparse feature (a random effect per id)
     and the first list feature (mean of per-id effects), so a model can learn them.
@@ -69,8 +76,11 @@ def write_synthetic_day(spec: FeaturesConfig, folder: Path, rows: int, seed: int
                 mean_effect = np.where(lengths > 0, sums / np.maximum(lengths, 1), 0.0)
                 cvr_logit += 1.5 * mean_effect
                 first_list = False
-    for seq in spec.sequences:  # lengths uniform in 0..N; elements ids of the carried features' tables
-        lengths = rng.integers(0, seq.max_length + 1, rows)
+    for seq in spec.sequences:  # lengths uniform in 0..N, or drawn from history_lengths; ids of the carried tables
+        if history_lengths is None:
+            lengths = rng.integers(0, seq.max_length + 1, rows)
+        else:
+            lengths = np.minimum(rng.choice(history_lengths, rows), seq.max_length)
         offsets = np.zeros(rows + 1, np.int64)
         np.cumsum(lengths, out=offsets[1:])
         sizes = {f.name: min(f.num_embeddings, 1000) for f in spec.sparse}
@@ -191,8 +201,8 @@ def check_same_function(net, baseline, batch, padded_batch) -> None:
 
 def sequence_cost(cfg, args) -> None:
     """Training samples/s of the torchrec model without and with a click sequence of
-    ``--sequence-length`` elements (items: the item id and category, lengths uniform in
-    0..N) per encoder, on one table, rounds alternating so that a change of the machine's
+    ``--sequence-length`` elements (items: the item id and category; lengths uniform in
+    0..N, or drawn from a real training table's with ``--lengths-from``) per encoder, on one table, rounds alternating so that a change of the machine's
     speed hits every model alike; the best round of each counts."""
     import os
 
@@ -216,7 +226,13 @@ def sequence_cost(cfg, args) -> None:
     variants = {"no sequence": with_sequence(None), **{e: with_sequence(e) for e in args.sequence_encoders}}
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     with tempfile.TemporaryDirectory() as tmp:
-        path = write_synthetic_day(with_sequence("mean").features, Path(tmp) / "day", args.rows, seed=0)
+        lengths = None
+        if args.lengths_from is not None:
+            column = pq.read_table(args.lengths_from, columns=["clicked__item_id"]).column(0).combine_chunks()
+            lengths = column.value_lengths().to_numpy(zero_copy_only=False)
+        path = write_synthetic_day(
+            with_sequence("mean").features, Path(tmp) / "day", args.rows, seed=0, history_lengths=lengths
+        )
         init_process_group(Path(tmp), torch.device("cpu"))
         steps = {}
         for name, vcfg in variants.items():
@@ -240,9 +256,10 @@ def sequence_cost(cfg, args) -> None:
                 dense_opt.step()
 
             steps[name] = (step, batches)
+        length_source = "uniform 0..N" if lengths is None else f"as in {args.lengths_from} (mean {lengths.mean():.1f})"
         print(
             f"rows {args.rows:,}  batch {args.batch_size}  backbone {cfg.model.backbone}  sequence: click, items "
-            f"item_id + category_id, N = {args.sequence_length}, lengths uniform 0..N  threads "
+            f"item_id + category_id, N = {args.sequence_length}, lengths {length_source}  threads "
             f"{torch.get_num_threads()}  load avg {os.getloadavg()[0]:.2f}"
         )
         best = dict.fromkeys(steps, 0.0)
@@ -291,6 +308,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--sequence-encoders", default="mean,din,attention", type=lambda v: v.split(","))
     p.add_argument("--rounds", type=int, default=2, help="--sequence-length: alternating timing rounds")
+    p.add_argument(
+        "--lengths-from",
+        type=Path,
+        default=None,
+        help="--sequence-length: draw the history lengths from this training table's clicked__item_id column "
+        "(e.g. the demo's) instead of uniformly from 0..N",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = all cores")
     args = p.parse_args(argv)
     cfg = load_config(args.config)
