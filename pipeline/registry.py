@@ -77,7 +77,9 @@ def same_architecture(a: FunnelConfig | None, b: FunnelConfig) -> str | None:
     """
     if a is None:
         return "its training config does not validate in this version of funnelrank (an older config schema)"
-    if a.model != b.model:
+    # the calibrators are fitted afresh by every run (models.calibration): their method is no shape of the weights
+    calibration = {"calibration", "calibration_segments"}
+    if a.model.model_dump(exclude=calibration) != b.model.model_dump(exclude=calibration):
         return "the [model] section differs"
     if [(t.name, t.after) for t in a.tasks] != [(t.name, t.after) for t in b.tasks]:
         return "the tasks differ"
