@@ -388,7 +388,13 @@ def run_promote(night: Night) -> dict:
     if decision.promote:
         set_champion(cfg, version)
     tag_version(
-        cfg, version, {"promotion": "champion" if decision.promote else "rejected", "promotion_reason": decision.reason}
+        cfg,
+        version,
+        {
+            "promotion": "champion" if decision.promote else "rejected",
+            "promotion_reason": decision.reason,
+            **decision.tags(),
+        },
     )
     outcome = (
         f"v{version} promoted to champion"
@@ -398,6 +404,7 @@ def run_promote(night: Night) -> dict:
     return {
         "version": version,
         "promoted": decision.promote,
+        "rule": decision.rule,
         "reason": decision.reason,
         "rows": 0,
         "detail": f"{outcome}: {decision.reason}",
