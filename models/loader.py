@@ -400,9 +400,11 @@ class TrainingTableLoader:
 
     def _count_kept_rows(self) -> int:
         """The rows the negative sampling keeps, from the sampled label column alone."""
-        kept = 0
+        kept, files = 0, {}
         for group in self._row_groups:
-            labels = pq.ParquetFile(group.file).read_row_group(group.index, columns=[self.sampled_label])
+            if group.file not in files:
+                files[group.file] = pq.ParquetFile(group.file)
+            labels = files[group.file].read_row_group(group.index, columns=[self.sampled_label])
             kept += int(self._kept(group, labels.column(0).slice(group.start, group.rows)).sum())
         return kept
 
