@@ -114,6 +114,7 @@ def per_feature_embedding_model(spec: FeaturesConfig, cfg, tasks, dense_mean: np
     import torch
     from torch import nn
 
+    from models.calibration import ServedProbabilities
     from models.nets import (
         BACKBONES,
         CrossNetwork,
@@ -132,6 +133,7 @@ def per_feature_embedding_model(spec: FeaturesConfig, cfg, tasks, dense_mean: np
             self.cross = CrossNetwork(in_dim, cfg.cross_layers)
             self.backbone = BACKBONES[cfg.backbone](in_dim, cfg, [t.name for t in tasks])
             self.heads = TaskHeads(self.backbone.out_dim, tasks)
+            self.served = ServedProbabilities(tasks, cfg.calibration, cfg.calibration_segments)
 
         def backbone_input(
             self, dense: torch.Tensor, ids: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]
@@ -152,7 +154,8 @@ def per_feature_embedding_model(spec: FeaturesConfig, cfg, tasks, dense_mean: np
             """Cross layers, backbone and heads on ``backbone_input``'s output."""
             features = self.cross(x)
             hidden, gates = self.backbone(features)
-            return ModelOutput(*self.heads(hidden), features, gates)
+            logits = self.heads(hidden)
+            return ModelOutput(logits, self.served(logits), features, gates)
 
         def forward(
             self, dense: torch.Tensor, ids: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]

@@ -22,7 +22,7 @@ from features.errors import StageError
 from features.io import atomic_write_bytes
 from models.config import TrainingConfig
 from models.distributed import copy_into, gather_whole, load_plain_state, this_rank
-from models.nets import EMBEDDING_PREFIXES, MultiTaskNet
+from models.nets import EMBEDDING_PREFIXES, SERVED_PREFIX, MultiTaskNet
 
 
 def checkpoint_dir(cfg: TrainingConfig, key: str) -> Path:
@@ -100,8 +100,17 @@ def warm_start(net: MultiTaskNet, initial: Mapping[str, torch.Tensor]) -> None:
     Embedding tables copy the overlapping leading rows (vocabularies are append-only, so an
     old row keeps its meaning; new rows keep their fresh init); every other tensor (the
     dense statistics included, so the start is exactly the other model) must match in
-    shape. A missing, extra or mis-shaped key raises StageError naming it."""
+    shape. A missing, extra or mis-shaped key raises StageError naming it, but for the
+    sampling correction and the calibrators (``served.``): copied where they fit, else (a
+    model from before calibration, another calibration method) left as they are. A training
+    run resets them and fits its calibrators afresh (``models.train``)."""
     own = net.state_dict()
+    initial = {
+        k: v
+        for k, v in initial.items()
+        if not k.startswith(SERVED_PREFIX) or (k in own and tuple(torch.as_tensor(v).shape) == own[k].shape)
+    }
+    own = {k: v for k, v in own.items() if not k.startswith(SERVED_PREFIX) or k in initial}
     missing, extra = sorted(own.keys() - initial.keys()), sorted(initial.keys() - own.keys())
     if missing or extra:
         raise StageError(f"warm start: initial_state does not fit the model: missing {missing}, unexpected {extra}")

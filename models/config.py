@@ -77,6 +77,15 @@ class ModelConfig(_Section):
         max_length=MAX_LAYERS,
         description="encoder = 'din': hidden sizes of the MLP that weighs each history element against the candidate",
     )
+    calibration: Literal["none", "platt", "isotonic"] = Field(
+        "platt",
+        description="per-task calibrator fitted on the validation day after training, part of the exported graph "
+        "(models/calibration.py): platt = slope and bias on the logit; isotonic = a monotone piecewise-linear "
+        "map of the logit; none = identity",
+    )
+    calibration_segments: int = Field(
+        32, ge=2, le=1024, description="isotonic: segments of the piecewise-linear map (between logit quantiles)"
+    )
 
     @field_validator("expert_dims", "tower_dims", "sequence_attention_dims")
     @classmethod
@@ -134,6 +143,40 @@ class TrainConfig(_Section):
         "types; row_wise needs CUDA; data_parallel replicates the tables and trains them with the dense optimiser",
     )
     mixed_precision: bool = Field(True, description="bf16 autocast of the dense layers on CUDA; no effect on the CPU")
+    negative_sampling_rate: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="r: training keeps every positive of the first task and a seeded fraction r of its negatives "
+        "(the same rows every epoch); the model adds log r to that task's logit, so what it serves and "
+        "validates is the unsampled rate; 1 = every row",
+    )
+    sample_weight: str | None = Field(
+        None,
+        min_length=1,
+        description="a SQL expression over the training table's columns (a column name, or e.g. "
+        "'1 + 4 * click') multiplying each training row's loss; none = 1",
+    )
+
+    @field_validator("sample_weight")
+    @classmethod
+    def _weight_parses(cls, v: str | None) -> str | None:
+        if v is not None:
+            sample_weight_expression(v)
+        return v
+
+
+def sample_weight_expression(text: str):
+    """``train.sample_weight`` as a polars expression; ValueError when it does not parse."""
+    import polars as pl
+
+    try:
+        expression = pl.sql_expr(text)
+    except (pl.exceptions.PolarsError, ValueError) as err:
+        raise ValueError(f"not a SQL expression over the training table's columns: {err}") from None
+    if not expression.meta.root_names():
+        raise ValueError("names no column of the training table (a constant weight changes nothing)")
+    return expression
 
 
 class TrainingConfig(DataConfig):
@@ -177,6 +220,20 @@ class TrainingConfig(DataConfig):
             raise ValueError(
                 f"model.interaction_dim: 0 needs one embedding dim for every interaction member ({sizes}); "
                 "set interaction_dim to project them to one"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _sampling_keeps_funnel_steps_exact(self) -> TrainingConfig:
+        # Sampling the first task's negatives keeps every row a funnel step after it can be
+        # positive on, so its conditional is unchanged; another task's rate would move by an
+        # amount no offset undoes.
+        first = self.tasks[0].name
+        if self.train.negative_sampling_rate < 1.0 and (others := [t.name for t in self.tasks[1:] if t.after != first]):
+            raise ValueError(
+                f"train.negative_sampling_rate = {self.train.negative_sampling_rate} samples the negatives of the "
+                f"first task {first!r}, which shifts the rate of tasks {others} (not funnel steps after it) by an "
+                "amount the model cannot correct; use 1 or make them steps after it"
             )
         return self
 

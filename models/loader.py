@@ -25,6 +25,17 @@ A single-id feature always has length 1, also for the padding index 0: row 0 of 
 embedding table is a real (padding) row, so the pooled output keeps the same meaning for
 every example. An empty list has length 0.
 
+Negative down-sampling (``negative_sampling_rate`` r < 1, training loaders only): each row
+group keeps every positive of ``sampled_label`` (the first task's label) and each negative
+whose seeded uniform draw is below r. The draws are seeded by (seed, file, row group) and
+the row's place in its group, never by the epoch, the shuffle or the shard: every epoch and
+any number of ranks see the same kept rows, so the batches per epoch are known up front
+(counted from the label column alone). The correction of the model's output is the model's
+(``models.calibration``).
+
+``weight`` (``train.sample_weight``): a SQL expression over the table's columns, evaluated
+per row group (polars, vectorised), finite and >= 0; ``Batch.weight`` carries it.
+
 ``Batch.user`` is a per-loader integer code of the raw user id (column ``raw_user_id``) for
 GAUC: its rank among the sorted distinct user ids of all the loader's files (the same for
 every rank of a sharded run and every epoch); -1 for a null id or when the table has no
@@ -52,6 +63,8 @@ from models.config import TrainingConfig
 
 EVENT_LABELS = ("click", "conversion")  # the label columns of the event-log path's training tables
 USER_COLUMN = "raw_user_id"  # the raw user id (a sparse feature may be named user_id)
+_WEIGHT = "__sample_weight"  # the computed sample weight, a column of the tables read
+_SAMPLING_STREAM = 0x5A4D  # keeps the sampling draws apart from other uses of the seed
 
 
 @dataclass
@@ -61,6 +74,7 @@ class Batch:
     label_matrix: torch.Tensor  # float32 [B, n_labels], columns in ``label_names`` order
     label_names: tuple[str, ...]
     user: torch.Tensor  # int64 [B], per-loader code of raw_user_id; -1 if absent
+    weight: torch.Tensor | None = None  # float32 [B], each row's loss weight (train.sample_weight)
 
     def __len__(self) -> int:
         return self.dense.shape[0]
@@ -77,6 +91,7 @@ class Batch:
             label_matrix=self.label_matrix.to(device, non_blocking=non_blocking),
             label_names=self.label_names,
             user=self.user.to(device, non_blocking=non_blocking),
+            weight=None if self.weight is None else self.weight.to(device, non_blocking=non_blocking),
         )
 
     def pin_memory(self) -> Batch:
@@ -86,6 +101,7 @@ class Batch:
             label_matrix=self.label_matrix.pin_memory(),
             label_names=self.label_names,
             user=self.user.pin_memory(),
+            weight=None if self.weight is None else self.weight.pin_memory(),
         )
 
 
@@ -123,6 +139,7 @@ class _Block:
     list_values: list[np.ndarray]  # per list feature: int64
     labels: np.ndarray  # float32 [N, n_labels], row-major
     user: np.ndarray  # int64 [N]
+    weight: np.ndarray | None  # float32 [N], or None without train.sample_weight
 
     def __len__(self) -> int:
         return len(self.user)
@@ -228,6 +245,7 @@ def _take(block: _Block, rows: np.ndarray | slice) -> _Block:
         list_values=values,
         labels=pick(block.labels),
         user=pick(block.user),
+        weight=None if block.weight is None else pick(block.weight),
     )
 
 
@@ -261,6 +279,7 @@ def _concat(blocks: Sequence[_Block]) -> _Block:
         list_values=[values for _, values in lists],
         labels=np.concatenate([b.labels for b in blocks]),
         user=np.concatenate([b.user for b in blocks]),
+        weight=None if blocks[0].weight is None else np.concatenate([b.weight for b in blocks]),
     )
 
 
@@ -274,6 +293,8 @@ class TrainingTableLoader:
     part). Batches are built in a background
     thread, ``prefetch`` ahead (0: build them in the caller's thread). Iterating twice
     gives the same batches; call :meth:`set_epoch` for a new shuffle.
+    ``negative_sampling_rate``, ``sampled_label`` (default: the first label) and ``weight``:
+    see the module docstring.
     """
 
     def __init__(
@@ -292,10 +313,15 @@ class TrainingTableLoader:
         pin_memory: bool = False,
         labels: Sequence[str] = EVENT_LABELS,
         sequence_columns: Sequence[str] = (),
+        negative_sampling_rate: float = 1.0,
+        sampled_label: str | None = None,
+        weight: str | None = None,
     ) -> None:
         rank, world = shard
         if not 0 <= rank < world:
             raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard}")
+        if not 0.0 < negative_sampling_rate <= 1.0:
+            raise ValueError(f"negative_sampling_rate must be in (0, 1], got {negative_sampling_rate}")
         if batch_size < 1 or prefetch < 0:
             raise ValueError(f"batch_size must be >= 1 and prefetch >= 0, got {batch_size}, {prefetch}")
         if not files:
@@ -314,6 +340,18 @@ class TrainingTableLoader:
         self.sequence_columns = list(sequence_columns)
         self.keys = [f.name for f in self.sparse] + self.sequence_columns
         self.label_names = tuple(dict.fromkeys(labels))
+        self.negative_sampling_rate = negative_sampling_rate
+        self.sampled_label = sampled_label or self.label_names[0]
+        if self.sampled_label not in self.label_names:
+            raise ValueError(f"sampled_label {self.sampled_label!r} is not one of the labels {self.label_names}")
+        self.weight = weight
+        self._weight_expression = None
+        weight_columns: list[str] = []
+        if weight is not None:
+            from models.config import sample_weight_expression
+
+            self._weight_expression = sample_weight_expression(weight).cast(float)
+            weight_columns = self._weight_expression.meta.root_names()
         self._id_features = [f.name for f in self.sparse if f.kind != "list"]  # one id per row: id, bucket
         self._list_features = [f.name for f in self.sparse if f.kind == "list"] + self.sequence_columns
 
@@ -327,6 +365,11 @@ class TrainingTableLoader:
             _check_schema(
                 path, parquet.schema_arrow, self.sparse, self.sequence_columns, self.dense_names, self.label_names
             )
+            if missing := [c for c in weight_columns if c not in parquet.schema_arrow.names]:
+                raise StageError(
+                    f"training table {path}: no column {', '.join(map(repr, missing))} for the sample weight "
+                    f"{weight!r} (train.sample_weight)"
+                )
             self._has_user &= USER_COLUMN in parquet.schema_arrow.names
             meta = parquet.metadata
             row_groups += [
@@ -335,16 +378,44 @@ class TrainingTableLoader:
                 if meta.row_group(i).num_rows > 0
             ]
         self._row_groups = _share(row_groups, rank, world)
-        self._columns = (
-            self.keys + self.dense_names + list(self.label_names) + ([USER_COLUMN] if self._has_user else [])
+        self._file_index = {path: i for i, path in enumerate(self.files)}
+        self._columns = list(
+            dict.fromkeys(
+                self.keys
+                + self.dense_names
+                + list(self.label_names)
+                + ([USER_COLUMN] if self._has_user else [])
+                + weight_columns
+            )
         )
         self._user_dictionary: pa.Array | None = None
         self._user_lock = threading.Lock()
+        self.source_rows = sum(g.rows for g in self._row_groups)  # of this shard, before negative sampling
+        self._kept_rows = self.source_rows if negative_sampling_rate == 1.0 else self._count_kept_rows()
 
     @property
     def rows(self) -> int:
-        """Rows of this loader's shard (from Parquet metadata)."""
-        return sum(g.rows for g in self._row_groups)
+        """Rows of this loader's shard that it yields per epoch (kept by the negative sampling)."""
+        return self._kept_rows
+
+    def _count_kept_rows(self) -> int:
+        """The rows the negative sampling keeps, from the sampled label column alone."""
+        kept, files = 0, {}
+        for group in self._row_groups:
+            if group.file not in files:
+                files[group.file] = pq.ParquetFile(group.file)
+            labels = files[group.file].read_row_group(group.index, columns=[self.sampled_label])
+            kept += int(self._kept(group, labels.column(0).slice(group.start, group.rows)).sum())
+        return kept
+
+    def _kept(self, group: _RowGroup, labels: pa.ChunkedArray) -> np.ndarray:
+        """Which of ``group``'s rows the negative sampling keeps: every positive of the sampled
+        label, each negative whose draw is below the rate. The draws follow the row's place in
+        the whole row group (seeded by seed, file and group), so a group cut between two ranks
+        draws the same numbers on both."""
+        rng = np.random.default_rng([self.seed, _SAMPLING_STREAM, self._file_index[group.file], group.index])
+        draws = rng.random(group.start + group.rows)[group.start :]
+        return (_numpy(labels, np.float32) > 0) | (draws < self.negative_sampling_rate)
 
     def __len__(self) -> int:
         """Batches per epoch."""
@@ -374,6 +445,8 @@ class TrainingTableLoader:
             return self._user_dictionary
 
     def _read_table(self, group: _RowGroup, parquet: pq.ParquetFile) -> pa.Table:
+        """The group's rows (the negative sampling's kept ones) with the sample weight, if any,
+        as the column ``_WEIGHT``."""
         table = parquet.read_row_group(group.index, columns=self._columns).slice(group.start, group.rows)  # zero-copy
         for name in self.keys + self.dense_names + list(self.label_names):
             if table.column(name).null_count:
@@ -381,7 +454,28 @@ class TrainingTableLoader:
                     f"training table {group.file}: column '{name}' has {table.column(name).null_count} "
                     f"null values in row group {group.index}"
                 )
+        if self._weight_expression is not None:
+            table = table.append_column(_WEIGHT, pa.array(self._weights(table, group), type=pa.float32()))
+        if self.negative_sampling_rate < 1.0:
+            table = table.filter(pa.array(self._kept(group, table.column(self.sampled_label))))
         return table
+
+    def _weights(self, table: pa.Table, group: _RowGroup) -> np.ndarray:
+        """The sample weight of each row of ``table``: StageError naming the file and row group
+        when the expression fails on its columns or a weight is null, negative or not finite."""
+        import polars as pl
+
+        where = f"training table {group.file}, row group {group.index}: sample weight {self.weight!r}"
+        try:
+            weights = pl.from_arrow(table.select(self._weight_expression.meta.root_names())).select(
+                self._weight_expression
+            )
+        except pl.exceptions.PolarsError as err:
+            raise StageError(f"{where} (train.sample_weight) cannot be computed: {err}") from None
+        values = weights.to_series().to_numpy().astype(np.float64)
+        if bad := int(np.count_nonzero(~(np.isfinite(values) & (values >= 0)))):
+            raise StageError(f"{where} (train.sample_weight) is null, negative or not finite on {bad:,} rows")
+        return values
 
     def _block(self, tables: list[pa.Table]) -> _Block:
         """Numpy arrays of several row groups' tables: one copy into the batch-friendly
@@ -404,6 +498,9 @@ class TrainingTableLoader:
             user = np.concatenate([_numpy(c, np.int64) for c in codes])
         else:
             user = np.full(n, -1, dtype=np.int64)
+        weight = None
+        if self._weight_expression is not None:
+            weight = np.concatenate([_numpy(t.column(_WEIGHT), np.float32) for t in tables])
         return _Block(
             dense=dense,
             ids=ids,
@@ -411,6 +508,7 @@ class TrainingTableLoader:
             list_values=[values for _, values in lists],
             labels=labels,
             user=user,
+            weight=weight,
         )
 
     def _blocks(self, rng: np.random.Generator) -> Iterator[_Block]:
@@ -426,7 +524,7 @@ class TrainingTableLoader:
             if group.file not in open_files:
                 open_files[group.file] = pq.ParquetFile(group.file)
             pending.append(self._read_table(group, open_files[group.file]))
-            pending_rows += group.rows
+            pending_rows += pending[-1].num_rows
             if pending_rows >= min_rows or position == len(order) - 1:
                 block = self._block(pending)
                 # hold neither the decoded tables while the block is used, nor the block
@@ -478,6 +576,7 @@ class TrainingTableLoader:
             label_matrix=torch.from_numpy(np.ascontiguousarray(block.labels)),
             label_names=self.label_names,
             user=torch.from_numpy(np.ascontiguousarray(block.user)),
+            weight=None if block.weight is None else torch.from_numpy(np.ascontiguousarray(block.weight)),
         )
         return batch.pin_memory() if self.pin_memory else batch
 

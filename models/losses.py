@@ -28,9 +28,17 @@ _P_MAX = 1.0 - 1e-7
 
 
 def task_losses(
-    out: ModelOutput, labels: Mapping[str, torch.Tensor], tasks: Sequence[TaskConfig], head: str
+    out: ModelOutput,
+    labels: Mapping[str, torch.Tensor],
+    tasks: Sequence[TaskConfig],
+    head: str,
+    weight: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Mean loss per task name (see the module docstring); ``labels`` by label column."""
+    """Mean loss per task name (see the module docstring); ``labels`` by label column;
+    ``weight`` [B] (``train.sample_weight``) multiplies each row's loss.
+
+    Only the heads' logits are read (``out.logits``: the training space, before the
+    sampling correction and the calibrators that the served ``out.probs`` include)."""
     if head not in ("direct", "esmm"):
         raise ValueError(f"unknown conversion head {head!r}; expected 'direct' or 'esmm'")
     by_name = {t.name: t for t in tasks}
@@ -38,16 +46,20 @@ def task_losses(
     for t in tasks:
         y, logit = labels[t.label_column], out.logits[t.name]
         if t.after is None:
-            losses[t.name] = F.binary_cross_entropy_with_logits(logit, y)
+            per_row = F.binary_cross_entropy_with_logits(logit, y, reduction="none")
         elif head == "esmm":
-            log_p = F.logsigmoid(out.logits[t.after]) + F.logsigmoid(logit)  # log P(after and task), stable
-            log_not_p = torch.log1p(-out.probs[t.joint_name].clamp(max=_P_MAX))
-            losses[t.name] = -(y * log_p + (1.0 - y) * log_not_p).mean()
+            after_logit = out.logits[t.after]
+            log_p = F.logsigmoid(after_logit) + F.logsigmoid(logit)  # log P(after and task), stable
+            joint = torch.sigmoid(after_logit) * torch.sigmoid(logit)
+            per_row = -(y * log_p + (1.0 - y) * torch.log1p(-joint.clamp(max=_P_MAX)))
         else:
             after = labels[by_name[t.after].label_column]
-            per_row = F.binary_cross_entropy_with_logits(logit, y, reduction="none")
-            # A batch without `after` positives gives 0 (with a graph), not NaN.
-            losses[t.name] = (per_row * after).sum() / after.sum().clamp(min=1.0)
+            per_row = F.binary_cross_entropy_with_logits(logit, y, reduction="none") * after
+        if weight is not None:
+            per_row = per_row * weight
+        # direct: the mean over the `after` positives; a batch without any gives 0 (with a graph), not NaN
+        rows = after.sum().clamp(min=1.0) if t.after is not None and head == "direct" else len(per_row)
+        losses[t.name] = per_row.sum() / rows
     return losses
 
 
@@ -88,8 +100,10 @@ def training_loss(
     weighting: LossWeighting,
     penalty: torch.Tensor,
     penalty_strength: float,
+    weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The scalar to minimise and its parts: weighted task losses + backbone penalty."""
-    parts = task_losses(out, labels, tasks, head)
+    """The scalar to minimise and its parts: weighted task losses + backbone penalty;
+    ``weight``: each row's loss weight (``task_losses``)."""
+    parts = task_losses(out, labels, tasks, head, weight)
     total = weighting(parts) + penalty_strength * penalty
     return total, {**{k: v.detach() for k, v in parts.items()}, "penalty": penalty.detach(), "total": total.detach()}

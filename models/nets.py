@@ -5,7 +5,8 @@ task of ``cfg.tasks`` (by default click, and conversion as a funnel step after i
 Input: dense features [B, n_dense] (normalised inside the model, so export and serving
 get the training statistics with the weights) and a KeyedJaggedTensor with one key per
 sparse feature, in spec order. Output: a ``ModelOutput`` with each task's logit and the
-probability of every task view (``features.config.task_views``).
+served probability of every task view (``features.config.task_views``): corrected for
+negative down-sampling and calibrated (``models.calibration``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from torchrec import (
 
 from features.config import FeaturesConfig, SequenceFeature, TaskConfig
 from features.errors import StageError
+from models.calibration import ServedProbabilities
 from models.config import ModelConfig, sequence_element_dim
 from models.interaction import DotInteraction, interaction_pairs
 from models.sequence_encoders import History, sequence_encoder
@@ -37,37 +39,33 @@ from serving.spec import sequence_age_column, sequence_column
 _POOLING = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
 # state_dict prefixes of the embedding tables (torchrec's, with the fused sparse optimiser)
 EMBEDDING_PREFIXES = ("ebc.", "ec.")
+# state_dict prefix of the sampling correction and calibrators: set by each run, not learned
+SERVED_PREFIX = "served."
 
 
 @dataclass
 class ModelOutput:
-    logits: dict[str, torch.Tensor]  # task -> [B] its head's logit (a funnel step's: of P(task | after))
-    probs: dict[str, torch.Tensor]  # task view -> [B] probability, e.g. click, cvr, ctcvr = click x cvr
+    # task -> [B] its head's logit (a funnel step's: of P(task | after)), as trained: on sampled
+    # rows, before the sampling correction and the calibrator; what the losses read
+    logits: dict[str, torch.Tensor]
+    # task view -> [B] served probability (corrected, calibrated), e.g. click, cvr, ctcvr = click x cvr
+    probs: dict[str, torch.Tensor]
     features: torch.Tensor  # [B, in_dim] pooled embeddings + normalised dense (backbone input)
     gates: dict[str, torch.Tensor] | None = None  # mmoe, ple: task -> [B, experts] softmax weights
 
 
 class TaskHeads(nn.ModuleDict):
-    """One linear head per task (keyed by its name) on its backbone output; a funnel step's
-    probability is multiplied by the probability of the task it follows (ESMM's pCTCVR =
-    pCTR x pCVR)."""
+    """One linear head per task (keyed by its name) on its backbone output: the task's logit
+    (a funnel step's: of P(task | after)). What is served from them is
+    ``models.calibration.ServedProbabilities``."""
 
     def __init__(self, in_dim: int, tasks: Sequence[TaskConfig]) -> None:
         super().__init__({t.name: nn.Linear(in_dim, 1) for t in tasks})
         self.tasks = list(tasks)
 
-    def forward(self, hidden: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def forward(self, hidden: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # float32 logits: under bf16 autocast (CUDA) the probabilities and losses stay float32
-        logits = {t.name: self[t.name](hidden[t.name]).squeeze(-1).float() for t in self.tasks}
-        probs: dict[str, torch.Tensor] = {}
-        for t in self.tasks:  # a task's `after` is never itself a funnel step, so it is done first
-            if t.after is None:
-                probs[t.name] = torch.sigmoid(logits[t.name])
-        for t in self.tasks:
-            if t.after is not None:
-                probs[t.conditional_name] = torch.sigmoid(logits[t.name])
-                probs[t.joint_name] = probs[t.after] * probs[t.conditional_name]
-        return logits, probs
+        return {t.name: self[t.name](hidden[t.name]).squeeze(-1).float() for t in self.tasks}
 
 
 # ---------------------------------------------------------------- dense normalisation
@@ -408,6 +406,7 @@ class MultiTaskNet(nn.Module):
         self.cross = CrossNetwork(in_dim, cfg.cross_layers)
         self.backbone = BACKBONES[cfg.backbone](in_dim, cfg, [t.name for t in tasks])
         self.heads = TaskHeads(self.backbone.out_dim, tasks)
+        self.served = ServedProbabilities(tasks, cfg.calibration, cfg.calibration_segments)
 
     def tables(self) -> dict[str, torch.Tensor]:
         """Sparse feature name -> its embedding table's weight (pooled or per element)."""
@@ -442,7 +441,8 @@ class MultiTaskNet(nn.Module):
     ) -> ModelOutput:
         """Everything after the embedding lookup: raw dense [B, n_dense], the pooled
         embeddings in spec order ([B, dim] per feature) and each sequence's history ->
-        encode the sequences, interact, normalise, cross, backbone, task heads. The exported
+        encode the sequences, interact, normalise, cross, backbone, task heads, served
+        probabilities (sampling correction, calibrators, funnel product). The exported
         ONNX graph (models.export.OnnxRanker) looks up its own plain tables and runs this
         same step."""
         members = dict(zip(self.sparse_names, embeddings, strict=True))
@@ -454,5 +454,5 @@ class MultiTaskNet(nn.Module):
             parts.append(self.interaction([members[n] for n in self.interaction.members]))
         x = self.cross(torch.cat([*parts, self.normalizer(dense)], dim=1))
         hidden, gates = self.backbone(x)
-        logits, probs = self.heads(hidden)
-        return ModelOutput(logits, probs, x, gates)
+        logits = self.heads(hidden)
+        return ModelOutput(logits, self.served(logits), x, gates)

@@ -54,8 +54,10 @@ def predict(
     steps: int | None = None,
     amp: bool = False,
 ) -> dict[str, np.ndarray]:
-    """Over a whole loader: ``label_<column>`` per label, ``p_<view>`` per task view, the
-    user codes ``user`` and (mmoe, ple) each task's mean gate weights ``gate_<task>``.
+    """Over a whole loader: ``label_<column>`` per label, ``p_<view>`` per task view (served:
+    corrected and calibrated), ``logit_<task>`` per task (its head's, as trained: what a
+    calibrator is fitted on), the user codes ``user`` and (mmoe, ple) each task's mean gate
+    weights ``gate_<task>``.
 
     ``steps`` > len(loader): run that many forward passes (a collective under torchrun)
     and drop the repeated batches' output."""
@@ -71,6 +73,7 @@ def predict(
             "user": batch.user,
             **{f"label_{k}": v for k, v in batch.labels.items()},
             **{f"p_{k}": v for k, v in out.probs.items()},
+            **{f"logit_{k}": v for k, v in out.logits.items()},
         }
         for k, v in columns.items():
             parts.setdefault(k, []).append(v.cpu().numpy())

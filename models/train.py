@@ -29,6 +29,14 @@ saved: ``last.pt`` keeps the last good epoch and the MLflow run is marked FAILED
 losses are looked at where the loop synchronises anyway (every ``train.log_every_steps``
 and at the end of an epoch), so the check costs no device sync per step.
 
+Negative down-sampling (``train.negative_sampling_rate``) and row weights
+(``train.sample_weight``) apply to the training rows only (``models.loader``); validation
+reads every row and the model's served probabilities add the sampling correction. When the
+last epoch is done, the best epoch's calibrators are fitted on the validation day
+(``models.calibration``) and stored in ``best.pt``; the run logs each view's AUC, logloss,
+calibration and ECE before and after (``calibration/before/...``, ``calibration/after/...``)
+and its ``best/`` metrics are the calibrated model's.
+
 Two hooks for the nightly pipeline: ``initial_state`` warm-starts a new run from another
 model's plain state_dict (``models.checkpoint.warm_start``), ``freeze_shared`` trains
 only the towers, heads and gates.
@@ -54,6 +62,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from features.config import TaskConfig
 from features.errors import StageError
+from models.calibration import fit_calibration
 from models.checkpoint import (
     checkpoint_dir,
     load_resumable,
@@ -98,6 +107,7 @@ from models.tracking import (
 )
 
 HIGHER_IS_BETTER = ("_auc", "_gauc")  # metric name suffixes; logloss, ece: lower is better
+CALIBRATION_REPORT = ("_auc", "_logloss", "_calibration", "_ece")  # the metrics compared before / after calibrating
 
 
 @dataclass(frozen=True)
@@ -119,9 +129,11 @@ class TrainResult:
     best_epoch: int
     best_metric: float
     epochs_run: int
-    val_metrics: dict[str, float]  # of the best epoch
+    val_metrics: dict[str, float]  # of the best epoch, once finished with its calibrators fitted (as served)
     history: list[dict[str, float]] = field(default_factory=list)
     mlflow_run_id: str | None = None
+    # method, fitted parameters per task, metrics before / after (see _calibrated); {} for an unfinished run
+    calibration: dict = field(default_factory=dict)
 
 
 def run_key(cfg: TrainingConfig, warehouse: Path, data: TrainingData) -> str:
@@ -321,6 +333,14 @@ def _finish(
     result_model = MultiTaskNet(cfg.features, cfg.model, cfg.tasks, trainer.mean, trainer.std)
     result_model.load_state_dict(best["model"])
     result_model.eval()
+    if state["finished"] and "calibration" not in best:  # fitted once, after the last epoch
+        if this_rank() == 0:
+            whole_val = table_loader(cfg, data.val_files, batch_size=cfg.train.batch_size, shuffle=False)
+            best = _calibrated(cfg, result_model, best, predict(result_model, whole_val, torch.device("cpu")))
+            write_checkpoint(ckpt_dir / "best.pt", best)
+        barrier()
+        best = torch.load(ckpt_dir / "best.pt", weights_only=False, map_location="cpu")
+        result_model.load_state_dict(best["model"])
     if tracker is not None:
         if state["finished"]:
             whole_val = table_loader(cfg, data.val_files, batch_size=cfg.train.batch_size, shuffle=False)
@@ -345,7 +365,29 @@ def _finish(
         best["val"],
         state["history"],
         state["mlflow_run_id"],
+        best.get("calibration", {}),
     )
+
+
+def _calibrated(cfg: TrainingConfig, model: MultiTaskNet, best: dict, pred: dict[str, np.ndarray]) -> dict:
+    """The best checkpoint with ``model``'s calibrators fitted (in place) on ``pred``, its
+    predictions of the validation day: the calibrated weights, the calibrated model's
+    validation metrics as ``val`` and ``calibration``: the method, what was fitted per task,
+    and each view's AUC, logloss, calibration and ECE before and after."""
+    logits = {t.name: pred[f"logit_{t.name}"] for t in cfg.tasks}
+    labels = {k.removeprefix("label_"): v for k, v in pred.items() if k.startswith("label_")}
+    fitted = fit_calibration(model.served, logits, labels)
+    served = model.served.of_logits(logits)
+    before = validation_metrics(cfg, pred)
+    after = validation_metrics(cfg, {**pred, **{f"p_{view}": p for view, p in served.items()}})
+    compared = {
+        f"{when}/{k}": v
+        for when, metrics in (("before", before), ("after", after))
+        for k, v in metrics.items()
+        if k.endswith(CALIBRATION_REPORT)
+    }
+    report = {"method": cfg.model.calibration, "tasks": fitted, "metrics": compared}
+    return {**best, "model": model.state_dict(), "val": after, "calibration": report}
 
 
 def _log_final_artifacts(
@@ -368,6 +410,14 @@ def _log_final_artifacts(
     if best.get("gate_usage"):
         tracker.log_figure(plot_gate_usage(best["gate_usage"]), "plots/gate_usage.png")
     tracker.log_metrics({f"best/{k}": v for k, v in best["val"].items()}, best["epoch"])
+    calibration = best.get("calibration", {})
+    fitted = {
+        f"calibration/{task}_{name}": value
+        for task, params in calibration.get("tasks", {}).items()
+        for name, value in params.items()
+        if isinstance(value, float)
+    }
+    tracker.log_metrics({**{f"calibration/{k}": v for k, v in calibration.get("metrics", {}).items()}, **fitted}, 0)
     tracker.log_file(ckpt_dir / "best.pt", "checkpoint")
 
 
@@ -442,6 +492,7 @@ class Trainer:
             self.weighting,
             self.net.backbone.penalty(),
             mcfg.soft_sharing_strength,
+            batch.weight,
         )
         self.dense_opt.zero_grad(set_to_none=True)
         loss.backward()  # also updates the embedding rows (fused optimiser); DDP averages dense gradients
@@ -560,6 +611,7 @@ def _build_trainer(
     net = MultiTaskNet(spec, mcfg, cfg.tasks, mean, std)
     if initial_state is not None:
         warm_start(net, initial_state)
+    net.served.start_training(tcfg.negative_sampling_rate)
     net = net.to(device)
     if freeze_shared:
         for p in net.backbone.shared_parameters():
@@ -577,7 +629,13 @@ def _build_trainer(
     dense_opt = dense_optimizer([{"params": dense_params}, weights], tcfg)
     mine = dict(batch_size=tcfg.batch_size // world, shard=(rank, world), pin_memory=device.type == "cuda")
     train_loader = table_loader(
-        cfg, data.train_files, shuffle=True, shuffle_buffer_rows=tcfg.shuffle_buffer_rows, **mine
+        cfg,
+        data.train_files,
+        shuffle=True,
+        shuffle_buffer_rows=tcfg.shuffle_buffer_rows,
+        negative_sampling_rate=tcfg.negative_sampling_rate,
+        weight=tcfg.sample_weight,
+        **mine,
     )
     val_loader = table_loader(cfg, data.val_files, shuffle=False, **mine)
     train_steps, val_steps = _steps_per_epoch(train_loader, val_loader, device)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, ValidationError, model_validator
 
@@ -101,6 +102,17 @@ class PromoteConfig(_Section):
     auc_tolerance: float = Field(
         0.005, ge=0.0, lt=1.0, description="largest AUC drop vs the champion allowed on any task"
     )
+    rule: Literal["point", "non_inferiority", "not_worse"] = Field(
+        "point",
+        description="against a champion: point = refuse when a gate metric's change (candidate - champion) is "
+        "below -auc_tolerance; non_inferiority = promote only when the lower bound of the change's one-sided "
+        "confidence interval is above -auc_tolerance for every gate metric; not_worse = refuse only when the "
+        "upper bound is below -auc_tolerance (a significant drop). The bounds use the change's paired standard "
+        "error from evaluate",
+    )
+    confidence: float = Field(
+        0.95, ge=0.5, lt=1.0, description="non_inferiority, not_worse: one-sided confidence of the bounds"
+    )
     gate_metrics: list[str] | None = Field(
         None, min_length=1, description="<task view>_<auc|gauc>; default: every task view's auc"
     )
@@ -130,6 +142,11 @@ class FunnelConfig(TrainingConfig):
     @model_validator(mode="after")
     def _known_gate_metrics(self) -> FunnelConfig:
         self.check_view_metrics("promote.gate_metrics", self.promote.gate_metrics or [], "auc|gauc")
+        if self.promote.rule != "point" and (no_se := [m for m in self.gate_metrics if not m.endswith("_auc")]):
+            raise ValueError(
+                f"promote.rule = {self.promote.rule!r} bounds each gate metric's change with its standard error, "
+                f"which only AUCs have: {', '.join(no_se)} has none; use <view>_auc or rule 'point'"
+            )
         return self
 
     @property

@@ -59,6 +59,34 @@ def demo_request(warehouse: Path, day: dt.date, n_candidates: int = 8) -> dict:
     return {"user_id": user, "context": context, "candidates": [{"item_id": i} for i in items["item_id"]]}
 
 
+def gate_rule_line(cfg: FunnelConfig) -> str:
+    """The promotion rule in force, in words."""
+    rules = cfg.promote
+    bounds = f" at {rules.confidence:.0%} one-sided confidence" if rules.rule != "point" else ""
+    return f"promotion rule {rules.rule}{bounds}, tolerance {rules.auc_tolerance} on {', '.join(cfg.gate_metrics)}"
+
+
+def print_rule_decisions(cfg: FunnelConfig, results: dict) -> None:
+    """Per night evaluated against a champion: what each promotion rule decides on its
+    evaluation (the same candidate and champion; the rule in force chose the champion of later nights)."""
+    from pipeline.registry import rule_decisions
+
+    evaluated = {
+        day: night["evaluate"] for day, night in results.items() if (night.get("evaluate") or {}).get("champion")
+    }
+    if not evaluated:
+        return
+    print(f"\nthe promotion rules on each night's evaluation (in force: {cfg.promote.rule}):")
+    for day, evaluation in evaluated.items():
+        decisions = rule_decisions(evaluation, cfg)
+        verdicts = ", ".join(f"{rule} {'promotes' if d.promote else 'refuses'}" for rule, d in decisions.items())
+        changes = ", ".join(
+            f"{m} {c.change:+.4f}" + (f" ± {c.se:.4f}" if c.se is not None else "")
+            for m, c in decisions["point"].checks.items()
+        )
+        print(f"  {day}: {verdicts}  ({changes})")
+
+
 def run_demo(cfg: FunnelConfig, warehouse: Path, nights: int = 3) -> None:
     from features.examples import mature_day
     from features.synthetic import generate_logs
@@ -82,8 +110,9 @@ def run_demo(cfg: FunnelConfig, warehouse: Path, nights: int = 3) -> None:
     first_night = days[-nights]
     print(f"\nbackfill {days[0]} .. {first_night - dt.timedelta(days=1)}: validate -> features -> examples")
     run_nights(cfg, warehouse, days[0], first_night - dt.timedelta(days=1), last="examples")
-    print(f"\nnightly {first_night} .. {days[-1]}: every stage")
+    print(f"\nnightly {first_night} .. {days[-1]}: every stage; {gate_rule_line(cfg)}")
     results = run_nights(cfg, warehouse, first_night, days[-1])
+    print_rule_decisions(cfg, results)
 
     print()
     rows, where = compare_runs(cfg, last=nights)

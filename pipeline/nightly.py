@@ -296,9 +296,21 @@ def run_train(night: Night) -> dict:
             json.loads(training_manifest_path(night.warehouse, d).read_text())["rows"]["rows_out"]
             for d in _window_days(cfg, night.run_date)
         ),
-        "detail": f"{metric} {result.best_metric:.4f} after {result.epochs_run} epoch(s); {tags['warm_start_reason']}",
+        "detail": f"{metric} {result.best_metric:.4f} after {result.epochs_run} epoch(s); {tags['warm_start_reason']}"
+        + _calibration_detail(night.cfg, result.calibration),
         "paths": [str(result.checkpoint_dir / "best.pt")],
     }
+
+
+def _calibration_detail(cfg: FunnelConfig, calibration: dict) -> str:
+    """'; platt calibration (predicted / observed) click 1.312 -> 1.000, ctcvr ...' of the validation day."""
+    metrics = calibration.get("metrics", {})
+    served = [t.served_name for t in cfg.tasks if f"after/{t.served_name}_calibration" in metrics]
+    if not served or cfg.model.calibration == "none":
+        return ""
+    return f"; {cfg.model.calibration} calibration (predicted / observed) " + ", ".join(
+        f"{v} {metrics[f'before/{v}_calibration']:.3f} -> {metrics[f'after/{v}_calibration']:.3f}" for v in served
+    )
 
 
 def _window_days(cfg: FunnelConfig, run_date: dt.date) -> list[dt.date]:
@@ -376,7 +388,13 @@ def run_promote(night: Night) -> dict:
     if decision.promote:
         set_champion(cfg, version)
     tag_version(
-        cfg, version, {"promotion": "champion" if decision.promote else "rejected", "promotion_reason": decision.reason}
+        cfg,
+        version,
+        {
+            "promotion": "champion" if decision.promote else "rejected",
+            "promotion_reason": decision.reason,
+            **decision.tags(),
+        },
     )
     outcome = (
         f"v{version} promoted to champion"
@@ -386,6 +404,7 @@ def run_promote(night: Night) -> dict:
     return {
         "version": version,
         "promoted": decision.promote,
+        "rule": decision.rule,
         "reason": decision.reason,
         "rows": 0,
         "detail": f"{outcome}: {decision.reason}",

@@ -10,9 +10,12 @@ run's ``config.toml`` saying which architecture they belong to.
 
 from __future__ import annotations
 
+import math
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import NormalDist
+from typing import get_args
 
 import torch
 from mlflow.exceptions import MlflowException
@@ -21,7 +24,7 @@ from mlflow.tracking import MlflowClient
 from features.config import ConfigError
 from features.errors import StageError
 from models.tracking import tracking_uri
-from pipeline.config import FunnelConfig, load_config
+from pipeline.config import FunnelConfig, PromoteConfig, load_config
 
 CHAMPION = "champion"
 
@@ -33,9 +36,38 @@ class Champion:
 
 
 @dataclass(frozen=True)
+class MetricCheck:
+    """One gate metric against the champion's: the change (candidate - champion), its paired
+    standard error (None where there is none: a GAUC, an older evaluation), the one-sided
+    bounds of the change at ``promote.confidence`` (None under the point rule or without a
+    standard error) and whether it passes the rule it was judged by."""
+
+    change: float
+    se: float | None
+    lower: float | None
+    upper: float | None
+    rule: str  # the rule it was judged by: promote.rule, or point where there is no standard error
+    passed: bool
+
+
+@dataclass(frozen=True)
 class GateDecision:
     promote: bool
     reason: str
+    rule: str = "point"
+    checks: dict[str, MetricCheck] = field(default_factory=dict)  # gate metric -> its check (against a champion)
+
+    def tags(self) -> dict[str, str]:
+        """The registry tags of the decision: the rule, and per gate metric its change,
+        standard error, bounds and verdict."""
+        tags = {"promotion_rule": self.rule}
+        for metric, check in self.checks.items():
+            for name in ("change", "se", "lower", "upper"):
+                if (value := getattr(check, name)) is not None:
+                    tags[f"gate.{metric}.{name}"] = f"{value:.6f}"
+            tags[f"gate.{metric}.rule"] = check.rule
+            tags[f"gate.{metric}.passed"] = str(check.passed).lower()
+        return tags
 
 
 def registry_client(cfg: FunnelConfig) -> MlflowClient:
@@ -77,7 +109,9 @@ def same_architecture(a: FunnelConfig | None, b: FunnelConfig) -> str | None:
     """
     if a is None:
         return "its training config does not validate in this version of funnelrank (an older config schema)"
-    if a.model != b.model:
+    # the calibrators are fitted afresh by every run (models.calibration): their method is no shape of the weights
+    calibration = {"calibration", "calibration_segments"}
+    if a.model.model_dump(exclude=calibration) != b.model.model_dump(exclude=calibration):
         return "the [model] section differs"
     if [(t.name, t.after) for t in a.tasks] != [(t.name, t.after) for t in b.tasks]:
         return "the tasks differ"
@@ -131,16 +165,10 @@ def gate(
     change_se: dict[str, float] | None = None,
 ) -> GateDecision:
     """Promote when the calibration of every served probability (click, ctcvr) is within
-    bounds and, against a champion, no gate metric falls by more than the tolerance; the
-    first model must clear ``min_auc`` instead. ``change_se`` (view -> standard error of the
-    AUC's change, from evaluate) only annotates the reason, so a reader sees whether a
-    change stands out of the evaluation day's noise; it does not decide."""
-    rules, problems = cfg.promote, []
-
-    def noise(metric: str) -> str:
-        se = (change_se or {}).get(metric.removesuffix("_auc")) if metric.endswith("_auc") else None
-        return f" ± {se:.4f}" if se is not None else ""
-
+    bounds and, against a champion, every gate metric passes ``promote.rule`` (see
+    ``check_change``); the first model must clear ``min_auc`` instead. ``change_se``: task
+    view -> the paired standard error of its AUC's change, from evaluate."""
+    rules, problems, checks = cfg.promote, [], {}
     for view in gate_calibrations(cfg):
         value = candidate.get(view, float("nan"))
         if not rules.calibration_min <= value <= rules.calibration_max:
@@ -150,17 +178,83 @@ def gate(
         if champion is None:
             if not value >= rules.min_auc:
                 problems.append(f"{metric} {value:.4f} below the first model's bound {rules.min_auc}")
-        elif not value >= champion[metric] - rules.auc_tolerance:
+            continue
+        se = (change_se or {}).get(metric.removesuffix("_auc")) if metric.endswith("_auc") else None
+        checks[metric] = check = check_change(value - champion[metric], se, cfg)
+        if not check.passed:
+            moved = "fell" if check.change < 0 else "rose"
+            noise = f" ± {se:.4f}" if se is not None else ""
+            bounds = f", bounds {check.lower:+.4f}, {check.upper:+.4f}" if check.lower is not None else ""
             problems.append(
-                f"{metric} {value:.4f} fell {champion[metric] - value:.4f}{noise(metric)} below the champion's "
-                f"{champion[metric]:.4f} (tolerance {rules.auc_tolerance})"
+                f"{metric} {value:.4f} {moved} {abs(check.change):.4f}{noise} "
+                f"{'below' if check.change < 0 else 'above'} the champion's {champion[metric]:.4f} "
+                f"(tolerance {rules.auc_tolerance}{bounds}: {_FAILS[check.rule]})"
             )
+    rule = f"rule {rules.rule}" + (f" ({rules.confidence:.0%} one-sided bounds)" if rules.rule != "point" else "")
     if problems:
-        return GateDecision(False, "; ".join(problems))
+        return GateDecision(False, f"{rule}: " + "; ".join(problems), rules.rule, checks)
     if champion is None:
-        return GateDecision(True, "first model: passes the absolute bounds")
-    gains = ", ".join(f"{m} {candidate[m] - champion[m]:+.4f}{noise(m)}" for m in cfg.gate_metrics)
-    return GateDecision(True, f"no gate metric regressed beyond {rules.auc_tolerance} ({gains})")
+        return GateDecision(True, "first model: passes the absolute bounds", rules.rule, checks)
+    changes = ", ".join(f"{m} {_change(c)}" for m, c in checks.items())
+    passes = _PASSES[rules.rule].format(tolerance=rules.auc_tolerance)
+    return GateDecision(True, f"{rule}: {passes} ({changes})", rules.rule, checks)
+
+
+# why every check passed, by promote.rule
+_PASSES = {
+    "point": "no gate metric regressed beyond {tolerance}",
+    "non_inferiority": "every gate metric is shown to be within {tolerance} of the champion's or better",
+    "not_worse": "no gate metric fell significantly more than {tolerance}",
+}
+# why a check failed, by the rule it was judged by
+_FAILS = {
+    "point": "a drop beyond the tolerance",
+    "non_inferiority": "not shown to be within the tolerance",
+    "not_worse": "a significant drop beyond the tolerance",
+}
+
+
+def check_change(change: float, se: float | None, cfg: FunnelConfig) -> MetricCheck:
+    """A gate metric's change (candidate - champion) judged by ``promote.rule`` with tolerance t
+    and z the one-sided normal quantile of ``promote.confidence``:
+
+    * point: passes when change >= -t (the standard error is not looked at);
+    * non_inferiority: passes when the lower bound change - z se > -t (shown not worse than
+      the tolerance: a noisy evaluation refuses);
+    * not_worse: fails only when the upper bound change + z se < -t (a significant drop: a
+      noisy evaluation promotes).
+
+    Non-inferiority passing implies point passing implies not-worse passing. Without a finite
+    standard error the change is judged by the point rule; a NaN change never passes."""
+    rules = cfg.promote
+    tolerance = rules.auc_tolerance
+    if rules.rule == "point" or se is None or not math.isfinite(se):
+        return MetricCheck(change, se, None, None, "point", change >= -tolerance)
+    z = NormalDist().inv_cdf(rules.confidence)
+    lower, upper = change - z * se, change + z * se
+    passed = lower > -tolerance if rules.rule == "non_inferiority" else upper >= -tolerance
+    return MetricCheck(change, se, lower, upper, rules.rule, passed)
+
+
+def _change(check: MetricCheck) -> str:
+    """'+0.0012 ± 0.0020', with the bounds where the rule used them: '... (bounds -0.0021, +0.0045)'."""
+    text = f"{check.change:+.4f}" + (f" ± {check.se:.4f}" if check.se is not None else "")
+    return text + (f" (bounds {check.lower:+.4f}, {check.upper:+.4f})" if check.lower is not None else "")
+
+
+def rule_decisions(evaluation: dict, cfg: FunnelConfig) -> dict[str, GateDecision]:
+    """What each promotion rule decides on one evaluation (evaluate's output): the rule in
+    force and the others, for a comparison."""
+    rules = get_args(PromoteConfig.model_fields["rule"].annotation)
+    return {
+        rule: gate(
+            evaluation["candidate"],
+            evaluation["champion"],
+            cfg.model_copy(update={"promote": cfg.promote.model_copy(update={"rule": rule})}),
+            evaluation.get("delta_auc_se"),
+        )
+        for rule in rules
+    }
 
 
 def gate_calibrations(cfg: FunnelConfig) -> list[str]:

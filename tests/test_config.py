@@ -150,6 +150,8 @@ def test_every_float_key_is_found():
         "tasks[0].score_exponent",
         "promote.auc_tolerance",
         "promote.calibration_max",
+        "promote.confidence",
+        "train.negative_sampling_rate",
         "features.prior_strength",
         "features.sparse[0].boundaries",
         "generate.noise",
@@ -213,6 +215,13 @@ def test_every_float_must_be_finite(key, value):
         ("scoring.max_candidates", 10**9, "Input should be less than or equal to 1000000"),
         ("scoring.max_body_bytes", 1 << 40, "Input should be less than or equal to 1073741824"),
         ("nightly.fine_tune_days", 10**6, "Input should be less than or equal to 3650"),
+        ("train.negative_sampling_rate", 0.0, "Input should be greater than 0"),
+        ("train.negative_sampling_rate", 1.5, "Input should be less than or equal to 1"),
+        ("train.sample_weight", "click +", "Value error, not a SQL expression over the training table's columns"),
+        ("train.sample_weight", "2.0", "Value error, names no column of the training table"),
+        ("model.calibration", "beta", "Input should be 'none', 'platt' or 'isotonic'"),
+        ("model.calibration_segments", 1, "Input should be greater than or equal to 2"),
+        ("promote.confidence", 0.4, "Input should be greater than or equal to 0.5"),
     ],
 )
 def test_out_of_range_values_name_the_key(key, value, message):

@@ -39,6 +39,10 @@ def test_demo_runs_the_nightly_pipeline_and_ranks_with_the_champion(tmp_path, ca
     assert (
         out.count("fine-tune all layers on the newest 1 mature day(s)") == 2
     )  # nights 2 and 3 start from the champion
+    assert "promotion rule not_worse at 95% one-sided confidence, tolerance 0.99" in out  # the rule in force
+    assert "the promotion rules on each night's evaluation (in force: not_worse):" in out
+    assert out.count("point promotes, non_inferiority promotes, not_worse promotes") == 2  # nights 2 and 3
+    assert "platt calibration (predicted / observed) click " in out
     assert "funnelrank runs" in out and "oracle" in out
     assert "champion bundle" in out and "\n  1. " in out
     assert (tmp_path / "state" / "mlflow.db").exists()
