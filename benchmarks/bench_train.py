@@ -205,8 +205,9 @@ def check_same_function(net, baseline, batch, padded_batch) -> None:
 def sequence_cost(cfg, args) -> None:
     """Training samples/s of the torchrec model without and with a click sequence of
     ``--sequence-length`` elements (items: the item id and category; lengths uniform in
-    0..N, or drawn from a real training table's with ``--lengths-from``) per encoder, on one table, rounds alternating so that a change of the machine's
-    speed hits every model alike; the best round of each counts."""
+    0..N, or drawn from a real training table's with ``--lengths-from``) per encoder, on
+    one table, rounds alternating so that a change of the machine's speed hits every model
+    alike; the best round of each counts."""
     import os
 
     import torch
