@@ -220,6 +220,7 @@ class HttpServer:
         }
         self.sweeper: asyncio.Task | None = None
         self.stopping = False
+        self.accept_failed = False  # the last accept ran out of files or memory
 
     async def start(self, listeners: list[socket.socket]) -> int:
         """Serve on ``listeners`` (``listen``); returns the bound port."""
@@ -254,27 +255,52 @@ class HttpServer:
         self.batcher.close()
 
     async def _accept(self, listener: socket.socket) -> None:
+        # Our own reader callback, not loop.sock_accept: stop() cancels this task, and a
+        # sock_accept whose reader callback was already queued then accepts a connection for
+        # a cancelled future (asyncio logs InvalidStateError and the connection leaks).
         loop = asyncio.get_running_loop()
+        readable = asyncio.Event()
+        loop.add_reader(listener.fileno(), readable.set)
+        try:
+            while True:
+                await readable.wait()
+                readable.clear()
+                while (client := self._accept_one(listener)) is not None:
+                    try:
+                        await self._admit(client)
+                    except OSError:  # the client went away before its connection was set up
+                        client.close()
+                    except asyncio.CancelledError:  # stop() while it waited for room
+                        client.close()
+                        raise
+                if self.accept_failed:
+                    await asyncio.sleep(ACCEPT_RETRY_S)
+                    readable.set()  # the backlog waited meanwhile: look again
+        finally:
+            loop.remove_reader(listener.fileno())
+
+    def _accept_one(self, listener: socket.socket) -> socket.socket | None:
+        """A waiting connection, non-blocking; None when there is none (or accepting failed:
+        out of files or memory, ``accept_failed`` is set and the connections wait in the
+        backlog meanwhile)."""
+        self.accept_failed = False
         while True:
             try:
-                client, _ = await loop.sock_accept(listener)
+                client, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return None
             except ConnectionAbortedError:
                 continue
-            except OSError as err:  # out of files or memory: new connections wait in the backlog meanwhile
+            except OSError as err:
                 print(
                     f"accepting a connection failed ({err}); trying again in {ACCEPT_RETRY_S} s",
                     file=sys.stderr,
                     flush=True,
                 )
-                await asyncio.sleep(ACCEPT_RETRY_S)
-                continue
-            try:
-                await self._admit(client)
-            except OSError:  # the client went away before its connection was set up
-                client.close()
-            except asyncio.CancelledError:  # stop() while it waited for room
-                client.close()
-                raise
+                self.accept_failed = True
+                return None
+            client.setblocking(False)
+            return client
 
     async def _admit(self, client: socket.socket) -> None:
         """Serve ``client`` as a connection, or refuse it (503) at the cap when none is idle."""

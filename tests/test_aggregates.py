@@ -301,7 +301,9 @@ def test_features_cli_writes_partitions(tmp_path, capsys):
     ]
     assert main(argv) == 0
     out = capsys.readouterr().out.splitlines()
-    assert [line.split(":")[0] for line in out] == [k.name for k in CFG.features.aggregate_keys]
+    # a line per aggregate key, then one per behaviour sequence (the demo's click history)
+    names = [k.name for k in CFG.features.aggregate_keys] + [s.name for s in CFG.features.sequences]
+    assert [line.split(":")[0] for line in out] == names
     for key in CFG.features.aggregate_keys:
         assert (daily_dir(tmp_path, key.name, D1) / "part-0.parquet").is_file()
     assert main([*argv[:-1], "2026-12-01"]) == 4  # no validated data for that day

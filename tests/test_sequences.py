@@ -586,4 +586,6 @@ def test_defaults_and_a_valid_sequence():
     defaults = (seq.event, seq.key, seq.max_length, seq.max_age_days, seq.encoder, seq.attention_heads)
     assert defaults == ("click", "user_id", 50, 0, "din", 1)
     assert seq.column_names == ["clicked__item_id", "clicked__category_id", "clicked__device", "clicked__age_days"]
-    assert parse_config(demo_dict()).features.sequences == []
+    without = demo_dict()
+    del without["features"]["sequences"]
+    assert parse_config(without).features.sequences == []  # none unless configured
