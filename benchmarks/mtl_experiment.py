@@ -153,22 +153,25 @@ def with_overrides(cfg: FunnelConfig, **sections: dict) -> FunnelConfig:
     return parse_config(data, "mtl_experiment overrides")
 
 
+TEXT_FIELDS = ("backbone", "head")
 RUN_FIELDS = ["correlation", "seed", "backbone", "head", "epochs", "seconds", *METRICS]
 
 
-def _read_runs(path: Path) -> list[dict]:
+def read_runs(path: Path, text_fields: tuple[str, ...] = ()) -> list[dict]:
+    """The runs already written to a ``-runs.csv`` (none when it does not exist): every
+    field a float but ``text_fields``. Shared by the experiments in benchmarks/."""
     if not path.exists():
         return []
     with path.open() as f:
-        return [
-            {k: (v if k in ("backbone", "head") else float(v)) for k, v in row.items()} for row in csv.DictReader(f)
-        ]
+        return [{k: (v if k in text_fields else float(v)) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
-def _append_run(path: Path, row: dict) -> None:
+def append_run(path: Path, row: dict, fields: list[str]) -> None:
+    """Append one run to a ``-runs.csv`` as it finishes (the header first in a new file), so
+    a rerun can skip it."""
     new = not path.exists()
     with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, RUN_FIELDS)
+        writer = csv.DictWriter(f, fields)
         if new:
             writer.writeheader()
         writer.writerow(row)
@@ -186,7 +189,7 @@ def run_experiment(
 ) -> list[dict]:
     """Every (correlation, seed, backbone, head) run not yet in ``runs_csv``; returns all rows
     (oracle rows have backbone ``oracle``)."""
-    done = {(r["correlation"], r["seed"], r["backbone"], r["head"]) for r in _read_runs(runs_csv)}
+    done = {(r["correlation"], r["seed"], r["backbone"], r["head"]) for r in read_runs(runs_csv, TEXT_FIELDS)}
     for k in range(seeds):  # seed-major: a run cut short still has every correlation for its first seeds
         seed = base.seed + k
         for correlation in correlations:
@@ -205,7 +208,7 @@ def run_experiment(
             run_date = log_days(cfg)[-1] - dt.timedelta(days=1)  # validation day = test day - 1
             if keys[-1] not in done:
                 oracle = oracle_metrics(cfg, truth_rows(folder / "warehouse", day))
-                _append_run(
+                append_run(
                     runs_csv,
                     {
                         "correlation": correlation,
@@ -216,6 +219,7 @@ def run_experiment(
                         "seconds": round(time.perf_counter() - started, 1),
                         **oracle,
                     },
+                    RUN_FIELDS,
                 )
             print(f"correlation {correlation} seed {seed}: data in {time.perf_counter() - started:.0f} s", flush=True)
             for backbone in backbones:
@@ -226,7 +230,7 @@ def run_experiment(
                     model_cfg = with_overrides(cfg, model={"backbone": backbone, "conversion_head": head})
                     metrics, epochs = model_metrics(model_cfg, folder / "warehouse", run_date, day)
                     seconds = round(time.perf_counter() - started, 1)
-                    _append_run(
+                    append_run(
                         runs_csv,
                         {
                             "correlation": correlation,
@@ -237,6 +241,7 @@ def run_experiment(
                             "seconds": seconds,
                             **metrics,
                         },
+                        RUN_FIELDS,
                     )
                     print(
                         f"  {backbone:13s} {head:6s} "
@@ -244,7 +249,7 @@ def run_experiment(
                         + f"  ({epochs} epochs, {seconds:.0f} s)",
                         flush=True,
                     )
-    return _read_runs(runs_csv)
+    return read_runs(runs_csv, TEXT_FIELDS)
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -388,7 +393,7 @@ def main(argv: list[str] | None = None) -> None:
         flush=True,
     )
     if args.report_only:
-        rows = _read_runs(runs_csv)
+        rows = read_runs(runs_csv, TEXT_FIELDS)
     elif args.workdir:
         rows = run_experiment(base, args.correlations, args.seeds, args.workdir, runs_csv, args.backbones, args.heads)
     else:

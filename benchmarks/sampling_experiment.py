@@ -22,14 +22,13 @@ Platt calibrators too. The summary: mean ± std over seeds per rate. Runs append
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.mtl_experiment import build_warehouse, held_out_day, log_days, with_overrides
+from benchmarks.mtl_experiment import append_run, build_warehouse, held_out_day, log_days, read_runs, with_overrides
 from pipeline.config import DEFAULT_CONFIG, FunnelConfig, load_config
 
 FIELDS = [
@@ -155,22 +154,6 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _read(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with path.open() as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
-
-
-def _append(path: Path, row: dict) -> None:
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
@@ -188,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     rates = [1.0, *[r for r in args.rates if r != 1.0]]  # r = 1 first: the others pair with it
     runs_path = args.output.with_name(args.output.name + "-runs.csv")
     runs_path.parent.mkdir(parents=True, exist_ok=True)
-    done = {(r["seed"], r["rate"]) for r in _read(runs_path)}
+    done = {(r["seed"], r["rate"]) for r in read_runs(runs_path)}
     base = load_config(args.config)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         for seed in range(args.seeds):
@@ -208,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
                 if (seed, rate) in done:
                     continue
                 row = {"seed": seed, "rate": rate, **stats, **metrics(preds[rate], preds[1.0])}
-                _append(runs_path, row)
+                append_run(runs_path, row, FIELDS)
                 print(
                     f"  r {rate:<4g} {row['source_rows_per_s']:>9,.0f} source rows/s  click AUC {row['click_auc']:.4f} "
                     f"({row['click_auc_vs_r1']:+.4f} ± {row['click_auc_vs_r1_se']:.4f})  calibration click "
@@ -217,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
                     f"({row['seconds']:.0f} s)",
                     flush=True,
                 )
-    table = summary(_read(runs_path))
+    table = summary(read_runs(runs_path))
     args.output.with_suffix(".md").write_text(table + "\n")
     print(table)
 

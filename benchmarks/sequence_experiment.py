@@ -29,14 +29,21 @@ standard error. Runs append to ``<output>-runs.csv`` as they finish; a rerun ski
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.mtl_experiment import build_warehouse, held_out_day, log_days, truth_rows, with_overrides
+from benchmarks.mtl_experiment import (
+    append_run,
+    build_warehouse,
+    held_out_day,
+    log_days,
+    read_runs,
+    truth_rows,
+    with_overrides,
+)
 from pipeline.config import FunnelConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
                     if variant in wanted:
                         row = {"world": world, "seed": seed, "variant": variant}
                         row |= run_metrics(vcfg, preds[variant], preds["none"], lengths, oracle)
-                        _append(runs_path, row)
+                        append_run(runs_path, row, list(row))
                         done[world, seed, variant] = row
                         print(
                             f"  {variant:10s} click {row['click_auc']:.4f} ({row['click_diff']:+.4f} ± "
@@ -217,25 +224,8 @@ def summary(done: dict, worlds: list[str], variants: list[str]) -> str:
 
 
 def _read(path: Path) -> dict:
-    if not path.exists():
-        return {}
-    with path.open() as f:
-        rows = list(csv.DictReader(f))
-    return {
-        (r["world"], int(r["seed"]), r["variant"]): {
-            k: (v if k in ("world", "variant") else float(v)) for k, v in r.items()
-        }
-        for r in rows
-    }
-
-
-def _append(path: Path, row: dict) -> None:
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+    """The runs done so far, by (world, seed, variant)."""
+    return {(r["world"], int(r["seed"]), r["variant"]): r for r in read_runs(path, ("world", "variant"))}
 
 
 if __name__ == "__main__":
