@@ -214,9 +214,9 @@ def sequence_cost(cfg, args) -> None:
     from torchrec.optim.optimizers import in_backward_optimizer_filter
 
     from features.config import SequenceFeature
+    from models.balancing import LossWeighting, training_loss
     from models.distributed import distribute, init_process_group
     from models.loader import table_loader
-    from models.losses import LossWeighting, training_loss
     from models.nets import MultiTaskNet, dense_stats
     from models.train import dense_optimizer
 
@@ -287,9 +287,9 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from torchrec.optim.optimizers import in_backward_optimizer_filter
 
+    from models.balancing import LossWeighting, training_loss
     from models.distributed import distribute, init_process_group
     from models.loader import TrainingTableLoader
-    from models.losses import LossWeighting, training_loss
     from models.nets import MultiTaskNet, dense_stats
     from models.train import dense_optimizer
     from pipeline.config import load_config, parse_config

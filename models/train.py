@@ -62,6 +62,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from features.config import TaskConfig
 from features.errors import StageError
+from models.balancing import LossWeighting, training_loss
 from models.calibration import fit_calibration
 from models.checkpoint import (
     checkpoint_dir,
@@ -84,7 +85,7 @@ from models.distributed import (
     world_size,
 )
 from models.loader import Batch, TrainingTableLoader, table_loader
-from models.losses import LossWeighting, task_losses, training_loss
+from models.losses import task_losses
 from models.nets import EMBEDDING_PREFIXES, MultiTaskNet, dense_stats
 from models.predict import (
     fixed_steps,

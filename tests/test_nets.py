@@ -10,8 +10,9 @@ import torch
 from torchrec import KeyedJaggedTensor
 
 from features.config import TaskConfig
+from models.balancing import LossWeighting, training_loss
 from models.config import ModelConfig
-from models.losses import LossWeighting, task_losses, training_loss
+from models.losses import task_losses
 from models.nets import BACKBONES, MultiTaskNet, dense_stats
 from pipeline.config import parse_config
 
