@@ -252,7 +252,7 @@ def sequence_cost(cfg, args) -> None:
 
             def step(batch, model=model, net=net, dense_opt=dense_opt, weighting=weighting, vcfg=vcfg) -> None:
                 out = model(batch.dense, batch.sparse)
-                loss, _ = training_loss(
+                loss, _, _ = training_loss(
                     out, batch.labels, vcfg.tasks, vcfg.model.conversion_head, weighting, net.backbone.penalty(), 0.0
                 )
                 dense_opt.zero_grad()
@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
             weighting = LossWeighting(mcfg, cfg.tasks)
 
             def step(i: int) -> None:
-                loss, _ = training_loss(
+                loss, _, _ = training_loss(
                     forward(i), batches[i].labels, cfg.tasks, mcfg.conversion_head, weighting, penalty(), 0.0
                 )
                 for o in optimizers:

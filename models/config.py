@@ -23,8 +23,21 @@ class ModelConfig(_Section):
     conversion_head: Literal["direct", "esmm"] = Field(
         "esmm", description="direct: pCVR on clicked rows; esmm: pCTCVR = pCTR x pCVR on all impressions"
     )
-    loss_weighting: Literal["fixed", "uncertainty"] = Field(
-        "fixed", description="fixed: tasks[].loss_weight; uncertainty: learned (Kendall et al. 2018)"
+    loss_weighting: Literal["fixed", "uncertainty", "dwa", "gradnorm", "pcgrad"] = Field(
+        "fixed",
+        description="fixed: tasks[].loss_weight; uncertainty: learned (Kendall et al. 2018); dwa: dynamic weight "
+        "average (Liu et al. 2019); gradnorm: learned to balance gradient norms (Chen et al. 2018); pcgrad: fixed "
+        "weights, conflicting gradients on the shared dense layers projected (Yu et al. 2020)",
+    )
+    dwa_temperature: float = Field(2.0, gt=0.0, le=100.0, description="dwa: softmax temperature T")
+    dwa_window_steps: int = Field(
+        100, ge=1, le=1_000_000, description="dwa: steps per window whose mean losses are compared"
+    )
+    gradnorm_alpha: float = Field(
+        1.5, ge=0.0, le=10.0, description="gradnorm: asymmetry; how strongly slower tasks get larger gradients"
+    )
+    gradnorm_lr_scale: float = Field(
+        10.0, gt=0.0, le=1e4, description="gradnorm: the weights' learning rate in units of train.dense_lr"
     )
     expert_dims: list[int] = Field(
         default_factory=lambda: [128, 64],
@@ -137,6 +150,13 @@ class TrainConfig(_Section):
     shuffle_buffer_rows: int = Field(262_144, ge=1, le=1 << 30, description="at most 2**30")
     threads: int = Field(0, ge=0, le=1024, description="torch CPU threads; 0 = all cores; at most 1024")
     log_every_steps: int = Field(50, ge=1)
+    relatedness_every_steps: int = Field(
+        10,
+        ge=0,
+        le=1_000_000,
+        description="every this many steps the tasks' gradients on the shared layers are compared (cosine, "
+        "conflicts), reported per epoch; 0 = never",
+    )
     sharding: Literal["auto", "table_wise", "row_wise", "column_wise", "data_parallel"] = Field(
         "table_wise",
         description="embedding tables over the ranks: auto = torchrec's planner picks among the sharded "

@@ -100,6 +100,15 @@ def reduce_values(
     return tensor.tolist()
 
 
+def mean_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """The element-wise mean of ``tensor`` over all ranks (a new tensor on every rank)."""
+    if world_size() == 1:
+        return tensor
+    summed = tensor.clone()
+    dist.all_reduce(summed)
+    return summed / world_size()
+
+
 def broadcast_from_rank0(value: object) -> object:
     """Rank 0's ``value`` on every rank."""
     if world_size() == 1:

@@ -122,6 +122,11 @@ def mlp(in_dim: int, dims: Sequence[int], dropout: float) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def last_linear(net: nn.Sequential) -> nn.Parameter:
+    """The weight of an ``mlp``'s last Linear."""
+    return [m for m in net if isinstance(m, nn.Linear)][-1].weight
+
+
 def task_towers(cfg: ModelConfig, tasks: Sequence[str]) -> tuple[nn.ModuleDict, int]:
     """One tower per task on a shared representation of the experts' (or bottom's) last
     size, and the size it outputs (that size itself without tower layers)."""
@@ -137,6 +142,11 @@ class Backbone(nn.Module):
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """Dense parameters every task's loss reaches (empty when tasks share only embeddings)."""
+        return []
+
+    def last_shared_layer(self) -> list[nn.Parameter]:
+        """The weights of the last dense layer every task's loss reaches (GradNorm's W);
+        empty when tasks share only embeddings."""
         return []
 
     def penalty(self) -> torch.Tensor:
@@ -182,6 +192,9 @@ class SharedBottom(Backbone):
     def shared_parameters(self):
         return list(self.bottom.parameters())
 
+    def last_shared_layer(self):
+        return [last_linear(self.bottom)]
+
     def forward(self, x):
         h = self.bottom(x)
         return {t: tower(h) for t, tower in self.towers.items()}, None
@@ -199,6 +212,9 @@ class MMoE(Backbone):
 
     def shared_parameters(self):
         return list(self.experts.parameters())
+
+    def last_shared_layer(self):
+        return [last_linear(e) for e in self.experts]
 
     def forward(self, x):
         experts = torch.stack([e(x) for e in self.experts], dim=1)  # [B, E, H]
@@ -279,6 +295,9 @@ class PLE(Backbone):
             if level.shared_gate is not None:
                 shared += level.shared_gate.parameters()
         return shared
+
+    def last_shared_layer(self):
+        return [last_linear(e) for e in self.levels[-1].shared_experts]
 
     def forward(self, x):
         task_inputs, shared = [x] * len(self.tasks), x

@@ -57,13 +57,15 @@ def predict(
     """Over a whole loader: ``label_<column>`` per label, ``p_<view>`` per task view (served:
     corrected and calibrated), ``logit_<task>`` per task (its head's, as trained: what a
     calibrator is fitted on), the user codes ``user`` and (mmoe, ple) each task's mean gate
-    weights ``gate_<task>``.
+    weights ``gate_<task>`` and the mean entropy of its gate, ``entropy_<task>`` (nats; 0:
+    one expert per row, log(experts): every row mixes all alike).
 
     ``steps`` > len(loader): run that many forward passes (a collective under torchrun)
     and drop the repeated batches' output."""
     model.eval()
     parts: dict[str, list] = {}
     gate_sums: dict[str, torch.Tensor] = {}
+    entropy_sums: dict[str, torch.Tensor] = {}
     for batch, repeated in fixed_steps(loader, len(loader) if steps is None else steps):
         batch = batch.to(device, non_blocking=True)
         out = forward(model, batch, amp)
@@ -79,13 +81,16 @@ def predict(
             parts.setdefault(k, []).append(v.cpu().numpy())
         for t, w in (out.gates or {}).items():
             gate_sums[t] = gate_sums.get(t, 0) + w.sum(0).cpu()
+            entropy_sums[t] = entropy_sums.get(t, 0) - torch.special.xlogy(w, w).sum().cpu()
     result = {k: np.concatenate(v) for k, v in parts.items()}
     result.update({f"gate_{t}": (s / len(result["user"])).numpy() for t, s in gate_sums.items()})
+    result.update({f"entropy_{t}": (s / len(result["user"])).numpy() for t, s in entropy_sums.items()})
     return result
 
 
 def gather_predictions(pred: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """All ranks' predictions in rank order (gates: the row-weighted mean), on every rank."""
+    """All ranks' predictions in rank order (gate usage and entropy: the row-weighted mean),
+    on every rank."""
     if world_size() == 1:
         return pred
     everyone: list = [None] * world_size()
@@ -94,7 +99,7 @@ def gather_predictions(pred: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {
         k: (
             sum(p[k] * n for p, n in zip(everyone, rows, strict=True)) / rows.sum()
-            if k.startswith("gate_")
+            if k.startswith(("gate_", "entropy_"))
             else np.concatenate([p[k] for p in everyone])
         )
         for k in pred

@@ -60,9 +60,8 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedCo
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from features.config import TaskConfig
 from features.errors import StageError
-from models.balancing import LossWeighting, training_loss
+from models.balancing import LossWeighting, pcgrad, shared_task_gradients, training_loss
 from models.calibration import fit_calibration
 from models.checkpoint import (
     checkpoint_dir,
@@ -85,7 +84,6 @@ from models.distributed import (
     world_size,
 )
 from models.loader import Batch, TrainingTableLoader, table_loader
-from models.losses import task_losses
 from models.nets import EMBEDDING_PREFIXES, MultiTaskNet, dense_stats
 from models.predict import (
     fixed_steps,
@@ -95,6 +93,7 @@ from models.predict import (
     validation_metrics,
     view_curves,
 )
+from models.relatedness import GradientRelatedness
 from models.tracking import (
     RunTracker,
     flatten,
@@ -444,9 +443,11 @@ class Trainer:
     val_loader: TrainingTableLoader
     train_steps: int  # every rank takes as many (see fixed_steps)
     val_steps: int
-    cosine_batch: Batch  # the validation batch gradient_cosine is measured on
     mean: np.ndarray  # the dense statistics of the training files
     std: np.ndarray
+    shared_dense: list[torch.nn.Parameter]  # the backbone's shared dense parameters that train (pcgrad's)
+    relatedness: GradientRelatedness
+    pcgrad_order: torch.Generator  # pcgrad's task order: seeded from the run seed and the step
 
     def resume(self, last: Path) -> dict:
         """Restore a killed run from its ``last.pt``; the loop's state."""
@@ -473,7 +474,8 @@ class Trainer:
             if state["step"] % self.cfg.train.log_every_steps == 0:
                 self.check_finite(unchecked, epoch, done)
                 unchecked = []
-                _log_step(bar, task, tracker, parts, state["step"], rows * world / (time.perf_counter() - started))
+                speed = rows * world / (time.perf_counter() - started)
+                _log_step(bar, task, tracker, parts, self.weighting.step_metrics(), state["step"], speed)
         self.check_finite(unchecked, epoch, self.train_steps)
         totals = reduce_values([rows, *(float(v) for v in sums.values())], self.device)  # over all ranks
         return {
@@ -482,10 +484,12 @@ class Trainer:
         }
 
     def step(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
-        """One optimisation step on ``batch`` (the run's ``step``-th); its loss parts."""
+        """One optimisation step on ``batch`` (the run's ``step``-th); its loss parts and,
+        with pcgrad, ``pcgrad_projections``. How the balancing methods use per-task
+        gradients is ``models.balancing``'s docstring."""
         cfg, mcfg = self.cfg, self.cfg.model
         out = forward(self.model, batch, self.amp)
-        loss, parts = training_loss(
+        total, losses, parts = training_loss(
             out,
             batch.labels,
             cfg.tasks,
@@ -496,11 +500,30 @@ class Trainer:
             batch.weight,
         )
         self.dense_opt.zero_grad(set_to_none=True)
-        loss.backward()  # also updates the embedding rows (fused optimiser); DDP averages dense gradients
+        surgery = mcfg.loss_weighting == "pcgrad" and bool(self.shared_dense)
+        measure = cfg.train.relatedness_every_steps > 0 and step % cfg.train.relatedness_every_steps == 0
+        task_grads = None
+        if surgery or measure:
+            task_losses = [losses[t] for t in self.weighting.names]
+            task_grads = shared_task_gradients(task_losses, self.shared_dense or [out.features])
+            if measure:
+                self.relatedness.add(task_grads)
+        if mcfg.loss_weighting == "gradnorm":
+            last = [p for p in self.net.backbone.last_shared_layer() if p.requires_grad]
+            self.weighting.gradnorm_backward(losses, last or [out.features])
+        total.backward()  # also updates the embedding rows (fused optimiser); DDP averages dense gradients
+        if surgery:
+            self.pcgrad_order.manual_seed(cfg.seed * 1_000_003 + step)  # a function of the step: resumes alike
+            combined, parts["pcgrad_projections"] = pcgrad(
+                task_grads * self.weighting.fixed[:, None], self.pcgrad_order
+            )
+            write_gradients(self.shared_dense, combined)
         average_gradients(self.weighting.parameters())
         for group in self.dense_opt.param_groups:
-            group["lr"] = dense_learning_rate(cfg.train, step, cfg.train.epochs * self.train_steps)
+            group["lr"] = dense_learning_rate(cfg.train, step, cfg.train.epochs * self.train_steps) * group["lr_scale"]
         self.dense_opt.step()
+        self.weighting.renormalise()
+        self.weighting.observe(losses)
         return parts
 
     def check_finite(self, steps: list[dict[str, torch.Tensor]], epoch: int, done: int) -> None:
@@ -543,15 +566,13 @@ class Trainer:
         self, epoch: int, train_stats: dict[str, float], val: dict[str, float], pred: dict[str, np.ndarray]
     ) -> dict[str, float]:
         """The epoch's line of the history: training speed and losses, task weights, the
-        tasks' gradient cosine, validation metrics and gate usage."""
-        cosine = gradient_cosine(
-            self.model.module, self.net, self.cosine_batch, self.cfg.tasks, self.cfg.model.conversion_head
-        )
+        tasks' gradient relatedness (``models.relatedness``), validation metrics, and for
+        mmoe / ple each task's expert usage and gate entropy."""
         return {
             "epoch": epoch + 1,
             **train_stats,
             **{f"train/task_weight_{t}": w for t, w in self.weighting.weights().items()},
-            **{f"train/{k}": v for k, v in cosine.items()},
+            **{f"train/{k}": v for k, v in self.relatedness.epoch_metrics().items()},
             **{f"val/{k}": v for k, v in val.items()},
             **{
                 f"val/{k}_expert{e}": float(w)
@@ -559,6 +580,7 @@ class Trainer:
                 if k.startswith("gate_")
                 for e, w in enumerate(g)
             },
+            **{f"val/gate_{k}": float(v) for k, v in pred.items() if k.startswith("entropy_")},
         }
 
     def save(
@@ -586,14 +608,21 @@ def _log_step(
     task: TaskID,
     tracker: RunTracker | None,
     parts: dict[str, torch.Tensor],
+    balancing: dict[str, torch.Tensor],
     step: int,
     samples_per_s: float,
 ) -> None:
-    """Every ``train.log_every_steps``: the step's losses on the bar and in MLflow."""
-    step_losses = {k: float(v) for k, v in parts.items()}
-    bar.update(task, info=f"loss {step_losses['total']:.4f}  {samples_per_s:,.0f} samples/s")
+    """Every ``train.log_every_steps``: the step's loss on the bar; in MLflow its losses
+    (``train/step_loss_<part>``), the balancing's task weights and gradnorm ratios
+    (``train/step_<name>``, ``LossWeighting.step_metrics``) and pcgrad's projections
+    (``train/step_pcgrad_projections``)."""
+    logged = {f"train/step_loss_{k}": float(v) for k, v in parts.items() if k != "pcgrad_projections"}
+    bar.update(task, info=f"loss {logged['train/step_loss_total']:.4f}  {samples_per_s:,.0f} samples/s")
     if tracker is not None:
-        tracker.log_metrics({f"train/step_loss_{k}": v for k, v in step_losses.items()}, step)
+        logged |= {f"train/step_{k}": float(v) for k, v in balancing.items()}
+        if "pcgrad_projections" in parts:
+            logged["train/step_pcgrad_projections"] = float(parts["pcgrad_projections"])
+        tracker.log_metrics(logged, step)
 
 
 def _build_trainer(
@@ -626,8 +655,8 @@ def _build_trainer(
         for name, p in in_backward_optimizer_filter(model.named_parameters())
         if p.requires_grad and not (freeze_shared and name.startswith(EMBEDDING_PREFIXES))
     ]  # data-parallel tables
-    weights = {"params": list(weighting.parameters()), "weight_decay": 0.0}
-    dense_opt = dense_optimizer([{"params": dense_params}, weights], tcfg)
+    weights = {"params": list(weighting.parameters()), "weight_decay": 0.0, "lr_scale": weighting.lr_scale}
+    dense_opt = dense_optimizer([{"params": dense_params, "lr_scale": 1.0}, weights], tcfg)
     mine = dict(batch_size=tcfg.batch_size // world, shard=(rank, world), pin_memory=device.type == "cuda")
     train_loader = table_loader(
         cfg,
@@ -640,7 +669,6 @@ def _build_trainer(
     )
     val_loader = table_loader(cfg, data.val_files, shuffle=False, **mine)
     train_steps, val_steps = _steps_per_epoch(train_loader, val_loader, device)
-    cosine_batch = next(iter(val_loader)).to(device)
     amp = tcfg.mixed_precision and device.type == "cuda"
     return Trainer(
         cfg,
@@ -654,10 +682,20 @@ def _build_trainer(
         val_loader,
         train_steps,
         val_steps,
-        cosine_batch,
         mean,
         std,
+        [p for p in net.backbone.shared_parameters() if p.requires_grad],
+        GradientRelatedness(weighting.names),
+        torch.Generator(),
     )
+
+
+def write_gradients(params: Sequence[torch.nn.Parameter], flat: torch.Tensor) -> None:
+    """Set the gradients of ``params`` from one flat vector (in their order)."""
+    offset = 0
+    for p in params:
+        p.grad = flat[offset : offset + p.numel()].view_as(p).to(p.dtype).clone()
+        offset += p.numel()
 
 
 def _steps_per_epoch(train: TrainingTableLoader, val: TrainingTableLoader, device: torch.device) -> tuple[int, int]:
@@ -671,37 +709,3 @@ def _steps_per_epoch(train: TrainingTableLoader, val: TrainingTableLoader, devic
                 f"{world_size()} ranks of this job: every rank needs one"
             )
     return int(most[0]), int(most[1])
-
-
-def gradient_cosine(
-    model: torch.nn.Module, net: MultiTaskNet, batch: Batch, tasks: Sequence[TaskConfig], head: str
-) -> dict[str, float]:
-    """Cosine between the task losses' gradients on what the tasks share: ``grad_cosine``
-    (the mean over pairs of tasks) and, with more than two tasks, ``grad_cosine/<a>-<b>``.
-
-    MMoE / shared bottom: the experts' / bottom's parameters. Single-task and soft sharing
-    share only the embeddings, whose gradients the fused optimiser never exposes: there
-    the gradient is taken w.r.t. the backbone input (pooled embeddings + dense features),
-    the dense-visible part of the embeddings. autograd.grad stops at these inputs, so the
-    embeddings' fused backward (which would update them) does not run. Frozen shared
-    layers (fine-tuning) are measured at the backbone input too; NaN when nothing the
-    tasks share has a gradient. ``model`` must not be DDP-wrapped (pass ``dmp.module``):
-    DDP expects a backward after a training forward.
-    """
-    model.eval()
-    out = model(batch.dense, batch.sparse)
-    losses = task_losses(out, batch.labels, tasks, head)
-    shared = [p for p in net.backbone.shared_parameters() if p.requires_grad] or [out.features]
-    if not all(t.requires_grad for t in shared):
-        return {"grad_cosine": float("nan")}
-    grads = {
-        t.name: torch.cat([g.flatten() for g in torch.autograd.grad(losses[t.name], shared, retain_graph=True)])
-        for t in tasks
-    }
-    names = list(grads)
-    pairs = {
-        f"grad_cosine/{a}-{b}": float(torch.nn.functional.cosine_similarity(grads[a], grads[b], dim=0))
-        for i, a in enumerate(names)
-        for b in names[i + 1 :]
-    }
-    return {"grad_cosine": float(np.mean(list(pairs.values()))), **(pairs if len(pairs) > 1 else {})}

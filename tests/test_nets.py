@@ -114,7 +114,7 @@ def test_esmm_both_loss_terms_have_gradients() -> None:
     g_conv = torch.autograd.grad(losses["conversion"], [click_w, cvr_w], retain_graph=True)
     assert g_click[0].abs().sum() > 0 and g_click[1] is None  # CTR loss: click head only
     assert g_conv[0].abs().sum() > 0 and g_conv[1].abs().sum() > 0  # CTCVR loss: through pCTR and pCVR
-    total, parts = training_loss(
+    total, _, parts = training_loss(
         out, labels(click, conversion), TASKS, "esmm", LossWeighting(ModelConfig(), TASKS), torch.zeros(()), 0.0
     )
     torch.testing.assert_close(total, losses["click"] + losses["conversion"])
@@ -215,8 +215,8 @@ def test_soft_sharing_penalty_pulls_task_networks_together() -> None:
     dense, kjt, click, conversion = make_batch()
     out = model(dense, kjt)
     w = LossWeighting(ModelConfig(), TASKS)
-    with_pen, _ = training_loss(out, labels(click, conversion), TASKS, "esmm", w, model.backbone.penalty(), 0.5)
-    without, _ = training_loss(out, labels(click, conversion), TASKS, "esmm", w, model.backbone.penalty(), 0.0)
+    with_pen, _, _ = training_loss(out, labels(click, conversion), TASKS, "esmm", w, model.backbone.penalty(), 0.5)
+    without, _, _ = training_loss(out, labels(click, conversion), TASKS, "esmm", w, model.backbone.penalty(), 0.0)
     torch.testing.assert_close(with_pen - without, 0.5 * model.backbone.penalty())
     assert make_model(backbone="mmoe").backbone.penalty().item() == 0.0
 
