@@ -480,7 +480,11 @@ class Trainer:
         totals = reduce_values([rows, *(float(v) for v in sums.values())], self.device)  # over all ranks
         return {
             "train/samples_per_s": totals[0] / (time.perf_counter() - started),
-            **{f"train/loss_{k}": v / totals[0] for k, v in zip(sums, totals[1:], strict=True)},
+            # the mean loss parts per row and pcgrad's mean projections per step
+            **{
+                f"train/{k}" if k == "pcgrad_projections" else f"train/loss_{k}": v / totals[0]
+                for k, v in zip(sums, totals[1:], strict=True)
+            },
         }
 
     def step(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:

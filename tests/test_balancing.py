@@ -160,6 +160,7 @@ def test_every_method_trains_and_logs_its_weights(tmp_path, train_warehouse, met
     if method == "pcgrad":
         projections = [m.value for m in client.get_metric_history(run.info.run_id, "train/step_pcgrad_projections")]
         assert all(p in (0.0, 1.0, 2.0) for p in projections)
+        assert 0.0 <= last["train/pcgrad_projections"] <= 2.0 and "train/loss_pcgrad_projections" not in last
     if backbone in ("mmoe", "ple"):
         experts = 3 if backbone == "mmoe" else 3  # mmoe: n_experts; ple: 1 own + 2 shared
         assert 0.0 <= last["val/gate_entropy_click"] <= math.log(experts) + 1e-6
