@@ -74,13 +74,14 @@ QUANTIZATION_MIN_ROWS = 1 << 62  # an int8 model is measured on every row of the
 SNAPSHOT_KEY = {"users": "user_id", "items": "item_id"}
 
 
-def bundle_name(cfg: FunnelConfig, key: str) -> str:
-    """A run's bundle: ``<run key>``, or ``<run key>-int8`` for a quantised one (both may exist)."""
-    return key if cfg.export.quantize == "none" else f"{key}-{cfg.export.quantize}"
+def precision_suffix(cfg: FunnelConfig) -> str:
+    """What a quantised bundle's names end with (``-int8``; none for float32), so a run's
+    float32 and int8 bundles (folders, MLflow artifacts) live side by side."""
+    return "" if cfg.export.quantize == "none" else f"-{cfg.export.quantize}"
 
 
 def bundle_dir(cfg: FunnelConfig, key: str) -> Path:
-    return Path(cfg.state_dir) / "bundles" / bundle_name(cfg, key)
+    return Path(cfg.state_dir) / "bundles" / f"{key}{precision_suffix(cfg)}"
 
 
 def _encode_snapshot(

@@ -18,7 +18,7 @@ from features.table_source import parquet_source, prepare_table, split_inputs
 from models.loader import parquet_files
 from models.nets import MultiTaskNet
 from models.train import run_key
-from pipeline.bundle import bundle_dir, export_bundle
+from pipeline.bundle import bundle_dir, export_bundle, precision_suffix
 from pipeline.config import FunnelConfig
 from pipeline.registry import EXAMPLE_ROWS, log_bundle_to_mlflow
 from pipeline.train_stage import load_trained_model, training_data, training_window
@@ -92,7 +92,7 @@ def export_run(
     artifact_uri = None
     if mlflow_run_id:
         rows = _example_source(cfg, warehouse, val_day)
-        artifact = "bundle" if cfg.export.quantize == "none" else f"bundle-{cfg.export.quantize}"
+        artifact = f"bundle{precision_suffix(cfg)}"
         artifact_uri = log_bundle_to_mlflow(cfg.state_dir, mlflow_run_id, folder, bundle.sha256, rows, artifact)
     parity = bundle.manifest["parity"]
     return {

@@ -16,6 +16,7 @@ is the light scorer (onnxruntime, numpy, pyarrow; pandas comes with mlflow).
 
 from __future__ import annotations
 
+import pandas as pd
 import pyarrow as pa
 from mlflow.pyfunc import PythonModel
 
@@ -31,7 +32,7 @@ class BundleModel(PythonModel):
     def load_context(self, context) -> None:
         self.scorer = Scorer(load_bundle(context.artifacts[BUNDLE_ARTIFACT]), intra_op_threads=1)
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         """The scorer's outputs (``result_names``) of each row of ``model_input``, in its order."""
         table = pa.Table.from_pandas(model_input, preserve_index=False)
         scored = self.scorer.score_table(table)
