@@ -34,6 +34,7 @@ from packaging.requirements import Requirement
 import serving
 from features.config import ConfigError
 from features.errors import StageError
+from models.quiet import library_noise_silenced
 from models.tracking import tracking_uri
 from pipeline.config import FunnelConfig, PromoteConfig, load_config
 from serving.bundle import load_bundle
@@ -200,7 +201,12 @@ def log_bundle_to_mlflow(
         if run.data.tags.get(f"{artifact}.sha256") != bundle_sha256:
             scorer = Scorer(load_bundle(folder))
             example = example_rows(scorer, rows)
-            with tempfile.TemporaryDirectory(prefix="funnelrank-pyfunc-") as tmp:
+            # MLflow warns, every night: that the python model is pickled (the pickle holds a
+            # reference to serving.mlflow_model.BundleModel, no state), that integer columns
+            # cannot be null (the context's ids are integers or absent), and says it checks
+            # the example against the signature
+            quiet = library_noise_silenced("mlflow")
+            with tempfile.TemporaryDirectory(prefix="funnelrank-pyfunc-") as tmp, quiet:
                 model_dir, code = Path(tmp) / artifact, Path(tmp) / "serving"
                 code.mkdir()
                 for module in Path(serving.__file__).parent.glob("*.py"):  # the sources, no caches
