@@ -1,13 +1,15 @@
-"""Scoring speed of the exported bundle, beside PyTorch eager on the same model and features.
+"""Scoring speed of the exported bundle, float32 and int8 side by side, beside PyTorch eager
+on the same model and features.
 
     .venv/bin/python benchmarks/bench_scoring.py [--requests 2000] [--http-requests 10000]
-        [--sequence-length 50] [--in-process-only]
+        [--http-rates 100,200,400,600,800,1000,1200] [--http-seconds 8] [--sequence-length 50] [--in-process-only]
 
 Builds a small synthetic warehouse (demo spec and model sizes, 4 days, with a click
 sequence of ``--sequence-length`` N items and their categories) in a temporary folder,
 two demo-sized MMoEs with random (default-init) weights, one without sequences and the same with the
 click sequence (the demo's sequence and encoder if configs/demo.toml has one, else DIN),
-and their bundles; then measures
+and their bundles, each exported twice: float32 and int8 (``export.quantize = "int8"``,
+onnxruntime's dynamic quantisation of the dense layers); then measures
 1. in-process: 1 user x 200 candidates per request (features + model), p50/p99, the
    model without sequences (target p99 <= 3 ms) and with the sequence (users whose
    bundled history is full, N elements; target p99 <= 5 ms), request by request in
@@ -21,8 +23,13 @@ and their bundles; then measures
    20 concurrent keep-alive clients in a closed loop (each sends again as soon as it is
    answered: the saturation throughput), p50/p99 and errors (target p99 <= 20 ms, 0
    errors), and the server's own mean time per request (from /metrics); then the same
-   clients in an open loop at ``--http-rate`` requests/s (the latency at that load). The load generator is
-   asyncio over raw sockets with prebuilt requests, so it takes little of the 2 cores.
+   clients in an open loop at each of ``--http-rates`` requests/s in turn (``--http-seconds`` of
+   load each), up to the first whose p99 exceeds 20 ms: the highest rate within it is the
+   server's capacity at that latency. The load generator is asyncio over raw sockets with
+   prebuilt requests, so it takes little of the 2 cores.
+1-3 run for the float32 and the int8 bundles alike, in turns (request by request in-process,
+run by run in batch, load by load over HTTP with a server of each), so both see the same
+background load; a closing Markdown table puts them side by side.
 PyTorch eager gets the scorer's feature arrays (so only the model differs) for 1 and 2,
 on the model without sequences. ``--in-process-only``: 1 alone.
 """
@@ -148,10 +155,17 @@ def main() -> None:
     parser.add_argument("--http-requests", type=int, default=10_000)
     parser.add_argument("--http-clients", type=int, default=20)
     parser.add_argument(
-        "--http-rate",
+        "--http-rates",
+        type=lambda text: [float(r) for r in text.split(",") if r],
+        default=[100.0, 200.0, 400.0, 600.0, 800.0, 1000.0, 1200.0],
+        help="offered requests/s of the open-loop HTTP runs, ascending, comma-separated; they stop at the first "
+        "whose p99 exceeds 20 ms (default 100,200,400,600,800,1000,1200)",
+    )
+    parser.add_argument(
+        "--http-seconds",
         type=float,
-        default=500.0,
-        help="offered requests/s of the open-loop HTTP run (0: skip it; default %(default)s)",
+        default=8.0,
+        help="seconds of load per open-loop rate (at least 1,000 requests; default %(default)s)",
     )
     parser.add_argument("--sequence-length", type=int, default=50, help="N of the click sequence (default %(default)s)")
     parser.add_argument("--in-process-only", action="store_true", help="measure 1 alone (no batch, no HTTP)")
@@ -180,7 +194,7 @@ def main() -> None:
     from features.config import SequenceFeature
     from models.nets import MultiTaskNet, dense_stats
     from pipeline.bundle import export_bundle
-    from pipeline.config import load_config
+    from pipeline.config import ExportConfig, load_config
     from serving.bundle import load_bundle
     from serving.rank_api import parse_rank_request, rank_response
     from serving.scorer import Scorer
@@ -212,16 +226,28 @@ def main() -> None:
         torch.manual_seed(c.seed)
         return MultiTaskNet(c.features, c.model, c.tasks, *dense_stats(files, c.features.dense_names())).eval()
 
+    def int8(c):
+        # the same export with export.quantize = "int8", its AUC and calibration bounds open: these
+        # untrained models are only timed (`funnelrank export --quantize int8` measures a trained one)
+        return c.model_copy(
+            update={"export": ExportConfig(quantize="int8", max_auc_drop=0.99, max_calibration_change=0.99)}
+        )
+
     model = untrained(cfg)
     bundle_path = export_bundle(cfg, cfg.warehouse, model, tmp / "bundle", files)
     seq_bundle_path = export_bundle(cfg_seq, cfg.warehouse, untrained(cfg_seq), tmp / "bundle-seq", files)
+    int8_path = export_bundle(int8(cfg), cfg.warehouse, model, tmp / "bundle-int8", files)
+    int8_seq_path = export_bundle(int8(cfg_seq), cfg.warehouse, untrained(cfg_seq), tmp / "bundle-seq-int8", files)
     print(
-        f"setup (warehouse + 2 exports): {time.perf_counter() - t:.1f} s; model {cfg.model.backbone} "
+        f"setup (warehouse + 4 exports): {time.perf_counter() - t:.1f} s; model {cfg.model.backbone} "
         f"{cfg.model.expert_dims} x{cfg.model.n_experts}; sequence {sequence.name!r}: {sequence.event}s of "
         f"{sequence.items}, N = {sequence.max_length}, encoder {sequence.encoder}"
     )
     scorer = Scorer(load_bundle(bundle_path), intra_op_threads=1)
     seq_scorer = Scorer(load_bundle(seq_bundle_path), intra_op_threads=1)
+    int8_scorer = Scorer(load_bundle(int8_path), intra_op_threads=1)
+    int8_seq_scorer = Scorer(load_bundle(int8_seq_path), intra_op_threads=1)
+    table: dict[str, dict[str, str]] = {"float32": {}, "int8": {}}  # the closing float32 / int8 table
     history = pq.read_table(seq_bundle_path / "features" / "sequences" / f"{sequence.name}.parquet", columns=["key"])
     counts = pc.value_counts(history.column("key")).to_pylist()
     users = sorted(c["values"] for c in counts if c["counts"] == sequence.max_length)  # full histories
@@ -272,9 +298,18 @@ def main() -> None:
     for r in requests[:50]:  # warm up all
         scorer.score(r)
         seq_scorer.score(r)
+        int8_scorer.score(r)
+        int8_seq_scorer.score(r)
         torch_score(scorer.feeds(scorer.request_table(r)))
     onnx_ms, torch_ms, onnx_cpu_ms, seq_ms, seq_cpu_ms, recent_ms = [], [], [], [], [], []
-    for r, fresh in zip(requests, with_recent, strict=True):  # in turns: both see the same load
+    int8_ms, int8_seq_ms = [], []
+    for r, fresh in zip(requests, with_recent, strict=True):  # in turns: all see the same load
+        t = time.perf_counter()
+        int8_scorer.score(r)
+        int8_ms.append((time.perf_counter() - t) * 1000)
+        t = time.perf_counter()
+        int8_seq_scorer.score(r)
+        int8_seq_ms.append((time.perf_counter() - t) * 1000)
         t, c = time.perf_counter(), time.thread_time()
         scorer.score(r)
         onnx_ms.append((time.perf_counter() - t) * 1000)
@@ -299,11 +334,20 @@ def main() -> None:
         f"CPU time per request: {_percentiles(seq_cpu_ms)}; {len(users)} users with full histories"
     )
     print(f"    + 10 recent events in front     {_percentiles(recent_ms)}")
+    print(f"  int8 scorer, no sequences         {_percentiles(int8_ms)}")
+    print(f"  int8 scorer, N = {sequence.max_length:<3} history      {_percentiles(int8_seq_ms)}")
+    for precision, no_seq, seq in (("float32", onnx_ms, seq_ms), ("int8", int8_ms, int8_seq_ms)):
+        table[precision]["in-process, no sequences: p50 / p99 ms"] = _p50_p99(no_seq)
+        table[precision][f"in-process, N = {sequence.max_length} history: p50 / p99 ms"] = _p50_p99(seq)
     print(
         f"  PyTorch eager, no sequences        {_percentiles(torch_ms)}   ratio p50 torch/onnx "
         f"{np.median(torch_ms) / np.median(onnx_ms):.2f}x"
     )
-    for label, served in (("no sequences", scorer), (f"N = {sequence.max_length} history", seq_scorer)):
+    for label, served in (
+        ("no sequences", scorer),
+        (f"N = {sequence.max_length} history", seq_scorer),
+        ("no sequences, int8", int8_scorer),
+    ):
         phases: dict[str, list[float]] = {
             "parse JSON + validate": [],
             "encode features": [],
@@ -329,6 +373,7 @@ def main() -> None:
             + ", ".join(f"{name} {np.median(ms):.3f} ms" for name, ms in phases.items())
         )
     if args.in_process_only:
+        _print_table(table)
         shutil.rmtree(tmp, ignore_errors=True)
         return
 
@@ -349,6 +394,18 @@ def main() -> None:
     t = time.perf_counter()
     torch_score(feeds)
     torch_s = time.perf_counter() - t + feature_s
+    # float32 and int8 in turns, 3 runs each, the best of each: both see the same load
+    int8_batch = Scorer(load_bundle(int8_path), intra_op_threads=1)
+    int8_batch.score_table(rows.slice(0, 1000))
+    turns: dict[str, list[float]] = {"float32": [], "int8": []}
+    for _ in range(3):
+        for precision, served in (("float32", scorer), ("int8", int8_batch)):
+            t = time.perf_counter()
+            served.score_table(rows, workers=cores)
+            turns[precision].append(rows.num_rows / (time.perf_counter() - t))
+    for precision, rates in turns.items():
+        table[precision]["batch score_table: rows/s (best of 3 in turns)"] = f"{max(rates):,.0f}"
+        print(f"batch score_table, {precision}, 3 runs in turns: " + ", ".join(f"{r:,.0f}" for r in rates) + " rows/s")
     print(
         f"batch score_table, {rows.num_rows:,} rows, {cores} threads: {rows.num_rows / onnx_s:,.0f} rows/s (target "
         ">= 300,000); "
@@ -356,9 +413,31 @@ def main() -> None:
         f"scorer CPU time {onnx_cpu_s:.2f} s = {rows.num_rows / onnx_cpu_s:,.0f} rows per CPU-second"
     )
 
-    # HTTP: server process + load-generator process
+    # HTTP: a server process per precision, one load-generator process at a time, in turns
     payloads = tmp / "payloads.json"
     payloads.write_text(json.dumps([json.dumps(request(k)) for k in range(500)]))
+    try:
+        for precision, rows in _http(args, {"float32": bundle_path, "int8": int8_path}, payloads).items():
+            table[precision].update(rows)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _print_table(table)
+    print(f"load average during the run: {os.getloadavg()}; cores: {os.cpu_count()}")
+
+
+def _p50_p99(ms: list[float]) -> str:
+    return f"{np.percentile(ms, 50):.3f} / {np.percentile(ms, 99):.3f}"
+
+
+def _print_table(table: dict[str, dict[str, str]]) -> None:
+    """The float32 and int8 figures side by side (Markdown)."""
+    print("\n| measure | float32 | int8 |\n|---|---|---|")
+    for measure in table["float32"]:
+        print(f"| {measure} | {table['float32'][measure]} | {table['int8'].get(measure, '')} |")
+
+
+def _start_server(bundle_path: Path) -> tuple[subprocess.Popen, int]:
+    """``funnelrank serve --bundle B`` on a free loopback port, once /healthz answers."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -368,28 +447,40 @@ def main() -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-                conn.request("GET", "/healthz")
-                if conn.getresponse().status == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise SystemExit(f"server did not start: {server.stderr.read().decode()}")
-            time.sleep(0.05)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", "/healthz")
+            if conn.getresponse().status == 200:
+                return server, port
+        except OSError:
+            pass
+        if time.monotonic() > deadline or server.poll() is not None:
+            server.kill()
+            raise SystemExit(f"server did not start: {server.stderr.read().decode()}")
+        time.sleep(0.05)
 
-        def load(rate: float) -> tuple[dict, float]:
+
+def _http(args: argparse.Namespace, bundles: dict[str, Path], payloads: Path) -> dict[str, dict[str, str]]:
+    """A ``funnelrank serve`` per bundle (precision -> folder), loaded in turns (so every
+    precision sees the same background load): the closed loop, then the open loop at each of
+    ``--http-rates`` until every server's p99 has exceeded 20 ms. Per precision, the table's
+    rows: the saturation throughput, and the highest offered rate whose p99 stayed within 20 ms."""
+    servers = {}
+    try:
+        for precision, path in bundles.items():
+            servers[precision] = _start_server(path)
+
+        def load(precision: str, rate: float, requests: int) -> tuple[dict, float]:
+            server, port = servers[precision]
             cpu = _cpu_seconds(server.pid)
             client = subprocess.run(
                 [
                     sys.executable,
                     __file__,
                     "--http-requests",
-                    str(args.http_requests),
+                    str(requests),
                     "--http-clients",
                     str(args.http_clients),
                     "--http-client",
@@ -403,36 +494,55 @@ def main() -> None:
             )
             return json.loads(client.stdout.strip().splitlines()[-1]), _cpu_seconds(server.pid) - cpu
 
-        result, server_cpu = load(0.0)
-        print(
-            f"HTTP loopback, {args.http_clients} concurrent clients, {result['requests']:,} requests of "
-            f"{args.candidates} candidates: "
-            f"p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms, "
-            f"{result['requests'] / result['wall_s']:,.0f} req/s, "
-            f"errors {result['errors']} (target p99 <= 20 ms, 0 errors)"
-        )
-        print(
-            f"  server's own mean time per request {_server_mean_ms(port):.2f} ms (queueing included); CPU time per "
-            "request: "
-            f"server {1000 * server_cpu / result['requests']:.3f} ms, load generator "
-            f"{1000 * result['cpu_s'] / result['requests']:.3f} ms "
-            f"(so {os.cpu_count()} cores serve at most "
-            f"~{result['requests'] * os.cpu_count() / (server_cpu + result['cpu_s']):,.0f} req/s)"
-        )
-        if args.http_rate:
-            result, _ = load(args.http_rate)
+        rows: dict[str, dict[str, str]] = {p: {} for p in servers}
+        for precision, (_, port) in servers.items():
+            result, server_cpu = load(precision, 0.0, args.http_requests)
             print(
-                f"HTTP open loop, {args.http_rate:,.0f} req/s offered over {args.http_clients} connections, "
-                f"{result['requests']:,} "
-                f"requests: p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms (from each request's due "
-                "time), "
-                f"{result['requests'] / result['wall_s']:,.0f} req/s served, errors {result['errors']}"
+                f"HTTP loopback ({precision}), {args.http_clients} concurrent clients, {result['requests']:,} "
+                f"requests of {args.candidates} candidates: "
+                f"p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms, "
+                f"{result['requests'] / result['wall_s']:,.0f} req/s, "
+                f"errors {result['errors']} (target p99 <= 20 ms, 0 errors)"
             )
+            print(
+                f"  server's own mean time per request {_server_mean_ms(port):.2f} ms (queueing included); CPU time "
+                "per request: "
+                f"server {1000 * server_cpu / result['requests']:.3f} ms, load generator "
+                f"{1000 * result['cpu_s'] / result['requests']:.3f} ms "
+                f"(so {os.cpu_count()} cores serve at most "
+                f"~{result['requests'] * os.cpu_count() / (server_cpu + result['cpu_s']):,.0f} req/s)"
+            )
+            rows[precision]["HTTP closed loop: req/s (p99 ms)"] = (
+                f"{result['requests'] / result['wall_s']:,.0f} ({result['p99_ms']:.1f})"
+            )
+        best: dict[str, tuple[float, dict] | None] = dict.fromkeys(servers)
+        within = set(servers)  # the precisions whose p99 has stayed within 20 ms so far
+        for rate in args.http_rates:
+            for precision in [p for p in servers if p in within]:
+                # each step offers about the same seconds of load: enough requests for a p99
+                result, _ = load(precision, rate, max(1000, int(rate * args.http_seconds)))
+                ok = result["p99_ms"] <= 20.0 and result["errors"] == 0
+                print(
+                    f"HTTP open loop ({precision}), {rate:,.0f} req/s offered over {args.http_clients} connections, "
+                    f"{result['requests']:,} requests: p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms "
+                    f"(from each request's due time), {result['requests'] / result['wall_s']:,.0f} req/s served, "
+                    f"errors {result['errors']}" + ("" if ok else "  <- over p99 20 ms")
+                )
+                if ok:
+                    best[precision] = (rate, result)
+                else:
+                    within.discard(precision)
+            if not within:
+                break
+        for precision, found in best.items():
+            rows[precision]["HTTP open loop: highest offered req/s with p99 <= 20 ms (p99 ms)"] = (
+                f"{found[0]:,.0f} ({found[1]['p99_ms']:.1f})" if found else f"< {args.http_rates[0]:,.0f}"
+            )
+        return rows
     finally:
-        server.terminate()
-        server.wait(timeout=10)
-        shutil.rmtree(tmp, ignore_errors=True)
-    print(f"load average during the run: {os.getloadavg()}; cores: {os.cpu_count()}")
+        for server, _ in servers.values():
+            server.terminate()
+            server.wait(timeout=10)
 
 
 if __name__ == "__main__":

@@ -208,6 +208,11 @@ class TrainingConfig(DataConfig):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
 
+    def run_identity(self) -> dict:
+        """What identifies a training run's config (models.train.run_key hashes it): all of it.
+        A config that adds settings of what happens after training excludes them."""
+        return self.model_dump(mode="json")
+
     @model_validator(mode="before")
     @classmethod
     def _state_of_the_warehouse(cls, data: object) -> object:

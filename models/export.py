@@ -38,6 +38,7 @@ from features.config import FeaturesConfig, TaskConfig, task_views
 from features.errors import StageError
 from models.config import TrainingConfig
 from models.loader import Batch, table_loader
+from models.metrics import view_metrics
 from models.nets import MultiTaskNet
 from models.quiet import library_noise_silenced
 from models.sequence_encoders import History
@@ -238,3 +239,96 @@ def parity_batches(cfg: TrainingConfig, files: Sequence[Path], min_rows: int = P
             if size != PARITY_BATCH_SIZES[-1] or sum(len(b) for b in batches) >= min_rows:
                 break
     return batches
+
+
+# int8: onnxruntime's dynamic quantisation of the dense layers. The embedding tables
+# (Gather) stay float32: quantising them saves memory, not time, at the cost of accuracy.
+QUANTIZED_OPS = ("MatMul", "Gemm")
+
+
+def quantize_int8(float_path: Path, path: Path) -> Path:
+    """Write ``float_path``'s model with the weights of its MatMul and Gemm nodes as int8
+    (per channel, symmetric) and their activations quantised on the fly (uint8, per
+    batch): onnxruntime's dynamic quantisation. Runs on onnxruntime alone."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic  # noqa: PLC0415 - export-time only
+
+    with library_noise_silenced("root"):  # it logs a warning per node it leaves in float32
+        quantize_dynamic(
+            Path(float_path),
+            Path(path),
+            op_types_to_quantize=list(QUANTIZED_OPS),
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+        )
+    return Path(path)
+
+
+def quantization_report(
+    float_path: Path,
+    int8_path: Path,
+    batches: Sequence[Batch],
+    spec: FeaturesConfig,
+    tasks: Sequence[TaskConfig],
+) -> dict:
+    """The int8 model against the float32 one on the rows of ``batches``: per output, max and
+    mean |int8 - float32|; per task view, both models' AUC and calibration (mean predicted /
+    observed) and the changes (int8 - float32; calibration's relative to float32's)."""
+    names = output_names(tasks)
+    runs = {
+        precision: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        for precision, path in (("float32", float_path), ("int8", int8_path))
+    }
+    outputs = {p: {n: [] for n in names} for p in runs}
+    labels: dict[str, list[np.ndarray]] = {}
+    for batch in batches:
+        feeds = onnx_inputs(batch, spec)
+        for precision, session in runs.items():
+            for name, values in zip(names, session.run(names, feeds), strict=True):
+                outputs[precision][name].append(values)
+        for name, values in batch.labels.items():
+            labels.setdefault(name, []).append(values.numpy())
+    got = {p: {n: np.concatenate(v).astype(np.float64) for n, v in out.items()} for p, out in outputs.items()}
+    columns = {n: np.concatenate(v) for n, v in labels.items()}
+    views = task_views(list(tasks))
+    metrics = {p: view_metrics(views, columns, {v: got[p][f"p_{v}"] for v in views}, None) for p in runs}
+    diff = {n: np.abs(got["int8"][n] - got["float32"][n]) for n in names}
+    return {
+        "rows": len(next(iter(diff.values()))),
+        "max_abs_diff": {n: float(d.max(initial=0.0)) for n, d in diff.items()},
+        "mean_abs_diff": {n: float(d.mean()) if len(d) else 0.0 for n, d in diff.items()},
+        "views": {
+            view: {
+                "auc_float32": metrics["float32"][f"{view}_auc"],
+                "auc_int8": metrics["int8"][f"{view}_auc"],
+                "auc_change": metrics["int8"][f"{view}_auc"] - metrics["float32"][f"{view}_auc"],
+                "calibration_float32": metrics["float32"][f"{view}_calibration"],
+                "calibration_int8": metrics["int8"][f"{view}_calibration"],
+                "calibration_change": metrics["int8"][f"{view}_calibration"] / metrics["float32"][f"{view}_calibration"]
+                - 1.0,
+            }
+            for view in views
+        },
+    }
+
+
+def check_quantization(report: dict, max_auc_drop: float, max_calibration_change: float) -> None:
+    """StageError naming every task view whose AUC fell more than ``max_auc_drop`` or whose
+    calibration moved more than ``max_calibration_change`` (a share) in ``report``
+    (quantization_report's); a NaN change (no positives) is no failure, an infinite one is."""
+    problems = []
+    for view, m in report["views"].items():
+        if m["auc_change"] < -max_auc_drop:
+            problems.append(
+                f"{view} AUC fell {-m['auc_change']:.5f} ({m['auc_float32']:.5f} -> {m['auc_int8']:.5f}; "
+                f"export.max_auc_drop {max_auc_drop})"
+            )
+        if abs(m["calibration_change"]) > max_calibration_change:
+            problems.append(
+                f"{view} calibration moved {m['calibration_change']:+.2%} ({m['calibration_float32']:.4f} -> "
+                f"{m['calibration_int8']:.4f}; export.max_calibration_change {max_calibration_change:.2%})"
+            )
+    if problems:
+        raise StageError(
+            f"int8 export refused on {report['rows']:,} rows: " + "; ".join(problems) + " (export.quantize = 'none' "
+            "exports the float32 model)"
+        )

@@ -141,7 +141,7 @@ def run_key(cfg: TrainingConfig, warehouse: Path, data: TrainingData) -> str:
     warehouse, the MLflow store (a checkpoint names its run there) and the data's hashes
     (its ``data.*`` tags), so changed inputs start afresh."""
     identity = {
-        "config": cfg.model_dump(mode="json"),
+        "config": cfg.run_identity(),
         "warehouse": str(Path(warehouse).resolve()),
         "tracking_uri": tracking_uri(cfg.state_dir),
         "data": {k: v for k, v in data.tags.items() if k.startswith("data.")},

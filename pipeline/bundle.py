@@ -39,11 +39,15 @@ from features.sequences import key_sequences, sequence_state
 from features.table_source import LIST_DELIMITER
 from features.vocab import load_vocabulary
 from models.export import (
+    QUANTIZED_OPS,
     check_parity,
+    check_quantization,
     export_onnx,
     input_names,
     output_names,
     parity_batches,
+    quantization_report,
+    quantize_int8,
 )
 from models.nets import MultiTaskNet
 from pipeline.config import FunnelConfig
@@ -66,11 +70,18 @@ from serving.spec import (
 )
 
 BUNDLE_FORMAT = 1
+QUANTIZATION_MIN_ROWS = 1 << 62  # an int8 model is measured on every row of the parity files
 SNAPSHOT_KEY = {"users": "user_id", "items": "item_id"}
 
 
+def precision_suffix(cfg: FunnelConfig) -> str:
+    """What a quantised bundle's names end with (``-int8``; none for float32), so a run's
+    float32 and int8 bundles (folders, MLflow artifacts) live side by side."""
+    return "" if cfg.export.quantize == "none" else f"-{cfg.export.quantize}"
+
+
 def bundle_dir(cfg: FunnelConfig, key: str) -> Path:
-    return Path(cfg.state_dir) / "bundles" / key
+    return Path(cfg.state_dir) / "bundles" / f"{key}{precision_suffix(cfg)}"
 
 
 def _encode_snapshot(
@@ -268,6 +279,28 @@ def _versions() -> dict[str, str]:
     }
 
 
+def _quantize(cfg: FunnelConfig, float_path: Path, path: Path, parity_files: Sequence[Path]) -> dict:
+    """Quantise the float32 model at ``float_path`` into ``path`` (export.quantize), measured
+    against it on every row of ``parity_files`` (the validation day, or a table's test
+    split); StageError beyond export.max_auc_drop or export.max_calibration_change.
+    Returns what the manifest records: the method and the measurement."""
+    quantize_int8(float_path, path)
+    batches = parity_batches(cfg, parity_files, min_rows=QUANTIZATION_MIN_ROWS)
+    report = quantization_report(float_path, path, batches, cfg.features, cfg.tasks)
+    check_quantization(report, cfg.export.max_auc_drop, cfg.export.max_calibration_change)
+    return {
+        "precision": cfg.export.quantize,
+        "method": "onnxruntime dynamic quantisation: int8 weights per channel, uint8 activations per batch",
+        "ops": list(QUANTIZED_OPS),
+        "float32_sha256": sha256_file(float_path),
+        "bounds": {
+            "max_auc_drop": cfg.export.max_auc_drop,
+            "max_calibration_change": cfg.export.max_calibration_change,
+        },
+        **report,
+    }
+
+
 def export_bundle(
     cfg: FunnelConfig,
     warehouse: Path,
@@ -279,7 +312,10 @@ def export_bundle(
 ) -> Path:
     """Write the serving bundle to ``out_dir`` atomically and return it.
 
-    Contents: ``model.onnx`` (checked for parity on real rows of ``parity_files`` first),
+    Contents: ``model.onnx`` (checked for parity on real rows of ``parity_files`` first;
+    with ``export.quantize = "int8"`` the float32 model so checked is then quantised,
+    measured against it on every row of ``parity_files`` and refused beyond the export
+    bounds, see ``_quantize``; the manifest's ``quantization`` records it),
     ``vocab/<feature>.parquet`` (current versions), ``spec.json`` and ``manifest.json``
     (sha256 of every other file, versions, parity, and ``inputs``: what the caller
     identifies the bundle by, see ``export_stage.export_run``), and ``manifest.sig`` (its
@@ -304,8 +340,13 @@ def export_bundle(
 
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
-        onnx_path = export_onnx(model, spec, cfg.tasks, tmp / "model.onnx")
+        quantize = cfg.export.quantize != "none"
+        onnx_path = export_onnx(model, spec, cfg.tasks, tmp / ("model.float32.onnx" if quantize else "model.onnx"))
         parity = check_parity(model, onnx_path, parity_batches(cfg, parity_files), spec, cfg.tasks)
+        quantization = None
+        if quantize:
+            quantization = _quantize(cfg, onnx_path, tmp / "model.onnx", parity_files)
+            onnx_path.unlink()
         (tmp / "vocab").mkdir()
         for f in spec.sparse:
             if f.kind != "bucket":  # a bucket feature's boundaries are in spec.json
@@ -323,8 +364,9 @@ def export_bundle(
             "files": files,
             "versions": _versions(),
             "vocab_versions": vocab_versions,
-            "parity": parity,
+            "parity": parity,  # of the float32 model against PyTorch
             "parity_files": [str(p) for p in parity_files],
+            "quantization": quantization,  # None: model.onnx is the float32 model
             "inputs": inputs or {},
         }
         manifest_bytes = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()

@@ -14,16 +14,21 @@ Exit codes: 0 ok, 2 bad usage or config, 3 a stage failed, 4 raw data broke the 
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import datetime as dt
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from features.config import ConfigError
 from features.errors import StageError
 from pipeline.config import DEFAULT_CONFIG, FunnelConfig, load_config
+
+MLFLOW_URI_SCHEMES = ("models:/", "runs:/")  # a --bundle that MLflow downloads
 
 
 def _date(text: str) -> dt.date:
@@ -192,17 +197,48 @@ def _print_metrics(what: str, cfg: FunnelConfig, metrics: dict[str, float]) -> N
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    cfg, warehouse = _load(args)
+    cfg, warehouse = _load(args, {"export": {"quantize": args.quantize}} if args.quantize else None)
     from pipeline.export_stage import export_run
 
     with _locked(warehouse):
         summary = export_run(cfg, warehouse, args.date)
     for name, diff in summary["parity_max_abs_diff"].items():
         print(f"parity {name:8s} max abs diff {diff:.3g}")
+    if quantization := summary["quantization"]:
+        print(
+            f"{quantization['precision']} against float32 on {quantization['rows']:,} rows of {summary['parity_data']}:"
+        )
+        for name, diff in quantization["max_abs_diff"].items():
+            print(f"  {name:8s} max abs diff {diff:.3g}, mean {quantization['mean_abs_diff'][name]:.3g}")
+        for view, m in quantization["views"].items():
+            print(
+                f"  {view:8s} AUC {m['auc_float32']:.5f} -> {m['auc_int8']:.5f} ({m['auc_change']:+.5f}), "
+                f"calibration {m['calibration_float32']:.4f} -> {m['calibration_int8']:.4f} "
+                f"({m['calibration_change']:+.2%})"
+            )
     state = "skipped (inputs unchanged)" if summary["skipped"] else "written"
     print(f"bundle {summary['bundle']} {state}; parity on {summary['parity_rows']:,} rows of {summary['parity_data']}")
     print(f"MLflow artifacts {summary['artifact_uri'] or '(no MLflow run: not logged)'}")
     return 0
+
+
+def _bundle_folder(args: argparse.Namespace) -> Path:
+    """``--bundle``: a folder, or an MLflow URI (``models:/<name>@champion``, ``runs:/<id>/bundle``)
+    downloaded into a temporary folder (removed at exit) from the MLflow store of the
+    config's state (``MLFLOW_TRACKING_URI`` when set, as for every command; MLflow's own
+    without a config)."""
+    if not args.bundle.startswith(MLFLOW_URI_SCHEMES):
+        return Path(args.bundle)
+    from serving.bundle import download_bundle
+
+    store = None
+    if args.config is not None:
+        from models.tracking import tracking_uri
+
+        store = tracking_uri(_load(args)[0].state_dir)
+    target = Path(tempfile.mkdtemp(prefix="funnelrank-bundle-"))
+    atexit.register(shutil.rmtree, target, True)
+    return download_bundle(args.bundle, target, store)
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -210,7 +246,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     from serving.scorer import Scorer, score_parquet
 
     try:
-        scorer = Scorer(load_bundle(args.bundle), intra_op_threads=1)
+        scorer = Scorer(load_bundle(_bundle_folder(args)), intra_op_threads=1)
         rows = score_parquet(scorer, args.input, args.output, workers=args.threads)
     except (BundleError, ValueError, OSError) as err:
         raise StageError(str(err)) from None
@@ -228,7 +264,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         return serve(
-            args.bundle,
+            _bundle_folder(args),
             host=args.host,
             port=args.port,
             threads=args.threads,
@@ -369,6 +405,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--date", type=_date, help="the nightly run date, YYYY-MM-DD (event logs; a [table] source needs none)"
     )
+    p.add_argument(
+        "--quantize",
+        choices=["none", "int8"],
+        default=None,
+        help="the model's precision (default: the config's export.quantize): int8 quantises the dense layers, "
+        "refused when an AUC falls more than export.max_auc_drop or a calibration moves more than "
+        "export.max_calibration_change against float32",
+    )
 
     p = add(
         "score",
@@ -376,7 +420,12 @@ def build_parser() -> argparse.ArgumentParser:
         "Batch-score a Parquet file with an exported bundle (no torch needed): (user_id, item_id, context) rows, "
         "or a [table] model's feature columns.",
     )
-    p.add_argument("--bundle", type=Path, required=True, help="exported bundle folder")
+    p.add_argument(
+        "--bundle",
+        required=True,
+        help="exported bundle folder, or an MLflow URI: models:/funnelrank@champion, runs:/<run id>/bundle "
+        "(from the store of --config's state, or MLFLOW_TRACKING_URI)",
+    )
     p.add_argument(
         "--input",
         type=Path,
@@ -409,7 +458,12 @@ def build_parser() -> argparse.ArgumentParser:
         config_help="take the server's limits and timeouts from this config's [scoring] "
         "(default: the bundle's, from the config it was exported with)",
     )
-    p.add_argument("--bundle", type=Path, required=True, help="exported bundle folder (reloaded from the same path)")
+    p.add_argument(
+        "--bundle",
+        required=True,
+        help="exported bundle folder (reloaded from the same path), or an MLflow URI: models:/funnelrank@champion, "
+        "runs:/<run id>/bundle (downloaded once at start, from the store of --config's state or MLFLOW_TRACKING_URI)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="bind address (default %(default)s: loopback only)")
     p.add_argument("--port", type=int, default=8080, help="port (default %(default)s; 0 picks a free one)")
     p.add_argument(

@@ -1,8 +1,8 @@
 """The run config: one TOML file drives a whole run (generator, contract, features,
-model, training, scoring, nightly runs, promotion).
+model, training, export, scoring, nightly runs, promotion).
 
 ``FunnelConfig`` composes the packages' own sections (``features.config.DataConfig``,
-``models.config.TrainingConfig``) with the pipeline's: scoring, nightly and promotion.
+``models.config.TrainingConfig``) with the pipeline's: export, scoring, nightly and promotion.
 Validated at load time: an unknown key, a wrong type or a missing required value is
 reported by its dotted name (``features.sparse[2].dim``), never as a traceback.
 """
@@ -78,6 +78,27 @@ class ScoringConfig(_Section):
     )
 
 
+class ExportConfig(_Section):
+    """``export``: what precision the bundle's model has, and how much an int8 model may lose."""
+
+    quantize: Literal["none", "int8"] = Field(
+        "none",
+        description="int8: onnxruntime dynamic quantisation of the dense layers (MatMul, Gemm; embeddings stay "
+        "float32), measured against the float32 model on the validation day and refused beyond the bounds below; "
+        "the bundle goes to bundles/<run key>-int8 and the MLflow artifacts bundle-int8",
+    )
+    max_auc_drop: float = Field(
+        0.001, ge=0.0, lt=1.0, description="int8: refuse the export when any task view's AUC falls more than this"
+    )
+    max_calibration_change: float = Field(
+        0.01,
+        ge=0.0,
+        lt=1.0,
+        description="int8: refuse the export when any task view's calibration (mean predicted / observed) moves "
+        "by more than this share of the float32 model's",
+    )
+
+
 class NightlyConfig(_Section):
     """``funnelrank nightly``: how each night's model starts and what it trains on."""
 
@@ -136,6 +157,7 @@ class FunnelConfig(TrainingConfig):
     and the promotion gate."""
 
     scoring: ScoringConfig = ScoringConfig()
+    export: ExportConfig = ExportConfig()
     nightly: NightlyConfig = NightlyConfig()
     promote: PromoteConfig = PromoteConfig()
 
@@ -148,6 +170,11 @@ class FunnelConfig(TrainingConfig):
                 f"which only AUCs have: {', '.join(no_se)} has none; use <view>_auc or rule 'point'"
             )
         return self
+
+    def run_identity(self) -> dict:
+        """The config a training run is identified by: all but ``export``, which shapes the
+        bundle and not the model (one trained run exports a float32 and an int8 bundle)."""
+        return self.model_dump(mode="json", exclude={"export"})
 
     @property
     def gate_metrics(self) -> list[str]:

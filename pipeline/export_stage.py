@@ -6,17 +6,21 @@ import datetime as dt
 import hashlib
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 from torch import nn
 
+from features.catalog import scan_validated
 from features.contract import day_str
 from features.examples import training_dir
-from features.table_source import prepare_table
+from features.io import sha256_file
+from features.table_source import parquet_source, prepare_table, split_inputs
 from models.loader import parquet_files
 from models.nets import MultiTaskNet
 from models.train import run_key
-from pipeline.bundle import bundle_dir, export_bundle
+from pipeline.bundle import bundle_dir, export_bundle, precision_suffix
 from pipeline.config import FunnelConfig
-from pipeline.registry import log_bundle_to_mlflow
+from pipeline.registry import EXAMPLE_ROWS, log_bundle_to_mlflow
 from pipeline.train_stage import load_trained_model, training_data, training_window
 from serving.bundle import BundleError, load_bundle
 
@@ -51,15 +55,18 @@ def export_run(
     training run (``run_date`` None).
 
     Exports the trained model (``model``, else the finished training run's best checkpoint
-    and its MLflow run) into ``<state_dir>/bundles/<run key>/``, parity-checked on up to
+    and its MLflow run) into ``<state_dir>/bundles/<run key>/`` (``<run key>-int8/`` with
+    ``export.quantize = "int8"``: see pipeline.bundle.export_bundle), parity-checked on up to
     models.export.PARITY_MIN_ROWS real rows: of the run's validation day, with features as of
     ``run_date + 1`` (what the coming day's traffic sees); of a table source's test split.
     A parity failure (an output above the tolerance, or inf or NaN in either runtime) is a
     StageError: no bundle is written, nothing is logged.
     Skipped when that bundle exists, verifies and was built from the same run key and
-    weights. The bundle is logged to the MLflow run under ``bundle/``
-    (``runs:/<run_id>/bundle``, loadable by serving.bundle.load_bundle_from_mlflow); no
-    MLflow run id: nothing is logged. Returns a summary.
+    weights. The bundle is logged to the MLflow run as a pyfunc model under ``bundle/``
+    (``bundle-int8/``; ``runs:/<run_id>/bundle``: ``mlflow.pyfunc.load_model`` runs it, and
+    serving.bundle.load_bundle_from_mlflow loads the bundle in it), with an input example
+    from the validation day's impressions (a table's test split); no MLflow run id:
+    nothing is logged. Returns a summary.
     """
     warehouse = Path(warehouse)
     key = run_key(cfg, warehouse, training_data(cfg, warehouse, run_date))
@@ -75,12 +82,18 @@ def export_run(
     else:
         as_of, val_day = None, None
         parity_files, parity_data = prepare_table(cfg, warehouse).files["test"], "the table's test split"
+    if cfg.export.quantize != "none":
+        inputs["quantize"] = cfg.export.quantize
     folder = bundle_dir(cfg, key)
     skipped = _valid_bundle_with(folder, inputs)
     if not skipped:
         export_bundle(cfg, warehouse, model, folder, parity_files, as_of=as_of, inputs=inputs)
     bundle = load_bundle(folder)
-    artifact_uri = log_bundle_to_mlflow(cfg.state_dir, mlflow_run_id, folder, bundle.sha256) if mlflow_run_id else None
+    artifact_uri = None
+    if mlflow_run_id:
+        rows = _example_source(cfg, warehouse, val_day)
+        artifact = f"bundle{precision_suffix(cfg)}"
+        artifact_uri = log_bundle_to_mlflow(cfg.state_dir, mlflow_run_id, folder, bundle.sha256, rows, artifact)
     parity = bundle.manifest["parity"]
     return {
         "run_date": day_str(run_date) if run_date is not None else None,
@@ -92,6 +105,17 @@ def export_run(
         "parity_data": parity_data,  # what the parity rows are: the validation day, or the test split
         "parity_max_abs_diff": parity["max_abs_diff"],
         "parity_rows": parity["rows"],
+        "quantization": bundle.manifest.get("quantization"),
         "mlflow_run_id": mlflow_run_id,
         "artifact_uri": artifact_uri,
     }
+
+
+def _example_source(cfg: FunnelConfig, warehouse: Path, val_day: dt.date | None) -> pa.Table:
+    """Raw rows the scorer takes, for the logged model's input example: the first rows of the
+    validation day's validated impressions, or of a table source's test split file."""
+    if cfg.table is None:
+        return scan_validated(warehouse, "impressions", val_day).head(EXAMPLE_ROWS).collect().to_arrow()
+    test = split_inputs(cfg.table)["test"]
+    source = parquet_source(test, sha256_file(test), warehouse)
+    return pa.Table.from_batches([next(pq.ParquetFile(source).iter_batches(batch_size=EXAMPLE_ROWS))])

@@ -1,32 +1,52 @@
 """The MLflow model registry side of the nightly run: who the champion is, its weights,
 logging a bundle to its training run, registering a candidate, and the promotion gate.
 
-A registered model version's source is the serving bundle logged to its training run
-(``runs:/<run id>/bundle``), so ``models:/<name>@champion`` downloads a bundle the
-torch-free scorer loads. The torch weights (for warm starts and for evaluating the
-champion on new days) are the ``checkpoint/best.pt`` artifact of the same run, with the
-run's ``config.toml`` saying which architecture they belong to.
+A registered model version's source is the serving bundle logged to its training run as
+an MLflow pyfunc model (``runs:/<run id>/bundle``: serving.mlflow_model, the bundle folder
+its artifact), so ``models:/<name>@champion`` is a model ``mlflow.pyfunc.load_model`` and
+``mlflow models serve`` run, and a bundle the torch-free scorer loads
+(serving.bundle.load_bundle_from_mlflow finds its one manifest). The torch weights (for
+warm starts and for evaluating the champion on new days) are the ``checkpoint/best.pt``
+artifact of the same run, with the run's ``config.toml`` saying which architecture they
+belong to.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import math
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import NormalDist
-from typing import get_args
+from typing import TYPE_CHECKING, get_args
 
+import mlflow.pyfunc
+import pyarrow as pa
 import torch
 from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature, infer_signature
 from mlflow.tracking import MlflowClient
+from mlflow.types import ColSpec, Schema
+from packaging.requirements import Requirement
 
+import serving
 from features.config import ConfigError
 from features.errors import StageError
+from models.quiet import library_noise_silenced
 from models.tracking import tracking_uri
 from pipeline.config import FunnelConfig, PromoteConfig, load_config
+from serving.bundle import load_bundle
+from serving.histories import RECENT
+from serving.mlflow_model import BUNDLE_ARTIFACT, BundleModel
+from serving.scorer import Scorer
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 CHAMPION = "champion"
+EXAMPLE_ROWS = 3  # rows of a logged model's input example
 
 
 @dataclass(frozen=True)
@@ -127,20 +147,86 @@ def same_architecture(a: FunnelConfig | None, b: FunnelConfig) -> str | None:
     return None
 
 
-def log_bundle_to_mlflow(state_dir: Path, run_id: str, folder: Path, bundle_sha256: str) -> str:
-    """Log the bundle folder as the artifacts ``bundle/`` of MLflow run ``run_id`` (once per
-    bundle: the run's ``bundle.sha256`` tag records what was logged) and return its URI."""
+def serving_requirements() -> list[str]:
+    """The pip requirements of the serving extra (pyproject's ``[project.optional-dependencies]
+    serving``, read from the installed funnelrank's metadata): all a logged model needs."""
+    wanted = []
+    for line in importlib.metadata.requires("funnelrank") or []:
+        req = Requirement(line)
+        if req.marker is not None and req.marker.evaluate({"extra": "serving"}):
+            wanted.append(f"{req.name}{req.specifier}")
+    if not wanted:
+        raise StageError("the installed funnelrank's metadata lists no serving extra: reinstall it (`make venv`)")
+    return wanted
+
+
+def example_rows(scorer: Scorer, rows: pa.Table, n: int = EXAMPLE_ROWS) -> pd.DataFrame:
+    """The pyfunc model's input example: ``n`` of ``rows`` (raw rows the scorer takes) with
+    the columns it reads; an events bundle with a behaviour sequence also gets a ``recent``
+    event per row (a click on another row's item at the start of the bundle's as-of day)."""
+    events = scorer.spec.events
+    columns = list(scorer.required_columns)
+    if events is not None:
+        columns += [c for c in scorer.inputs.context_columns if c in rows.column_names]
+    example = rows.select(columns).slice(0, n)
+    if events is not None and events.sequences:
+        ts = f"{events.features_as_of.isoformat()}T00:00:00Z"
+        items = example.column("item_id").to_pylist()
+        recent = [[{"item_id": items[(i + 1) % len(items)], "event": "click", "ts": ts}] for i in range(len(items))]
+        example = example.append_column(RECENT, pa.array(recent))
+    return example.to_pandas()
+
+
+def model_signature(scorer: Scorer, example: pd.DataFrame) -> ModelSignature:
+    """Inputs: the example's columns and types, those the scorer can do without (context,
+    ``recent``) optional; outputs: the scorer's (``p_<task>`` per task of the bundle's spec,
+    then ``score``), float32."""
+    required = set(scorer.required_columns)
+    inferred = infer_signature(example).inputs.inputs
+    inputs = Schema([ColSpec(c.type, c.name, required=c.name in required) for c in inferred])
+    return ModelSignature(inputs, Schema([ColSpec("float", name) for name in scorer.result_names]))
+
+
+def log_bundle_to_mlflow(
+    state_dir: Path, run_id: str, folder: Path, bundle_sha256: str, rows: pa.Table, artifact: str = "bundle"
+) -> str:
+    """Log the bundle folder as an MLflow pyfunc model at the artifacts ``artifact`` of MLflow
+    run ``run_id`` (once per bundle: the run's ``<artifact>.sha256`` tag records what was
+    logged) and return its URI. The model (serving.mlflow_model.BundleModel): the bundle as
+    its artifact, the ``serving`` package as its code, the serving extra as its pip
+    requirements, a signature and an input example from ``rows`` (raw rows the scorer takes)."""
     client = MlflowClient(tracking_uri(state_dir))
     try:
         run = client.get_run(run_id)
-        if run.data.tags.get("bundle.sha256") != bundle_sha256:
-            client.log_artifacts(run_id, str(folder), "bundle")
-            client.set_tag(run_id, "bundle.sha256", bundle_sha256)
+        if run.data.tags.get(f"{artifact}.sha256") != bundle_sha256:
+            scorer = Scorer(load_bundle(folder))
+            example = example_rows(scorer, rows)
+            # MLflow warns, every night: that the python model is pickled (the pickle holds a
+            # reference to serving.mlflow_model.BundleModel, no state), that integer columns
+            # cannot be null (the context's ids are integers or absent), and says it checks
+            # the example against the signature
+            quiet = library_noise_silenced("mlflow")
+            with tempfile.TemporaryDirectory(prefix="funnelrank-pyfunc-") as tmp, quiet:
+                model_dir, code = Path(tmp) / artifact, Path(tmp) / "serving"
+                code.mkdir()
+                for module in Path(serving.__file__).parent.glob("*.py"):  # the sources, no caches
+                    shutil.copy2(module, code)
+                mlflow.pyfunc.save_model(
+                    str(model_dir),
+                    python_model=BundleModel(),
+                    artifacts={BUNDLE_ARTIFACT: str(folder)},
+                    code_paths=[str(code)],
+                    pip_requirements=serving_requirements(),
+                    signature=model_signature(scorer, example),
+                    input_example=example,
+                )
+                client.log_artifacts(run_id, str(model_dir), artifact)
+            client.set_tag(run_id, f"{artifact}.sha256", bundle_sha256)
     except MlflowException as err:
         raise StageError(
             f"cannot log bundle {folder} to MLflow run {run_id} at {tracking_uri(state_dir)}: {err}"
         ) from None
-    return f"runs:/{run_id}/bundle"
+    return f"runs:/{run_id}/{artifact}"
 
 
 def register_candidate(cfg: FunnelConfig, train_run_id: str, bundle_uri: str, tags: dict[str, str]) -> int:

@@ -222,28 +222,40 @@ def load_bundle(path: str | Path) -> Bundle:
 
 def load_bundle_from_mlflow(uri: str, dst: str | Path | None = None, tracking_uri: str | None = None) -> Bundle:
     """Download a bundle logged to MLflow (e.g. ``models:/funnelrank@champion`` or
-    ``runs:/<run_id>/bundle``) and load it. ``tracking_uri`` (also the registry's) defaults
-    to MLflow's own (``MLFLOW_TRACKING_URI``).
+    ``runs:/<run_id>/bundle``) and load it: ``load_bundle(download_bundle(...))``."""
+    return load_bundle(download_bundle(uri, dst, tracking_uri))
+
+
+def download_bundle(uri: str, dst: str | Path | None = None, tracking_uri: str | None = None) -> Path:
+    """Download the artifacts at an MLflow ``uri`` into ``dst`` (a new temporary folder by
+    default) and return the bundle folder among them. ``tracking_uri`` (also the
+    registry's) defaults to MLflow's own (``MLFLOW_TRACKING_URI``).
 
     The bundle is the artifact folder at ``uri`` itself, or its one sub-folder holding a
-    manifest.json. mlflow is imported here only, so serving runs without it otherwise.
+    manifest.json (a model logged by pipeline.registry is an MLflow pyfunc model whose
+    artifact ``bundle`` is the bundle). mlflow is imported here only, so serving runs
+    without it otherwise.
     """
     import mlflow  # noqa: PLC0415 - optional dependency of this one function
+    from mlflow.exceptions import MlflowException  # noqa: PLC0415
 
     if uri.startswith("models:/") and tracking_uri is not None:
         uri = _model_version_source(uri, tracking_uri)
     target = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix="funnelrank-bundle-"))
-    local = Path(
-        mlflow.artifacts.download_artifacts(
-            artifact_uri=uri, dst_path=str(target), tracking_uri=tracking_uri, registry_uri=tracking_uri
+    try:
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=uri, dst_path=str(target), tracking_uri=tracking_uri, registry_uri=tracking_uri
+            )
         )
-    )
+    except (MlflowException, OSError) as err:
+        raise BundleError(f"cannot download {uri} from MLflow ({tracking_uri or 'its default store'}): {err}") from None
     if (local / MANIFEST).is_file():
-        return load_bundle(local)
+        return local
     found = sorted(p.parent for p in local.rglob(MANIFEST))
     if len(found) != 1:
         raise BundleError(f"MLflow artifacts of {uri} hold {len(found)} bundle manifests, expected 1")
-    return load_bundle(found[0])
+    return found[0]
 
 
 def _model_version_source(uri: str, tracking_uri: str) -> str:

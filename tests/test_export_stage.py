@@ -17,7 +17,6 @@ from mlflow.tracking import MlflowClient
 from features.errors import StageError
 from models.tracking import to_toml, tracking_uri
 from pipeline.cli import main
-from pipeline.config import load_config
 from pipeline.export_stage import export_run, model_sha256
 from pipeline.train_stage import load_trained_model, train_run
 from serving.bundle import load_bundle, load_bundle_from_mlflow
@@ -26,18 +25,9 @@ from serving.scorer import Scorer
 RUN_DATE = START + dt.timedelta(days=DAYS - 1)  # validation day START+2 (maturity lag 1), trains on START+1
 
 
-@pytest.fixture(scope="module")
-def run(tiny_warehouse, tmp_path_factory):
-    """The tiny config with its own state dir (MLflow sqlite store, checkpoints, bundles),
-    written to a TOML file that loads back to the same config (so the CLI finds the run)."""
-    cfg, _ = tiny_warehouse
-    tmp = tmp_path_factory.mktemp("export_stage")
-    train = cfg.train.model_copy(update={"window_days": 2, "epochs": 2, "batch_size": 512, "threads": 2, "patience": 5})
-    cfg = cfg.model_copy(update={"state_dir": tmp / "state", "train": train})
-    path = tmp / "config.toml"
-    path.write_text(to_toml(cfg.model_dump(by_alias=True)))
-    assert load_config(path).model_dump(mode="json") == cfg.model_dump(mode="json")
-    return cfg, path
+@pytest.fixture
+def run(tiny_run):
+    return tiny_run
 
 
 @pytest.fixture(autouse=True)
