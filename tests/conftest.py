@@ -20,9 +20,7 @@ def tiny_warehouse(tmp_path_factory):
 def tiny_run(tiny_warehouse, tmp_path_factory):
     """The tiny config with its own state dir (MLflow sqlite store, checkpoints, bundles),
     written to a TOML file that loads back to the same config (so the CLI finds the run).
-    Its nightly run is trained by the first test that needs it (``train_run`` then skips):
-    test_export_stage.py's first test, which expects it untrained, so that file runs before
-    the others that use it (pytest runs the files in name order: test_mlflow_model.py after)."""
+    Its nightly run is trained by the first test that needs it (``train_run`` then skips)."""
     cfg, _ = tiny_warehouse
     tmp = tmp_path_factory.mktemp("tiny_run")
     train = cfg.train.model_copy(update={"window_days": 2, "epochs": 2, "batch_size": 512, "threads": 2, "patience": 5})

@@ -36,7 +36,7 @@ def _explicit_store(monkeypatch):
 
 
 def test_export_before_and_after_training(run, tmp_path):
-    cfg, _ = run
+    cfg = run[0].model_copy(update={"state_dir": tmp_path / "state"})  # its own store: untrained whatever ran before
     with pytest.raises(StageError, match=r"checkpoint .*last\.pt not found; run `funnelrank train --date 2026-11-04"):
         export_run(cfg, cfg.warehouse, RUN_DATE)
 
@@ -79,7 +79,7 @@ def test_export_before_and_after_training(run, tmp_path):
 
 def test_cli_export_prints_parity_bundle_and_artifact_uri(run, capsys):
     cfg, config_path = run
-    train_run(cfg, cfg.warehouse, RUN_DATE, progress=False)  # nothing to do when the test above trained it
+    train_run(cfg, cfg.warehouse, RUN_DATE, progress=False)  # nothing to do when another test trained it
     model, run_id = load_trained_model(cfg, cfg.warehouse, RUN_DATE)
     date = RUN_DATE.isoformat()
     assert main(["export", "--config", str(config_path), "--date", date]) == 0
