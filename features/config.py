@@ -15,6 +15,7 @@ import datetime as dt
 import math
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -29,6 +30,10 @@ from pydantic import (
 
 from serving.encoding import NumericTransform
 from serving.spec import aggregate_feature_names, sequence_age_column, sequence_column
+
+# the label columns of the event logs' training tables (features.examples): binary, numeric
+EVENT_LABELS = ("click", "conversion")
+EVENT_VALUE_LABELS = ("conversion_value",)
 
 # TOML has no path type: paths arrive as strings (the one lax coercion allowed).
 TomlPath = Annotated[Path, BeforeValidator(lambda v: Path(v) if isinstance(v, str) else v)]
@@ -308,18 +313,30 @@ class FeaturesConfig(_Section):
 
 
 class TaskConfig(_Section):
-    """One binary task: the label it learns, its place in a funnel, its weights.
+    """One task: the label it learns, its place in a funnel, its weights.
 
-    A task with ``after`` is a funnel step that can only happen after the other task's
-    positive (a conversion after a click): its head learns P(task | after), served as
-    ``conditional_name`` and measured on the rows where ``after``'s label is 1, and
-    P(after and task) = P(after) x P(task | after), served as ``joint_name`` and measured
-    on every row. ``model.conversion_head`` says how it trains (direct or ESMM). A task
-    without ``after`` is served and measured under its own name.
+    ``kind = "binary"`` (the default) learns a 0/1 label. A binary task with ``after`` is a
+    funnel step that can only happen after the other task's positive (a conversion after a
+    click): its head learns P(task | after), served as ``conditional_name`` and measured on
+    the rows where ``after``'s label is 1, and P(after and task) = P(after) x P(task |
+    after), served as ``joint_name`` and measured on every row. ``model.conversion_head``
+    says how it trains (direct or ESMM). A binary task without ``after`` is served and
+    measured under its own name.
+
+    ``kind = "value"`` is a regression on a numeric label (e.g. ``conversion_value``),
+    trained on the rows where its ``after`` task (a binary task, e.g. conversion) is 1: its
+    head predicts E[value | after], served as the output ``e_<name>``
+    (``serving.spec.value_output``), with the loss ``value_loss``. It multiplies the ranking
+    score with its own ``score_exponent``.
     """
 
     name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
-    label: str | None = Field(None, description="column with the 0/1 label; default: the task's name")
+    kind: Literal["binary", "value"] = Field(
+        "binary", description="binary: a 0/1 label; value: a regression on a numeric label after a binary task"
+    )
+    label: str | None = Field(
+        None, description="column with the 0/1 label (a value task: the numeric label); default: the task's name"
+    )
     after: str | None = Field(None, description="the task whose positives this one follows (funnel step)")
     joint_name: str | None = Field(
         None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="funnel step: name of P(after and task), e.g. ctcvr"
@@ -329,8 +346,18 @@ class TaskConfig(_Section):
     )
     loss_weight: float = Field(1.0, ge=0.0, le=1000.0, description="model.loss_weighting = 'fixed' only")
     score_exponent: float = Field(
-        1.0, ge=0.0, le=100.0, description="ranking score = product of p ** score_exponent over the tasks"
+        1.0,
+        ge=0.0,
+        le=100.0,
+        description="ranking score = product of p ** score_exponent over the binary tasks, times E[value] ** "
+        "score_exponent over the value tasks",
     )
+    value_loss: Literal["log_mse", "tweedie"] = Field(
+        "log_mse",
+        description="kind = 'value': log_mse = squared error of log1p(value) (the head predicts log1p); tweedie = "
+        "Tweedie deviance with power tweedie_power (the head predicts log E[value]; for zero-heavy values)",
+    )
+    tweedie_power: float = Field(1.5, gt=1.0, lt=2.0, description="value_loss = 'tweedie': the power, in (1, 2)")
 
     @property
     def label_column(self) -> str:
@@ -338,17 +365,38 @@ class TaskConfig(_Section):
 
     @property
     def served_name(self) -> str:
-        """The output and metric name of the probability the ranking score uses."""
+        """The output and metric name of the probability the ranking score uses (a value
+        task: its own name; its output is ``e_<name>``)."""
         return self.joint_name or self.name
+
+    @property
+    def is_value(self) -> bool:
+        return self.kind == "value"
 
     @model_validator(mode="after")
     def _funnel_names(self) -> TaskConfig:
+        if self.is_value:
+            if self.after is None:
+                raise ValueError(
+                    f"task {self.name!r}: kind = 'value' needs after = <a binary task> (e.g. conversion): its value "
+                    "is learned on the rows where that task's label is 1"
+                )
+            if self.joint_name or self.conditional_name:
+                raise ValueError(f"task {self.name!r}: a value task has no joint_name or conditional_name")
+            return self
+        # set to its default it passes: a dumped config (MLflow's config.toml) writes every key
+        value_keys = [k for k in ("value_loss", "tweedie_power") if getattr(self, k) != _TASK_DEFAULTS[k]]
+        if value_keys:
+            raise ValueError(f"task {self.name!r}: {', '.join(value_keys)} are for kind = 'value'")
         named = self.joint_name is not None and self.conditional_name is not None
         if self.after is not None and not named:
             raise ValueError(f"task {self.name!r} follows {self.after!r}: give joint_name and conditional_name")
         if self.after is None and (self.joint_name or self.conditional_name):
             raise ValueError(f"task {self.name!r}: joint_name and conditional_name need 'after'")
         return self
+
+
+_TASK_DEFAULTS = {name: field.default for name, field in TaskConfig.model_fields.items()}
 
 
 def _funnel_tasks() -> list[TaskConfig]:
@@ -361,16 +409,45 @@ def _funnel_tasks() -> list[TaskConfig]:
 def task_views(tasks: list[TaskConfig]) -> dict[str, tuple[str, str | None]]:
     """Every measured / served probability: name -> (label column, mask label column or
     None). A funnel step gives two: its joint probability on all rows, its conditional one
-    on the rows where the earlier task's label is 1."""
+    on the rows where the earlier task's label is 1. Value tasks are no probability: see
+    ``value_views``."""
     labels = {t.name: t.label_column for t in tasks}
     views: dict[str, tuple[str, str | None]] = {}
     for t in tasks:
+        if t.is_value:
+            continue
         if t.after is None:
             views[t.name] = (t.label_column, None)
         else:
             views[t.joint_name] = (t.label_column, None)
             views[t.conditional_name] = (t.label_column, labels[t.after])
     return views
+
+
+@dataclass(frozen=True)
+class ValueView:
+    """How a value task is measured: its numeric label, the label of its ``after`` task (the
+    rows it is trained and measured on) and the served probability of that task (the
+    expected revenue P(after) x E[value | after] ranks every row)."""
+
+    label: str
+    after_label: str
+    after_view: str
+
+
+# a value task's metrics (models.metrics.value_metrics): rmse, mae, mean predicted / observed
+# value on its after task's positives; the normalised Gini of the expected revenue on every row
+VALUE_METRICS = ("rmse", "mae", "calibration", "gini")
+
+
+def value_views(tasks: list[TaskConfig]) -> dict[str, ValueView]:
+    """Every value task: name -> its ValueView."""
+    by_name = {t.name: t for t in tasks}
+    return {
+        t.name: ValueView(t.label_column, by_name[t.after].label_column, by_name[t.after].served_name)
+        for t in tasks
+        if t.is_value
+    }
 
 
 class TableSourceConfig(_Section):
@@ -417,25 +494,40 @@ class DataConfig(_Section):
     @model_validator(mode="after")
     def _tasks_and_source_agree(self) -> DataConfig:
         names = [t.name for t in self.tasks]
-        views = [n for t in self.tasks for n in ((t.joint_name, t.conditional_name) if t.after else (t.name,))]
-        labels = self.label_columns
-        for what, values in (
-            ("task names and views", names + [v for v in views if v not in names]),
-            ("task labels", labels),
-        ):
-            if dupes := repeated(values):
-                raise ValueError(f"{what} must be unique; repeated: {', '.join(dupes)}")
-        for t in self.tasks:
+        views = [
+            n for t in self.tasks for n in ((t.joint_name, t.conditional_name) if t.after and not t.is_value else ())
+        ]
+        if dupes := repeated(names + views):
+            raise ValueError(f"task names and views must be unique; repeated: {', '.join(dupes)}")
+        by_name = {t.name: t for t in self.tasks}
+        if not [t for t in self.tasks if not t.is_value]:
+            raise ValueError("tasks: at least one task must be binary (kind = 'binary')")
+        if self.tasks[0].is_value:
+            raise ValueError(f"tasks[0]: the first task {self.tasks[0].name!r} must be binary, not a value task")
+        for i, t in enumerate(self.tasks):
             if t.after is not None and t.after not in names:
-                raise ValueError(f"task {t.name!r}: after = {t.after!r} is not a task ({', '.join(names)})")
-            if t.after is not None and next(u for u in self.tasks if u.name == t.after).after is not None:
+                raise ValueError(f"tasks[{i}].after: {t.after!r} is not a task ({', '.join(names)})")
+            if t.after is None:
+                continue
+            after = by_name[t.after]
+            if after.is_value:
+                raise ValueError(f"tasks[{i}].after: {t.after!r} is a value task; 'after' names a binary task")
+            if not t.is_value and after.after is not None:
                 raise ValueError(f"task {t.name!r}: after = {t.after!r} must name a task without 'after'")
+        if dupes := repeated(self.label_columns):
+            raise ValueError(f"task labels must be unique; repeated: {', '.join(dupes)}")
         in_table = [f.name for f in (*self.features.sparse, *self.features.numeric) if f.table == "table"]
         if self.table is None:
             if in_table:
                 raise ValueError(f"features {', '.join(in_table)} read table = 'table' but there is no [table] section")
-            if bad := [t.label_column for t in self.tasks if t.label_column not in ("click", "conversion")]:
+            if bad := [t.label_column for t in self.tasks if not t.is_value and t.label_column not in EVENT_LABELS]:
                 raise ValueError(f"event logs label click and conversion only; task labels {bad} need a [table] source")
+            for i, t in enumerate(self.tasks):
+                if t.is_value and t.label_column not in EVENT_VALUE_LABELS:
+                    raise ValueError(
+                        f"tasks[{i}].label: {t.label_column!r} is not a numeric column of the event logs' training "
+                        f"table ({', '.join(EVENT_VALUE_LABELS)}); other value labels need a [table] source"
+                    )
         else:
             others = [f.name for f in (*self.features.sparse, *self.features.numeric) if f.table != "table"]
             if others or self.features.aggregate_keys:
@@ -445,20 +537,35 @@ class DataConfig(_Section):
                 )
         return self
 
-    def check_view_metrics(self, key: str, chosen: Sequence[str | None], kinds: str) -> None:
+    def check_view_metrics(
+        self, key: str, chosen: Sequence[str | None], kinds: str, value_kinds: str | None = None
+    ) -> None:
         """ValueError naming the config ``key`` when a metric of ``chosen`` is not
-        ``<task view>_<kind>``, ``kinds`` being e.g. ``"auc|gauc"`` (None: the default)."""
-        views = list(self.views())
+        ``<task view>_<kind>``, ``kinds`` being e.g. ``"auc|gauc"`` (None: the default), nor
+        ``<value task>_<value kind>`` of ``value_kinds`` (e.g. ``"rmse|mae|gini"``)."""
+        views, values = list(self.views()), list(self.value_views())
         known = {f"{v}_{m}" for v in views for m in kinds.split("|")}
+        if value_kinds:
+            known |= {f"{v}_{m}" for v in values for m in value_kinds.split("|")}
         if bad := [m for m in chosen if m is not None and m not in known]:
-            raise ValueError(
-                f"{key}: unknown metric {', '.join(bad)}; choose <view>_<{kinds}> with a view among {', '.join(views)}"
-            )
+            choices = f"<view>_<{kinds}> with a view among {', '.join(views)}"
+            if value_kinds and values:
+                choices += f", or <value task>_<{value_kinds}> with a value task among {', '.join(values)}"
+            raise ValueError(f"{key}: unknown metric {', '.join(bad)}; choose {choices}")
 
     def views(self) -> dict[str, tuple[str, str | None]]:
         return task_views(self.tasks)
 
+    def value_views(self) -> dict[str, ValueView]:
+        return value_views(self.tasks)
+
     @property
     def label_columns(self) -> list[str]:
-        """The tasks' 0/1 label columns, in task order (what the training tables hold)."""
+        """The tasks' label columns (0/1, and a value task's numeric one), in task order
+        (what the training tables hold)."""
         return [t.label_column for t in self.tasks]
+
+    @property
+    def value_label_columns(self) -> list[str]:
+        """The value tasks' numeric label columns."""
+        return [t.label_column for t in self.tasks if t.is_value]

@@ -69,7 +69,7 @@ from features.catalog import (
     validated_dir,
     warehouse_relative,
 )
-from features.config import DataConfig, SparseFeature
+from features.config import EVENT_LABELS, EVENT_VALUE_LABELS, DataConfig, SparseFeature
 from features.contract import SNAPSHOT_TABLES, day_str
 from features.daily_counters import stale_daily_aggregates
 from features.errors import DataContractError, StageError
@@ -94,7 +94,7 @@ from serving.encoding import NumericTransform, numeric_values
 from serving.spec import sequence_age_column, sequence_column
 
 ID_COLUMNS = ("impression_id", "ts", "raw_user_id")
-LABEL_COLUMNS = ("click", "conversion", "conversion_value")
+LABEL_COLUMNS = (*EVENT_LABELS, *EVENT_VALUE_LABELS)
 # A row group is the loader's unit of reading and shuffling: 128k rows x ~60 columns is
 # ~30 MB decoded, large enough for efficient zstd column chunks and few seeks, small
 # enough that a loader holds a handful in memory and shuffles across them.

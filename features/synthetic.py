@@ -16,7 +16,10 @@ The hidden world:
   w1 = c*u1 and w2 = c*(p*u1 + sqrt(1-p^2)*u2) make ``task_correlation`` p tune how
   related the two tasks are, plus per-impression noise no model can see;
 * intercepts are bisected once per run (on a seeded sample) to hit the target CTR and
-  conversion-after-click rate.
+  conversion-after-click rate;
+* a conversion's value is the item's price times a quantity (geometric, its mean set by the
+  user's age bucket: ``BASKET_SIZE``) times a little noise, so E[value | conversion]
+  depends on an item feature (price) and a user feature (age bucket).
 
 Event times: clicks come seconds to minutes after the impression (always inside the
 click window), conversions hours after the click (inside the attribution window);
@@ -87,6 +90,7 @@ PRICE_SENSITIVITY = ((-0.30, -0.25, -0.20, -0.15, -0.10), (-0.60, -0.45, -0.30, 
 BRAND_EFFECT_STD = (0.3, 0.4)
 CATEGORY_EFFECT_STD = (0.3, 0.3)
 USER_PROPENSITY_STD = (0.3, 0.4)
+BASKET_SIZE = (1.1, 1.3, 1.8, 2.4, 1.5)  # mean quantity bought per conversion, per AGE_BUCKETS
 MMOE_SCALE = 1.0  # c in w1 = c*u1, w2 = c*(p*u1 + sqrt(1-p^2)*u2)
 MMOE_SINES = 5  # number of sin(a_i w^T x + b_i) terms
 
@@ -541,7 +545,7 @@ def _generate_chunk(
         rng, len(converted), CONVERSION_DELAY_SCALE_H * 3600.0, cfg.contract.attribution_window_hours * 3600.0
     )
     bought = item[clicked[converted]]
-    quantity = rng.geometric(0.8, len(converted))
+    quantity = rng.geometric(1.0 / np.asarray(BASKET_SIZE)[world.user_age[user[clicked[converted]]]])
     value = np.round(world.item_price[bought] * quantity * np.exp(rng.normal(0.0, 0.05, len(converted))), 2)
 
     ids = _impression_ids(day, rows)

@@ -237,20 +237,23 @@ def check_types(cfg: DataConfig, path: Path, schema: pl.Schema) -> None:
         if not (schema[t.label_column].is_numeric() or schema[t.label_column] == pl.Boolean):
             raise DataContractError(
                 f"table file {path}: label column {t.label_column!r} (task {t.name!r}) has type "
-                f"{schema[t.label_column]}, expected 0/1"
+                f"{schema[t.label_column]}, expected {'numbers' if t.is_value else '0/1'}"
             )
 
 
 def check_labels(cfg: DataConfig, path: Path, split: str, frame: pl.DataFrame) -> None:
-    """Every non-null label is 0 or 1 (null labels are quarantined, not errors)."""
+    """Every non-null label is 0 or 1, a value task's a finite number >= 0 (null labels are
+    quarantined, not errors)."""
     for t in cfg.tasks:
         label = pl.col(t.label_column).cast(pl.Float64)
-        bad = frame.filter(label.is_not_null() & (label != 0.0) & (label != 1.0)).get_column(t.label_column)
+        wrong = label.is_nan() | label.is_infinite() | (label < 0.0) if t.is_value else (label != 0.0) & (label != 1.0)
+        bad = frame.filter(label.is_not_null() & wrong).get_column(t.label_column)
         if len(bad):
             shown = ", ".join(map(repr, bad.unique(maintain_order=True).head(BAD_VALUES_SHOWN).to_list()))
+            wanted = "finite numbers >= 0" if t.is_value else "0/1"
             raise DataContractError(
                 f"table file {path} ({split} split): label column {t.label_column!r} (task {t.name!r}) "
-                f"has {len(bad):,} rows that are not 0/1, e.g. {shown}"
+                f"has {len(bad):,} rows that are not {wanted}, e.g. {shown}"
             )
 
 
@@ -280,7 +283,7 @@ def table_schema(cfg: DataConfig) -> pa.Schema:
     """The schema of every split's training table (``raw_user_id`` only with a user column)."""
     spec = cfg.features
     fields = [pa.field(USER_COLUMN, pa.large_string())] if cfg.table.user_column else []
-    fields += [pa.field(t.label_column, pa.int8()) for t in cfg.tasks]
+    fields += [pa.field(t.label_column, pa.float64() if t.is_value else pa.int8()) for t in cfg.tasks]
     fields += [pa.field(f.name, pa.large_list(pa.int64()) if f.kind == "list" else pa.int64()) for f in spec.sparse]
     fields += [pa.field(name, pa.float32()) for name in spec.dense_names()]
     if dupes := repeated([f.name for f in fields]):
@@ -299,7 +302,8 @@ def encode_split(
     columns: dict[str, pa.Array] = {}
     if cfg.table.user_column:
         columns[USER_COLUMN] = as_strings(frame.get_column(cfg.table.user_column).to_arrow())
-    labels = frame.select(pl.col(t.label_column).cast(pl.Int8) for t in cfg.tasks).to_arrow()
+    labels = frame.select(pl.col(t.label_column).cast(pl.Float64 if t.is_value else pl.Int8) for t in cfg.tasks)
+    labels = labels.to_arrow()
     columns.update(zip(labels.column_names, labels.columns, strict=True))
     for f in cfg.features.sparse:
         values = sparse_values(f, frame)

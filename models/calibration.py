@@ -29,6 +29,15 @@ factors stay probabilities, and pCVR is the conditional that makes the product c
 
 The calibrators are strictly increasing, so the ordering (and AUC) of pCTR and of pCVR does not
 move; pCTCVR, a product of two recalibrated factors, is re-ranked slightly.
+
+A value task (``kind = "value"``) is no probability and gets no logit calibrator: its head's
+output z is served as E[value | after] = exp(z + s) - 1 (``value_loss = "log_mse"``: z
+predicts log1p(value), the -1 undoes the 1; floored at 0) or exp(z + s) (``"tweedie"``: z
+predicts log E[value]). The log scale s (0 until fitted) is fitted with the calibrators
+(any method but ``none``) on the validation day's rows where the value task's ``after``
+label is 1, so that the mean served value equals the mean observed one there. For
+log_mse this also undoes exp(E[log(1 + value)]) <= E[1 + value] (Jensen): the mean of
+the log is not the log of the mean.
 """
 
 from __future__ import annotations
@@ -46,6 +55,9 @@ from features.config import TaskConfig
 _CHUNK_ROWS = 65_536
 # the joint probability is clamped below 1 so log(1 - p) stays finite while fitting
 _P_MAX = 1.0 - 1e-12
+# a value head's exponent is clamped below this (e**50 ~ 5e21: no value means more), so a
+# wild output gives a huge but finite E[value] in float32
+VALUE_LOG_MAX = 50.0
 # the fitted slopes' floor: a region of logits without information still keeps its order
 # (float32 values of a flatter segment could tie and move the AUC)
 MIN_SLOPE = 1e-3
@@ -103,19 +115,32 @@ class LogitCalibrator(nn.Module):
         return {"min_slope": float(slopes.min()), "max_slope": float(slopes.max())}
 
 
+def expected_value(task: TaskConfig, z: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """E[value | after] of value task ``task``'s head output ``z`` with its fitted
+    ``log_scale`` (module docstring): exp(z + s) for tweedie, exp(z + s) - 1 floored at 0 for log_mse."""
+    z = torch.clamp(z + log_scale, max=VALUE_LOG_MAX)
+    return torch.exp(z) if task.value_loss == "tweedie" else torch.relu(torch.expm1(z))
+
+
 class ServedProbabilities(nn.Module):
     """Head logits (task -> [B]) -> the served probability of every task view: the
-    negative-sampling correction, each task's calibrator, the funnel product (module docstring)."""
+    negative-sampling correction, each task's calibrator, the funnel product (module
+    docstring); and (``expected_values``) each value task's E[value | after].
+
+    ``tasks`` are the binary tasks (calibrated), ``value_tasks`` the value tasks."""
 
     def __init__(self, tasks: Sequence[TaskConfig], method: str, segments: int) -> None:
         super().__init__()
-        self.tasks = list(tasks)
+        self.tasks = [t for t in tasks if not t.is_value]
+        self.value_tasks = [t for t in tasks if t.is_value]
         self.method = method
         self.calibrators = nn.ModuleDict(
             {t.name: LogitCalibrator(segments if method == "isotonic" else 1) for t in self.tasks}
         )
         # per task, added to its head's logit: log r for the negative-sampled first task, else 0
         self.register_buffer("logit_offsets", torch.zeros(len(self.tasks)))
+        # per value task, its fitted log scale s (module docstring)
+        self.register_buffer("value_log_scales", torch.zeros(len(self.value_tasks)))
 
     def start_training(self, negative_sampling_rate: float) -> None:
         """Before a run trains: identity calibrators (a warm start's old ones would not fit
@@ -123,6 +148,7 @@ class ServedProbabilities(nn.Module):
         for calibrator in self.calibrators.values():
             calibrator.reset()
         self.logit_offsets.zero_()
+        self.value_log_scales.zero_()
         self.logit_offsets[0] = float(np.log(negative_sampling_rate))
 
     def corrected(self, logits: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -141,6 +167,12 @@ class ServedProbabilities(nn.Module):
                 probs[t.joint_name] = probs[t.after] * probs[t.conditional_name]
         return probs
 
+    def expected_values(self, logits: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Value task -> [B] its served E[value | after] (module docstring)."""
+        return {
+            t.name: expected_value(t, logits[t.name], self.value_log_scales[i]) for i, t in enumerate(self.value_tasks)
+        }
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A model saved before calibration existed has none of these buffers: it was trained
         # on every row and never calibrated, which is exactly the identity kept here.
@@ -148,16 +180,25 @@ class ServedProbabilities(nn.Module):
             state_dict.setdefault(name, tensor.detach().clone())
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    @torch.no_grad()
     def of_logits(self, logits: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """``forward`` over whole arrays of head logits (e.g. a day's), a piece at a time."""
-        n = len(next(iter(logits.values())))
-        parts: dict[str, list[np.ndarray]] = {}
-        for start in range(0, n, _CHUNK_ROWS):
-            piece = {k: torch.from_numpy(np.asarray(v[start : start + _CHUNK_ROWS])) for k, v in logits.items()}
-            for view, p in self.forward(piece).items():
-                parts.setdefault(view, []).append(p.numpy())
-        return {view: np.concatenate(p) for view, p in parts.items()}
+        return _chunked(self.forward, logits)
+
+    def values_of_logits(self, logits: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``expected_values`` over whole arrays of head logits, a piece at a time."""
+        return _chunked(self.expected_values, logits)
+
+
+@torch.no_grad()
+def _chunked(fn, logits: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``fn`` (task -> [B] tensors in, name -> [B] tensors out) over whole arrays, a piece at a time."""
+    n = len(next(iter(logits.values())))
+    parts: dict[str, list[np.ndarray]] = {}
+    for start in range(0, n, _CHUNK_ROWS):
+        piece = {k: torch.from_numpy(np.asarray(v[start : start + _CHUNK_ROWS])) for k, v in logits.items()}
+        for name, p in fn(piece).items():
+            parts.setdefault(name, []).append(p.numpy())
+    return {name: np.concatenate(p) for name, p in parts.items()}
 
 
 def fit_calibration(
@@ -166,11 +207,12 @@ def fit_calibration(
     """Fit ``served``'s calibrators in place (method ``served.method``; ``none`` keeps the
     identity) on a day's head logits (task -> [N], ``predict``'s ``logit_<task>``) and labels
     (label column -> [N]); per task, what was fitted or why not. Tasks without ``after`` first,
-    then each funnel step with its ``after``'s calibrated probability held (module docstring).
+    then each funnel step with its ``after``'s calibrated probability held, then each value
+    task's log scale (module docstring).
     A day of more than FIT_MAX_ROWS rows is fitted on a seeded sample of that many."""
     report: dict[str, dict] = {}
     if served.method == "none":
-        return {t.name: {"skipped": "model.calibration = 'none'"} for t in served.tasks}
+        return {t.name: {"skipped": "model.calibration = 'none'"} for t in (*served.tasks, *served.value_tasks)}
     n = len(next(iter(logits.values())))
     if n > FIT_MAX_ROWS:
         rows = np.sort(np.random.default_rng(0).choice(n, FIT_MAX_ROWS, replace=False))
@@ -195,7 +237,32 @@ def fit_calibration(
         calibrator.knots.copy_(torch.from_numpy(knots))
         calibrator.values.copy_(torch.from_numpy(values))
         report[t.name] = {"rows": len(y), "positives": positives, **calibrator.describe()}
+    labels_of = {t.name: t.label_column for t in served.tasks}
+    for i, t in enumerate(served.value_tasks):
+        report[t.name] = _fit_value_scale(served, i, np.asarray(logits[t.name]), labels, labels_of[t.after])
     return report
+
+
+def _fit_value_scale(
+    served: ServedProbabilities, index: int, z: np.ndarray, labels: Mapping[str, np.ndarray], after_label: str
+) -> dict:
+    """Value task ``index``'s log scale: the mean served value equals the mean observed one
+    on the rows where ``after_label`` is 1 (module docstring)."""
+    t = served.value_tasks[index]
+    rows = np.asarray(labels[after_label]) > 0
+    if not rows.any():
+        return {"skipped": f"label '{after_label}' has no positives on {len(rows):,} rows"}
+    z = z[rows].astype(np.float64)
+    observed = np.asarray(labels[t.label_column], dtype=np.float64)[rows]
+    shift = 0.0 if t.value_loss == "tweedie" else 1.0  # log_mse: exp(z + s) estimates 1 + value
+    peak = z.max()  # log-sum-exp: a mean of exp(z) that cannot overflow
+    log_mean_exp = peak + np.log(np.mean(np.exp(z - peak)))
+    mean_target = observed.mean() + shift
+    if mean_target <= 0.0:
+        return {"skipped": f"label '{t.label_column}' is 0 on every one of its {int(rows.sum()):,} rows"}
+    log_scale = float(np.log(mean_target) - log_mean_exp)
+    served.value_log_scales[index] = log_scale
+    return {"rows": int(rows.sum()), "log_scale": log_scale}
 
 
 @torch.no_grad()

@@ -144,7 +144,8 @@ class TrainConfig(_Section):
     )
     early_stopping_metric: str | None = Field(
         None,
-        description="<task view>_<auc|gauc|logloss>, e.g. click_auc or ctcvr_logloss; default: the first task's auc",
+        description="<task view>_<auc|gauc|logloss|ece>, e.g. click_auc or ctcvr_logloss, or <value task>_<rmse|mae|"
+        "gini>; default: the first task's auc",
     )
     patience: int = Field(2, ge=1, description="stop after this many epochs without improvement")
     shuffle_buffer_rows: int = Field(262_144, ge=1, le=1 << 30, description="at most 2**30")
@@ -224,7 +225,7 @@ class TrainingConfig(DataConfig):
     @model_validator(mode="after")
     def _known_early_stopping_metric(self) -> TrainingConfig:
         self.check_view_metrics(
-            "train.early_stopping_metric", [self.train.early_stopping_metric], "auc|gauc|logloss|ece"
+            "train.early_stopping_metric", [self.train.early_stopping_metric], "auc|gauc|logloss|ece", "rmse|mae|gini"
         )
         return self
 
@@ -253,8 +254,12 @@ class TrainingConfig(DataConfig):
         # Sampling the first task's negatives keeps every row a funnel step after it can be
         # positive on, so its conditional is unchanged; another task's rate would move by an
         # amount no offset undoes.
+        # A value task learns on its after task's positives: all kept when that task is the
+        # first or a step after it.
         first = self.tasks[0].name
-        if self.train.negative_sampling_rate < 1.0 and (others := [t.name for t in self.tasks[1:] if t.after != first]):
+        steps = {first, *(t.name for t in self.tasks if t.after == first and not t.is_value)}
+        others = [t.name for t in self.tasks[1:] if not (t.after == first or (t.is_value and t.after in steps))]
+        if self.train.negative_sampling_rate < 1.0 and others:
             raise ValueError(
                 f"train.negative_sampling_rate = {self.train.negative_sampling_rate} samples the negatives of the "
                 f"first task {first!r}, which shifts the rate of tasks {others} (not funnel steps after it) by an "

@@ -17,8 +17,10 @@ pooled with a masked sum over padded ids (Gather + ReduceSum; exact and fast wit
   only, so the result does not depend on L.
 
 Outputs: ``p_<view>`` for every task view of ``cfg.tasks`` (``features.config.task_views``;
-the default funnel: ``p_click``, ``p_ctcvr``, ``p_cvr``) and ``score``, the ranking score =
-product over the tasks of p[served view] ** score_exponent.
+the default funnel: ``p_click``, ``p_ctcvr``, ``p_cvr``), ``e_<task>`` for every value task
+(its E[value | after], ``serving.spec.value_output``) and ``score``, the ranking score =
+product over the binary tasks of p[served view] ** score_exponent times the product over the
+value tasks of E[value] ** score_exponent (e.g. p_click^a * p_ctcvr^b * e_revenue^c).
 
 A model becomes a serving bundle in ``pipeline.bundle``.
 """
@@ -39,11 +41,11 @@ from features.errors import StageError
 from models.config import TrainingConfig
 from models.loader import Batch, table_loader
 from models.metrics import view_metrics
-from models.nets import MultiTaskNet
+from models.nets import ModelOutput, MultiTaskNet
 from models.quiet import library_noise_silenced
 from models.sequence_encoders import History
 from serving.encoding import pad_jagged
-from serving.spec import SCORE
+from serving.spec import SCORE, probability_output, value_output
 
 PARITY_TOLERANCE = 1e-5
 PARITY_BATCH_SIZES = (1, 7, 1000, 4096)
@@ -51,16 +53,28 @@ PARITY_MIN_ROWS = 10_000
 
 
 def output_names(tasks: Sequence[TaskConfig]) -> list[str]:
-    """The ONNX model's outputs: ``p_<view>`` per task view, then ``score``."""
-    return [f"p_{view}" for view in task_views(list(tasks))] + [SCORE]
+    """The ONNX model's outputs: ``p_<view>`` per task view, ``e_<task>`` per value task, then ``score``."""
+    values = [value_output(t.name) for t in tasks if t.is_value]
+    return [probability_output(view) for view in task_views(list(tasks))] + values + [SCORE]
 
 
-def blend(probs: dict[str, torch.Tensor], tasks: Sequence[TaskConfig]) -> torch.Tensor:
-    """The ranking score: product over ``tasks`` of p[served view] ** score_exponent."""
-    score = torch.pow(probs[tasks[0].served_name], tasks[0].score_exponent)
-    for t in tasks[1:]:
-        score = score * torch.pow(probs[t.served_name], t.score_exponent)
+def blend(out: ModelOutput, tasks: Sequence[TaskConfig]) -> torch.Tensor:
+    """The ranking score: product over ``tasks`` of p[served view] ** score_exponent, a
+    value task's factor being E[value | after] ** score_exponent."""
+    factors = [(out.values if t.is_value else out.probs)[t.served_name] ** t.score_exponent for t in tasks]
+    score = factors[0]
+    for factor in factors[1:]:
+        score = score * factor
     return score
+
+
+def named_outputs(out: ModelOutput, tasks: Sequence[TaskConfig]) -> dict[str, torch.Tensor]:
+    """``out`` by ONNX output name (``output_names``)."""
+    return (
+        {probability_output(view): p for view, p in out.probs.items()}
+        | {value_output(task): e for task, e in out.values.items()}
+        | {SCORE: blend(out, tasks)}
+    )
 
 
 class OnnxRanker(nn.Module):
@@ -90,7 +104,7 @@ class OnnxRanker(nn.Module):
         self.sequences = list(spec.sequences)
         self.net = model  # its layers after the embeddings (its torchrec tables are not called)
         self.tasks = list(tasks)
-        self.views = list(task_views(self.tasks))
+        self.outputs = output_names(self.tasks)
 
     def forward(
         self, dense: torch.Tensor, sparse: list[torch.Tensor], histories: list[list[torch.Tensor]]
@@ -114,8 +128,8 @@ class OnnxRanker(nn.Module):
             rows = torch.arange(b).unsqueeze(1).expand(b, length).reshape(-1)
             real = (element_ids[0] >= 0).reshape(-1)
             encoded.append(History(torch.cat(looked_up, dim=-1), rows, ages.reshape(-1), real))
-        probs = self.net.forward_from_embeddings(dense, pooled, encoded).probs
-        return (*(probs[v] for v in self.views), blend(probs, self.tasks))
+        named = named_outputs(self.net.forward_from_embeddings(dense, pooled, encoded), self.tasks)
+        return tuple(named[name] for name in self.outputs)
 
 
 def to_onnx_module(model: MultiTaskNet, spec: FeaturesConfig, tasks: Sequence[TaskConfig]) -> OnnxRanker:
@@ -189,9 +203,11 @@ def onnx_inputs(batch: Batch, spec: FeaturesConfig) -> dict[str, np.ndarray]:
 def check_parity(
     model: MultiTaskNet, onnx_path: Path, batches: Sequence[Batch], spec: FeaturesConfig, tasks: Sequence[TaskConfig]
 ) -> dict:
-    """Max |PyTorch - onnxruntime| per output over ``batches``; StageError above 1e-5, or
-    naming every output that is inf or NaN on some row in either (equal NaNs are no parity:
-    a NaN model must not pass with a difference of 0)."""
+    """Max |PyTorch - onnxruntime| / max(1, |PyTorch|) per output over ``batches`` (``max_abs_diff``:
+    the absolute difference of a probability; relative beyond 1, as an expected value of a
+    few hundred carries float32 rounding of ~1e-5 in absolute terms); StageError above 1e-5,
+    or naming every output that is inf or NaN on some row in either (equal NaNs are no
+    parity: a NaN model must not pass with a difference of 0)."""
     model.eval()
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     names = output_names(tasks)
@@ -199,13 +215,13 @@ def check_parity(
     not_finite = {(name, runtime): 0 for name in names for runtime in ("PyTorch", "onnxruntime")}  # rows
     sizes = []
     for batch in batches:
-        out = model(batch.dense, batch.sparse)
-        want = {f"p_{view}": p.numpy() for view, p in out.probs.items()} | {SCORE: blend(out.probs, tasks).numpy()}
+        want = {name: value.numpy() for name, value in named_outputs(model(batch.dense, batch.sparse), tasks).items()}
         got = dict(zip(names, session.run(names, onnx_inputs(batch, spec)), strict=True))
         for name in names:
             for runtime, values in (("PyTorch", want[name]), ("onnxruntime", got[name])):
                 not_finite[name, runtime] += int(np.count_nonzero(~np.isfinite(values)))
-            worst[name] = max(worst[name], float(np.abs(got[name] - want[name]).max(initial=0.0)))
+            diff = np.abs(got[name] - want[name]) / np.maximum(np.abs(want[name]), 1.0)
+            worst[name] = max(worst[name], float(diff.max(initial=0.0)))
         sizes.append(len(batch))
     failed = [f"{name} in {runtime} ({n:,} of {sum(sizes):,} rows)" for (name, runtime), n in not_finite.items() if n]
     if failed:

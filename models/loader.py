@@ -5,7 +5,8 @@ The training table (written by ``features.examples``) has one column per sparse 
 behaviour sequences (``sequence_columns``: element ids and ages, keys of the same
 KeyedJaggedTensor after the sparse features), the float dense columns of
 ``FeaturesConfig.dense_names()``, the 0/1 label columns of the tasks (``click`` and
-``conversion`` from event logs; a user's own table names its own) and the raw user id
+``conversion`` from event logs; a user's own table names its own), a value task's numeric
+label (``value_labels``, e.g. ``conversion_value``: finite and >= 0) and the raw user id
 ``raw_user_id`` (features.examples cannot call it ``user_id``: a sparse feature may).
 
 Batches are built from Arrow buffers with numpy only, never row by row:
@@ -57,11 +58,10 @@ import pyarrow.parquet as pq
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from features.config import SparseFeature
+from features.config import EVENT_LABELS, SparseFeature
 from features.errors import StageError
 from models.config import TrainingConfig
 
-EVENT_LABELS = ("click", "conversion")  # the label columns of the event-log path's training tables
 USER_COLUMN = "raw_user_id"  # the raw user id (a sparse feature may be named user_id)
 _WEIGHT = "__sample_weight"  # the computed sample weight, a column of the tables read
 _SAMPLING_STREAM = 0x5A4D  # keeps the sampling draws apart from other uses of the seed
@@ -152,6 +152,7 @@ def _check_schema(
     sequence_columns: Sequence[str],
     dense_names: Sequence[str],
     labels: Sequence[str],
+    value_labels: Sequence[str] = (),
 ) -> None:
     """Raise StageError naming the file and column for a missing or mistyped column."""
 
@@ -178,6 +179,11 @@ def _check_schema(
         if not pa.types.is_floating(t):
             raise bad(name, "float", t)
     for name in labels:
+        if name in value_labels:
+            t = column_type(name, "numeric value label")
+            if not (pa.types.is_integer(t) or pa.types.is_floating(t)):
+                raise bad(name, "numeric value label (integer or float)", t)
+            continue
         t = column_type(name, "0/1 label")
         if not (pa.types.is_integer(t) or pa.types.is_boolean(t)):
             raise bad(name, "0/1 label (integer or bool)", t)
@@ -185,6 +191,18 @@ def _check_schema(
         t = schema.field(USER_COLUMN).type
         if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
             raise bad(USER_COLUMN, "string", t)
+
+
+def _check_values(name: str, values: np.ndarray) -> None:
+    """StageError naming value label column ``name`` when a value is not finite or negative
+    (null reads as NaN): a value task's loss takes log1p or a log of them."""
+    bad = ~(np.isfinite(values) & (values >= 0.0))
+    if bad.any():
+        shown = ", ".join(map(repr, np.unique(values[bad])[:5].tolist()))
+        raise StageError(
+            f"training table: value label column {name!r} has {int(bad.sum()):,} values that are negative, null or "
+            f"not finite (e.g. {shown}); a value task learns values >= 0"
+        )
 
 
 def _numpy(column: pa.ChunkedArray, dtype: type) -> np.ndarray:
@@ -312,6 +330,7 @@ class TrainingTableLoader:
         shard: tuple[int, int] = (0, 1),
         pin_memory: bool = False,
         labels: Sequence[str] = EVENT_LABELS,
+        value_labels: Sequence[str] = (),
         sequence_columns: Sequence[str] = (),
         negative_sampling_rate: float = 1.0,
         sampled_label: str | None = None,
@@ -340,6 +359,9 @@ class TrainingTableLoader:
         self.sequence_columns = list(sequence_columns)
         self.keys = [f.name for f in self.sparse] + self.sequence_columns
         self.label_names = tuple(dict.fromkeys(labels))
+        if stray := [v for v in value_labels if v not in self.label_names]:
+            raise ValueError(f"value_labels {stray} are not among the labels {self.label_names}")
+        self.value_labels = tuple(value_labels)
         self.negative_sampling_rate = negative_sampling_rate
         self.sampled_label = sampled_label or self.label_names[0]
         if self.sampled_label not in self.label_names:
@@ -363,7 +385,13 @@ class TrainingTableLoader:
             except (OSError, pa.ArrowInvalid) as err:
                 raise StageError(f"cannot read training table file {path}: {err}") from None
             _check_schema(
-                path, parquet.schema_arrow, self.sparse, self.sequence_columns, self.dense_names, self.label_names
+                path,
+                parquet.schema_arrow,
+                self.sparse,
+                self.sequence_columns,
+                self.dense_names,
+                self.label_names,
+                self.value_labels,
             )
             if missing := [c for c in weight_columns if c not in parquet.schema_arrow.names]:
                 raise StageError(
@@ -491,6 +519,8 @@ class TrainingTableLoader:
             _fill_columns(ids[start:stop], [_numpy(table.column(name), np.int64) for name in self._id_features])
             _fill_columns(labels[start:stop], [_numpy(table.column(name), np.float32) for name in self.label_names])
             start = stop
+        for name in self.value_labels:
+            _check_values(name, labels[:, self.label_names.index(name)])
         lists = [_concat_lists([_list_parts_of(t.column(name)) for t in tables]) for name in self._list_features]
         if self._has_user:
             dictionary = self._user_codes_dictionary()
@@ -595,6 +625,7 @@ def table_loader(
         shuffle,
         options.pop("seed", cfg.seed),
         labels=cfg.label_columns,
+        value_labels=cfg.value_label_columns,
         sequence_columns=spec.sequence_columns(),
         **options,
     )

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from features.config import VALUE_METRICS, ValueView
+
 LOGLOSS_EPS = 1e-7
 METRIC_NAMES = ("auc", "auc_se", "gauc", "logloss", "calibration", "ece")
 
@@ -248,6 +250,74 @@ def view_auc_difference_standard_errors(
             _as_labels(labels[label])[keep],
             np.asarray(probs_a[view]).ravel()[keep],
             np.asarray(probs_b[view]).ravel()[keep],
+        )
+    return out
+
+
+def rmse(actual: np.ndarray, predicted: np.ndarray) -> float:
+    """Root mean squared error; ``nan`` without rows."""
+    a, p = np.asarray(actual, dtype=np.float64).ravel(), np.asarray(predicted, dtype=np.float64).ravel()
+    return float(np.sqrt(np.mean((p - a) ** 2))) if len(a) else float("nan")
+
+
+def mae(actual: np.ndarray, predicted: np.ndarray) -> float:
+    """Mean absolute error; ``nan`` without rows."""
+    a, p = np.asarray(actual, dtype=np.float64).ravel(), np.asarray(predicted, dtype=np.float64).ravel()
+    return float(np.mean(np.abs(p - a))) if len(a) else float("nan")
+
+
+def _gini(actual: np.ndarray, scores: np.ndarray) -> float:
+    """The Gini of ``actual`` (>= 0) ordered by ``scores``: the area between the share of the
+    actual total captured by the top-scored rows (the cumulative curve) and the diagonal.
+    From the scores' ascending average ranks r: sum(a r) / (sum(a) n) - (n + 1) / (2n); tied
+    scores share their rank (as if their rows came in random order), so a constant score is 0."""
+    n = len(actual)
+    return float(actual @ _average_ranks(scores) / (actual.sum() * n) - (n + 1) / (2.0 * n))
+
+
+def normalized_gini(actual: np.ndarray, scores: np.ndarray) -> float:
+    """How well ``scores`` order ``actual`` (values >= 0, e.g. revenue per impression): the
+    Gini of the actual values ordered by the scores over that of the perfect order, 1 for a
+    perfect order, 0 for a random or constant one, negative when reversed. ``nan`` without
+    rows or when every actual value is equal."""
+    a = np.asarray(actual, dtype=np.float64).ravel()
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    if len(a) == 0 or a.sum() <= 0:
+        return float("nan")
+    best = _gini(a, a)
+    return _gini(a, s) / best if best > 0 else float("nan")
+
+
+def value_metrics(
+    views: Mapping[str, ValueView],
+    labels: Mapping[str, np.ndarray],
+    values: Mapping[str, np.ndarray | None],
+    probs: Mapping[str, np.ndarray | None],
+) -> dict[str, float]:
+    """Every value task's metrics, keyed ``{task}_{metric}`` (``features.config.VALUE_METRICS``).
+
+    ``views``: value task -> its ValueView (``features.config.value_views``); ``values``: task
+    -> predicted E[value | after]; ``probs``: task view -> served probability. On the rows
+    where the after task's label is 1 (e.g. converted, so clicked too): rmse and mae of the
+    predicted value, calibration = mean predicted / mean observed value. On every row: gini,
+    the normalised Gini of the expected revenue P(after) x E[value | after] (e.g. pCTCVR x
+    E[value | conversion]) against the realised value (the label where after is 1, else 0).
+    A task missing from ``values`` (or its after view from ``probs``) gives ``nan``."""
+    out: dict[str, float] = {}
+    for task, view in views.items():
+        predicted, p_after = values.get(task), probs.get(view.after_view)
+        after = _as_labels(labels[view.after_label]) > 0
+        realised = np.where(after, np.asarray(labels[view.label], dtype=np.float64).ravel(), 0.0)
+        if predicted is None:
+            out.update({f"{task}_{m}": float("nan") for m in VALUE_METRICS})
+            continue
+        e = np.asarray(predicted, dtype=np.float64).ravel()
+        observed = realised[after].mean() if after.any() else float("nan")
+        out[f"{task}_rmse"] = rmse(realised[after], e[after])
+        out[f"{task}_mae"] = mae(realised[after], e[after])
+        out[f"{task}_calibration"] = float(e[after].mean() / observed) if after.any() and observed > 0 else float("nan")
+        out[f"{task}_gini"] = (
+            float("nan") if p_after is None else normalized_gini(realised, np.asarray(p_after).ravel() * e)
         )
     return out
 

@@ -4,15 +4,16 @@ task of ``cfg.tasks`` (by default click, and conversion as a funnel step after i
 
 Input: dense features [B, n_dense] (normalised inside the model, so export and serving
 get the training statistics with the weights) and a KeyedJaggedTensor with one key per
-sparse feature, in spec order. Output: a ``ModelOutput`` with each task's logit and the
+sparse feature, in spec order. Output: a ``ModelOutput`` with each task's logit, the
 served probability of every task view (``features.config.task_views``): corrected for
-negative down-sampling and calibrated (``models.calibration``).
+negative down-sampling and calibrated (``models.calibration``), and each value task's
+served E[value | after].
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -46,12 +47,15 @@ SERVED_PREFIX = "served."
 @dataclass
 class ModelOutput:
     # task -> [B] its head's logit (a funnel step's: of P(task | after)), as trained: on sampled
-    # rows, before the sampling correction and the calibrator; what the losses read
+    # rows, before the sampling correction and the calibrator; what the losses read. A value
+    # task's: its head's output (log1p(value) or log E[value], by its value_loss)
     logits: dict[str, torch.Tensor]
     # task view -> [B] served probability (corrected, calibrated), e.g. click, cvr, ctcvr = click x cvr
     probs: dict[str, torch.Tensor]
     features: torch.Tensor  # [B, in_dim] pooled embeddings + normalised dense (backbone input)
     gates: dict[str, torch.Tensor] | None = None  # mmoe, ple: task -> [B, experts] softmax weights
+    # value task -> [B] served E[value | after] (models.calibration.expected_value); {} without value tasks
+    values: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class TaskHeads(nn.ModuleDict):
@@ -66,6 +70,39 @@ class TaskHeads(nn.ModuleDict):
     def forward(self, hidden: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # float32 logits: under bf16 autocast (CUDA) the probabilities and losses stay float32
         return {t.name: self[t.name](hidden[t.name]).squeeze(-1).float() for t in self.tasks}
+
+    @torch.no_grad()
+    def start_values(self, bases: dict[str, float]) -> None:
+        """Start each value task's head at its base (``value_bases``): bias = base, so its
+        first output is the training rows' mean in the head's space, not 0 (log1p values of
+        a few hundred are ~5: many steps of the dense optimiser away)."""
+        for name, base in bases.items():
+            self[name].bias.fill_(base)
+
+
+def value_bases(files: Sequence[Path], tasks: Sequence[TaskConfig]) -> dict[str, float]:
+    """Per value task, the mean of its target over ``files``' rows where its ``after``
+    label is 1, in its head's space: mean log1p(value) (log_mse), log mean value (tweedie);
+    0 without such rows."""
+    labels = {t.name: t.label_column for t in tasks}
+    bases = {}
+    for t in tasks:
+        if not t.is_value:
+            continue
+        values = []
+        for f in files:
+            table = pq.read_table(f, columns=[t.label_column, labels[t.after]])
+            after = table.column(1).to_numpy(zero_copy_only=False) > 0
+            values.append(table.column(0).to_numpy(zero_copy_only=False).astype(np.float64)[after])
+        v = np.concatenate(values) if values else np.zeros(0)
+        v = v[np.isfinite(v) & (v >= 0)]
+        if not len(v):
+            bases[t.name] = 0.0
+        elif t.value_loss == "tweedie":
+            bases[t.name] = float(np.log(max(v.mean(), 1e-6)))
+        else:
+            bases[t.name] = float(np.log1p(v).mean())
+    return bases
 
 
 # ---------------------------------------------------------------- dense normalisation
@@ -474,4 +511,4 @@ class MultiTaskNet(nn.Module):
         x = self.cross(torch.cat([*parts, self.normalizer(dense)], dim=1))
         hidden, gates = self.backbone(x)
         logits = self.heads(hidden)
-        return ModelOutput(logits, self.served(logits), x, gates)
+        return ModelOutput(logits, self.served(logits), x, gates, self.served.expected_values(logits))

@@ -9,6 +9,7 @@ metrics are computed on the whole table; ``validation_metrics`` and
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import numpy as np
@@ -18,8 +19,9 @@ import torch.distributed as dist
 from models.config import TrainingConfig
 from models.distributed import world_size
 from models.loader import Batch, TrainingTableLoader
-from models.metrics import view_auc_difference_standard_errors, view_metrics
+from models.metrics import value_metrics, view_auc_difference_standard_errors, view_metrics
 from models.nets import ModelOutput
+from serving.spec import probability_output, value_output
 
 
 def forward(model: torch.nn.Module, batch: Batch, amp: bool) -> ModelOutput:
@@ -31,7 +33,7 @@ def forward(model: torch.nn.Module, batch: Batch, amp: bool) -> ModelOutput:
     if not amp:
         return out
     gates = {t: g.float() for t, g in out.gates.items()} if out.gates else out.gates
-    return ModelOutput(out.logits, out.probs, out.features.float(), gates)
+    return dataclasses.replace(out, features=out.features.float(), gates=gates)
 
 
 def fixed_steps(loader: TrainingTableLoader, steps: int) -> Iterator[tuple[Batch, bool]]:
@@ -55,7 +57,8 @@ def predict(
     amp: bool = False,
 ) -> dict[str, np.ndarray]:
     """Over a whole loader: ``label_<column>`` per label, ``p_<view>`` per task view (served:
-    corrected and calibrated), ``logit_<task>`` per task (its head's, as trained: what a
+    corrected and calibrated), ``e_<task>`` per value task (its served E[value | after]),
+    ``logit_<task>`` per task (its head's, as trained: what a
     calibrator is fitted on), the user codes ``user`` and (mmoe, ple) each task's mean gate
     weights ``gate_<task>`` and the mean entropy of its gate, ``entropy_<task>`` (nats; 0:
     one expert per row, log(experts): every row mixes all alike).
@@ -74,7 +77,8 @@ def predict(
         columns = {
             "user": batch.user,
             **{f"label_{k}": v for k, v in batch.labels.items()},
-            **{f"p_{k}": v for k, v in out.probs.items()},
+            **{probability_output(k): v for k, v in out.probs.items()},
+            **{value_output(k): v for k, v in out.values.items()},
             **{f"logit_{k}": v for k, v in out.logits.items()},
         }
         for k, v in columns.items():
@@ -115,9 +119,12 @@ def _labels_and_probs(pred: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray
 
 
 def validation_metrics(cfg: TrainingConfig, pred: dict[str, np.ndarray]) -> dict[str, float]:
-    """Every task view's metrics (``models.metrics.view_metrics``) of ``predict``'s output."""
+    """Every task view's metrics (``models.metrics.view_metrics``) and every value task's
+    (``models.metrics.value_metrics``) of ``predict``'s output."""
     groups = pred["user"] if (pred["user"] >= 0).any() else None
-    return view_metrics(cfg.views(), *_labels_and_probs(pred), groups)
+    labels, probs = _labels_and_probs(pred)
+    values = {task: pred.get(value_output(task)) for task in cfg.value_views()}
+    return view_metrics(cfg.views(), labels, probs, groups) | value_metrics(cfg.value_views(), labels, values, probs)
 
 
 def auc_difference_standard_errors(

@@ -84,7 +84,7 @@ from models.distributed import (
     world_size,
 )
 from models.loader import Batch, TrainingTableLoader, table_loader
-from models.nets import EMBEDDING_PREFIXES, MultiTaskNet, dense_stats
+from models.nets import EMBEDDING_PREFIXES, MultiTaskNet, dense_stats, value_bases
 from models.predict import (
     fixed_steps,
     forward,
@@ -105,8 +105,9 @@ from models.tracking import (
     to_toml,
     tracking_uri,
 )
+from serving.spec import value_output
 
-HIGHER_IS_BETTER = ("_auc", "_gauc")  # metric name suffixes; logloss, ece: lower is better
+HIGHER_IS_BETTER = ("_auc", "_gauc", "_gini")  # metric name suffixes; logloss, ece, rmse, mae: lower is better
 CALIBRATION_REPORT = ("_auc", "_logloss", "_calibration", "_ece")  # the metrics compared before / after calibrating
 
 
@@ -377,9 +378,10 @@ def _calibrated(cfg: TrainingConfig, model: MultiTaskNet, best: dict, pred: dict
     logits = {t.name: pred[f"logit_{t.name}"] for t in cfg.tasks}
     labels = {k.removeprefix("label_"): v for k, v in pred.items() if k.startswith("label_")}
     fitted = fit_calibration(model.served, logits, labels)
-    served = model.served.of_logits(logits)
+    served = {f"p_{view}": p for view, p in model.served.of_logits(logits).items()}
+    served |= {value_output(task): e for task, e in model.served.values_of_logits(logits).items()}
     before = validation_metrics(cfg, pred)
-    after = validation_metrics(cfg, {**pred, **{f"p_{view}": p for view, p in served.items()}})
+    after = validation_metrics(cfg, {**pred, **served})
     compared = {
         f"{when}/{k}": v
         for when, metrics in (("before", before), ("after", after))
@@ -645,6 +647,8 @@ def _build_trainer(
     net = MultiTaskNet(spec, mcfg, cfg.tasks, mean, std)
     if initial_state is not None:
         warm_start(net, initial_state)
+    else:
+        net.heads.start_values(value_bases(data.train_files, cfg.tasks))
     net.served.start_training(tcfg.negative_sampling_rate)
     net = net.to(device)
     if freeze_shared:

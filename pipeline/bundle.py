@@ -131,7 +131,7 @@ def serving_spec(cfg: FunnelConfig, vocab_versions: dict) -> BundleSpec:
         source="events" if cfg.table is None else "table",
         inputs=tuple(input_names(spec)),
         outputs=tuple(output_names(cfg.tasks)),
-        tasks=tuple(TaskOutput(t.name, t.served_name, t.score_exponent) for t in cfg.tasks),
+        tasks=tuple(TaskOutput(t.name, t.served_name, t.score_exponent, t.kind) for t in cfg.tasks),
         sparse=tuple(
             SparseInput(
                 f.name,

@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from features.config import ConfigError
+from features.config import VALUE_METRICS, ConfigError
 from features.errors import StageError
 from pipeline.config import DEFAULT_CONFIG, FunnelConfig, load_config
 
@@ -193,6 +193,11 @@ def _print_metrics(what: str, cfg: FunnelConfig, metrics: dict[str, float]) -> N
         print(
             f"  {what} {view:>12s}  auc {metrics[f'{view}_auc']:.4f} ± {se:.4f}  "
             + "  ".join(f"{m} {metrics[f'{view}_{m}']:.4f}" for m in ("gauc", "logloss", "calibration"))
+        )
+    for task in cfg.value_views():
+        print(
+            f"  {what} {task:>12s}  "
+            + "  ".join(f"{m} {metrics.get(f'{task}_{m}', float('nan')):.4f}" for m in VALUE_METRICS)
         )
 
 

@@ -135,11 +135,26 @@ class PromoteConfig(_Section):
         0.95, ge=0.5, lt=1.0, description="non_inferiority, not_worse: one-sided confidence of the bounds"
     )
     gate_metrics: list[str] | None = Field(
-        None, min_length=1, description="<task view>_<auc|gauc>; default: every task view's auc"
+        None,
+        min_length=1,
+        description="<task view>_<auc|gauc> or <value task>_<gini|rmse|mae>; default: every task view's auc",
     )
-    min_auc: float = Field(0.55, ge=0.0, le=1.0, description="first model: every gate metric at least this")
+    min_auc: float = Field(0.55, ge=0.0, le=1.0, description="first model: every auc / gauc gate metric at least this")
+    min_gini: float = Field(
+        0.0, ge=-1.0, le=1.0, description="first model: every <value task>_gini gate metric at least this"
+    )
+    value_error_tolerance: float = Field(
+        0.05,
+        ge=0.0,
+        le=10.0,
+        description="largest relative rise of a <value task>_<rmse|mae> gate metric over the champion's allowed "
+        "(0.05 = 5%); a gini gate metric has auc_tolerance",
+    )
     calibration_min: float = Field(
-        0.8, gt=0.0, description="mean predicted / observed rate of every served probability"
+        0.8,
+        gt=0.0,
+        description="mean predicted / observed rate of every served probability (and mean predicted / observed "
+        "value of every value task)",
     )
     calibration_max: float = Field(1.25, gt=0.0)
 
@@ -163,7 +178,7 @@ class FunnelConfig(TrainingConfig):
 
     @model_validator(mode="after")
     def _known_gate_metrics(self) -> FunnelConfig:
-        self.check_view_metrics("promote.gate_metrics", self.promote.gate_metrics or [], "auc|gauc")
+        self.check_view_metrics("promote.gate_metrics", self.promote.gate_metrics or [], "auc|gauc", "gini|rmse|mae")
         if self.promote.rule != "point" and (no_se := [m for m in self.gate_metrics if not m.endswith("_auc")]):
             raise ValueError(
                 f"promote.rule = {self.promote.rule!r} bounds each gate metric's change with its standard error, "

@@ -139,9 +139,7 @@ def run_demo(cfg: FunnelConfig, warehouse: Path, nights: int = 3) -> None:
         f"(context {request['context']}):"
     )
     for rank, c in enumerate(Scorer(bundle).score(request), 1):
-        print(
-            f"  {rank}. {c['item_id']:>10s}  p_click {c['p_click']:.4f}  p_conversion {c['p_conversion']:.5f}  "
-            f"score {c['score']:.3e}"
-        )
+        predictions = "  ".join(f"{k} {v:.4g}" for k, v in c.items() if k not in ("item_id", "score"))
+        print(f"  {rank}. {c['item_id']:>10s}  {predictions}  score {c['score']:.3e}")
     print(f"\ndemo finished in {time.perf_counter() - t0:.1f} s")
     print(f"data under {warehouse}; runs in MLflow: mlflow ui --backend-store-uri {tracking_uri(cfg.state_dir)}")

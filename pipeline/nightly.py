@@ -330,12 +330,14 @@ def run_evaluate(night: Night) -> dict:
         night.cfg, night.warehouse, night.run_date, night.trained_model(), net, note, night.parent_run_id
     )
     cand, champ = result["candidate"], result["champion"]
-    served = [t.served_name for t in night.cfg.tasks]
-    detail = "candidate " + ", ".join(f"{v}_auc {cand[f'{v}_auc']:.4f}" for v in served)
+    served = [t.served_name for t in night.cfg.tasks if not t.is_value]
+    values = [f"{task}_{m}" for task in night.cfg.value_views() for m in ("gini", "rmse")]
+    detail = "candidate " + ", ".join(f"{m} {cand[m]:.4f}" for m in [f"{v}_auc" for v in served] + values)
     if champ:
-        detail += " | champion " + ", ".join(f"{champ[f'{v}_auc']:.4f}" for v in served)
+        detail += " | champion " + ", ".join(f"{champ[m]:.4f}" for m in [f"{v}_auc" for v in served] + values)
         detail += " | change " + ", ".join(
-            f"{cand[f'{v}_auc'] - champ[f'{v}_auc']:+.4f} ± {result['delta_auc_se'][v]:.4f}" for v in served
+            [f"{cand[f'{v}_auc'] - champ[f'{v}_auc']:+.4f} ± {result['delta_auc_se'][v]:.4f}" for v in served]
+            + [f"{cand[m] - champ[m]:+.4f}" for m in values]
         )
     else:
         detail += f" | {result['champion_note']}"

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 
 CHAMPION = "champion"
 EXAMPLE_ROWS = 3  # rows of a logged model's input example
+VALUE_ERRORS = ("_rmse", "_mae")  # gate metric suffixes where lower is better (value tasks)
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,9 @@ def same_architecture(a: FunnelConfig | None, b: FunnelConfig) -> str | None:
     calibration = {"calibration", "calibration_segments"}
     if a.model.model_dump(exclude=calibration) != b.model.model_dump(exclude=calibration):
         return "the [model] section differs"
-    if [(t.name, t.after) for t in a.tasks] != [(t.name, t.after) for t in b.tasks]:
+    if [(t.name, t.after, t.kind, t.value_loss) for t in a.tasks] != [
+        (t.name, t.after, t.kind, t.value_loss) for t in b.tasks
+    ]:
         return "the tasks differ"
     if a.features.dense_names() != b.features.dense_names():
         return "the dense features differ"
@@ -250,10 +253,14 @@ def gate(
     cfg: FunnelConfig,
     change_se: dict[str, float] | None = None,
 ) -> GateDecision:
-    """Promote when the calibration of every served probability (click, ctcvr) is within
-    bounds and, against a champion, every gate metric passes ``promote.rule`` (see
-    ``check_change``); the first model must clear ``min_auc`` instead. ``change_se``: task
-    view -> the paired standard error of its AUC's change, from evaluate."""
+    """Promote when the calibration of every served probability (click, ctcvr) and value
+    task is within bounds and, against a champion, every gate metric passes ``promote.rule``
+    (see ``check_change``); the first model must clear ``min_auc`` (a gini: ``min_gini``; an
+    rmse or mae has no absolute bound) instead. ``change_se``: task view -> the paired
+    standard error of its AUC's change, from evaluate.
+
+    A value task's rmse or mae (lower is better) is judged by its relative fall
+    (champion - candidate) / champion against ``value_error_tolerance``, by the point rule."""
     rules, problems, checks = cfg.promote, [], {}
     for view in gate_calibrations(cfg):
         value = candidate.get(view, float("nan"))
@@ -261,9 +268,20 @@ def gate(
             problems.append(f"{view} {value:.3f} outside [{rules.calibration_min}, {rules.calibration_max}]")
     for metric in cfg.gate_metrics:
         value = candidate.get(metric, float("nan"))
+        error = metric.endswith(VALUE_ERRORS)
         if champion is None:
-            if not value >= rules.min_auc:
-                problems.append(f"{metric} {value:.4f} below the first model's bound {rules.min_auc}")
+            bound = rules.min_gini if metric.endswith("_gini") else rules.min_auc
+            if not error and not value >= bound:
+                problems.append(f"{metric} {value:.4f} below the first model's bound {bound}")
+            continue
+        if error:
+            old = champion[metric]
+            checks[metric] = check = check_change((old - value) / old, None, cfg, rules.value_error_tolerance)
+            if not check.passed:
+                problems.append(
+                    f"{metric} {value:.4f} rose {-check.change:.1%} above the champion's {old:.4f} (tolerance "
+                    f"{rules.value_error_tolerance:.1%}: {_FAILS[check.rule]})"
+                )
             continue
         se = (change_se or {}).get(metric.removesuffix("_auc")) if metric.endswith("_auc") else None
         checks[metric] = check = check_change(value - champion[metric], se, cfg)
@@ -300,9 +318,10 @@ _FAILS = {
 }
 
 
-def check_change(change: float, se: float | None, cfg: FunnelConfig) -> MetricCheck:
+def check_change(change: float, se: float | None, cfg: FunnelConfig, tolerance: float | None = None) -> MetricCheck:
     """A gate metric's change (candidate - champion) judged by ``promote.rule`` with tolerance t
-    and z the one-sided normal quantile of ``promote.confidence``:
+    (``promote.auc_tolerance`` unless given) and z the one-sided normal quantile of
+    ``promote.confidence``:
 
     * point: passes when change >= -t (the standard error is not looked at);
     * non_inferiority: passes when the lower bound change - z se > -t (shown not worse than
@@ -313,7 +332,7 @@ def check_change(change: float, se: float | None, cfg: FunnelConfig) -> MetricCh
     Non-inferiority passing implies point passing implies not-worse passing. Without a finite
     standard error the change is judged by the point rule; a NaN change never passes."""
     rules = cfg.promote
-    tolerance = rules.auc_tolerance
+    tolerance = rules.auc_tolerance if tolerance is None else tolerance
     if rules.rule == "point" or se is None or not math.isfinite(se):
         return MetricCheck(change, se, None, None, "point", change >= -tolerance)
     z = NormalDist().inv_cdf(rules.confidence)
@@ -344,7 +363,8 @@ def rule_decisions(evaluation: dict, cfg: FunnelConfig) -> dict[str, GateDecisio
 
 
 def gate_calibrations(cfg: FunnelConfig) -> list[str]:
-    """The calibration metrics the gate bounds: one per served probability."""
+    """The calibration metrics the gate bounds: one per served probability, one per value
+    task (mean predicted / observed value, ``models.metrics.value_metrics``)."""
     return [f"{t.served_name}_calibration" for t in cfg.tasks]
 
 

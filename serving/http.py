@@ -4,8 +4,9 @@
 Routes:
 * ``POST /v1/rank``   body {"user_id": str, "context": {...}, "candidates": [{"item_id": str}, ...],
   "recent": [{"item_id": str, "event": str, "ts": str}, ...] (optional, serving.rank_api)}
-  -> 200 {"model_version": ..., "items": [{item_id, p_<task>..., score}, ...]} by score
-  (the default funnel: p_click, p_conversion); 501 for a table bundle (batch scoring only);
+  -> 200 {"model_version": ..., "items": [{item_id, p_<task>..., e_<value task>..., score}, ...]}
+  by score (the default funnel: p_click, p_conversion; a value task adds its expected value,
+  e.g. e_revenue); 501 for a table bundle (batch scoring only);
 * ``GET /healthz``    the process is up; ``GET /readyz``: a model is loaded (its version);
 * ``GET /metrics``    Prometheus text: requests by route and status, latency histogram,
   open connections, requests in flight, connections the server closed and why,

@@ -1,6 +1,6 @@
-"""The scorer: bundle + rows -> p_<task> per task (the task's served probability) and the
-blended ranking score. For the default funnel: p_click and p_conversion = P(click and
-conversion).
+"""The scorer: bundle + rows -> p_<task> per task (the task's served probability), e_<task>
+per value task (its expected value E[value | after]) and the blended ranking score. For the
+default funnel: p_click and p_conversion = P(click and conversion).
 
 A ``Scorer`` runs the bundle's ONNX model on the inputs its rows give; which inputs a row
 gives depends on the bundle's ``source`` (spec.json, written by pipeline/bundle.py):
@@ -54,9 +54,9 @@ class Scorer:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if intra_op_threads > 1:  # idle pool threads yield the core instead of spinning (the server shares 2 cores)
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.model_outputs = [f"p_{t.served}" for t in self.spec.tasks] + [SCORE]  # the ONNX outputs run
+        self.model_outputs = [t.output for t in self.spec.tasks] + [SCORE]  # the ONNX outputs run
         self.session = _load_model(bundle, options, self.model_outputs)
-        self.result_names = (*(f"p_{t.name}" for t in self.spec.tasks), SCORE)  # what they are returned as
+        self.result_names = (*(t.result for t in self.spec.tasks), SCORE)  # what they are returned as
         # the rows -> inputs of the bundle's source
         self.inputs: EventInputs | TableInputs = (TableInputs if self.spec.source == "table" else EventInputs)(bundle)
 
@@ -74,7 +74,7 @@ class Scorer:
         return self.inputs.feeds(table)
 
     def run(self, feeds: dict[str, np.ndarray], n: int) -> tuple[np.ndarray, ...]:
-        """The ``result_names`` values (p_<task> per task, then score) of ``n`` rows' ONNX inputs."""
+        """The ``result_names`` values (p_<task> or e_<task> per task, then score) of ``n`` rows' ONNX inputs."""
         slices = [
             self.session.run(self.model_outputs, {k: v[a : a + ONNX_CHUNK_ROWS] for k, v in feeds.items()})
             for a in range(0, n, ONNX_CHUNK_ROWS)
@@ -85,7 +85,7 @@ class Scorer:
 
     def score_table(self, table: pa.Table, workers: int = 1) -> pa.Table:
         """``table`` with ``result_names`` appended: p_<task> per task (the default funnel:
-        p_click, p_conversion = P(click and conversion)) and score.
+        p_click, p_conversion = P(click and conversion)), e_<task> per value task and score.
 
         ``workers`` > 1: chunks of BATCH_CHUNK_ROWS rows are encoded and scored by that many
         threads at once (Arrow, numpy and onnxruntime release the GIL), so encoding one
@@ -131,8 +131,8 @@ class Scorer:
         return self.inputs.request_feeds(request)
 
     def score(self, request: dict) -> list[dict]:
-        """Rank ``request``'s candidates: [{item_id, p_<task>..., score}] by score desc
-        (the default funnel: item_id, p_click, p_conversion, score)."""
+        """Rank ``request``'s candidates: [{item_id, p_<task>..., e_<value task>..., score}] by
+        score desc (the default funnel: item_id, p_click, p_conversion, score)."""
         item_ids, feeds = self.request_feeds(request)
         return ranked(item_ids, self.result_names, self.run(feeds, len(item_ids)))
 

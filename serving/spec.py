@@ -13,7 +13,8 @@ carry every feature column themselves (``source = "table"``).
 ``BundleSpec.from_dict`` refuses a spec with a missing or mistyped key by a BundleError
 naming the file and the key (``sparse[2].capacity``). Bundles written before tasks were
 configurable have no ``tasks`` (the click -> conversion funnel) and no ``source``
-(events); bundles written before behaviour sequences have no ``sequences`` (none).
+(events); bundles written before behaviour sequences have no ``sequences`` (none); a
+task without ``kind`` is binary (value tasks came later).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from typing import Literal
 from serving.encoding import NUMERIC_TRANSFORMS, NumericTransform
 
 SPEC_FILE = "spec.json"
-SCORE = "score"  # the ranking score's output: product over tasks of p[served] ** score_exponent
+SCORE = "score"  # the ranking score's output: product over tasks of p[served] ** score_exponent (value tasks: E[value])
+TASK_KINDS = ("binary", "value")
 # Point-in-time metrics kept per aggregate key and window, in dense-input order.
 AGGREGATE_METRICS = ("imps", "clicks", "convs", "ctr", "cvr")
 SOURCES = ("events", "table")
@@ -64,13 +66,41 @@ def sequence_age_column(sequence: str) -> str:
     return f"{sequence}__age_days"
 
 
+def probability_output(view: str) -> str:
+    """The model output (and prediction column) of task view ``view``'s served probability."""
+    return f"p_{view}"
+
+
+def value_output(task: str) -> str:
+    """The model output, prediction column and scorer result of value task ``task``'s
+    expected value E[value | after] (e.g. ``e_revenue``)."""
+    return f"e_{task}"
+
+
 @dataclass(frozen=True)
 class TaskOutput:
-    """A task as the scorer returns it: ``p_<name>`` is the model's output ``p_<served>``."""
+    """A task as the scorer returns it: a binary task's ``p_<name>`` is the model's output
+    ``p_<served>``; a value task's (``kind = "value"``, served = its name) ``e_<name>`` is the
+    output ``e_<name>``."""
 
     name: str
     served: str  # the task view served (a funnel step's joint probability, e.g. ctcvr)
     score_exponent: float
+    kind: Literal["binary", "value"] = "binary"
+
+    @property
+    def output(self) -> str:
+        """The ONNX output the scorer runs for it."""
+        return value_output(self.served) if self.kind == "value" else probability_output(self.served)
+
+    @property
+    def result(self) -> str:
+        """The name the scorer returns it under."""
+        return value_output(self.name) if self.kind == "value" else probability_output(self.name)
+
+    def to_dict(self) -> dict:
+        out = {"name": self.name, "served": self.served, "score_exponent": self.score_exponent}
+        return out | ({"kind": self.kind} if self.kind != "binary" else {})  # older readers: binary tasks only
 
 
 # Bundles written before tasks were configurable: the click -> conversion funnel.
@@ -217,7 +247,7 @@ class BundleSpec:
             "source": self.source,
             "inputs": list(self.inputs),
             "outputs": list(self.outputs),
-            "tasks": [{"name": t.name, "served": t.served, "score_exponent": t.score_exponent} for t in self.tasks],
+            "tasks": [t.to_dict() for t in self.tasks],
             "sparse": [_sparse_dict(f) for f in self.sparse],
             "dense": [
                 {"name": d.name, "source": "aggregate", "key": d.key}
@@ -286,7 +316,15 @@ class BundleSpec:
             outputs=top.texts("outputs"),
             tasks=FUNNEL_TASKS
             if tasks is None
-            else tuple(TaskOutput(t.text("name"), t.text("served"), t.number("score_exponent")) for t in tasks),
+            else tuple(
+                TaskOutput(
+                    t.text("name"),
+                    t.text("served"),
+                    t.number("score_exponent"),
+                    t.choice("kind", TASK_KINDS, default="binary"),
+                )
+                for t in tasks
+            ),
             sparse=sparse,
             dense=dense,
             scoring=_scoring_limits(top.object("scoring")),
