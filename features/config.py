@@ -344,7 +344,12 @@ class TaskConfig(_Section):
     conditional_name: str | None = Field(
         None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="funnel step: name of P(task | after), e.g. cvr"
     )
-    loss_weight: float = Field(1.0, ge=0.0, le=1000.0, description="model.loss_weighting = 'fixed' only")
+    loss_weight: float = Field(
+        1.0,
+        ge=0.0,
+        le=1000.0,
+        description="its weight in the total loss under model.loss_weighting fixed, dwa and pcgrad",
+    )
     score_exponent: float = Field(
         1.0,
         ge=0.0,
