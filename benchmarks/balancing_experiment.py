@@ -135,6 +135,9 @@ def run_experiment(
     echo=print,
 ) -> list[dict]:
     """Every run not yet in ``<output>-runs.csv``; returns all its rows."""
+    from features.catalog import training_dir
+    from models.loader import parquet_files
+
     runs_csv = output.with_name(output.name + "-runs.csv")
     views = list(report_views(base))
     fields = run_fields(views)
@@ -155,9 +158,6 @@ def run_experiment(
         warehouse = folder / "warehouse"
         started = time.perf_counter()
         build_warehouse(world, warehouse)
-        from features.catalog import training_dir
-        from models.loader import parquet_files
-
         test_files = parquet_files(training_dir(warehouse, held_out_day(world)))
         run_date = log_days(world)[-1] - dt.timedelta(days=1)  # validation day = test day - 1
         echo(f"correlation {correlation}: world ready in {time.perf_counter() - started:.0f} s")
