@@ -307,13 +307,57 @@ def markdown(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_summary(summary: list[dict], output: Path) -> None:
+def write_summary(summary: list[dict], output: Path, render=markdown) -> None:
+    """``<output>.md`` (the summary as ``render`` writes it) and ``<output>.csv`` (every field)."""
     from features.io import atomic_write_bytes
 
-    atomic_write_bytes(output.with_suffix(".md"), (markdown(summary) + "\n").encode())
+    atomic_write_bytes(output.with_suffix(".md"), (render(summary) + "\n").encode())
     fields = list(summary[0]) if summary else []
     lines = [",".join(fields)] + [",".join(str(e[f]) for f in fields) for e in summary]
     atomic_write_bytes(output.with_suffix(".csv"), ("\n".join(lines) + "\n").encode())
+
+
+def add_world_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of the synthetic world's size and of training (each: default the config's),
+    shared by the experiments that build a world with ``build_warehouse``."""
+    p.add_argument("--days", type=int, help="days of logs (default: the config's)")
+    p.add_argument("--users", type=int, help="users (default: the config's)")
+    p.add_argument("--items", type=int, help="items (default: the config's)")
+    p.add_argument("--impressions-per-day", type=int, help="impressions per day (default: the config's)")
+    p.add_argument("--epochs", type=int, help="max training epochs (default: the config's)")
+    p.add_argument("--window-days", type=int, help="training window incl. the validation day (default: the config's)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help="training batch (default: the config's; a small run needs a small one to take enough steps)",
+    )
+
+
+def world_config(p: argparse.ArgumentParser, args: argparse.Namespace) -> FunnelConfig:
+    """``--config`` with the ``add_world_arguments`` flags given; a usage error when the log
+    is too short for the training window, the validation day and a held-out test day."""
+    generate = {
+        k: v
+        for k, v in (
+            ("days", args.days),
+            ("users", args.users),
+            ("items", args.items),
+            ("impressions_per_day", args.impressions_per_day),
+        )
+        if v is not None
+    }
+    train = {
+        k: v
+        for k, v in (("epochs", args.epochs), ("window_days", args.window_days), ("batch_size", args.batch_size))
+        if v is not None
+    }
+    base = with_overrides(load_config(args.config), generate=generate, train=train)
+    needed = base.train.window_days + 1 + base.contract.maturity_lag_days  # + the test day
+    if base.generate.days < needed:
+        p.error(
+            f"--days must be at least train.window_days + 1 + the maturity lag = {needed} (got {base.generate.days})"
+        )
+    return base
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -329,17 +373,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--correlations", type=float, nargs="+", default=[0.9, 0.3], help="task correlations (default %(default)s)"
     )
-    p.add_argument("--days", type=int, help="days of logs (default: the config's)")
-    p.add_argument("--users", type=int, help="users (default: the config's)")
-    p.add_argument("--items", type=int, help="items (default: the config's)")
-    p.add_argument("--impressions-per-day", type=int, help="impressions per day (default: the config's)")
-    p.add_argument("--epochs", type=int, help="max training epochs (default: the config's)")
-    p.add_argument("--window-days", type=int, help="training window incl. the validation day (default: the config's)")
-    p.add_argument(
-        "--batch-size",
-        type=int,
-        help="training batch (default: the config's; a small run needs a small one to take enough steps)",
-    )
+    add_world_arguments(p)
     p.add_argument("--workdir", type=Path, help="where the warehouses go (default: a temporary folder, removed after)")
     p.add_argument(
         "--output",
@@ -362,28 +396,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = p.parse_args(argv)
 
-    base = load_config(args.config)
-    generate = {
-        k: v
-        for k, v in (
-            ("days", args.days),
-            ("users", args.users),
-            ("items", args.items),
-            ("impressions_per_day", args.impressions_per_day),
-        )
-        if v is not None
-    }
-    train = {
-        k: v
-        for k, v in (("epochs", args.epochs), ("window_days", args.window_days), ("batch_size", args.batch_size))
-        if v is not None
-    }
-    base = with_overrides(base, generate=generate, train=train)
-    needed = base.train.window_days + 1 + base.contract.maturity_lag_days  # + the test day
-    if base.generate.days < needed:
-        p.error(
-            f"--days must be at least train.window_days + 1 + the maturity lag = {needed} (got {base.generate.days})"
-        )
+    base = world_config(p, args)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     runs_csv = args.output.with_name(args.output.name + "-runs.csv")
     g = base.generate

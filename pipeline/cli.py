@@ -327,6 +327,22 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiment_transfer(args: argparse.Namespace) -> int:
+    cfg, warehouse = _load(args)
+    from pipeline.transfer import run_transfer
+
+    echo = (lambda _: None) if args.quiet else (lambda line: print(line, flush=True))
+    with _locked(warehouse):
+        report = run_transfer(cfg, warehouse, args.date, args.seeds, args.test_date, not args.quiet, echo)
+    print(
+        f"transfer: multi-task vs single-task models, {len(report['seeds'])} seed(s) {report['seeds']}, "
+        f"AUC on {report['eval']} ({report['rows']:,} rows), ± standard error; MLflow parent run "
+        f"{report['mlflow_run_id']}"
+    )
+    print(report["markdown"])
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     cfg, warehouse = _load(args)
     from pipeline.demo import run_demo
@@ -553,6 +569,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--output", type=Path, help="write the trend plot (PNG) here instead of logging it to the newest run in MLflow"
     )
+
+    experiment = sub.add_parser(
+        "experiment",
+        help="Experiments on the configured model (`experiment transfer`).",
+        description="Experiments on the configured model, logged to MLflow as a parent run with a child per "
+        "trained model.",
+    )
+    experiment_sub = experiment.add_subparsers(dest="experiment_command", required=True, metavar="ACTION")
+    p = experiment_sub.add_parser(
+        "transfer",
+        help="Negative transfer: the multi-task model beside one single-task model per task, per task view: "
+        "AUCs, the difference with its paired standard error, and a verdict.",
+        description="Train the configured multi-task model and one single-task model per task (the other tasks' "
+        "loss weight 0) on the nightly training window of --run-date (a [table] source: its train split), over "
+        "--seeds seeds, and score them on the validation day (or --test-date; a [table] source: its test split). "
+        "Prints per task view (click, cvr, ctcvr) both AUCs, the difference (multi - single) with its standard "
+        "error (paired on the rows, combined over the seeds) and a verdict: sharing helps / no significant "
+        "difference / hurts (beyond 2 standard errors). One MLflow parent run holds the models' runs, the report "
+        "and a plot. Rerunning the same command reuses the finished models.",
+    )
+    _common(p)
+    p.set_defaults(func=cmd_experiment_transfer)
+    p.add_argument(
+        "--run-date",
+        "--date",
+        dest="date",
+        type=_date,
+        help="the nightly run date whose training window the models train on, YYYY-MM-DD (event logs; a [table] "
+        "source needs none)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=_positive,
+        default=3,
+        help="seeds: the config's seed + 0..N-1 (model initialisation and batch order; default %(default)s)",
+    )
+    p.add_argument(
+        "--test-date",
+        type=_date,
+        help="score on this mature day's table instead of the validation day (after the window, e.g. the day after "
+        "the validation day, which no model has seen; event logs only)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress")
 
     return parser
 
