@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import tempfile
 import time
 from pathlib import Path
 
@@ -53,6 +52,7 @@ from benchmarks.mtl_experiment import (
     add_world_arguments,
     append_run,
     build_warehouse,
+    experiment_workdir,
     held_out_day,
     log_days,
     read_runs,
@@ -331,20 +331,8 @@ def main(argv: list[str] | None = None) -> None:
     runs_csv = args.output.with_name(args.output.name + "-runs.csv")
     if args.report_only:
         rows = read_runs(runs_csv, TEXT_FIELDS)
-    elif args.workdir:
-        rows = run_experiment(
-            base,
-            args.correlations,
-            args.seeds,
-            args.backbones,
-            args.heads,
-            args.methods,
-            args.workdir,
-            args.output,
-            echo,
-        )
     else:
-        with tempfile.TemporaryDirectory() as tmp:
+        with experiment_workdir(args.workdir) as workdir:
             rows = run_experiment(
                 base,
                 args.correlations,
@@ -352,7 +340,7 @@ def main(argv: list[str] | None = None) -> None:
                 args.backbones,
                 args.heads,
                 args.methods,
-                Path(tmp),
+                workdir,
                 args.output,
                 echo,
             )

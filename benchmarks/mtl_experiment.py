@@ -40,10 +40,12 @@ keyed by correlation, seed, backbone and head only: give other options another -
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime as dt
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -333,6 +335,16 @@ def add_world_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+@contextlib.contextmanager
+def experiment_workdir(workdir: Path | None) -> Iterator[Path]:
+    """``--workdir`` when given (kept afterwards), else a temporary folder removed after."""
+    if workdir is not None:
+        yield workdir
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        yield Path(tmp)
+
+
 def world_config(p: argparse.ArgumentParser, args: argparse.Namespace) -> FunnelConfig:
     """``--config`` with the ``add_world_arguments`` flags given; a usage error when the log
     is too short for the training window, the validation day and a held-out test day."""
@@ -407,11 +419,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     if args.report_only:
         rows = read_runs(runs_csv, TEXT_FIELDS)
-    elif args.workdir:
-        rows = run_experiment(base, args.correlations, args.seeds, args.workdir, runs_csv, args.backbones, args.heads)
     else:
-        with tempfile.TemporaryDirectory() as tmp:
-            rows = run_experiment(base, args.correlations, args.seeds, Path(tmp), runs_csv, args.backbones, args.heads)
+        with experiment_workdir(args.workdir) as workdir:
+            rows = run_experiment(base, args.correlations, args.seeds, workdir, runs_csv, args.backbones, args.heads)
     summary = summarise([r for r in rows if r["correlation"] in args.correlations])
     write_summary(summary, args.output)
     print(markdown(summary))
