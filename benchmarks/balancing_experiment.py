@@ -207,10 +207,11 @@ def run_experiment(
 def single_task_numbers(cfg: FunnelConfig, singles: dict[str, dict[str, np.ndarray]]) -> dict[str, dict]:
     """The single-task side's test-day AUC and its standard error per view (no difference)."""
     from models.metrics import view_metrics
-    from pipeline.transfer import labels_of, single_task_probs
+    from models.predict import prediction_labels
+    from pipeline.transfer import single_task_probs
 
     views = report_views(cfg)
-    m = view_metrics(views, labels_of(singles[cfg.tasks[0].name]), single_task_probs(cfg.tasks, singles), None)
+    m = view_metrics(views, prediction_labels(singles[cfg.tasks[0].name]), single_task_probs(cfg.tasks, singles), None)
     nan = float("nan")
     return {v: {"auc": m[f"{v}_auc"], "auc_se": m[f"{v}_auc_se"], "diff": nan, "diff_se": nan} for v in views}
 

@@ -10,7 +10,7 @@ metrics are computed on the whole table; ``validation_metrics`` and
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 import torch
@@ -110,12 +110,14 @@ def gather_predictions(pred: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
+def prediction_labels(pred: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``predict``'s labels by label column."""
+    return {k.removeprefix("label_"): v for k, v in pred.items() if k.startswith("label_")}
+
+
 def _labels_and_probs(pred: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """``predict``'s output as (label column -> labels, task view -> probabilities)."""
-    return (
-        {k.removeprefix("label_"): v for k, v in pred.items() if k.startswith("label_")},
-        {k.removeprefix("p_"): v for k, v in pred.items() if k.startswith("p_")},
-    )
+    return prediction_labels(pred), {k.removeprefix("p_"): v for k, v in pred.items() if k.startswith("p_")}
 
 
 def validation_metrics(cfg: TrainingConfig, pred: dict[str, np.ndarray]) -> dict[str, float]:

@@ -90,6 +90,7 @@ from models.predict import (
     forward,
     gather_predictions,
     predict,
+    prediction_labels,
     validation_metrics,
     view_curves,
 )
@@ -376,7 +377,7 @@ def _calibrated(cfg: TrainingConfig, model: MultiTaskNet, best: dict, pred: dict
     validation metrics as ``val`` and ``calibration``: the method, what was fitted per task,
     and each view's AUC, logloss, calibration and ECE before and after."""
     logits = {t.name: pred[f"logit_{t.name}"] for t in cfg.tasks}
-    labels = {k.removeprefix("label_"): v for k, v in pred.items() if k.startswith("label_")}
+    labels = prediction_labels(pred)
     fitted = fit_calibration(model.served, logits, labels)
     served = {f"p_{view}": p for view, p in model.served.of_logits(logits).items()}
     served |= {value_output(task): e for task, e in model.served.values_of_logits(logits).items()}

@@ -244,16 +244,14 @@ def predict_table(model, cfg: FunnelConfig, files: Sequence[Path]) -> dict[str, 
     return predict(model, table_loader(cfg, files, batch_size=16_384, shuffle=False), torch.device("cpu"))
 
 
-def labels_of(pred: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {k.removeprefix("label_"): v for k, v in pred.items() if k.startswith("label_")}
-
-
 def compare_predictions(
     cfg: FunnelConfig, multi: Mapping[str, np.ndarray], singles: Mapping[str, Mapping[str, np.ndarray]]
 ) -> dict[str, dict[str, float]]:
     """``seed_comparison`` of one seed's ``predict`` outputs: the multi-task model's and
     each binary task's single-task model's (task -> output), on the same rows."""
-    labels = labels_of(multi)
+    from models.predict import prediction_labels
+
+    labels = prediction_labels(multi)
     for task, pred in singles.items():
         if any(not np.array_equal(v, pred[f"label_{k}"]) for k, v in labels.items()):
             raise StageError(f"the single-task {task} model was scored on other rows than the multi-task model")
