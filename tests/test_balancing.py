@@ -209,10 +209,14 @@ def test_two_ranks_balance_like_one(tmp_path, distributed_warehouse, method) -> 
 
 def test_balancing_keys_are_checked_at_load(tmp_path) -> None:
     base = make_cfg(tmp_path).model_dump(by_alias=True)
-    for key, value, message in (
-        ("loss_weighting", "magic", "model.loss_weighting"),
-        ("dwa_temperature", 0.0, "model.dwa_temperature"),
-        ("gradnorm_alpha", -1.0, "model.gradnorm_alpha"),
+    for section, key, value in (
+        ("model", "loss_weighting", "magic"),
+        ("model", "dwa_temperature", 0.0),
+        ("model", "dwa_window_steps", 0),
+        ("model", "gradnorm_alpha", -1.0),
+        ("model", "gradnorm_lr_scale", float("inf")),
+        ("train", "relatedness_every_steps", -1),
+        ("train", "relatedness_every_steps", 10**9),
     ):
-        with pytest.raises(ConfigError, match=message):
-            parse_config({**base, "model": {**base["model"], key: value}})
+        with pytest.raises(ConfigError, match=rf"{section}\.{key}"):
+            parse_config({**base, section: {**base[section], key: value}})
